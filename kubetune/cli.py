@@ -1,0 +1,152 @@
+"""The `kubetune` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from kubetune import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="kubetune")
+def main() -> None:
+    """kubetune: fine-tune LLMs on Kubernetes with the method, memory and stopping decided
+    for you. Run `kubetune COMMAND --help` for each command."""
+
+
+def _not_yet(command: str, issue: int) -> None:
+    click.echo(
+        f"kubetune {command}: not available in this version yet (tracked in issue {issue}).",
+        err=True,
+    )
+    sys.exit(2)
+
+
+@main.command()
+@click.argument("job", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def run(job: Path) -> None:
+    """Run a FineTuneJob file on this machine (plan, train, report)."""
+    _not_yet("run", 4)
+
+
+@main.command()
+@click.argument("job", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def plan(job: Path) -> None:
+    """Print the plan for a FineTuneJob: method, ZeRO stage, memory, hyperparameters."""
+    _not_yet("plan", 4)
+
+
+@main.command()
+@click.argument("job", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def validate(job: Path) -> None:
+    """Validate a FineTuneJob file and its dataset without training."""
+    _not_yet("validate", 3)
+
+
+@main.group("dev-cluster")
+def dev_cluster() -> None:
+    """A local Kubernetes control plane for development and tests: etcd, kube-apiserver,
+    kube-controller-manager, kube-scheduler, kwok with simulated GPU nodes, and a local pod
+    runner. Build its binaries first with `make tools`."""
+
+
+_root_option = click.option(
+    "--dir",
+    "root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="State directory (default: $KUBETUNE_DEV_CLUSTER_DIR or ~/.cache/kubetune/dev-cluster).",
+)
+
+
+@dev_cluster.command("up")
+@_root_option
+@click.option("--gpu-nodes", default=4, show_default=True, help="Simulated GPU nodes.")
+@click.option("--gpus-per-node", default=8, show_default=True, help="nvidia.com/gpu per node.")
+@click.option(
+    "--gpu-product",
+    default="NVIDIA-H100-80GB-HBM3",
+    show_default=True,
+    help="Value of the nvidia.com/gpu.product label.",
+)
+@click.option(
+    "--gpu-memory-mib",
+    default=81559,
+    show_default=True,
+    help="Value of the nvidia.com/gpu.memory label (MiB).",
+)
+@click.option("--no-local-runner", is_flag=True, help="Do not start the local pod runner.")
+@click.option("--timeout", default=180.0, show_default=True, help="Seconds to wait for ready.")
+def dev_cluster_up(
+    root: Path | None,
+    gpu_nodes: int,
+    gpus_per_node: int,
+    gpu_product: str,
+    gpu_memory_mib: int,
+    no_local_runner: bool,
+    timeout: float,
+) -> None:
+    """Start the cluster and wait until it is ready; prints the KUBECONFIG to use."""
+    from kubetune.devcluster.binaries import ToolsMissingError
+    from kubetune.devcluster.cluster import ClusterError, DevCluster, default_root
+    from kubetune.devcluster.components import GpuNodePool
+
+    pool = GpuNodePool(
+        count=gpu_nodes,
+        gpus_per_node=gpus_per_node,
+        product=gpu_product,
+        gpu_memory_mib=gpu_memory_mib,
+    )
+    cluster = DevCluster(root or default_root(), gpu_pool=pool, local_runner=not no_local_runner)
+    try:
+        cluster.start(timeout=timeout, progress=lambda m: click.echo(f"dev-cluster: {m}"))
+    except (ToolsMissingError, ClusterError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"export KUBECONFIG={cluster.layout.kubeconfig}")
+
+
+@dev_cluster.command("down")
+@_root_option
+def dev_cluster_down(root: Path | None) -> None:
+    """Stop every component of the cluster (its state directory is kept)."""
+    from kubetune.devcluster.cluster import DevCluster, default_root
+
+    cluster = DevCluster(root or default_root())
+    if not cluster.layout.state_file.exists():
+        click.echo(f"dev-cluster: nothing running in {cluster.layout.root}")
+        return
+    cluster.stop()
+    click.echo("dev-cluster: stopped")
+
+
+@dev_cluster.command("status")
+@_root_option
+@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
+def dev_cluster_status(root: Path | None, output: str) -> None:
+    """Show which components run and whether the API server is ready (exit 1 if not)."""
+    from kubetune.devcluster.cluster import DevCluster, default_root
+
+    info = DevCluster(root or default_root()).status()
+    if output == "json":
+        click.echo(json.dumps(info, indent=2))
+    else:
+        click.echo(f"state:      {info['root']}")
+        click.echo(f"running:    {'yes' if info['running'] else 'no'}")
+        for name, state in info.get("components", {}).items():
+            click.echo(f"  {name:<24} {state}")
+        if info.get("kubeconfig"):
+            click.echo(f"kubeconfig: {info['kubeconfig']}")
+    sys.exit(0 if info["running"] else 1)
+
+
+@dev_cluster.command("env")
+@_root_option
+def dev_cluster_env(root: Path | None) -> None:
+    """Print `export KUBECONFIG=...` for the cluster (use with eval)."""
+    from kubetune.devcluster.cluster import default_root
+
+    click.echo(f"export KUBECONFIG={(root or default_root()).resolve() / 'kubeconfig'}")

@@ -1,0 +1,1 @@
+"""The local Kubernetes control plane used for development and the cluster test tier."""

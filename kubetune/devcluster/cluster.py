@@ -1,0 +1,426 @@
+"""Start, check and stop the local control plane: etcd, kube-apiserver,
+kube-controller-manager, kube-scheduler, kwok (simulated GPU nodes) and the local pod
+runner, all on free 127.0.0.1 ports with their state in one directory.
+
+Used by `kubetune dev-cluster up|down|status` and by the test suite's session fixture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kubetune.devcluster import components as c
+from kubetune.devcluster.binaries import Binaries, find_binaries, require
+from kubetune.devcluster.pki import ClusterPKI, generate_pki
+
+LOCAL_RUNNER_NODE = "local-runner-0"
+_PR_SET_PDEATHSIG = 1
+
+
+class ClusterError(RuntimeError):
+    """The dev cluster could not start or is not healthy; the message names the component."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Ask the kernel to SIGTERM this child when the process that started it dies."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class ProcessRecord:
+    name: str
+    pid: int
+    args: list[str]
+    log: str
+
+
+@dataclass
+class ClusterState:
+    """What `up` writes to state.json so that `status` and `down` find the processes."""
+
+    root: str
+    ports: dict[str, int]
+    kubeconfig: str
+    processes: list[ProcessRecord] = field(default_factory=list)
+    gpu_nodes: list[str] = field(default_factory=list)
+    local_runner_node: str | None = None
+
+    @classmethod
+    def load(cls, path: Path) -> ClusterState:
+        data = json.loads(path.read_text())
+        data["processes"] = [ProcessRecord(**p) for p in data["processes"]]
+        return cls(**data)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours counts as dead.
+    with contextlib.suppress(ChildProcessError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    return True
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+class DevCluster:
+    """One local cluster rooted at `root`.
+
+    `tie_to_parent=True` (tests) makes every component die with the starting process so
+    nothing is orphaned even if the test run is killed; the CLI's `up` leaves them running.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        gpu_pool: c.GpuNodePool | None = None,
+        local_runner: bool = True,
+        tie_to_parent: bool = False,
+        binaries: Binaries | None = None,
+    ) -> None:
+        self.layout = c.Layout(root.resolve())
+        self.gpu_pool = gpu_pool if gpu_pool is not None else c.GpuNodePool()
+        self.local_runner = local_runner
+        self.tie_to_parent = tie_to_parent
+        self.bins = binaries or find_binaries()
+        self.state: ClusterState | None = None
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    # ---------------------------------------------------------------- start
+    def start(self, timeout: float = 120.0, progress: Callable[[str], None] | None = None) -> None:
+        say = progress or (lambda _m: None)
+        require(
+            [
+                self.bins.etcd,
+                self.bins.kube_apiserver,
+                self.bins.kube_controller_manager,
+                self.bins.kube_scheduler,
+                self.bins.kwok,
+            ]
+        )
+        if self.layout.state_file.exists():
+            old = ClusterState.load(self.layout.state_file)
+            if any(_pid_alive(p.pid) for p in old.processes):
+                raise ClusterError(
+                    f"a dev cluster is already running in {self.layout.root}; "
+                    "run `kubetune dev-cluster down` first"
+                )
+        for sub in ("etcd", "pki", "serving", "logs", "pods"):
+            shutil.rmtree(self.layout.root / sub, ignore_errors=True)
+        self.layout.root.mkdir(parents=True, exist_ok=True)
+        self.layout.logs.mkdir()
+        deadline = time.monotonic() + timeout
+        ports = c.Ports(*(free_port() for _ in range(6)))
+        self.state = ClusterState(
+            root=str(self.layout.root),
+            ports=asdict(ports),
+            kubeconfig=str(self.layout.kubeconfig),
+        )
+        try:
+            say("generating certificates")
+            pki = generate_pki(self.layout.pki)
+            self._write_kubeconfigs(ports, pki)
+            self.layout.kwok_config.write_text(
+                resources.files("kubetune.devcluster").joinpath("kwok-stages.yaml").read_text()
+            )
+            say(f"starting etcd on 127.0.0.1:{ports.etcd_client}")
+            self._spawn("etcd", c.etcd_args(self.bins, ports, self.layout))
+            self._wait_http("etcd", f"http://127.0.0.1:{ports.etcd_client}/health", deadline)
+            say(f"starting kube-apiserver on 127.0.0.1:{ports.apiserver}")
+            self._spawn("kube-apiserver", c.apiserver_args(self.bins, ports, self.layout, pki))
+            self._wait_http(
+                "kube-apiserver",
+                f"https://127.0.0.1:{ports.apiserver}/readyz",
+                deadline,
+                ssl_context=self._admin_ssl(pki),
+            )
+            say("starting kube-controller-manager, kube-scheduler and kwok")
+            self._spawn(
+                "kube-controller-manager",
+                c.controller_manager_args(self.bins, ports, self.layout, pki),
+            )
+            self._spawn("kube-scheduler", c.scheduler_args(self.bins, ports, self.layout))
+            self._spawn("kwok", c.kwok_args(self.bins, ports, self.layout))
+            insecure = ssl.create_default_context()
+            insecure.check_hostname = False
+            insecure.verify_mode = ssl.CERT_NONE
+            self._wait_http(
+                "kube-controller-manager",
+                f"https://127.0.0.1:{ports.controller_manager}/healthz",
+                deadline,
+                ssl_context=insecure,
+            )
+            self._wait_http(
+                "kube-scheduler",
+                f"https://127.0.0.1:{ports.scheduler}/healthz",
+                deadline,
+                ssl_context=insecure,
+            )
+            self._wait_http("kwok", f"http://127.0.0.1:{ports.kwok}/healthz", deadline)
+            if self.local_runner:
+                say(f"starting the local pod runner (node {LOCAL_RUNNER_NODE})")
+                self._spawn(
+                    "pod-runner",
+                    [
+                        sys.executable,
+                        "-m",
+                        "kubetune.devcluster.podrunner",
+                        f"--kubeconfig={self.layout.kubeconfig}",
+                        f"--node={LOCAL_RUNNER_NODE}",
+                        f"--work-dir={self.layout.pods}",
+                    ],
+                )
+                self.state.local_runner_node = LOCAL_RUNNER_NODE
+            say(f"registering {self.gpu_pool.count} simulated GPU nodes")
+            self._register_nodes()
+            self._wait_ready(deadline)
+            self.state.save(self.layout.state_file)
+            say(f"ready: export KUBECONFIG={self.layout.kubeconfig}")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _write_kubeconfigs(self, ports: c.Ports, pki: ClusterPKI) -> None:
+        server = f"https://127.0.0.1:{ports.apiserver}"
+        users = {
+            self.layout.kubeconfig: (pki.admin, "kubetune-admin"),
+            self.layout.component_kubeconfig("controller-manager"): (
+                pki.controller_manager,
+                "system:kube-controller-manager",
+            ),
+            self.layout.component_kubeconfig("scheduler"): (pki.scheduler, "system:kube-scheduler"),
+        }
+        for path, (pair, user) in users.items():
+            path.write_text(yaml.safe_dump(c.kubeconfig(server, pki.ca.cert, pair, user)))
+            path.chmod(0o600)
+
+    @staticmethod
+    def _admin_ssl(pki: ClusterPKI) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(pki.ca.cert))
+        ctx.load_cert_chain(str(pki.admin.cert), str(pki.admin.key))
+        return ctx
+
+    def _spawn(self, name: str, args: Sequence[str]) -> None:
+        assert self.state is not None
+        log_path = self.layout.logs / f"{name}.log"
+        with log_path.open("ab") as log:
+            proc = subprocess.Popen(
+                list(args),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=self.layout.root,
+                preexec_fn=_die_with_parent if self.tie_to_parent else None,
+            )
+        self._procs[name] = proc
+        self.state.processes.append(
+            ProcessRecord(name=name, pid=proc.pid, args=list(args), log=str(log_path))
+        )
+        # Record the pid at once so `down` can clean up even if start fails half-way.
+        self.state.save(self.layout.state_file)
+
+    def _check_alive(self, name: str) -> None:
+        proc = self._procs.get(name)
+        if proc is not None and proc.poll() is not None:
+            log = self.layout.logs / f"{name}.log"
+            raise ClusterError(
+                f"{name} exited with code {proc.returncode} during start-up; "
+                f"last lines of {log}:\n{_tail(log)}"
+            )
+
+    def _wait_http(
+        self, name: str, url: str, deadline: float, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
+        last = ""
+        while time.monotonic() < deadline:
+            self._check_alive(name)
+            try:
+                with urllib.request.urlopen(url, timeout=5, context=ssl_context) as resp:
+                    if resp.status == 200:
+                        return
+                    last = f"HTTP {resp.status}"
+            except (urllib.error.URLError, OSError) as exc:
+                last = str(exc)
+            time.sleep(0.2)
+        log = self.layout.logs / f"{name}.log"
+        raise ClusterError(
+            f"{name} not healthy at {url} in time ({last}); last lines of {log}:\n{_tail(log)}"
+        )
+
+    # ---------------------------------------------------------------- API
+    def api_client(self) -> Any:
+        """A `kubernetes.client.ApiClient` authenticated as the cluster admin."""
+        from kubernetes import config
+
+        return config.new_client_from_config(config_file=str(self.layout.kubeconfig))
+
+    def _register_nodes(self) -> None:
+        from kubernetes import client
+
+        assert self.state is not None
+        core = client.CoreV1Api(self.api_client())
+        for manifest in c.gpu_node_manifests(self.gpu_pool):
+            core.create_node(manifest)
+            self.state.gpu_nodes.append(manifest["metadata"]["name"])
+
+    def _wait_ready(self, deadline: float) -> None:
+        """Wait until the default service account exists and every node is Ready."""
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        assert self.state is not None
+        core = client.CoreV1Api(self.api_client())
+        expected = set(self.state.gpu_nodes)
+        if self.state.local_runner_node:
+            expected.add(self.state.local_runner_node)
+        waiting = "the default service account"
+        while time.monotonic() < deadline:
+            for name in self._procs:
+                self._check_alive(name)
+            try:
+                core.read_namespaced_service_account("default", "default")
+                ready = {
+                    n.metadata.name
+                    for n in core.list_node().items
+                    if any(
+                        cd.type == "Ready" and cd.status == "True"
+                        for cd in (n.status.conditions or [])
+                    )
+                }
+                missing = expected - ready
+                if not missing:
+                    return
+                waiting = f"nodes to be Ready: {sorted(missing)}"
+            except ApiException as exc:
+                waiting = f"the default service account ({exc.status})"
+            time.sleep(0.3)
+        raise ClusterError(f"cluster not ready in time: still waiting for {waiting}")
+
+    # ---------------------------------------------------------------- stop / status
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop every component (newest first): SIGTERM, then SIGKILL after `grace`."""
+        state = self.state
+        if state is None and self.layout.state_file.exists():
+            state = ClusterState.load(self.layout.state_file)
+        if state is None:
+            return
+        for record in reversed(state.processes):
+            _terminate(record.pid, grace)
+        for proc in self._procs.values():
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=1)
+        state.processes = []
+        state.save(self.layout.state_file)
+
+    def status(self) -> dict[str, Any]:
+        """Which recorded processes are alive, and whether the API server answers."""
+        if not self.layout.state_file.exists():
+            return {"running": False, "root": str(self.layout.root), "components": {}}
+        state = ClusterState.load(self.layout.state_file)
+        comps = {p.name: ("running" if _pid_alive(p.pid) else "stopped") for p in state.processes}
+        api_ok = False
+        if comps.get("kube-apiserver") == "running":
+            try:
+                ctx = self._admin_ssl(generate_pki_paths(self.layout.pki))
+                url = f"https://127.0.0.1:{state.ports['apiserver']}/readyz"
+                with urllib.request.urlopen(url, timeout=5, context=ctx) as resp:
+                    api_ok = resp.status == 200
+            except (urllib.error.URLError, OSError):
+                api_ok = False
+        return {
+            "running": bool(comps) and all(v == "running" for v in comps.values()) and api_ok,
+            "root": state.root,
+            "kubeconfig": state.kubeconfig,
+            "apiserverReady": api_ok,
+            "components": comps,
+            "ports": state.ports,
+            "gpuNodes": state.gpu_nodes,
+            "localRunnerNode": state.local_runner_node,
+        }
+
+
+def generate_pki_paths(directory: Path) -> ClusterPKI:
+    """The paths `generate_pki` wrote in `directory` (without generating anything)."""
+    from kubetune.devcluster.pki import CertPair
+
+    def pair(stem: str) -> CertPair:
+        return CertPair(cert=directory / f"{stem}.crt", key=directory / f"{stem}.key")
+
+    return ClusterPKI(
+        ca=pair("ca"),
+        apiserver=pair("apiserver"),
+        admin=pair("admin"),
+        controller_manager=pair("controller-manager"),
+        scheduler=pair("scheduler"),
+        sa_private_key=directory / "sa.key",
+        sa_public_key=directory / "sa.pub",
+    )
+
+
+def _terminate(pid: int, grace: float) -> None:
+    """Stop a component's whole process group (it was started in its own session)."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    except PermissionError:
+        return
+    end = time.monotonic() + grace
+    while time.monotonic() < end:
+        if not _pid_alive(pid):
+            break
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    # Reap it if it is our child.
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def default_root() -> Path:
+    """Where `kubetune dev-cluster up` keeps its state unless told otherwise."""
+    env = os.environ.get("KUBETUNE_DEV_CLUSTER_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "kubetune" / "dev-cluster"

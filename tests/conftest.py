@@ -1,0 +1,61 @@
+"""Shared fixtures. The cluster tier starts one real local control plane per test session
+(etcd + kube-apiserver + kube-controller-manager + kube-scheduler + kwok + the local pod
+runner) the first time a test asks for it, and stops it when the session ends."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.waiting import wait_for
+
+
+def _has_default_sa(core: Any, ns: str) -> bool:
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        core.read_namespaced_service_account("default", ns)
+    except ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise
+    return True
+
+
+@pytest.fixture(scope="session")
+def dev_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from kubetune.devcluster.cluster import DevCluster
+
+    root = Path(os.environ.get("KUBETUNE_TEST_CLUSTER_DIR") or tmp_path_factory.mktemp("cluster"))
+    cluster = DevCluster(root, tie_to_parent=True)
+    cluster.start(timeout=180)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def api_client(dev_cluster: Any) -> Any:
+    return dev_cluster.api_client()
+
+
+@pytest.fixture
+def namespace(api_client: Any) -> Iterator[str]:
+    """A fresh namespace per test, deleted afterwards (without waiting)."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(api_client)
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    core.create_namespace({"metadata": {"name": name}})
+    # Pods are refused until the service-account controller has made the default account.
+    wait_for(lambda: _has_default_sa(core, name), 30, f"default service account in {name}")
+    try:
+        yield name
+    finally:
+        core.delete_namespace(name)
