@@ -150,3 +150,7 @@ def dev_cluster_env(root: Path | None) -> None:
     from kubetune.devcluster.cluster import default_root
 
     click.echo(f"export KUBECONFIG={(root or default_root()).resolve() / 'kubeconfig'}")
+
+
+if __name__ == "__main__":
+    main()

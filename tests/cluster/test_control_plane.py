@@ -205,7 +205,7 @@ def test_namespace_deletion_completes(api_client: Any) -> None:
         try:
             core.read_namespace(ns)
         except ApiException as exc:
-            return exc.status == 404
+            return bool(exc.status == 404)
         return False
 
     wait_for(gone, 90, "namespace deletion to finish")

@@ -3,9 +3,10 @@ server, and reports its exit code and termination message back."""
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,7 @@ def test_job_runs_python_and_its_termination_message_is_read_back(
         with open(os.environ["KUBETUNE_TERMINATION_MESSAGE_PATH"], "w") as f:
             json.dump(msg, f)
     """
-    env = [
+    env: list[dict[str, Any]] = [
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
@@ -79,8 +80,6 @@ def test_job_runs_python_and_its_termination_message_is_read_back(
     assert wait_for(lambda: _finished(batch, namespace, "py"), 90, "job py") == "Complete"
     pods = core.list_namespaced_pod(namespace, label_selector="app=py").items
     assert len(pods) == 2
-    import json
-
     seen = set()
     for pod in pods:
         assert pod.spec.node_name == node
@@ -93,7 +92,7 @@ def test_job_runs_python_and_its_termination_message_is_read_back(
         assert msg["ip"] == "127.0.0.1"
         assert msg["greeting"] == "hello kubetune"
         assert msg["index"] == pod.metadata.annotations["batch.kubernetes.io/job-completion-index"]
-        assert Path(msg["python"]).parent == Path(os.sys.executable).parent  # the project's venv
+        assert Path(msg["python"]).parent == Path(sys.executable).parent  # the project's venv
         seen.add(msg["index"])
     assert seen == {"0", "1"}
 
@@ -158,7 +157,7 @@ def test_deleting_a_pod_kills_its_process(
         try:
             core.read_namespaced_pod("sleeper", namespace)
         except ApiException as exc:
-            return exc.status == 404
+            return bool(exc.status == 404)
         return False
 
     wait_for(pod_gone, 30, "the pod to be removed")
@@ -171,4 +170,3 @@ def test_deleting_a_pod_kills_its_process(
         return False
 
     wait_for(process_gone, 10, "the process to be killed")
-    time.sleep(0)

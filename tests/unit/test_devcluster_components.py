@@ -15,6 +15,7 @@ from kubetune.devcluster.binaries import (
     read_versions,
     require,
 )
+from kubetune.devcluster.pki import ClusterPKI
 from kubetune.devcluster.podrunner import (
     expand,
     field_value,
@@ -111,7 +112,7 @@ def test_component_command_lines_bind_to_loopback(tmp_path: Path) -> None:
     assert f"--manage-nodes-with-label-selector={c.NODE_KIND_LABEL}=kwok" in kwok
 
 
-def _fake_pki(tmp_path: Path) -> object:
+def _fake_pki(tmp_path: Path) -> ClusterPKI:
     from kubetune.devcluster.cluster import generate_pki_paths
 
     return generate_pki_paths(tmp_path / "pki")
