@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -33,18 +34,132 @@ def run(job: Path) -> None:
     _not_yet("run", 4)
 
 
+def _load_job(job: Path) -> Any:
+    from kubetune.api import SpecError, job_from_yaml_file
+
+    try:
+        return job_from_yaml_file(job)
+    except SpecError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 @main.command()
 @click.argument("job", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-def plan(job: Path) -> None:
-    """Print the plan for a FineTuneJob: method, ZeRO stage, memory, hyperparameters."""
-    _not_yet("plan", 4)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["table", "json", "yaml"]),
+    default="table",
+    show_default=True,
+)
+@click.option(
+    "--gpu-memory-gib",
+    type=float,
+    default=None,
+    help="GPU memory per device when the spec does not say (default 80).",
+)
+def plan(job: Path, output: str, gpu_memory_gib: float | None) -> None:
+    """Print the plan for a FineTuneJob: method, ZeRO stage, memory, hyperparameters and the
+    reasons, from the model's config.json and the dataset, with no GPU and no cluster.
+    Exits 1 when the plan does not fit."""
+    import yaml
+
+    from kubetune.data import DataError
+    from kubetune.local_inputs import InputError, config_maps_in, read_model_config, read_uri
+    from kubetune.operator.planstep import build_plan, resolve_gpu_memory
+    from kubetune.planning import ModelConfigError
+
+    spec = _load_job(job).spec
+    cms = config_maps_in(job)
+    try:
+        train, train_src = read_uri(spec.dataset.uri, "spec.dataset.uri", cms)
+        val = (
+            read_uri(spec.dataset.validation_uri, "spec.dataset.validationUri", cms)
+            if spec.dataset.validation_uri
+            else None
+        )
+        model = read_model_config(spec.model.uri, cms)
+        memory = resolve_gpu_memory(spec, None, gpu_memory_gib or 80.0)
+        if gpu_memory_gib and not spec.resources.gpu_memory_gib and spec.resources.gpus_per_node:
+            memory = (gpu_memory_gib, f"GPU memory {gpu_memory_gib:g} GiB from --gpu-memory-gib")
+        result = build_plan(
+            spec,
+            train,
+            train_src,
+            model,
+            spec.model.uri,
+            memory,
+            val[0] if val else None,
+            val[1] if val else "",
+        )
+    except (InputError, DataError, ModelConfigError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if output == "json":
+        click.echo(json.dumps(result, indent=2))
+    elif output == "yaml":
+        click.echo(yaml.safe_dump(result, sort_keys=False))
+    else:
+        click.echo(_plan_table(result))
+    if not result.get("fits"):
+        sys.exit(1)
+
+
+def _plan_table(p: dict[str, Any]) -> str:
+    mem = p.get("memory") or {}
+    hp = p.get("hyperparameters") or {}
+    lines = [
+        f"method            {p['method']}" + ("" if p.get("fits") else "   (DOES NOT FIT)"),
+        f"deepspeed         ZeRO-{p['zeroStage']}, offload {p['offload']}",
+        f"parameters        {p['trainableParameters']:,} trainable of {p['totalParameters']:,}",
+        f"memory per GPU    {mem.get('perGpuGiB', 0):.1f} GiB of {mem.get('gpuMemoryGiB', 0):.1f}"
+        f" (model states {mem.get('modelStatesGiB', 0):.1f}, activations "
+        f"{mem.get('activationsGiB', 0):.1f}, overhead {mem.get('overheadGiB', 0):.1f})",
+        f"data              {p['exampleCount']:,} examples, {p['tokenCount']:,} tokens",
+        f"learning rate     {hp.get('learningRate')}",
+        f"epochs            {hp.get('epochs')}  (total steps {hp.get('totalSteps')}, warmup "
+        f"{hp.get('warmupSteps')}, eval every {hp.get('evalSteps')})",
+        f"batch             micro-batch {hp.get('microBatchSize')} x accumulation "
+        f"{hp.get('gradientAccumulationSteps')}",
+        "",
+        "reasons:",
+        *(f"  - {r}" for r in p.get("reasons", [])),
+    ]
+    if p.get("warnings"):
+        lines += ["", "warnings:", *(f"  - {w}" for w in p["warnings"])]
+    return "\n".join(lines)
 
 
 @main.command()
 @click.argument("job", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def validate(job: Path) -> None:
-    """Validate a FineTuneJob file and its dataset without training."""
-    _not_yet("validate", 3)
+    """Validate a FineTuneJob file and, where it can be read here, its dataset."""
+    from kubetune.data import DataError, parse_jsonl, summarize
+    from kubetune.local_inputs import InputError, config_maps_in, read_uri
+
+    spec = _load_job(job).spec
+    click.echo(f"{job}: the FineTuneJob spec is valid")
+    cms = config_maps_in(job)
+    try:
+        raw, src = read_uri(spec.dataset.uri, "spec.dataset.uri", cms)
+    except InputError as exc:
+        click.echo(f"dataset not checked: {exc}")
+        return
+    forced = None if spec.dataset.format == "Auto" else spec.dataset.format
+    try:
+        fmt, examples = parse_jsonl(raw, src, forced)
+        validation: list[Any] = []
+        if spec.dataset.validation_uri:
+            vraw, vsrc = read_uri(spec.dataset.validation_uri, "spec.dataset.validationUri", cms)
+            validation = parse_jsonl(vraw, vsrc, fmt)[1]
+        summary = summarize(examples, src, fmt, validation, spec.dataset.max_seq_length)
+    except (DataError, InputError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(
+        f"{src}: {summary.example_count} {fmt} examples, about "
+        f"{summary.token_count:,} tokens (estimated)"
+    )
+    for w in summary.warnings:
+        click.echo(f"warning: {w}")
 
 
 @main.group("dev-cluster")

@@ -946,9 +946,11 @@ def make_plan(
     if chosen is None:
         choice, result = last
         attempt = result.smallest
-        what = "The requested method" if request.method is not None else "No method"
+        what = (
+            "The requested method does not fit" if request.method is not None else "No method fits"
+        )
         error = (
-            f"{what} does not fit: {choice.describe()} needs at least "
+            f"{what}: {choice.describe()} needs at least "
             f"{_gib(attempt.memory.per_gpu)} per GPU ({attempt.setting()}) but "
             f"{_gib(attempt.memory.usable)} is usable on each of {resources.world_size} "
             f"x {resources.gpu_memory_gib:g} GiB; add GPUs, use larger GPUs, shorten the "

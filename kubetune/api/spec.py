@@ -1,0 +1,259 @@
+"""`FineTuneJob.spec` as pydantic models: the same fields, defaults, ranges, enums and CEL
+rules as crds/kubetune.dev_finetunejobs.yaml (the CRD is the source of truth; the field
+descriptions live there: `kubectl explain finetunejob.spec`)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+from kubetune.api._types import (
+    DATA_URI_PATTERN,
+    DATA_URI_SCHEMES,
+    MODEL_URI_PATTERN,
+    MODEL_URI_SCHEMES,
+    OUTPUT_URI_PATTERN,
+    OUTPUT_URI_SCHEMES,
+    Int,
+    Quantity,
+    SpecModel,
+    Str253,
+    Str256,
+    Str316,
+    Str1024,
+    Str4096,
+    Uri,
+    WholeFloat,
+    ZeroStage,
+    cel_error,
+    check_uri,
+)
+
+MethodType = Literal["Auto", "Full", "Partial", "LoRA", "Prefix"]
+DatasetFormat = Literal["Auto", "Text", "PromptCompletion", "Chat"]
+OffloadType = Literal["Auto", "None", "Optimizer", "OptimizerAndParameters"]
+TolerationOperator = Literal["Exists", "Equal"]
+TolerationEffect = Literal["", "NoSchedule", "PreferNoSchedule", "NoExecute"]
+
+
+# ---- model and data -------------------------------------------------------------------------
+
+
+class SecretRef(SpecModel):
+    name: Str253
+
+
+class ModelSource(SpecModel):
+    """spec.model: the base model."""
+
+    uri: Uri
+    revision: Str256 | None = None
+    secret_ref: SecretRef | None = None
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        return check_uri(value, "model.uri", MODEL_URI_PATTERN, MODEL_URI_SCHEMES)
+
+
+class Dataset(SpecModel):
+    """spec.dataset: the training data."""
+
+    uri: Uri
+    validation_uri: Uri | None = None
+    validation_split: Annotated[float, Field(gt=0, le=0.5)] = 0.1
+    format: DatasetFormat = "Auto"
+    general_text_uri: Uri | None = None
+    max_seq_length: Annotated[int, Field(ge=16, le=131072), WholeFloat] | None = None
+
+    @field_validator("uri", "validation_uri", "general_text_uri")
+    @classmethod
+    def _uri(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        label = "dataset." + to_camel(info.field_name or "")
+        return check_uri(value, label, DATA_URI_PATTERN, DATA_URI_SCHEMES)
+
+
+# ---- method ---------------------------------------------------------------------------------
+
+
+class LoRA(SpecModel):
+    rank: Annotated[int, Field(ge=1, le=1024), WholeFloat] | None = None
+    alpha: Annotated[int, Field(ge=1), WholeFloat] | None = None
+    dropout: Annotated[float, Field(ge=0, le=0.9)] | None = None
+    target_modules: Annotated[list[Str256], Field(max_length=64)] | None = None
+
+
+class Prefix(SpecModel):
+    num_virtual_tokens: Annotated[int, Field(ge=1, le=1024), WholeFloat] | None = None
+
+
+class Partial(SpecModel):
+    trainable_layers: Annotated[int, Field(ge=1), WholeFloat] | None = None
+    fraction: Annotated[float, Field(gt=0, le=1)] | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> Self:
+        if self.trainable_layers is not None and self.fraction is not None:
+            raise cel_error("method.partial: set trainableLayers or fraction, not both")
+        return self
+
+
+class Method(SpecModel):
+    """spec.method: Auto, or an explicit method with optional settings."""
+
+    type: MethodType = "Auto"
+    lora: LoRA | None = None
+    prefix: Prefix | None = None
+    partial: Partial | None = None
+
+    @model_validator(mode="after")
+    def _settings_match_type(self) -> Self:
+        for field, allowed in (("lora", "LoRA"), ("prefix", "Prefix"), ("partial", "Partial")):
+            if getattr(self, field) is not None and self.type not in (allowed, "Auto"):
+                raise cel_error(
+                    f"method.{field} can only be set when method.type is {allowed} or Auto",
+                    field_path=field,
+                )
+        return self
+
+
+# ---- training -------------------------------------------------------------------------------
+
+
+class Hyperparameters(SpecModel):
+    """spec.hyperparameters: each unset value is planned."""
+
+    learning_rate: Annotated[float, Field(gt=0, lt=1)] | None = None
+    epochs: Annotated[float, Field(gt=0, le=100)] | None = None
+    micro_batch_size: Annotated[int, Field(ge=1, le=512), WholeFloat] | None = None
+    gradient_accumulation_steps: Annotated[int, Field(ge=1, le=4096), WholeFloat] | None = None
+    warmup_ratio: Annotated[float, Field(ge=0, le=0.5)] | None = None
+    weight_decay: Annotated[float, Field(ge=0, le=1)] | None = None
+    max_grad_norm: Annotated[float, Field(gt=0)] | None = None
+    eval_steps: Annotated[int, Field(ge=1), WholeFloat] | None = None
+    seed: Int = 42
+    incremental: bool = False
+
+
+class ResourceRequirements(SpecModel):
+    """requests/limits of each training pod, as in a container's resources."""
+
+    requests: Annotated[dict[str, Quantity], Field(max_length=16)] | None = None
+    limits: Annotated[dict[str, Quantity], Field(max_length=16)] | None = None
+
+
+class Resources(SpecModel):
+    """spec.resources: numNodes pods with gpusPerNode GPUs each."""
+
+    num_nodes: Annotated[int, Field(ge=1, le=512), WholeFloat] = 1
+    gpus_per_node: Annotated[int, Field(ge=0, le=16), WholeFloat] = 1
+    gpu_memory_gib: Annotated[float, Field(gt=0)] | None = Field(default=None, alias="gpuMemoryGiB")
+    resources_per_node: ResourceRequirements | None = None
+
+
+class DeepSpeed(SpecModel):
+    zero_stage: ZeroStage = "Auto"
+    offload: OffloadType = "Auto"
+
+
+class EarlyStopping(SpecModel):
+    enabled: bool = True
+    patience: Annotated[int, Field(ge=1), WholeFloat] = 3
+    min_delta: Annotated[float, Field(ge=0)] = 0.0
+    max_loss_gap: Annotated[float, Field(gt=0)] | None = None
+    max_eval_perplexity: Annotated[float, Field(gt=1)] | None = None
+    over_memorization: bool = True
+
+
+class Output(SpecModel):
+    uri: Uri | None = None
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        return check_uri(value, "output.uri", OUTPUT_URI_PATTERN, OUTPUT_URI_SCHEMES)
+
+
+class Toleration(SpecModel):
+    """A core/v1 Toleration."""
+
+    key: Str316 | None = None
+    operator: TolerationOperator | None = None
+    value: Str256 | None = None
+    effect: TolerationEffect | None = None
+    toleration_seconds: Int | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.operator == "Exists" and self.value:
+            raise cel_error("toleration value must be empty when operator is Exists")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise cel_error("toleration tolerationSeconds requires effect NoExecute")
+        return self
+
+
+# ---- the spec -------------------------------------------------------------------------------
+
+IMMUTABLE_FIELDS: tuple[tuple[str, str], ...] = (
+    ("model", "model"),
+    ("dataset", "dataset"),
+    ("method", "method"),
+    ("resources", "resources"),
+)
+
+
+class FineTuneJobSpec(SpecModel):
+    """FineTuneJob.spec."""
+
+    model: ModelSource
+    dataset: Dataset
+    method: Method = Field(default_factory=Method)
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    resources: Resources = Field(default_factory=Resources)
+    deepspeed: DeepSpeed = Field(default_factory=DeepSpeed)
+    early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
+    output: Output | None = None
+    image: Str1024 | None = None
+    plan_only: bool = False
+    suspend: bool = False
+    stop_requested: bool = False
+    active_deadline_seconds: Annotated[int, Field(ge=1), WholeFloat] | None = None
+    backoff_limit: Annotated[int, Field(ge=0, le=100), WholeFloat] = 3
+    ttl_seconds_after_finished: Annotated[int, Field(ge=0), WholeFloat] | None = None
+    node_selector: Annotated[dict[str, Str256], Field(max_length=64)] | None = None
+    tolerations: Annotated[list[Toleration], Field(max_length=32)] | None = None
+    priority_class_name: Str253 | None = None
+    labels: Annotated[dict[str, Str256], Field(max_length=64)] | None = None
+    annotations: Annotated[dict[str, Str4096], Field(max_length=64)] | None = None
+    service_account_name: Str253 | None = None
+
+    @model_validator(mode="after")
+    def _configmap_model_plans_only(self) -> Self:
+        if self.model.uri.startswith("configmap://") and not self.plan_only:
+            raise cel_error(
+                "model.uri configmap:// holds only a config.json: it can be used with "
+                "planOnly: true only",
+                field_path="model.uri",
+            )
+        return self
+
+    def to_manifest(self) -> dict[str, Any]:
+        """The spec as the API server returns it: camelCase, unset optional fields left out."""
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
+def check_update(old: FineTuneJobSpec, new: FineTuneJobSpec) -> list[str]:
+    """The CRD's transition rules: one message per immutable section that `new` changes."""
+    errors = []
+    for field, noun in IMMUTABLE_FIELDS:
+        if getattr(old, field) != getattr(new, field):
+            errors.append(
+                f"spec.{field} is immutable: create a new FineTuneJob to change the {noun}"
+            )
+    return errors

@@ -1,0 +1,227 @@
+"""Parse JSONL training data, check it, and measure what the planner needs.
+
+Formats (one JSON object per line):
+- Text: {"text": "..."}
+- PromptCompletion: {"prompt": "...", "completion": "..."}
+- Chat: {"messages": [{"role": "user"|"assistant"|"system", "content": "..."}, ...]}
+
+Every error names the source and the line. Token counts are estimated from characters
+(about 4 per token for English BPE vocabularies) when no tokenizer is at hand; the summary
+says so.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Format = Literal["Text", "PromptCompletion", "Chat"]
+CHARS_PER_TOKEN = 4.0
+_ROLES = {"system", "user", "assistant", "tool"}
+
+
+class DataError(ValueError):
+    """Bad training data; the message names the source and line and says what to do."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example: what the model sees (`prompt`) and what it learns (`target`)."""
+
+    line: int
+    prompt: str
+    target: str
+
+    @property
+    def text(self) -> str:
+        return self.prompt + self.target
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    format: Format
+    example_count: int
+    token_count: int
+    max_tokens: int
+    tokens_estimated: bool
+    validation_count: int = 0
+    duplicate_count: int = 0
+    leakage_count: int = 0
+    overlong_count: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+def estimate_tokens(text: str) -> int:
+    return max(1, round(len(text) / CHARS_PER_TOKEN))
+
+
+def _format_of(obj: dict[str, Any]) -> Format | None:
+    if "messages" in obj:
+        return "Chat"
+    if "prompt" in obj or "completion" in obj:
+        return "PromptCompletion"
+    if "text" in obj:
+        return "Text"
+    return None
+
+
+def detect_format(rows: list[tuple[int, dict[str, Any]]], source: str) -> Format:
+    """The format of the first row; later rows must match it."""
+    if not rows:
+        raise DataError(f"{source}: the dataset is empty; it needs at least one JSON line")
+    line, first = rows[0]
+    fmt = _format_of(first)
+    if fmt is None:
+        raise DataError(
+            f"{source} line {line}: cannot tell the format; expected a 'text' field, "
+            "'prompt' and 'completion' fields, or a 'messages' list"
+        )
+    return fmt
+
+
+def _str_field(obj: dict[str, Any], key: str, source: str, line: int) -> str:
+    if key not in obj:
+        raise DataError(f"{source} line {line}: missing field '{key}'")
+    value = obj[key]
+    if not isinstance(value, str):
+        raise DataError(
+            f"{source} line {line}: field '{key}' must be a string, not {type(value).__name__}"
+        )
+    return value
+
+
+def _example(obj: dict[str, Any], fmt: Format, source: str, line: int) -> Example:
+    found = _format_of(obj)
+    if found != fmt:
+        raise DataError(
+            f"{source} line {line}: this row is {found or 'of no known format'} but the "
+            f"file started as {fmt}; use one format per file"
+        )
+    if fmt == "Text":
+        text = _str_field(obj, "text", source, line)
+        if not text.strip():
+            raise DataError(f"{source} line {line}: field 'text' is empty")
+        return Example(line, "", text)
+    if fmt == "PromptCompletion":
+        prompt = _str_field(obj, "prompt", source, line)
+        completion = _str_field(obj, "completion", source, line)
+        if not completion.strip():
+            raise DataError(
+                f"{source} line {line}: field 'completion' is empty; "
+                "there is nothing to learn from this row"
+            )
+        return Example(line, prompt, completion)
+    messages = obj["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{source} line {line}: 'messages' must be a non-empty list")
+    parts: list[str] = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise DataError(f"{source} line {line}: messages[{i}] needs a string 'content'")
+        if m.get("role") not in _ROLES:
+            raise DataError(
+                f"{source} line {line}: messages[{i}].role must be one of "
+                f"{sorted(_ROLES)}, not {m.get('role')!r}"
+            )
+        parts.append(f"{m['role']}: {m['content']}\n")
+    if messages[-1].get("role") != "assistant":
+        raise DataError(
+            f"{source} line {line}: the last message must be the assistant's "
+            "reply (that is what the model learns)"
+        )
+    return Example(line, "".join(parts[:-1]), messages[-1]["content"])
+
+
+def parse_jsonl(
+    text: str | bytes, source: str, fmt: Format | None = None
+) -> tuple[Format, list[Example]]:
+    """Parse JSONL into its format and examples; raises DataError naming `source` and the
+    line. `fmt` forces a format instead of detecting it from the first row."""
+    if isinstance(text, bytes):
+        raw_bytes = text
+        try:
+            text = raw_bytes.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw_bytes[: exc.start].count(b"\n") + 1
+            raise DataError(
+                f"{source} line {line}: not valid UTF-8 (byte {exc.start}); save the file as UTF-8"
+            ) from exc
+    rows: list[tuple[int, dict[str, Any]]] = []
+    for n, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"{source} line {n}: not valid JSON ({exc.msg} at column {exc.colno})"
+            ) from exc
+        if not isinstance(obj, dict):
+            raise DataError(
+                f"{source} line {n}: each line must be a JSON object, not {type(obj).__name__}"
+            )
+        rows.append((n, obj))
+    fmt = fmt or detect_format(rows, source)
+    if not rows:
+        raise DataError(f"{source}: the dataset is empty; it needs at least one JSON line")
+    return fmt, [_example(obj, fmt, source, n) for n, obj in rows]
+
+
+def summarize(
+    train: list[Example],
+    source: str,
+    fmt: Format,
+    validation: Iterable[Example] = (),
+    max_seq_length: int | None = None,
+) -> DatasetSummary:
+    """Counts, estimated tokens, duplicates, train/validation leakage and over-long rows."""
+    seen: set[str] = set()
+    duplicates = 0
+    for ex in train:
+        if ex.text in seen:
+            duplicates += 1
+        seen.add(ex.text)
+    if duplicates == len(train) - 1 and len(train) > 1:
+        raise DataError(
+            f"{source}: all {len(train)} examples are the same text; "
+            "there is nothing to learn beyond one example"
+        )
+    val = list(validation)
+    leakage = sum(1 for ex in val if ex.text in seen)
+    if val and leakage == len(val):
+        raise DataError(
+            f"{source}: every validation example also occurs in the training "
+            "data, so evaluation would measure memorisation; use held-out data"
+        )
+    tokens = [estimate_tokens(ex.text) for ex in train]
+    overlong = sum(1 for t in tokens if max_seq_length and t > max_seq_length)
+    warnings: list[str] = []
+    if duplicates:
+        warnings.append(
+            f"{duplicates} of {len(train)} training examples are exact duplicates; "
+            "they are trained on more often than the rest"
+        )
+    if leakage:
+        warnings.append(
+            f"{leakage} of {len(val)} validation examples also occur in the "
+            "training data; eval loss will look better than it is"
+        )
+    if overlong:
+        warnings.append(
+            f"{overlong} examples are longer than maxSeqLength "
+            f"{max_seq_length} (estimated) and will be truncated"
+        )
+    return DatasetSummary(
+        format=fmt,
+        example_count=len(train),
+        token_count=sum(tokens),
+        max_tokens=max(tokens),
+        tokens_estimated=True,
+        validation_count=len(val),
+        duplicate_count=duplicates,
+        leakage_count=leakage,
+        overlong_count=overlong,
+        warnings=warnings,
+    )

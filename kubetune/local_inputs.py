@@ -1,0 +1,83 @@
+"""Read a job's inputs on this machine for `kubetune plan|validate`: `file://` paths,
+`configmap://name/key` from a ConfigMap in the same YAML file, and the model configs we ship
+for well-known `hf://` ids."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from kubetune.api import load_yaml_documents
+
+
+class InputError(ValueError):
+    """An input cannot be read locally; the message names the field and says what to do."""
+
+
+def config_maps_in(path: Path) -> dict[str, dict[str, str]]:
+    """ConfigMaps defined next to the job in its YAML file, by name."""
+    out: dict[str, dict[str, str]] = {}
+    for doc in load_yaml_documents(path.read_text(encoding="utf-8")):
+        if isinstance(doc, dict) and doc.get("kind") == "ConfigMap":
+            out[str(doc["metadata"]["name"])] = dict(doc.get("data") or {})
+    return out
+
+
+def read_uri(uri: str, field: str, config_maps: dict[str, dict[str, str]]) -> tuple[bytes, str]:
+    """The bytes behind a data URI and a name for messages."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        path = Path(parsed.path)
+        try:
+            return path.read_bytes(), str(path)
+        except FileNotFoundError:
+            raise InputError(f"{field}: {path} does not exist") from None
+        except IsADirectoryError:
+            raise InputError(f"{field}: {path} is a directory; point at a .jsonl file") from None
+    if parsed.scheme == "configmap":
+        name, key = parsed.netloc, parsed.path.lstrip("/")
+        if name not in config_maps:
+            raise InputError(
+                f"{field}: ConfigMap {name!r} is not in the job file; add it as "
+                "another YAML document to plan locally"
+            )
+        if key not in config_maps[name]:
+            raise InputError(f"{field}: ConfigMap {name!r} has no key {key!r}")
+        return config_maps[name][key].encode(), uri
+    raise InputError(
+        f"{field}: {parsed.scheme}:// inputs cannot be read locally; use a "
+        "file:// copy to plan on this machine"
+    )
+
+
+def read_model_config(uri: str, config_maps: dict[str, dict[str, str]]) -> dict[str, Any]:
+    from kubetune.operator.planstep import known_model_config
+
+    parsed = urlparse(uri)
+    if parsed.scheme == "hf":
+        known = known_model_config(uri)
+        if known is None:
+            raise InputError(
+                f"spec.model.uri: {uri} is not one of the model configs kubetune "
+                "ships; download its config.json and use file:///path/to/it"
+            )
+        return known
+    if parsed.scheme == "file":
+        path = Path(parsed.path)
+        if path.is_dir():
+            path = path / "config.json"
+        try:
+            data: dict[str, Any] = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise InputError(f"spec.model.uri: {path} does not exist") from None
+        except json.JSONDecodeError as exc:
+            raise InputError(f"spec.model.uri: {path} is not valid JSON ({exc.msg})") from None
+        return data
+    raw, _ = read_uri(uri, "spec.model.uri", config_maps)
+    try:
+        parsed_config: dict[str, Any] = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"spec.model.uri: {uri} is not valid JSON ({exc.msg})") from None
+    return parsed_config

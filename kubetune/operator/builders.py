@@ -1,0 +1,510 @@
+"""Pure builders: a FineTuneJob (its identity, spec and plan) -> child manifests.
+
+Children, all owned by the FineTuneJob and named deterministically:
+- `<job>-prepare`  batch/v1 Job (CPU) that reads the data and model config and plans,
+                   when the operator cannot plan in-process;
+- `<job>-config`   ConfigMap with the resolved spec and the plan;
+- `<job>-control`  Secret with the token the operator uses to talk to the trainer;
+- `<job>-train`    headless Service for rendezvous, and the Indexed batch/v1 Job (one pod
+                   per node) that runs torchrun + DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+from kubetune.operator.settings import OperatorSettings
+
+GROUP = "kubetune.dev"
+VERSION = "v1alpha1"
+KIND = "FineTuneJob"
+JOB_LABEL = "kubetune.dev/job"
+COMPONENT_LABEL = "kubetune.dev/component"
+MANAGED_BY = {
+    "app.kubernetes.io/managed-by": "kubetune-operator",
+    "app.kubernetes.io/name": "kubetune",
+}
+TRAINER_CONTAINER = "trainer"
+PREPARE_CONTAINER = "prepare"
+# Exit code of the trainer and the prepare step for configuration or data errors
+# (sysexits' EX_CONFIG): the Job fails at once instead of retrying.
+CONFIG_ERROR_EXIT_CODE = 78
+CONFIG_MOUNT = "/etc/kubetune"
+OUTPUT_MOUNT = "/output"
+
+
+@dataclass(frozen=True)
+class JobRef:
+    """Identity of one FineTuneJob."""
+
+    name: str
+    namespace: str
+    uid: str
+    generation: int = 1
+
+
+def train_name(ref: JobRef) -> str:
+    return f"{ref.name}-train"
+
+
+def prepare_name(ref: JobRef) -> str:
+    return f"{ref.name}-prepare"
+
+
+def config_name(ref: JobRef) -> str:
+    return f"{ref.name}-config"
+
+
+def control_name(ref: JobRef) -> str:
+    return f"{ref.name}-control"
+
+
+def owner_reference(ref: JobRef) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": KIND,
+        "name": ref.name,
+        "uid": ref.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def labels(ref: JobRef, component: str) -> dict[str, str]:
+    return {**MANAGED_BY, JOB_LABEL: ref.name, COMPONENT_LABEL: component}
+
+
+def _meta(
+    ref: JobRef,
+    name: str,
+    component: str,
+    extra_labels: dict[str, str] | None = None,
+    annotations: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": name,
+        "namespace": ref.namespace,
+        "labels": {**(extra_labels or {}), **labels(ref, component)},
+        "ownerReferences": [owner_reference(ref)],
+    }
+    if annotations:
+        meta["annotations"] = dict(annotations)
+    return meta
+
+
+# ------------------------------------------------------------------ storage
+@dataclass(frozen=True)
+class Storage:
+    """Where a URI is read from inside the pod, and the volume that provides it."""
+
+    path: str
+    volume: dict[str, Any] | None = None
+    mount: dict[str, Any] | None = None
+
+
+def _volume_name(role: str, key: str) -> str:
+    safe = "".join(ch if ch.isalnum() else "-" for ch in key.lower()).strip("-")
+    return f"{role}-{safe}"[:63].rstrip("-")
+
+
+def storage_for(uri: str, role: str, read_only: bool = True) -> Storage:
+    """Map a `pvc://`, `configmap://`, `file://` or `hf://` URI to a path and volume.
+
+    `file://` paths are used as they are (baked into the image or on the node); for
+    outputs they are a hostPath of the same path so the node keeps what was written.
+    `hf://` models and datasets are downloaded by the pod itself and need no volume.
+    """
+    parsed = urlparse(uri)
+    scheme = parsed.scheme
+    if scheme == "pvc":
+        claim = parsed.netloc
+        base = f"/mnt/{role}/{claim}"
+        name = _volume_name(role, claim)
+        return Storage(
+            path=base + (parsed.path or ""),
+            volume={
+                "name": name,
+                "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only},
+            },
+            mount={"name": name, "mountPath": base, "readOnly": read_only},
+        )
+    if scheme == "configmap":
+        cm, key = parsed.netloc, parsed.path.lstrip("/")
+        base = f"/mnt/{role}/configmap-{cm}"
+        name = _volume_name(role, "cm-" + cm)
+        return Storage(
+            path=f"{base}/{key}",
+            volume={"name": name, "configMap": {"name": cm}},
+            mount={"name": name, "mountPath": base, "readOnly": True},
+        )
+    if scheme == "file":
+        path = parsed.path
+        if read_only:
+            return Storage(path=path)
+        name = _volume_name(role, "host")
+        return Storage(
+            path=path,
+            volume={"name": name, "hostPath": {"path": path, "type": "DirectoryOrCreate"}},
+            mount={"name": name, "mountPath": path},
+        )
+    if scheme == "hf":
+        return Storage(path=uri)
+    raise ValueError(f"unsupported URI scheme in {uri!r}")
+
+
+def _storages(spec: Any, output_uri: str) -> dict[str, Storage]:
+    out: dict[str, Storage] = {
+        "model": storage_for(spec.model.uri, "model"),
+        "dataset": storage_for(spec.dataset.uri, "data"),
+        "output": storage_for(output_uri, "output", read_only=False),
+    }
+    if spec.dataset.validation_uri:
+        out["validation"] = storage_for(spec.dataset.validation_uri, "validation")
+    if spec.dataset.general_text_uri:
+        out["general"] = storage_for(spec.dataset.general_text_uri, "general")
+    return out
+
+
+def _volumes_and_mounts(storages: dict[str, Storage]) -> tuple[list[Any], list[Any]]:
+    volumes: dict[str, Any] = {}
+    mounts: dict[str, Any] = {}
+    for s in storages.values():
+        if s.volume and s.mount:
+            volumes.setdefault(s.volume["name"], s.volume)
+            mounts.setdefault(s.mount["mountPath"], s.mount)
+    return list(volumes.values()), list(mounts.values())
+
+
+def output_uri(ref: JobRef, spec: Any, settings: OperatorSettings) -> str:
+    if spec.output is not None and spec.output.uri:
+        return str(spec.output.uri)
+    return settings.default_output_uri.format(namespace=ref.namespace, name=ref.name)
+
+
+# ------------------------------------------------------------------ pod pieces
+SECURITY_CONTEXT = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "runAsNonRoot": True,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+POD_SECURITY_CONTEXT = {
+    "runAsNonRoot": True,
+    "runAsUser": 1000,
+    "runAsGroup": 1000,
+    "fsGroup": 1000,
+}
+
+
+def _placement(spec: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if spec.node_selector:
+        out["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        out["tolerations"] = [
+            t.model_dump(by_alias=True, exclude_none=True) if hasattr(t, "model_dump") else t
+            for t in spec.tolerations
+        ]
+    if spec.priority_class_name:
+        out["priorityClassName"] = spec.priority_class_name
+    if spec.service_account_name:
+        out["serviceAccountName"] = spec.service_account_name
+    return out
+
+
+def _env(ref: JobRef, spec: Any, storages: dict[str, Storage]) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "KUBETUNE_JOB_NAME", "value": ref.name},
+        {"name": "KUBETUNE_JOB_NAMESPACE", "value": ref.namespace},
+        {"name": "KUBETUNE_CONFIG_DIR", "value": CONFIG_MOUNT},
+        {"name": "KUBETUNE_MODEL_PATH", "value": storages["model"].path},
+        {"name": "KUBETUNE_DATASET_PATH", "value": storages["dataset"].path},
+        {"name": "KUBETUNE_OUTPUT_PATH", "value": storages["output"].path},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+    ]
+    if "validation" in storages:
+        env.append({"name": "KUBETUNE_VALIDATION_PATH", "value": storages["validation"].path})
+    if "general" in storages:
+        env.append({"name": "KUBETUNE_GENERAL_TEXT_PATH", "value": storages["general"].path})
+    if spec.model.secret_ref is not None:
+        env.append(
+            {
+                "name": "HF_TOKEN",
+                "valueFrom": {
+                    "secretKeyRef": {
+                        "name": spec.model.secret_ref.name,
+                        "key": "token",
+                        "optional": True,
+                    }
+                },
+            }
+        )
+    return env
+
+
+def _config_volume(ref: JobRef) -> tuple[dict[str, Any], dict[str, Any]]:
+    return (
+        {"name": "kubetune-config", "configMap": {"name": config_name(ref)}},
+        {"name": "kubetune-config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+    )
+
+
+# ------------------------------------------------------------------ children
+def prepare_job(
+    ref: JobRef, spec: Any, settings: OperatorSettings, gpu_memory_gib: float
+) -> dict[str, Any]:
+    """A small CPU Job that validates the data, reads the model config and writes the plan
+    to its termination message."""
+    storages = _storages(spec, output_uri(ref, spec, settings))
+    storages.pop("output")
+    volumes, mounts = _volumes_and_mounts(storages)
+    env = _env(ref, spec, {**storages, "output": Storage(path="")})
+    env = [e for e in env if e["name"] != "KUBETUNE_OUTPUT_PATH"]
+    env.append({"name": "KUBETUNE_GPU_MEMORY_GIB", "value": str(gpu_memory_gib)})
+    env.append(
+        {
+            "name": "KUBETUNE_SPEC_JSON",
+            "value": json.dumps(
+                spec.model_dump(by_alias=True, exclude_none=True, mode="json"), sort_keys=True
+            ),
+        }
+    )
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _meta(ref, prepare_name(ref), "prepare"),
+        "spec": {
+            "backoffLimit": 2,
+            "activeDeadlineSeconds": 1800,
+            "ttlSecondsAfterFinished": 3600,
+            "podFailurePolicy": {
+                "rules": [
+                    {
+                        "action": "FailJob",
+                        "onExitCodes": {
+                            "containerName": PREPARE_CONTAINER,
+                            "operator": "In",
+                            "values": [CONFIG_ERROR_EXIT_CODE],
+                        },
+                    },
+                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                ]
+            },
+            "template": {
+                "metadata": {"labels": labels(ref, "prepare")},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "securityContext": POD_SECURITY_CONTEXT,
+                    **_placement(spec),
+                    "volumes": volumes,
+                    "containers": [
+                        {
+                            "name": PREPARE_CONTAINER,
+                            "image": spec.image or settings.trainer_image,
+                            "command": ["python", "-m", "kubetune.prepare"],
+                            "env": env,
+                            "volumeMounts": mounts,
+                            "resources": {
+                                "requests": {"cpu": "500m", "memory": "1Gi"},
+                                "limits": {"memory": "4Gi"},
+                            },
+                            "securityContext": SECURITY_CONTEXT,
+                            "terminationMessagePolicy": "FallbackToLogsOnError",
+                        }
+                    ],
+                },
+            },
+        },
+    }
+
+
+def config_map(
+    ref: JobRef, spec: Any, plan: dict[str, Any], settings: OperatorSettings
+) -> dict[str, Any]:
+    resolved = spec.model_dump(by_alias=True, exclude_none=True, mode="json")
+    resolved["output"] = {"uri": output_uri(ref, spec, settings)}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(ref, config_name(ref), "config"),
+        "data": {
+            "spec.json": json.dumps(resolved, indent=2, sort_keys=True),
+            "plan.json": json.dumps(plan, indent=2, sort_keys=True),
+        },
+    }
+
+
+def control_secret(ref: JobRef, token: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _meta(ref, control_name(ref), "control"),
+        "type": "Opaque",
+        "stringData": {"token": token},
+    }
+
+
+def headless_service(ref: JobRef, settings: OperatorSettings) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(ref, train_name(ref), "train"),
+        "spec": {
+            "clusterIP": "None",
+            # Rendezvous must resolve pod 0 before it is Ready.
+            "publishNotReadyAddresses": True,
+            "selector": {JOB_LABEL: ref.name, COMPONENT_LABEL: "train"},
+            "ports": [
+                {"name": "rendezvous", "port": settings.rendezvous_port},
+                {"name": "metrics", "port": settings.trainer_metrics_port},
+            ],
+        },
+    }
+
+
+def torchrun_command(
+    ref: JobRef, num_nodes: int, procs_per_node: int, settings: OperatorSettings
+) -> list[str]:
+    """torchrun on every node; pod 0 of the headless service is the rendezvous master."""
+    master = f"{train_name(ref)}-0.{train_name(ref)}.{ref.namespace}.svc"
+    args = [
+        "torchrun",
+        f"--nnodes={num_nodes}",
+        f"--nproc-per-node={procs_per_node}",
+        "--node-rank=$(JOB_COMPLETION_INDEX)",
+        f"--master-addr={master}" if num_nodes > 1 else "--master-addr=127.0.0.1",
+        f"--master-port={settings.rendezvous_port}",
+        "-m",
+        "kubetune.trainer",
+        f"--config-dir={CONFIG_MOUNT}",
+    ]
+    return args
+
+
+def training_job(
+    ref: JobRef, spec: Any, plan: dict[str, Any], settings: OperatorSettings
+) -> dict[str, Any]:
+    """The Indexed Job: one pod per node, `gpusPerNode` GPUs each, torchrun + DeepSpeed."""
+    res = spec.resources
+    nodes, gpus = int(res.num_nodes), int(res.gpus_per_node)
+    storages = _storages(spec, output_uri(ref, spec, settings))
+    volumes, mounts = _volumes_and_mounts(storages)
+    cfg_vol, cfg_mount = _config_volume(ref)
+    shm_gib = max(1.0, settings.shm_gib_per_gpu * max(gpus, 1))
+    volumes = [
+        cfg_vol,
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{shm_gib:g}Gi"}},
+        *volumes,
+    ]
+    mounts = [cfg_mount, {"name": "dshm", "mountPath": "/dev/shm"}, *mounts]
+    env = _env(ref, spec, storages)
+    env += [
+        {"name": "KUBETUNE_NUM_NODES", "value": str(nodes)},
+        {"name": "KUBETUNE_METRICS_PORT", "value": str(settings.trainer_metrics_port)},
+        {
+            "name": "KUBETUNE_CONTROL_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": control_name(ref), "key": "token"}},
+        },
+        {
+            "name": "KUBETUNE_PLAN_JSON",
+            "valueFrom": {"configMapKeyRef": {"name": config_name(ref), "key": "plan.json"}},
+        },
+        {
+            "name": "KUBETUNE_SPEC_JSON",
+            "valueFrom": {"configMapKeyRef": {"name": config_name(ref), "key": "spec.json"}},
+        },
+    ]
+    if gpus == 0:
+        env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
+    resources: dict[str, Any] = {"requests": {}, "limits": {}}
+    if spec.resources.resources_per_node is not None:
+        rpn = spec.resources.resources_per_node
+        rpn = (
+            rpn.model_dump(by_alias=True, exclude_none=True)
+            if hasattr(rpn, "model_dump")
+            else dict(rpn)
+        )
+        resources["requests"].update({k: str(v) for k, v in (rpn.get("requests") or {}).items()})
+        resources["limits"].update({k: str(v) for k, v in (rpn.get("limits") or {}).items()})
+    if gpus > 0:
+        resources["limits"]["nvidia.com/gpu"] = str(gpus)
+        resources["requests"]["nvidia.com/gpu"] = str(gpus)
+    resources = {k: v for k, v in resources.items() if v}
+    user_labels = dict(spec.labels or {})
+    user_annotations = dict(spec.annotations or {})
+    procs = max(gpus, 1)
+    container = {
+        "name": TRAINER_CONTAINER,
+        "image": spec.image or settings.trainer_image,
+        "command": list(settings.trainer_command)
+        if settings.trainer_command
+        else torchrun_command(ref, nodes, procs, settings),
+        "env": env,
+        "ports": [
+            {"name": "metrics", "containerPort": settings.trainer_metrics_port},
+            {"name": "rendezvous", "containerPort": settings.rendezvous_port},
+        ],
+        "volumeMounts": mounts,
+        "securityContext": SECURITY_CONTEXT,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if resources:
+        container["resources"] = resources
+    job_spec: dict[str, Any] = {
+        "completionMode": "Indexed",
+        "completions": nodes,
+        "parallelism": nodes,
+        "backoffLimit": int(spec.backoff_limit),
+        "suspend": bool(spec.suspend),
+        "podFailurePolicy": {
+            "rules": [
+                # Bad config or data: retrying cannot help.
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {
+                        "containerName": TRAINER_CONTAINER,
+                        "operator": "In",
+                        "values": [CONFIG_ERROR_EXIT_CODE],
+                    },
+                },
+                # Preemption, node drain or deletion: not the job's fault.
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            ]
+        },
+        "template": {
+            "metadata": {
+                "labels": {**user_labels, **labels(ref, "train")},
+                "annotations": {
+                    **user_annotations,
+                    "kubetune.dev/plan-method": str(plan.get("method", "")),
+                },
+            },
+            "spec": {
+                "restartPolicy": "Never",
+                "subdomain": train_name(ref),
+                "securityContext": POD_SECURITY_CONTEXT,
+                **_placement(spec),
+                "volumes": volumes,
+                "containers": [container],
+            },
+        },
+    }
+    if spec.active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = int(spec.active_deadline_seconds)
+    if spec.ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = int(spec.ttl_seconds_after_finished)
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _meta(ref, train_name(ref), "train", user_labels, user_annotations),
+        "spec": job_spec,
+    }
+
+
+def describe_command(cmd: list[str]) -> str:
+    return " ".join(shlex.quote(a) for a in cmd)

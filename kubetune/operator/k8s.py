@@ -1,0 +1,208 @@
+"""The one module of the operator that calls the Kubernetes API (synchronous client; Kopf
+runs our sync handlers in its thread pool)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from kubetune.operator.builders import GROUP, VERSION
+
+PLURAL = "finetunejobs"
+log = logging.getLogger("kubetune.operator.k8s")
+
+
+class ChildConflictError(RuntimeError):
+    """A child's name is taken by an object this FineTuneJob does not own."""
+
+
+def _plain(api: client.ApiClient, obj: Any) -> dict[str, Any]:
+    data: dict[str, Any] = api.sanitize_for_serialization(obj)
+    return data
+
+
+class Kube:
+    def __init__(self, api: client.ApiClient | None = None) -> None:
+        self.api = api or client.ApiClient()
+        self.core = client.CoreV1Api(self.api)
+        self.batch = client.BatchV1Api(self.api)
+        self.custom = client.CustomObjectsApi(self.api)
+        self.requests = 0
+
+    # ---- FineTuneJobs
+    def get_ftj(self, namespace: str, name: str) -> dict[str, Any] | None:
+        self.requests += 1
+        try:
+            obj: dict[str, Any] = self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return obj
+
+    def patch_ftj_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self.requests += 1
+        self.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, PLURAL, name, {"status": status}
+        )
+
+    def delete_ftj(self, namespace: str, name: str) -> None:
+        self.requests += 1
+        try:
+            self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    # ---- children
+    def ensure(self, manifest: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Create a child; on 409 read it and check it is ours (same owner uid).
+        Returns (object, created)."""
+        kind = manifest["kind"]
+        ns = manifest["metadata"]["namespace"]
+        name = manifest["metadata"]["name"]
+        create, read = {
+            "Job": (self.batch.create_namespaced_job, self.batch.read_namespaced_job),
+            "Service": (self.core.create_namespaced_service, self.core.read_namespaced_service),
+            "ConfigMap": (
+                self.core.create_namespaced_config_map,
+                self.core.read_namespaced_config_map,
+            ),
+            "Secret": (self.core.create_namespaced_secret, self.core.read_namespaced_secret),
+        }[kind]
+        self.requests += 1
+        try:
+            return _plain(self.api, create(ns, manifest)), True
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+        self.requests += 1
+        existing = _plain(self.api, read(name, ns))
+        want = {o["uid"] for o in manifest["metadata"].get("ownerReferences", [])}
+        have = {o.get("uid") for o in existing["metadata"].get("ownerReferences") or []}
+        if want and not want & have:
+            raise ChildConflictError(
+                f"{kind} {ns}/{name} already exists and is not owned by this FineTuneJob; "
+                "delete it or rename the FineTuneJob"
+            )
+        return existing, False
+
+    def replace_config_map_data(self, manifest: dict[str, Any]) -> None:
+        self.requests += 1
+        self.core.patch_namespaced_config_map(
+            manifest["metadata"]["name"],
+            manifest["metadata"]["namespace"],
+            {"data": manifest["data"]},
+        )
+
+    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        self.requests += 1
+        try:
+            return _plain(self.api, self.batch.read_namespaced_job(name, namespace))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def set_job_suspend(self, namespace: str, name: str, suspend: bool) -> None:
+        self.requests += 1
+        self.batch.patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}})
+
+    def termination_message(
+        self, namespace: str, job_name: str, index: str | None = "0"
+    ) -> str | None:
+        """The newest termination message of a Job's pod (the given completion index)."""
+        self.requests += 1
+        pods = self.core.list_namespaced_pod(namespace, label_selector=f"job-name={job_name}")
+        best: tuple[str, str] | None = None
+        for pod in pods.items:
+            ann = pod.metadata.annotations or {}
+            if (
+                index is not None
+                and ann.get("batch.kubernetes.io/job-completion-index", index) != index
+            ):
+                continue
+            if pod.status and pod.status.phase == "Failed" and pod.status.message:
+                finished = str(pod.metadata.creation_timestamp or "")
+                if best is None or finished > best[0]:
+                    best = (finished, str(pod.status.message))
+            for cs in (pod.status.container_statuses or []) if pod.status else []:
+                term = cs.state.terminated if cs.state else None
+                if term is None or not term.message:
+                    continue
+                finished = str(term.finished_at or "")
+                if best is None or finished > best[0]:
+                    best = (finished, term.message)
+        return best[1] if best else None
+
+    def pod0_ip(self, namespace: str, job_name: str) -> str | None:
+        self.requests += 1
+        pods = self.core.list_namespaced_pod(namespace, label_selector=f"job-name={job_name}")
+        for pod in pods.items:
+            ann = pod.metadata.annotations or {}
+            if (
+                ann.get("batch.kubernetes.io/job-completion-index") == "0"
+                and pod.status
+                and pod.status.phase == "Running"
+                and pod.status.pod_ip
+            ):
+                return str(pod.status.pod_ip)
+        return None
+
+    def read_secret_key(self, namespace: str, name: str, key: str) -> str | None:
+        import base64
+
+        self.requests += 1
+        try:
+            data = self.core.read_namespaced_secret(name, namespace).data or {}
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        raw = data.get(key)
+        return base64.b64decode(raw).decode() if raw else None
+
+    # ---- inputs
+    def config_map_key(self, namespace: str, name: str, key: str) -> str | None:
+        """A ConfigMap key's text; None when the ConfigMap or key is missing."""
+        self.requests += 1
+        try:
+            cm = self.core.read_namespaced_config_map(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        if cm.data and key in cm.data:
+            return str(cm.data[key])
+        if cm.binary_data and key in cm.binary_data:
+            import base64
+
+            return base64.b64decode(cm.binary_data[key]).decode("utf-8", "replace")
+        return None
+
+    def list_nodes(self) -> list[dict[str, Any]] | None:
+        """All nodes, or None when RBAC does not let us list them."""
+        self.requests += 1
+        try:
+            return [_plain(self.api, n) for n in self.core.list_node().items]
+        except ApiException as exc:
+            if exc.status == 403:
+                return None
+            raise
+
+
+def decode_termination_plan(message: str) -> dict[str, Any]:
+    """The prepare step writes its result as JSON, gzip+base64 behind `gz:` when large."""
+    import base64
+    import gzip
+
+    if message.startswith("gz:"):
+        message = gzip.decompress(base64.b64decode(message[3:])).decode()
+    data: dict[str, Any] = json.loads(message)
+    return data

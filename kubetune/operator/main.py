@@ -1,0 +1,153 @@
+"""Kopf handlers: registration only. Each handler hands the object to the Reconciler.
+
+Run with `kopf run -m kubetune.operator.main` (the image does) or
+`python -m kubetune.operator` (same thing).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from typing import Any, cast
+
+import kopf
+
+from kubetune.operator import metrics
+from kubetune.operator.builders import GROUP, JOB_LABEL, VERSION
+from kubetune.operator.k8s import PLURAL, Kube
+from kubetune.operator.reconcile import Reconciler
+from kubetune.operator.settings import OperatorSettings
+
+SETTINGS = OperatorSettings.from_env()
+_state: dict[str, Any] = {}
+
+
+def _reconciler() -> Reconciler:
+    rec = _state.get("reconciler")
+    if rec is None:
+        rec = Reconciler(Kube(), SETTINGS, events=_post_event)
+        _state["reconciler"] = rec
+    return cast(Reconciler, rec)
+
+
+def _post_event(body: dict[str, Any], etype: str, reason: str, message: str) -> None:
+    kopf.event(cast(kopf.Body, body), type=etype, reason=reason, message=message[:1000])
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # Our own annotation prefix for Kopf's bookkeeping (progress and last-handled state).
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    # Finalizer name, used only if a handler ever needs one (none does: owner references
+    # clean up children, so a FineTuneJob is never blocked on the operator to be deleted).
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    # Events for our reasons only, not Kopf's per-handler chatter.
+    settings.posting.level = logging.WARNING
+    # Reconnect watches regularly so a silently dropped connection cannot stall us.
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    # Enough worker threads for sync handlers when many jobs change at once.
+    settings.execution.max_workers = 20
+    # Back off a failing handler instead of hammering the API server.
+    settings.networking.error_backoffs = [1, 2, 5, 10, 30]
+    # Expose the operator's metrics.
+    if SETTINGS.metrics_port >= 0:
+        _state["metrics_port"] = metrics.serve(SETTINGS.metrics_port)
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In a pod: the service account (Kopf's default). Elsewhere: $KUBECONFIG, read now
+    rather than when the client library was imported. Also configures the client library
+    our reconciler uses."""
+    import kubernetes
+
+    path = os.environ.get("KUBECONFIG")
+    if os.environ.get("KUBERNETES_SERVICE_HOST") or not path:
+        return kopf.login_via_client(**kwargs)
+    kubernetes.config.load_kube_config(config_file=path)
+    cfg = kubernetes.client.Configuration.get_default_copy()
+    return kopf.ConnectionInfo(
+        server=cfg.host,
+        ca_path=cfg.ssl_ca_cert,
+        insecure=not cfg.verify_ssl,
+        certificate_path=cfg.cert_file,
+        private_key_path=cfg.key_file,
+        default_namespace=None,
+    )
+
+
+def _run(namespace: str | None, name: str) -> None:
+    if namespace is None:  # FineTuneJobs are namespaced; never happens
+        return
+    start = time.perf_counter()
+    kube = _reconciler().kube
+    before = kube.requests
+    try:
+        result = _reconciler().reconcile(namespace, name)
+    except Exception:
+        metrics.RECONCILE_ERRORS.inc()
+        raise
+    finally:
+        metrics.RECONCILE_SECONDS.observe(time.perf_counter() - start)
+        metrics.API_REQUESTS.inc(kube.requests - before)
+    metrics.RECONCILES.labels(result=result).inc()
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+def on_create(namespace: str | None, name: str, **_: Any) -> None:
+    """A new FineTuneJob, or one that existed before the operator started."""
+    _run(namespace, name)
+
+
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+def on_update(namespace: str | None, name: str, **_: Any) -> None:
+    """suspend, stopRequested and other mutable fields."""
+    _run(namespace, name)
+
+
+@kopf.timer(
+    GROUP,
+    VERSION,
+    PLURAL,
+    interval=SETTINGS.sync_interval_seconds,
+    initial_delay=SETTINGS.sync_interval_seconds,
+)
+def on_timer(
+    namespace: str | None, name: str, spec: kopf.Spec, status: kopf.Status, **_: Any
+) -> None:
+    """Safety net and TTL clock; finished jobs only need it for ttlSecondsAfterFinished."""
+    finished = any(
+        c.get("type") in ("Succeeded", "Failed") and c.get("status") == "True"
+        for c in cast(list[dict[str, Any]], status.get("conditions") or [])
+    )
+    if finished and spec.get("ttlSecondsAfterFinished") is None:
+        return
+    _run(namespace, name)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={JOB_LABEL: kopf.PRESENT})
+def on_child_job(
+    event: kopf.RawEvent, namespace: str | None, labels: Mapping[str, str], **_: Any
+) -> None:
+    """Any change of a training or prepare Job: reconcile its FineTuneJob."""
+    if event.get("type") is None and not event.get("object"):
+        return
+    _run(namespace, labels[JOB_LABEL])
+
+
+@kopf.on.probe(id="reconciles")
+def probe_reconciles(**_: Any) -> float:
+    """Liveness detail: the number of reconciles so far."""
+    total = 0.0
+    for metric in metrics.RECONCILES.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total"):
+                total += sample.value
+    return total

@@ -1,0 +1,166 @@
+"""Turn a FineTuneJob's inputs into a plan: shared by the operator (in-process, when the
+data and the model config can be read through the API), the prepare pod and the CLI.
+
+Everything here is pure given the texts; fetching them is the caller's business.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from kubetune.data import DataError, parse_jsonl, summarize
+from kubetune.planning import (
+    DatasetStats,
+    Offload,
+    PlanRequest,
+    Resources,
+    bundled_architectures,
+    make_plan,
+    model_arch_from_config,
+)
+
+# A CPU "GPU" for local runs: the share of host memory one training process may use.
+CPU_PROCESS_MEMORY_GIB = 8.0
+
+
+@cache
+def _catalogue() -> dict[str, Path]:
+    """Bundled model configs by their hub id (lower case)."""
+    out: dict[str, Path] = {}
+    for path in bundled_architectures().values():
+        name = json.loads(path.read_text()).get("_name_or_path")
+        if name:
+            out[str(name).lower()] = path
+    return out
+
+
+def known_model_config(uri: str) -> dict[str, Any] | None:
+    """The config.json of a well-known hub model we ship, so the operator can plan without
+    downloading anything; None for other models."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "hf":
+        return None
+    path = _catalogue().get(f"{parsed.netloc}{parsed.path}".lower())
+    return json.loads(path.read_text()) if path else None
+
+
+def gpu_memory_from_nodes(
+    nodes: list[dict[str, Any]], node_selector: dict[str, str], gpus_per_node: int
+) -> float | None:
+    """The smallest `nvidia.com/gpu.memory` (MiB, as GPU feature discovery labels it) among
+    nodes that match the selector and have enough GPUs, in GiB."""
+    found: list[float] = []
+    for node in nodes:
+        meta_labels = (node.get("metadata") or {}).get("labels") or {}
+        if any(meta_labels.get(k) != v for k, v in node_selector.items()):
+            continue
+        alloc = ((node.get("status") or {}).get("allocatable") or {}).get("nvidia.com/gpu", "0")
+        if int(alloc) < gpus_per_node:
+            continue
+        mib = meta_labels.get("nvidia.com/gpu.memory")
+        if mib and mib.isdigit():
+            found.append(int(mib) / 1024)
+    return min(found) if found else None
+
+
+def resolve_gpu_memory(
+    spec: Any, nodes: list[dict[str, Any]] | None, default_gib: float
+) -> tuple[float, str]:
+    """GPU memory per device for planning, and where the figure came from."""
+    gpus = int(spec.resources.gpus_per_node)
+    if gpus == 0:
+        return CPU_PROCESS_MEMORY_GIB, (
+            f"gpusPerNode is 0: planning CPU training with {CPU_PROCESS_MEMORY_GIB:g} GiB "
+            "of host memory per process"
+        )
+    if spec.resources.gpu_memory_gib:
+        return float(spec.resources.gpu_memory_gib), (
+            f"GPU memory {spec.resources.gpu_memory_gib:g} GiB from spec.resources.gpuMemoryGiB"
+        )
+    from_nodes = gpu_memory_from_nodes(nodes or [], dict(spec.node_selector or {}), gpus)
+    if from_nodes:
+        return from_nodes, (
+            f"GPU memory {from_nodes:.1f} GiB from the nvidia.com/gpu.memory "
+            "label of the smallest matching node"
+        )
+    return default_gib, (
+        f"GPU memory {default_gib:g} GiB assumed: no spec.resources."
+        "gpuMemoryGiB and no node with a nvidia.com/gpu.memory label"
+    )
+
+
+def plan_request(spec: Any) -> PlanRequest:
+    hp = spec.hyperparameters
+    method = spec.method.type if spec.method and spec.method.type != "Auto" else None
+    zero = spec.deepspeed.zero_stage if spec.deepspeed else "Auto"
+    offload = spec.deepspeed.offload if spec.deepspeed else "Auto"
+    lora = spec.method.lora if spec.method else None
+    epochs = hp.epochs if hp and hp.epochs is not None else None
+    return PlanRequest(
+        method=method,
+        incremental=bool(hp.incremental) if hp else False,
+        max_seq_length=spec.dataset.max_seq_length,
+        zero_stage=None if zero == "Auto" else int(zero),
+        offload=None if offload == "Auto" else Offload(offload),
+        micro_batch_size=hp.micro_batch_size if hp else None,
+        epochs=None if epochs is None else max(1, round(float(epochs))),
+        learning_rate=hp.learning_rate if hp else None,
+        lora_rank=lora.rank if lora is not None else None,
+    )
+
+
+def build_plan(
+    spec: Any,
+    train_text: str | bytes,
+    train_source: str,
+    model_config: dict[str, Any],
+    model_source: str,
+    gpu_memory: tuple[float, str],
+    validation_text: str | bytes | None = None,
+    validation_source: str = "",
+) -> dict[str, Any]:
+    """Validate the data, summarise it and plan. Raises DataError / ModelConfigError /
+    ValueError with messages that name the source."""
+    forced = None if spec.dataset.format == "Auto" else spec.dataset.format
+    fmt, train = parse_jsonl(train_text, train_source, forced)
+    validation = (
+        parse_jsonl(validation_text, validation_source, fmt)[1]
+        if validation_text is not None
+        else []
+    )
+    summary = summarize(train, train_source, fmt, validation, spec.dataset.max_seq_length)
+    held_out = 0 if validation else round(summary.example_count * spec.dataset.validation_split)
+    train_count = summary.example_count - held_out
+    if train_count < 1:
+        raise DataError(
+            f"{train_source}: {summary.example_count} example(s) leave nothing to "
+            "train on after the validation split; add data or set "
+            "spec.dataset.validationUri"
+        )
+    share = train_count / summary.example_count
+    stats = DatasetStats(
+        example_count=train_count,
+        token_count=max(train_count, round(summary.token_count * share)),
+        max_tokens=summary.max_tokens,
+        validation_count=len(validation) or held_out,
+        duplicate_count=summary.duplicate_count,
+        leakage_count=summary.leakage_count,
+        overlong_count=summary.overlong_count,
+        tokens_estimated=summary.tokens_estimated,
+    )
+    arch = model_arch_from_config(model_config, model_source)
+    gpus = int(spec.resources.gpus_per_node)
+    resources = Resources(
+        gpus_per_node=max(gpus, 1),
+        gpu_memory_gib=gpu_memory[0],
+        num_nodes=int(spec.resources.num_nodes),
+        accelerator="GPU" if gpus > 0 else "CPU",
+    )
+    plan = make_plan(stats, arch, resources, plan_request(spec)).to_dict()
+    plan["reasons"] = [gpu_memory[1], *plan["reasons"]]
+    plan["datasetFormat"] = summary.format
+    return plan

@@ -1,0 +1,398 @@
+"""One reconcile of one FineTuneJob: read it and its children, act, write status.
+
+Idempotent and level-triggered: it is called on create/resume/update, on every event of
+the training or prepare Job, and on a timer, and each call converges from whatever it
+finds (so an operator restart at any point loses nothing and duplicates nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+from kubetune.operator import builders as b
+from kubetune.operator import status as st
+from kubetune.operator.k8s import ChildConflictError, Kube, decode_termination_plan
+from kubetune.operator.planstep import build_plan, known_model_config, resolve_gpu_memory
+from kubetune.operator.settings import OperatorSettings
+
+log = logging.getLogger("kubetune.operator")
+
+EventSink = Callable[[dict[str, Any], str, str, str], None]  # body, type, reason, message
+
+_locks: dict[tuple[str, str], threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def _lock(ns: str, name: str) -> threading.Lock:
+    with _locks_guard:
+        return _locks.setdefault((ns, name), threading.Lock())
+
+
+@dataclass
+class StatusDraft:
+    """The status being built in this reconcile, with the events its changes imply."""
+
+    ref: b.JobRef
+    old: dict[str, Any]
+    new: dict[str, Any] = field(default_factory=dict)
+    events: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.new = json.loads(json.dumps(self.old))
+        self.new.setdefault("conditions", [])
+
+    @property
+    def conditions(self) -> list[dict[str, Any]]:
+        conds: list[dict[str, Any]] = self.new["conditions"]
+        return conds
+
+    def condition(
+        self, ctype: str, status: str, reason: str, message: str, event_type: str = "Normal"
+    ) -> None:
+        before = st.get_condition(self.conditions, ctype)
+        self.new["conditions"] = st.set_condition(
+            self.conditions, ctype, status, reason, message, self.ref.generation
+        )
+        if status == "True" and (
+            before is None or before.get("status") != "True" or before.get("reason") != reason
+        ):
+            self.events.append((event_type, reason, f"{ctype}: {message}"))
+
+    def fail(self, reason: str, message: str) -> None:
+        if st.is_true(self.conditions, "Running"):
+            self.condition("Running", "False", reason, "training stopped")
+        self.condition("Failed", "True", reason, message, event_type="Warning")
+        self.new.setdefault("completionTime", st.now_iso())
+
+    def changed(self) -> bool:
+        return self.new != self.old
+
+
+class Reconciler:
+    def __init__(
+        self, kube: Kube, settings: OperatorSettings, events: EventSink | None = None
+    ) -> None:
+        self.kube = kube
+        self.settings = settings
+        self.emit = events or (lambda *_: None)
+
+    def reconcile(self, namespace: str, name: str) -> str:
+        """Reconcile one FineTuneJob; returns a short result label for metrics."""
+        with _lock(namespace, name):
+            ftj = self.kube.get_ftj(namespace, name)
+            if ftj is None:
+                return "gone"
+            return self._reconcile(ftj)
+
+    def _reconcile(self, ftj: dict[str, Any]) -> str:
+        from kubetune.api import SpecError, parse_job
+
+        meta = ftj["metadata"]
+        if meta.get("deletionTimestamp"):
+            return "deleting"
+        ref = b.JobRef(
+            name=meta["name"],
+            namespace=meta["namespace"],
+            uid=meta["uid"],
+            generation=int(meta.get("generation") or 1),
+        )
+        draft = StatusDraft(ref=ref, old=ftj.get("status") or {})
+        result = "ok"
+        try:
+            if any(st.is_true(draft.conditions, t) for t in st.TERMINAL):
+                return self._finished(ftj, ref, draft)
+            try:
+                spec = parse_job(ftj).spec
+            except SpecError as exc:
+                draft.fail("InvalidSpec", str(exc))
+                return "invalid"
+            result = self._advance(ref, spec, draft)
+        except ChildConflictError as exc:
+            draft.fail("ChildConflict", str(exc))
+            result = "conflict"
+        finally:
+            self._write(ftj, ref, draft)
+        return result
+
+    # ------------------------------------------------------------ phases
+    def _advance(self, ref: b.JobRef, spec: Any, draft: StatusDraft) -> str:
+        plan = draft.new.get("plan")
+        if plan is None:
+            plan = self._plan(ref, spec, draft)
+            if plan is None:
+                return "planning"
+        if not plan.get("fits", False):
+            draft.fail("DoesNotFit", plan.get("error") or "the plan does not fit in memory")
+            return "failed"
+        if spec.plan_only:
+            draft.condition(
+                "Succeeded",
+                "True",
+                "PlanOnly",
+                "spec.planOnly is true: the plan is in status.plan; no GPU was used",
+            )
+            draft.new.setdefault("completionTime", st.now_iso())
+            return "planned"
+        return self._train(ref, spec, plan, draft)
+
+    def _plan(self, ref: b.JobRef, spec: Any, draft: StatusDraft) -> dict[str, Any] | None:
+        """Plan in-process when the inputs can be read through the API, else via the
+        prepare Job. Returns the plan once known."""
+        from kubetune.data import DataError
+        from kubetune.planning import ModelConfigError
+
+        nodes = (
+            self.kube.list_nodes()
+            if int(spec.resources.gpus_per_node) > 0 and not (spec.resources.gpu_memory_gib)
+            else []
+        )
+        gpu_memory = resolve_gpu_memory(spec, nodes, self.settings.default_gpu_memory_gib)
+        try:
+            inputs = self._inputs_via_api(ref, spec)
+            if inputs is not None:
+                plan = build_plan(
+                    spec,
+                    inputs["train"],
+                    spec.dataset.uri,
+                    inputs["model"],
+                    spec.model.uri,
+                    gpu_memory,
+                    inputs.get("validation"),
+                    spec.dataset.validation_uri or "",
+                )
+            else:
+                from_pod = self._plan_via_pod(ref, spec, draft, gpu_memory[0])
+                if from_pod is None:
+                    return None
+                plan = from_pod
+        except (DataError, ModelConfigError, ValueError) as exc:
+            reason = "ModelConfigError" if isinstance(exc, ModelConfigError) else "DataError"
+            draft.fail(reason, str(exc))
+            return None
+        except _InputMissingError as exc:
+            draft.fail(exc.reason, str(exc))
+            return None
+        draft.new["plan"] = plan
+        warnings = list(dict.fromkeys([*draft.new.get("warnings", []), *plan["warnings"]]))
+        draft.new["warnings"] = warnings
+        mem = plan.get("memory") or {}
+        if plan.get("fits", False):
+            draft.condition(
+                "Planned",
+                "True",
+                "PlanReady",
+                f"{plan['method']} with ZeRO-{plan['zeroStage']}, offload {plan['offload']}: "
+                f"{mem.get('perGpuGiB', 0):.1f} GiB per GPU of {mem.get('gpuMemoryGiB', 0):.0f}",
+            )
+        else:
+            draft.condition(
+                "Planned", "False", "DoesNotFit", str(plan.get("error") or "the plan does not fit")
+            )
+        return plan
+
+    def _inputs_via_api(self, ref: b.JobRef, spec: Any) -> dict[str, Any] | None:
+        """Dataset (and validation set) from ConfigMaps and a model config we ship or that
+        sits in a ConfigMap: everything needed to plan without a pod. None otherwise."""
+        uris = [spec.dataset.uri] + (
+            [spec.dataset.validation_uri] if spec.dataset.validation_uri else []
+        )
+        if not all(u.startswith("configmap://") for u in uris):
+            return None
+        model = known_model_config(spec.model.uri)
+        if model is None and spec.model.uri.startswith("configmap://"):
+            text = self._config_map_uri(ref, spec.model.uri, "spec.model.uri")
+            try:
+                model = json.loads(text)
+            except ValueError as exc:
+                raise _InputMissingError(f"{spec.model.uri}: not valid JSON ({exc})") from exc
+        if model is None:
+            return None
+        out: dict[str, Any] = {
+            "model": model,
+            "train": self._config_map_uri(ref, spec.dataset.uri, "spec.dataset.uri"),
+        }
+        if spec.dataset.validation_uri:
+            out["validation"] = self._config_map_uri(
+                ref, spec.dataset.validation_uri, "spec.dataset.validationUri"
+            )
+        return out
+
+    def _config_map_uri(self, ref: b.JobRef, uri: str, field_path: str) -> str:
+        parsed = urlparse(uri)
+        cm, key = parsed.netloc, parsed.path.lstrip("/")
+        text = self.kube.config_map_key(ref.namespace, cm, key)
+        if text is None:
+            raise _InputMissingError(
+                f"{field_path}: ConfigMap {ref.namespace}/{cm} has no key {key!r} (or does "
+                "not exist); create it or fix the URI"
+            )
+        return text
+
+    def _plan_via_pod(
+        self, ref: b.JobRef, spec: Any, draft: StatusDraft, gpu_memory_gib: float
+    ) -> dict[str, Any] | None:
+        manifest = b.prepare_job(ref, spec, self.settings, gpu_memory_gib)
+        job, created = self.kube.ensure(manifest)
+        if created:
+            draft.events.append(
+                (
+                    "Normal",
+                    "Preparing",
+                    f"started {manifest['metadata']['name']} to read the data "
+                    "and the model config and plan",
+                )
+            )
+        view = st.view_job(job)
+        if view.failed_reason:
+            message = self.kube.termination_message(ref.namespace, b.prepare_name(ref), None)
+            try:
+                result = decode_termination_plan(message or "")
+            except ValueError:
+                result = {}
+            raise _InputMissingError(
+                str(
+                    result.get("error")
+                    or message
+                    or view.failed_message
+                    or "the prepare step failed; see its pod's logs"
+                ),
+                str(result.get("reason") or "DataError"),
+            )
+        if not view.complete:
+            return None
+        message = self.kube.termination_message(ref.namespace, b.prepare_name(ref), None)
+        if not message:
+            raise _InputMissingError("the prepare step finished without writing a plan")
+        result = decode_termination_plan(message)
+        if "plan" not in result:
+            raise _InputMissingError(str(result.get("error", "the prepare step wrote no plan")))
+        plan: dict[str, Any] = result["plan"]
+        return plan
+
+    def _train(self, ref: b.JobRef, spec: Any, plan: dict[str, Any], draft: StatusDraft) -> str:
+        cm = b.config_map(ref, spec, plan, self.settings)
+        _, created = self.kube.ensure(cm)
+        self.kube.ensure(b.control_secret(ref, secrets.token_urlsafe(32)))
+        self.kube.ensure(b.headless_service(ref, self.settings))
+        job, created = self.kube.ensure(b.training_job(ref, spec, plan, self.settings))
+        name = b.train_name(ref)
+        if created:
+            draft.events.append(
+                (
+                    "Normal",
+                    "Created",
+                    f"created training Job {name} "
+                    f"({spec.resources.num_nodes} node(s) x "
+                    f"{spec.resources.gpus_per_node} GPU(s))",
+                )
+            )
+        draft.new["trainingJobName"] = name
+        view = st.view_job(job)
+        if (
+            view.exists
+            and view.suspended != bool(spec.suspend)
+            and not (view.complete or view.failed_reason)
+        ):
+            self.kube.set_job_suspend(ref.namespace, name, bool(spec.suspend))
+            view = st.ChildJobView(**{**view.__dict__, "suspended": bool(spec.suspend)})
+        if view.start_time and "startTime" not in draft.new:
+            draft.new["startTime"] = view.start_time
+        if spec.stop_requested and not (view.complete or view.failed_reason):
+            self._request_stop(ref, draft)
+        termination = (
+            self.kube.termination_message(ref.namespace, name)
+            if view.complete or view.failed_reason
+            else None
+        )
+        outcome = st.training_outcome(view, int(spec.resources.num_nodes), termination)
+        for ctype, cstatus, reason, message in outcome.conditions:
+            if ctype == "Failed" and cstatus == "True":
+                draft.fail(reason, message)
+            else:
+                draft.condition(ctype, cstatus, reason, message)
+        if outcome.finished:
+            draft.new["completionTime"] = view.completion_time or st.now_iso()
+            if termination:
+                self._absorb_final_report(termination, draft)
+            return "finished"
+        return "training"
+
+    def _request_stop(self, ref: b.JobRef, draft: StatusDraft) -> None:
+        """Ask rank 0 to stop after the current step (it keeps the best checkpoint)."""
+        ip = self.kube.pod0_ip(ref.namespace, b.train_name(ref))
+        token = self.kube.read_secret_key(ref.namespace, b.control_name(ref), "token")
+        draft.condition(
+            "Running",
+            "True",
+            "StopRequested",
+            "spec.stopRequested is true: asking the trainer to stop",
+        )
+        if not ip or not token:
+            return
+        url = f"http://{ip}:{self.settings.trainer_metrics_port}/stop"
+        req = urllib.request.Request(
+            url,
+            method="POST",
+            data=b'{"reason":"StopRequested"}',
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=5):
+                pass
+        except (urllib.error.URLError, OSError) as exc:
+            log.info("stop request to %s not delivered yet (%s); will retry", url, exc)
+
+    @staticmethod
+    def _absorb_final_report(termination: str, draft: StatusDraft) -> None:
+        try:
+            data = json.loads(termination)
+        except ValueError:
+            return
+        if isinstance(data, dict):
+            for key in ("metrics", "progress"):
+                if isinstance(data.get(key), dict):
+                    draft.new[key] = data[key]
+            if isinstance(data.get("earlyStop"), dict):
+                draft.new["earlyStop"] = data["earlyStop"]
+
+    def _finished(self, ftj: dict[str, Any], ref: b.JobRef, draft: StatusDraft) -> str:
+        """A finished job stays as it is; only ttlSecondsAfterFinished acts on it."""
+        import datetime as dt
+
+        ttl = (ftj.get("spec") or {}).get("ttlSecondsAfterFinished")
+        done = draft.new.get("completionTime")
+        if ttl is not None and done:
+            end = dt.datetime.strptime(done, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+            if (dt.datetime.now(dt.UTC) - end).total_seconds() >= int(ttl):
+                self.kube.delete_ftj(ref.namespace, ref.name)
+                return "expired"
+        return "finished"
+
+    # ------------------------------------------------------------ status
+    def _write(self, ftj: dict[str, Any], ref: b.JobRef, draft: StatusDraft) -> None:
+        conds = draft.conditions
+        planning = not draft.new.get("plan") and not st.is_true(conds, "Failed")
+        draft.new["state"] = st.state_of(conds, bool(draft.new.get("plan")), planning)
+        draft.new["observedGeneration"] = ref.generation
+        if not draft.changed():
+            return
+        self.kube.patch_ftj_status(ref.namespace, ref.name, draft.new)
+        for etype, reason, message in draft.events:
+            self.emit(ftj, etype, reason, message)
+
+
+class _InputMissingError(RuntimeError):
+    """An input the plan needs cannot be read; the message says which and how to fix it."""
+
+    def __init__(self, message: str, reason: str = "DataError") -> None:
+        super().__init__(message)
+        self.reason = reason

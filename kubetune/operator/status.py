@@ -1,0 +1,205 @@
+"""Pure status logic: conditions (Kubernetes API conventions), the state summary, and
+what the training Job's status means for the FineTuneJob."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+CONDITION_TYPES = ("Planned", "Running", "Suspended", "EarlyStopped", "Succeeded", "Failed")
+TERMINAL = ("Succeeded", "Failed")
+
+
+def now_iso(clock: dt.datetime | None = None) -> str:
+    return (clock or dt.datetime.now(dt.UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def get_condition(conditions: list[dict[str, Any]], ctype: str) -> dict[str, Any] | None:
+    return next((c for c in conditions if c.get("type") == ctype), None)
+
+
+def is_true(conditions: list[dict[str, Any]], ctype: str) -> bool:
+    c = get_condition(conditions, ctype)
+    return bool(c and c.get("status") == "True")
+
+
+def set_condition(
+    conditions: list[dict[str, Any]],
+    ctype: str,
+    status: str,
+    reason: str,
+    message: str,
+    generation: int,
+    clock: dt.datetime | None = None,
+) -> list[dict[str, Any]]:
+    """Return the conditions with one set; lastTransitionTime changes only when the status
+    does (api-conventions)."""
+    out = [dict(c) for c in conditions if c.get("type") != ctype]
+    old = get_condition(conditions, ctype)
+    changed = old is None or old.get("status") != status
+    out.append(
+        {
+            "type": ctype,
+            "status": status,
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": now_iso(clock)
+            if changed or old is None
+            else old.get("lastTransitionTime", now_iso(clock)),
+            "observedGeneration": generation,
+        }
+    )
+    order = {t: i for i, t in enumerate(CONDITION_TYPES)}
+    out.sort(key=lambda c: order.get(c["type"], len(order)))
+    return out
+
+
+def state_of(conditions: list[dict[str, Any]], has_plan: bool, planning: bool) -> str:
+    """One-word summary for printer columns (the conditions stay the source of truth)."""
+    if is_true(conditions, "Failed"):
+        return "Failed"
+    if is_true(conditions, "Succeeded"):
+        return "Succeeded"
+    if is_true(conditions, "Suspended"):
+        return "Suspended"
+    if is_true(conditions, "Running"):
+        running = get_condition(conditions, "Running") or {}
+        return "Stopping" if running.get("reason") == "StopRequested" else "Running"
+    if has_plan:
+        return "Planned"
+    return "Planning" if planning else "Pending"
+
+
+@dataclass(frozen=True)
+class ChildJobView:
+    """What matters of a batch/v1 Job's status."""
+
+    exists: bool
+    suspended: bool = False
+    active: int = 0
+    ready: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    complete: bool = False
+    failed_reason: str | None = None
+    failed_message: str | None = None
+    start_time: str | None = None
+    completion_time: str | None = None
+
+
+def view_job(job: dict[str, Any] | None) -> ChildJobView:
+    if job is None:
+        return ChildJobView(exists=False)
+    spec = job.get("spec") or {}
+    st = job.get("status") or {}
+    complete = False
+    failed_reason = failed_message = None
+    for c in st.get("conditions") or []:
+        if c.get("status") != "True":
+            continue
+        if c.get("type") == "Complete":
+            complete = True
+        elif c.get("type") == "Failed":
+            failed_reason = c.get("reason") or "Failed"
+            failed_message = c.get("message") or ""
+    return ChildJobView(
+        exists=True,
+        suspended=bool(spec.get("suspend")),
+        active=int(st.get("active") or 0),
+        ready=int(st.get("ready") or 0),
+        succeeded=int(st.get("succeeded") or 0),
+        failed=int(st.get("failed") or 0),
+        complete=complete,
+        failed_reason=failed_reason,
+        failed_message=failed_message,
+        start_time=st.get("startTime"),
+        completion_time=st.get("completionTime"),
+    )
+
+
+# Reasons the Job controller gives -> ours.
+_JOB_FAILURE_REASONS = {
+    "BackoffLimitExceeded": "BackoffLimitExceeded",
+    "DeadlineExceeded": "DeadlineExceeded",
+    "PodFailurePolicy": "ConfigError",
+    "FailedIndexes": "BackoffLimitExceeded",
+    "MaxFailedIndexesExceeded": "BackoffLimitExceeded",
+}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The condition changes one observation of the training Job implies."""
+
+    conditions: list[tuple[str, str, str, str]]  # (type, status, reason, message)
+    finished: bool = False
+
+
+def training_outcome(view: ChildJobView, nodes: int, termination: str | None) -> Outcome:
+    """Map the training Job's state to conditions. `termination` is rank 0's termination
+    message when the pod has ended (it may name an early stop)."""
+    if view.failed_reason:
+        reason = _JOB_FAILURE_REASONS.get(view.failed_reason, view.failed_reason)
+        detail = view.failed_message or ""
+        if reason == "ConfigError":
+            detail = "the trainer exited with the configuration-error code: " + (
+                termination or detail or "see the pod's termination message"
+            )
+        elif termination:
+            detail = f"{detail}; rank 0 said: {termination[-1500:]}"
+        return Outcome(
+            conditions=[
+                ("Running", "False", reason, "training stopped"),
+                ("Failed", "True", reason, detail or reason),
+            ],
+            finished=True,
+        )
+    if view.complete:
+        stop = _early_stop_from(termination)
+        conds = [("Running", "False", "Completed", "training finished")]
+        if stop:
+            conds.append(("EarlyStopped", "True", stop[0], stop[1]))
+            conds.append(("Succeeded", "True", "EarlyStopped", stop[1]))
+        else:
+            conds.append(
+                ("Succeeded", "True", "Completed", f"training finished on {nodes} node(s)")
+            )
+        return Outcome(conditions=conds, finished=True)
+    if view.suspended:
+        return Outcome(
+            conditions=[
+                ("Suspended", "True", "Suspended", "spec.suspend is true; no pods run"),
+                ("Running", "False", "Suspended", "suspended"),
+            ]
+        )
+    if view.active > 0:
+        return Outcome(
+            conditions=[
+                ("Suspended", "False", "Resumed", "not suspended"),
+                (
+                    "Running",
+                    "True",
+                    "Training",
+                    f"{view.active} of {nodes} pod(s) active, {view.ready} ready",
+                ),
+            ]
+        )
+    return Outcome(conditions=[("Suspended", "False", "Resumed", "not suspended")])
+
+
+def _early_stop_from(termination: str | None) -> tuple[str, str] | None:
+    """The trainer writes `{"earlyStop": {"reason": ..., "message": ...}}` when it stopped
+    early; anything else means a normal finish."""
+    import json
+
+    if not termination:
+        return None
+    try:
+        data = json.loads(termination)
+    except ValueError:
+        return None
+    stop = data.get("earlyStop") if isinstance(data, dict) else None
+    if isinstance(stop, dict) and stop.get("reason"):
+        return str(stop["reason"]), str(stop.get("message", ""))
+    return None

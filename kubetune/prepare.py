@@ -1,0 +1,128 @@
+"""The prepare step (`python -m kubetune.prepare`), run by the operator as a small CPU pod
+when it cannot read a job's inputs through the API itself.
+
+It reads the dataset (and validation set) and the model's config.json from the paths the
+operator put in the environment, validates the data, plans, and writes
+`{"plan": {...}}` (or `{"error": "..."}`) as the container's termination message. Data or
+config errors exit with the configuration-error code so the Job fails without retrying.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import gzip
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+CONFIG_ERROR_EXIT_CODE = 78
+MAX_MESSAGE = 3800
+
+
+def termination_path() -> Path:
+    return Path(os.environ.get("KUBETUNE_TERMINATION_MESSAGE_PATH", "/dev/termination-log"))
+
+
+def encode_message(result: dict[str, Any]) -> str:
+    """Compact JSON, or gzip+base64 behind `gz:` when it would not fit the 4 KiB limit."""
+    text = json.dumps(result, separators=(",", ":"), sort_keys=True)
+    if len(text.encode()) <= MAX_MESSAGE:
+        return text
+    packed = "gz:" + base64.b64encode(gzip.compress(text.encode(), 9)).decode()
+    if len(packed) > MAX_MESSAGE:
+        raise ValueError(f"the plan is too large for a termination message ({len(packed)} B)")
+    return packed
+
+
+def read_model_config(location: str, revision: str | None = None) -> tuple[dict[str, Any], str]:
+    """config.json from a local path/directory, a bundled well-known model, or the hub."""
+    from kubetune.operator.planstep import known_model_config
+
+    if location.startswith("hf://"):
+        known = known_model_config(location)
+        if known is not None:
+            return known, location
+        repo = location.removeprefix("hf://")
+        try:
+            from huggingface_hub import hf_hub_download
+        except ImportError as exc:
+            raise ValueError(f"{location}: reading a hub model needs huggingface_hub") from exc
+        path = Path(
+            hf_hub_download(
+                repo, "config.json", revision=revision, token=os.environ.get("HF_TOKEN") or None
+            )
+        )
+    else:
+        path = Path(location)
+        if path.is_dir():
+            path = path / "config.json"
+    try:
+        return json.loads(path.read_text()), str(path)
+    except FileNotFoundError as exc:
+        raise ValueError(
+            f"model config not found at {path}; spec.model.uri must point to a "
+            "model directory or its config.json"
+        ) from exc
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+
+
+def read_data(location: str) -> bytes:
+    if location.startswith("hf://"):
+        raise ValueError(
+            f"{location}: hub datasets are read by the trainer; give a file, "
+            "PVC or ConfigMap URI to plan from the data"
+        )
+    path = Path(location)
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise ValueError(f"dataset file not found: {path}") from exc
+    except IsADirectoryError as exc:
+        raise ValueError(f"{path} is a directory; point the URI at a .jsonl file") from exc
+
+
+def run(env: dict[str, str]) -> dict[str, Any]:
+    from kubetune.api.spec import FineTuneJobSpec
+    from kubetune.operator.planstep import build_plan
+
+    spec = FineTuneJobSpec.model_validate(json.loads(env["KUBETUNE_SPEC_JSON"]))
+    model, model_source = read_model_config(env["KUBETUNE_MODEL_PATH"], spec.model.revision)
+    train_path = env["KUBETUNE_DATASET_PATH"]
+    val_path = env.get("KUBETUNE_VALIDATION_PATH")
+    gpu_memory = float(env.get("KUBETUNE_GPU_MEMORY_GIB", "80"))
+    plan = build_plan(
+        spec,
+        read_data(train_path),
+        train_path,
+        model,
+        model_source,
+        (gpu_memory, f"GPU memory {gpu_memory:g} GiB as the operator resolved it"),
+        read_data(val_path) if val_path else None,
+        val_path or "",
+    )
+    return {"plan": plan}
+
+
+def main() -> int:
+    try:
+        result = run(dict(os.environ))
+        code = 0
+    except (ValueError, KeyError) as exc:
+        from kubetune.planning import ModelConfigError
+
+        reason = "ModelConfigError" if isinstance(exc, ModelConfigError) else "DataError"
+        result = {"error": str(exc), "reason": reason}
+        code = CONFIG_ERROR_EXIT_CODE
+    message = encode_message(result)
+    with contextlib.suppress(OSError):
+        termination_path().write_text(message)
+    print(json.dumps(result, indent=2), file=sys.stderr if code else sys.stdout)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
