@@ -97,6 +97,20 @@ def _run(namespace: str | None, name: str) -> None:
         metrics.RECONCILE_SECONDS.observe(time.perf_counter() - start)
         metrics.API_REQUESTS.inc(kube.requests - before)
     metrics.RECONCILES.labels(result=result).inc()
+    counts: dict[str, int] = {}
+    for state in _reconciler().states.values():
+        counts[state] = counts.get(state, 0) + 1
+    for state in (
+        "Pending",
+        "Planning",
+        "Planned",
+        "Running",
+        "Suspended",
+        "Stopping",
+        "Succeeded",
+        "Failed",
+    ):
+        metrics.JOBS.labels(state=state).set(counts.get(state, 0))
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)

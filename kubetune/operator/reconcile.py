@@ -84,12 +84,15 @@ class Reconciler:
         self.kube = kube
         self.settings = settings
         self.emit = events or (lambda *_: None)
+        # Last known state of every job this operator reconciled (for the jobs gauge).
+        self.states: dict[tuple[str, str], str] = {}
 
     def reconcile(self, namespace: str, name: str) -> str:
         """Reconcile one FineTuneJob; returns a short result label for metrics."""
         with _lock(namespace, name):
             ftj = self.kube.get_ftj(namespace, name)
             if ftj is None:
+                self.states.pop((namespace, name), None)
                 return "gone"
             return self._reconcile(ftj)
 
@@ -383,6 +386,7 @@ class Reconciler:
         planning = not draft.new.get("plan") and not st.is_true(conds, "Failed")
         draft.new["state"] = st.state_of(conds, bool(draft.new.get("plan")), planning)
         draft.new["observedGeneration"] = ref.generation
+        self.states[(ref.namespace, ref.name)] = draft.new["state"]
         if not draft.changed():
             return
         self.kube.patch_ftj_status(ref.namespace, ref.name, draft.new)

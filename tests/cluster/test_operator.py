@@ -9,6 +9,7 @@ import subprocess
 import textwrap
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from tests.waiting import wait_for
 pytestmark = pytest.mark.cluster
 
 GROUP, VERSION, PLURAL = "kubetune.dev", "v1alpha1", "finetunejobs"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 # Stands in for the trainer (issue 4) on the local pod runner: it reads what the operator
 # gives a training pod and reports it the way the trainer will, in its termination message.
@@ -550,6 +552,7 @@ def test_operator_serves_metrics_and_liveness(
     assert 'kubetune_operator_reconciles_total{result="planned"}' in text
     assert "kubetune_operator_reconcile_duration_seconds_bucket" in text
     assert "kubetune_operator_api_requests_total" in text
+    assert 'kubetune_operator_jobs{state="Succeeded"}' in text
     url = f"http://127.0.0.1:{operator.liveness_port}/healthz"
     with urllib.request.urlopen(url, timeout=5) as resp:
         assert resp.status == 200
@@ -582,3 +585,85 @@ def test_active_deadline_fails_the_job(
     )
     failed = _wait_cond(api, namespace, "slow", "Failed", timeout=60)
     assert failed["reason"] == "DeadlineExceeded"
+
+
+def _kubectl(dev_cluster: Any, *args: str, stdin: str | None = None) -> str:
+    result = subprocess.run(
+        [str(dev_cluster.bins.kubectl), f"--kubeconfig={dev_cluster.layout.kubeconfig}", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return result.stdout
+
+
+def _apply_example(dev_cluster: Any, ns: str, name: str) -> None:
+    path = EXAMPLES / name
+
+    def applied() -> bool:  # kubectl's discovery may lag right after the CRD is installed
+        try:
+            _kubectl(dev_cluster, "apply", "-n", ns, "-f", str(path))
+        except subprocess.CalledProcessError:
+            return False
+        return True
+
+    wait_for(applied, 30, f"kubectl apply -f {path}")
+
+
+def test_example_configmap_dataset_trains_and_kubectl_shows_the_columns(
+    dev_cluster: Any, operator: OperatorProcess, api: dict[str, Any], namespace: str
+) -> None:
+    _apply_example(dev_cluster, namespace, "configmap-dataset.yaml")
+    name = _get_only(api, namespace)
+    _wait_cond(api, namespace, name, "Succeeded", timeout=90)
+    train = api["batch"].read_namespaced_job(f"{name}-train", namespace)
+    assert train.spec.completions == _get(api, namespace, name)["spec"]["resources"]["numNodes"]
+    header, row = _kubectl(dev_cluster, "get", "ftj", "-n", namespace).splitlines()[:2]
+    assert header.split()[:5] == ["NAME", "STATUS", "METHOD", "PROGRESS", "EVAL-LOSS"]
+    assert row.split()[:3] == [name, "Succeeded", "LoRA"]
+    describe = _kubectl(dev_cluster, "describe", "ftj", "-n", namespace, name)
+    for reason in ("PlanReady", "Created", "Completed"):
+        assert reason in describe
+
+
+def _get_only(api: dict[str, Any], ns: str) -> str:
+    items = api["custom"].list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]
+    assert len(items) == 1
+    return str(items[0]["metadata"]["name"])
+
+
+@pytest.mark.parametrize(
+    ("example", "claims"),
+    [
+        ("minimal.yaml", {"training-data"}),
+        ("plan-only.yaml", {"training-data"}),
+        ("lora-multinode.yaml", {"training-data"}),
+    ],
+)
+def test_examples_with_volume_data_start_a_prepare_pod_with_their_volumes(
+    dev_cluster: Any,
+    operator: OperatorProcess,
+    api: dict[str, Any],
+    namespace: str,
+    example: str,
+    claims: set[str],
+) -> None:
+    _apply_example(dev_cluster, namespace, example)
+    name = _get_only(api, namespace)
+    prep = wait_for(lambda: _job_or_none(api, namespace, f"{name}-prepare"), 30, "prepare Job")
+    pod = prep.spec.template.spec
+    assert {
+        v.persistent_volume_claim.claim_name for v in pod.volumes if v.persistent_volume_claim
+    } == claims
+    (container,) = pod.containers
+    assert container.command == ["python", "-m", "kubetune.prepare"]
+    env = {e.name: e.value for e in container.env}
+    assert env["KUBETUNE_DATASET_PATH"].startswith("/mnt/data/training-data/")
+    spec = _get(api, namespace, name)["spec"]
+    assert json.loads(env["KUBETUNE_SPEC_JSON"])["model"]["uri"] == spec["model"]["uri"]
+    assert "nvidia.com/gpu" not in (container.resources.limits or {})  # planning needs no GPU
+    assert prep.metadata.owner_references[0].name == name
+    if spec.get("nodeSelector"):
+        assert pod.node_selector == spec["nodeSelector"]
