@@ -59,15 +59,17 @@ def read_model_config(location: str, revision: str | None = None) -> tuple[dict[
         path = Path(location)
         if path.is_dir():
             path = path / "config.json"
+    from kubetune.planning import ModelConfigError
+
     try:
         return json.loads(path.read_text()), str(path)
     except FileNotFoundError as exc:
-        raise ValueError(
+        raise ModelConfigError(
             f"model config not found at {path}; spec.model.uri must point to a "
             "model directory or its config.json"
         ) from exc
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+        raise ModelConfigError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
 
 
 def read_data(location: str) -> bytes:
@@ -111,13 +113,14 @@ def main() -> int:
     try:
         result = run(dict(os.environ))
         code = 0
+        message = encode_message(result)
     except (ValueError, KeyError) as exc:
         from kubetune.planning import ModelConfigError
 
         reason = "ModelConfigError" if isinstance(exc, ModelConfigError) else "DataError"
         result = {"error": str(exc), "reason": reason}
         code = CONFIG_ERROR_EXIT_CODE
-    message = encode_message(result)
+        message = encode_message(result)
     with contextlib.suppress(OSError):
         termination_path().write_text(message)
     print(json.dumps(result, indent=2), file=sys.stderr if code else sys.stdout)

@@ -149,7 +149,10 @@ def parse_jsonl(
                 f"{source} line {line}: not valid UTF-8 (byte {exc.start}); save the file as UTF-8"
             ) from exc
     rows: list[tuple[int, dict[str, Any]]] = []
-    for n, raw in enumerate(text.splitlines(), start=1):
+    # Split on "\n" only: JSON strings may hold U+2028/U+2029/U+0085 unescaped, which
+    # str.splitlines() would treat as line breaks.
+    for n, raw in enumerate(text.split("\n"), start=1):
+        raw = raw.removesuffix("\r")
         if not raw.strip():
             continue
         try:

@@ -238,8 +238,8 @@ def _env(ref: JobRef, spec: Any, storages: dict[str, Storage]) -> list[dict[str,
                 "valueFrom": {
                     "secretKeyRef": {
                         "name": spec.model.secret_ref.name,
-                        "key": "token",
-                        "optional": True,
+                        "key": "HF_TOKEN",
+                        "optional": False,
                     }
                 },
             }

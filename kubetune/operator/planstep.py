@@ -93,6 +93,11 @@ def resolve_gpu_memory(
     )
 
 
+class PlanRequestError(ValueError):
+    """The spec asks for a combination the planner cannot honour (for example an offload
+    without a ZeRO stage); the job fails with InvalidSpec."""
+
+
 def plan_request(spec: Any) -> PlanRequest:
     hp = spec.hyperparameters
     method = spec.method.type if spec.method and spec.method.type != "Auto" else None
@@ -100,17 +105,22 @@ def plan_request(spec: Any) -> PlanRequest:
     offload = spec.deepspeed.offload if spec.deepspeed else "Auto"
     lora = spec.method.lora if spec.method else None
     epochs = hp.epochs if hp and hp.epochs is not None else None
-    return PlanRequest(
-        method=method,
-        incremental=bool(hp.incremental) if hp else False,
-        max_seq_length=spec.dataset.max_seq_length,
-        zero_stage=None if zero == "Auto" else int(zero),
-        offload=None if offload == "Auto" else Offload(offload),
-        micro_batch_size=hp.micro_batch_size if hp else None,
-        epochs=None if epochs is None else max(1, round(float(epochs))),
-        learning_rate=hp.learning_rate if hp else None,
-        lora_rank=lora.rank if lora is not None else None,
-    )
+    try:
+        return PlanRequest(
+            method=method,
+            incremental=bool(hp.incremental) if hp else False,
+            max_seq_length=spec.dataset.max_seq_length,
+            zero_stage=None if zero == "Auto" else int(zero),
+            offload=None if offload == "Auto" else Offload(offload),
+            micro_batch_size=hp.micro_batch_size if hp else None,
+            epochs=None if epochs is None else max(1, round(float(epochs))),
+            learning_rate=hp.learning_rate if hp else None,
+            lora_rank=lora.rank if lora is not None else None,
+        )
+    except ValueError as exc:
+        raise PlanRequestError(
+            f"spec: {exc}; change spec.deepspeed or spec.hyperparameters"
+        ) from exc
 
 
 def build_plan(

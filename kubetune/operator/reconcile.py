@@ -21,7 +21,12 @@ from urllib.parse import urlparse
 from kubetune.operator import builders as b
 from kubetune.operator import status as st
 from kubetune.operator.k8s import ChildConflictError, Kube, decode_termination_plan
-from kubetune.operator.planstep import build_plan, known_model_config, resolve_gpu_memory
+from kubetune.operator.planstep import (
+    PlanRequestError,
+    build_plan,
+    known_model_config,
+    resolve_gpu_memory,
+)
 from kubetune.operator.settings import OperatorSettings
 
 log = logging.getLogger("kubetune.operator")
@@ -178,7 +183,13 @@ class Reconciler:
                     return None
                 plan = from_pod
         except (DataError, ModelConfigError, ValueError) as exc:
-            reason = "ModelConfigError" if isinstance(exc, ModelConfigError) else "DataError"
+            reason = (
+                "ModelConfigError"
+                if isinstance(exc, ModelConfigError)
+                else "InvalidSpec"
+                if isinstance(exc, PlanRequestError)
+                else "DataError"
+            )
             draft.fail(reason, str(exc))
             return None
         except _InputMissingError as exc:

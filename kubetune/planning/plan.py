@@ -178,8 +178,8 @@ class PlanRequest:
             object.__setattr__(self, "offload", Offload(self.offload))
         if self.zero_stage is not None:
             check_zero_config(self.zero_stage, self.offload or Offload.NONE)
-        if self.micro_batch_size is not None and not 1 <= self.micro_batch_size <= 64:
-            raise ValueError("micro-batch size must be between 1 and 64")
+        if self.micro_batch_size is not None and not 1 <= self.micro_batch_size <= 512:
+            raise ValueError("micro-batch size must be between 1 and 512")
         for name in ("max_seq_length", "epochs", "lora_rank"):
             value = getattr(self, name)
             if value is not None and value < 1:

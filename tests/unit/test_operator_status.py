@@ -1,0 +1,519 @@
+"""Pure status logic: conditions, the one-word state, and what the training Job's status
+means for the FineTuneJob."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+import pytest
+
+from kubetune.operator.status import (
+    CONDITION_TYPES,
+    ChildJobView,
+    Outcome,
+    get_condition,
+    is_true,
+    now_iso,
+    set_condition,
+    state_of,
+    training_outcome,
+    view_job,
+)
+
+pytestmark = pytest.mark.unit
+
+T0 = dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=dt.UTC)
+T1 = T0 + dt.timedelta(minutes=5)
+T2 = T0 + dt.timedelta(hours=1)
+
+
+def cond(ctype: str, status: str = "True", reason: str = "R", when: str = "x") -> dict[str, Any]:
+    return {
+        "type": ctype,
+        "status": status,
+        "reason": reason,
+        "message": "",
+        "lastTransitionTime": when,
+        "observedGeneration": 1,
+    }
+
+
+# ---- conditions -------------------------------------------------------------------------------
+
+
+def test_now_iso_format() -> None:
+    assert now_iso(T0) == "2024-05-06T07:08:09Z"
+    aware = dt.datetime(2024, 5, 6, 7, 8, 9, 999999, tzinfo=dt.UTC)
+    assert now_iso(aware) == "2024-05-06T07:08:09Z"
+
+
+def test_set_condition_adds_a_full_condition() -> None:
+    out = set_condition([], "Planned", "True", "Planned", "LoRA chosen", 3, clock=T0)
+    assert out == [
+        {
+            "type": "Planned",
+            "status": "True",
+            "reason": "Planned",
+            "message": "LoRA chosen",
+            "lastTransitionTime": "2024-05-06T07:08:09Z",
+            "observedGeneration": 3,
+        }
+    ]
+
+
+def test_same_status_keeps_the_transition_time_but_updates_the_rest() -> None:
+    first = set_condition([], "Running", "True", "Training", "1 of 2 pods", 1, clock=T0)
+    again = set_condition(first, "Running", "True", "Training", "2 of 2 pods", 2, clock=T1)
+    assert again == [
+        {
+            "type": "Running",
+            "status": "True",
+            "reason": "Training",
+            "message": "2 of 2 pods",
+            "lastTransitionTime": "2024-05-06T07:08:09Z",
+            "observedGeneration": 2,
+        }
+    ]
+    # A new reason with the same status is not a transition either.
+    stopping = set_condition(again, "Running", "True", "StopRequested", "stopping", 2, clock=T2)
+    assert stopping[0]["lastTransitionTime"] == "2024-05-06T07:08:09Z"
+    assert stopping[0]["reason"] == "StopRequested"
+
+
+@pytest.mark.parametrize(
+    ("before", "after"), [("True", "False"), ("False", "True"), ("Unknown", "True")]
+)
+def test_status_change_moves_the_transition_time(before: str, after: str) -> None:
+    first = set_condition([], "Suspended", before, "A", "", 1, clock=T0)
+    changed = set_condition(first, "Suspended", after, "B", "", 1, clock=T1)
+    assert changed[0]["lastTransitionTime"] == now_iso(T1)
+    assert changed[0]["status"] == after
+
+
+def test_missing_transition_time_is_filled_in() -> None:
+    old = [{"type": "Planned", "status": "True", "reason": "Planned"}]
+    out = set_condition(old, "Planned", "True", "Planned", "", 1, clock=T1)
+    assert out[0]["lastTransitionTime"] == now_iso(T1)
+
+
+def test_conditions_are_ordered_and_unique() -> None:
+    out: list[dict[str, Any]] = []
+    for ctype in ("Failed", "Custom", "Running", "Planned", "Succeeded", "EarlyStopped"):
+        out = set_condition(out, ctype, "True", "R", "", 1, clock=T0)
+    out = set_condition(out, "Running", "False", "Done", "", 1, clock=T0)
+    types = [c["type"] for c in out]
+    assert types == ["Planned", "Running", "EarlyStopped", "Succeeded", "Failed", "Custom"]
+    assert types == sorted(types, key=lambda t: (*CONDITION_TYPES, "Custom").index(t))
+
+
+def test_set_condition_does_not_change_its_input() -> None:
+    before = [cond("Running", "True", "Training", "old"), cond("Planned")]
+    snapshot = json.loads(json.dumps(before))
+    out = set_condition(before, "Running", "False", "Completed", "", 2, clock=T1)
+    assert before == snapshot
+    # The other conditions are copies: changing them leaves the input alone.
+    planned = get_condition(out, "Planned")
+    assert planned == cond("Planned")
+    planned["reason"] = "mutated"
+    assert before == snapshot
+
+
+@pytest.mark.parametrize(
+    ("conditions", "ctype", "expected"),
+    [
+        ([], "Running", False),
+        ([cond("Running", "True")], "Running", True),
+        ([cond("Running", "False")], "Running", False),
+        ([cond("Running", "Unknown")], "Running", False),
+        ([cond("Planned", "True")], "Running", False),
+    ],
+)
+def test_is_true(conditions: list[dict[str, Any]], ctype: str, expected: bool) -> None:
+    assert is_true(conditions, ctype) is expected
+
+
+# ---- state_of ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("conditions", "has_plan", "planning", "state"),
+    [
+        ([], False, False, "Pending"),
+        ([], False, True, "Planning"),
+        ([], True, True, "Planned"),
+        ([cond("Planned")], True, False, "Planned"),
+        ([cond("Running", "True", "Training")], True, False, "Running"),
+        ([cond("Running", "True", "StopRequested")], True, False, "Stopping"),
+        ([cond("Running", "False", "Completed")], True, False, "Planned"),
+        ([cond("Suspended"), cond("Running", "False")], True, False, "Suspended"),
+        ([cond("Suspended", "False"), cond("Running", "True")], True, False, "Running"),
+        ([cond("Running", "False"), cond("Succeeded")], True, False, "Succeeded"),
+        ([cond("EarlyStopped"), cond("Succeeded")], True, False, "Succeeded"),
+        ([cond("Running", "True"), cond("Failed")], True, False, "Failed"),
+        # Failed wins over everything, even a stale Succeeded.
+        ([cond("Succeeded"), cond("Failed")], True, False, "Failed"),
+        ([cond("Suspended"), cond("Succeeded")], True, False, "Succeeded"),
+        ([cond("Failed", "False")], False, False, "Pending"),
+    ],
+)
+def test_state_of(
+    conditions: list[dict[str, Any]], has_plan: bool, planning: bool, state: str
+) -> None:
+    assert state_of(conditions, has_plan, planning) == state
+
+
+# ---- view_job ---------------------------------------------------------------------------------
+
+
+def test_view_of_no_job() -> None:
+    assert view_job(None) == ChildJobView(exists=False)
+
+
+@pytest.mark.parametrize(
+    ("job", "expected"),
+    [
+        ({}, ChildJobView(exists=True)),
+        ({"spec": {"suspend": True}, "status": {}}, ChildJobView(exists=True, suspended=True)),
+        (
+            {
+                "spec": {"suspend": False},
+                "status": {
+                    "active": 2,
+                    "ready": 1,
+                    "failed": 1,
+                    "startTime": "2024-01-01T00:00:00Z",
+                },
+            },
+            ChildJobView(
+                exists=True, active=2, ready=1, failed=1, start_time="2024-01-01T00:00:00Z"
+            ),
+        ),
+        (
+            {
+                "status": {
+                    "succeeded": 2,
+                    "completionTime": "2024-01-01T02:00:00Z",
+                    "conditions": [
+                        {"type": "SuccessCriteriaMet", "status": "True"},
+                        {"type": "Complete", "status": "True"},
+                    ],
+                }
+            },
+            ChildJobView(
+                exists=True, succeeded=2, complete=True, completion_time="2024-01-01T02:00:00Z"
+            ),
+        ),
+        (
+            {
+                "status": {
+                    "failed": 1,
+                    "conditions": [
+                        {"type": "FailureTarget", "status": "True", "reason": "PodFailurePolicy"},
+                        {
+                            "type": "Failed",
+                            "status": "True",
+                            "reason": "PodFailurePolicy",
+                            "message": "Container trainer for pod ns/x-0 failed with exit code 78",
+                        },
+                    ],
+                }
+            },
+            ChildJobView(
+                exists=True,
+                failed=1,
+                failed_reason="PodFailurePolicy",
+                failed_message="Container trainer for pod ns/x-0 failed with exit code 78",
+            ),
+        ),
+        # Conditions that are not True say nothing.
+        (
+            {
+                "status": {
+                    "conditions": [
+                        {"type": "Complete", "status": "False"},
+                        {"type": "Failed", "status": "False", "reason": "DeadlineExceeded"},
+                        {"type": "Suspended", "status": "True"},
+                    ]
+                }
+            },
+            ChildJobView(exists=True),
+        ),
+        # A Failed condition with no reason or message still counts as a failure.
+        (
+            {"status": {"conditions": [{"type": "Failed", "status": "True"}]}},
+            ChildJobView(exists=True, failed_reason="Failed", failed_message=""),
+        ),
+        ({"spec": None, "status": None}, ChildJobView(exists=True)),
+    ],
+)
+def test_view_job(job: dict[str, Any], expected: ChildJobView) -> None:
+    assert view_job(job) == expected
+
+
+# ---- training_outcome -------------------------------------------------------------------------
+
+
+def failed(reason: str, message: str = "") -> ChildJobView:
+    return ChildJobView(exists=True, failed=1, failed_reason=reason, failed_message=message)
+
+
+COMPLETE = ChildJobView(exists=True, succeeded=2, complete=True)
+EARLY = json.dumps({"earlyStop": {"reason": "Overfitting", "message": "loss gap 0.8 > 0.5"}})
+
+
+@pytest.mark.parametrize(
+    ("view", "nodes", "termination", "expected"),
+    [
+        (
+            COMPLETE,
+            2,
+            None,
+            Outcome(
+                conditions=[
+                    ("Running", "False", "Completed", "training finished"),
+                    ("Succeeded", "True", "Completed", "training finished on 2 node(s)"),
+                ],
+                finished=True,
+            ),
+        ),
+        (
+            COMPLETE,
+            1,
+            EARLY,
+            Outcome(
+                conditions=[
+                    ("Running", "False", "Completed", "training finished"),
+                    ("EarlyStopped", "True", "Overfitting", "loss gap 0.8 > 0.5"),
+                    ("Succeeded", "True", "EarlyStopped", "loss gap 0.8 > 0.5"),
+                ],
+                finished=True,
+            ),
+        ),
+        (
+            COMPLETE,
+            1,
+            json.dumps({"earlyStop": {"reason": "NoImprovement"}}),
+            Outcome(
+                conditions=[
+                    ("Running", "False", "Completed", "training finished"),
+                    ("EarlyStopped", "True", "NoImprovement", ""),
+                    ("Succeeded", "True", "EarlyStopped", ""),
+                ],
+                finished=True,
+            ),
+        ),
+        (
+            failed("PodFailurePolicy", "Container trainer failed with exit code 78"),
+            1,
+            "dataset line 3: not valid JSON",
+            Outcome(
+                conditions=[
+                    ("Running", "False", "ConfigError", "training stopped"),
+                    (
+                        "Failed",
+                        "True",
+                        "ConfigError",
+                        "the trainer exited with the configuration-error code: "
+                        "dataset line 3: not valid JSON",
+                    ),
+                ],
+                finished=True,
+            ),
+        ),
+        (
+            failed("PodFailurePolicy", "Container trainer failed with exit code 78"),
+            1,
+            None,
+            Outcome(
+                conditions=[
+                    ("Running", "False", "ConfigError", "training stopped"),
+                    (
+                        "Failed",
+                        "True",
+                        "ConfigError",
+                        "the trainer exited with the configuration-error code: "
+                        "Container trainer failed with exit code 78",
+                    ),
+                ],
+                finished=True,
+            ),
+        ),
+        (
+            failed("PodFailurePolicy"),
+            1,
+            None,
+            Outcome(
+                conditions=[
+                    ("Running", "False", "ConfigError", "training stopped"),
+                    (
+                        "Failed",
+                        "True",
+                        "ConfigError",
+                        "the trainer exited with the configuration-error code: "
+                        "see the pod's termination message",
+                    ),
+                ],
+                finished=True,
+            ),
+        ),
+        (
+            failed("BackoffLimitExceeded", "Job has reached the specified backoff limit"),
+            2,
+            None,
+            Outcome(
+                conditions=[
+                    ("Running", "False", "BackoffLimitExceeded", "training stopped"),
+                    (
+                        "Failed",
+                        "True",
+                        "BackoffLimitExceeded",
+                        "Job has reached the specified backoff limit",
+                    ),
+                ],
+                finished=True,
+            ),
+        ),
+        (
+            failed("BackoffLimitExceeded", "Job has reached the specified backoff limit"),
+            2,
+            "CUDA out of memory",
+            Outcome(
+                conditions=[
+                    ("Running", "False", "BackoffLimitExceeded", "training stopped"),
+                    (
+                        "Failed",
+                        "True",
+                        "BackoffLimitExceeded",
+                        "Job has reached the specified backoff limit; "
+                        "rank 0 said: CUDA out of memory",
+                    ),
+                ],
+                finished=True,
+            ),
+        ),
+        (
+            failed("DeadlineExceeded", "Job was active longer than specified deadline"),
+            1,
+            None,
+            Outcome(
+                conditions=[
+                    ("Running", "False", "DeadlineExceeded", "training stopped"),
+                    (
+                        "Failed",
+                        "True",
+                        "DeadlineExceeded",
+                        "Job was active longer than specified deadline",
+                    ),
+                ],
+                finished=True,
+            ),
+        ),
+        (
+            failed("MaxFailedIndexesExceeded"),
+            4,
+            None,
+            Outcome(
+                conditions=[
+                    ("Running", "False", "BackoffLimitExceeded", "training stopped"),
+                    ("Failed", "True", "BackoffLimitExceeded", "BackoffLimitExceeded"),
+                ],
+                finished=True,
+            ),
+        ),
+        (
+            failed("SomethingNew", "?"),
+            1,
+            None,
+            Outcome(
+                conditions=[
+                    ("Running", "False", "SomethingNew", "training stopped"),
+                    ("Failed", "True", "SomethingNew", "?"),
+                ],
+                finished=True,
+            ),
+        ),
+        (
+            ChildJobView(exists=True, suspended=True),
+            2,
+            None,
+            Outcome(
+                conditions=[
+                    ("Suspended", "True", "Suspended", "spec.suspend is true; no pods run"),
+                    ("Running", "False", "Suspended", "suspended"),
+                ]
+            ),
+        ),
+        # Pods still terminating after suspend: the Job is suspended all the same.
+        (
+            ChildJobView(exists=True, suspended=True, active=2),
+            2,
+            None,
+            Outcome(
+                conditions=[
+                    ("Suspended", "True", "Suspended", "spec.suspend is true; no pods run"),
+                    ("Running", "False", "Suspended", "suspended"),
+                ]
+            ),
+        ),
+        (
+            ChildJobView(exists=True, active=2, ready=1),
+            2,
+            None,
+            Outcome(
+                conditions=[
+                    ("Suspended", "False", "Resumed", "not suspended"),
+                    ("Running", "True", "Training", "2 of 2 pod(s) active, 1 ready"),
+                ]
+            ),
+        ),
+        (
+            ChildJobView(exists=True),
+            3,
+            None,
+            Outcome(conditions=[("Suspended", "False", "Resumed", "not suspended")]),
+        ),
+    ],
+)
+def test_training_outcome(
+    view: ChildJobView, nodes: int, termination: str | None, expected: Outcome
+) -> None:
+    assert training_outcome(view, nodes, termination) == expected
+
+
+@pytest.mark.parametrize(
+    "termination",
+    [
+        None,
+        "",
+        "plain text from the trainer",
+        "[1, 2]",
+        json.dumps({"earlyStop": None}),
+        json.dumps({"earlyStop": {"message": "no reason"}}),
+        json.dumps({"earlyStop": "Overfitting"}),
+        json.dumps({"result": "ok"}),
+    ],
+)
+def test_complete_without_an_early_stop_is_a_plain_success(termination: str | None) -> None:
+    outcome = training_outcome(COMPLETE, 2, termination)
+    assert outcome.finished
+    assert [c[0] for c in outcome.conditions] == ["Running", "Succeeded"]
+    assert outcome.conditions[1][2] == "Completed"
+
+
+def test_long_termination_message_is_cut_to_its_tail() -> None:
+    termination = "A" * 3000 + "the real error"
+    outcome = training_outcome(failed("BackoffLimitExceeded", "limit"), 1, termination)
+    message = outcome.conditions[1][3]
+    assert message.endswith("the real error")
+    assert message.startswith("limit; rank 0 said: ")
+    assert len(message) == len("limit; rank 0 said: ") + 1500
+
+
+def test_failure_wins_over_completion() -> None:
+    view = ChildJobView(
+        exists=True, complete=True, failed_reason="DeadlineExceeded", failed_message="late"
+    )
+    outcome = training_outcome(view, 1, EARLY)
+    assert outcome.conditions[1][:3] == ("Failed", "True", "DeadlineExceeded")
