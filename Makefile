@@ -3,23 +3,26 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help venv tools test test-unit test-cluster lint typecheck check dev-cluster-up dev-cluster-down clean
+.PHONY: help venv tools test test-unit test-cluster test-trainer lint typecheck check dev-cluster-up dev-cluster-down clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
+# torch first: DeepSpeed ships as a source package whose build needs torch importable, so
+# the rest installs without build isolation (DS_BUILD_OPS=0: its C++ ops JIT-compile on use).
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install --upgrade pip
-	$(VENV)/bin/pip install -e '.[dev]'
+	$(VENV)/bin/pip install --upgrade pip setuptools wheel
+	$(VENV)/bin/pip install 'torch>=2.4'
+	DS_BUILD_OPS=0 $(VENV)/bin/pip install --no-build-isolation -e '.[dev,trainer]'
 	touch $@
 
-venv: $(VENV)/.installed ## create .venv and install kubetune with its dev extras
+venv: $(VENV)/.installed ## create .venv and install kubetune with its dev and trainer extras
 
 tools: ## build the control plane, kwok, helm and prometheus from Go modules (idempotent)
 	tools/build.sh
 
-test: venv ## the whole suite: lint, types, unit and cluster tiers (needs `make tools`)
+test: venv ## the whole suite: lint, types, unit, cluster and trainer tiers (needs `make tools`)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
@@ -30,6 +33,9 @@ test-unit: venv ## unit tier only (no cluster, no torch)
 
 test-cluster: venv ## cluster tier only (real local control plane)
 	$(VENV)/bin/pytest -m cluster $(PYTEST_ARGS)
+
+test-trainer: venv ## trainer tier only (real CPU training of tiny models)
+	$(VENV)/bin/pytest -m trainer $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -19,19 +19,57 @@ def main() -> None:
     for you. Run `kubetune COMMAND --help` for each command."""
 
 
-def _not_yet(command: str, issue: int) -> None:
-    click.echo(
-        f"kubetune {command}: not available in this version yet (tracked in issue {issue}).",
-        err=True,
-    )
-    sys.exit(2)
-
-
 @main.command()
 @click.argument("job", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-def run(job: Path) -> None:
-    """Run a FineTuneJob file on this machine (plan, train, report)."""
-    _not_yet("run", 4)
+@click.option(
+    "--nproc",
+    default=1,
+    show_default=True,
+    help="Training processes (DeepSpeed over gloo on CPU; one per GPU with CUDA).",
+)
+@click.option(
+    "--output",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Output directory (default: spec.output file:// path or ./kubetune-output/NAME).",
+)
+@click.option(
+    "--metrics-port",
+    type=int,
+    default=None,
+    help="Port for rank 0's /metrics on 127.0.0.1 (default: a free one).",
+)
+def run(job: Path, nproc: int, output: Path | None, metrics_port: int | None) -> None:
+    """Run a FineTuneJob file on this machine: plan, train, report. The same file runs on
+    a cluster with `kubectl apply -f`."""
+    from kubetune.data import DataError
+    from kubetune.local_inputs import InputError
+    from kubetune.local_run import execute, prepare_local_run
+    from kubetune.planning import ModelConfigError
+
+    _load_job(job)  # spec errors first, with the file name
+    if nproc < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--nproc")
+    try:
+        local = prepare_local_run(job, nproc, output, metrics_port)
+    except (InputError, DataError, ModelConfigError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(_plan_table(local.plan))
+    if not local.plan.get("fits"):
+        raise click.ClickException("the plan does not fit on this machine")
+    click.echo(
+        f"\ntraining with {nproc} process(es); output in {local.output}; metrics on "
+        f"http://127.0.0.1:{local.env['KUBETUNE_METRICS_PORT']}/metrics\n"
+    )
+    code = execute(local)
+    report = local.output / "report.md"
+    if code == 0 and report.exists():
+        click.echo("\n" + report.read_text())
+        click.echo(
+            f"report: {report}  (JSON: {local.output / 'report.json'}, "
+            f"curve: {local.output / 'loss.png'})"
+        )
+    sys.exit(code)
 
 
 def _load_job(job: Path) -> Any:

@@ -56,6 +56,10 @@ def read_model_config(uri: str, config_maps: dict[str, dict[str, str]]) -> dict[
     from kubetune.operator.planstep import known_model_config
 
     parsed = urlparse(uri)
+    if uri.startswith("hf://kubetune/"):
+        from kubetune.trainer.basemodel import builtin_model_config
+
+        return builtin_model_config(uri)
     if parsed.scheme == "hf":
         known = known_model_config(uri)
         if known is None:

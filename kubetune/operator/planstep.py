@@ -132,9 +132,11 @@ def build_plan(
     gpu_memory: tuple[float, str],
     validation_text: str | bytes | None = None,
     validation_source: str = "",
+    cpu_processes: int = 1,
 ) -> dict[str, Any]:
     """Validate the data, summarise it and plan. Raises DataError / ModelConfigError /
-    ValueError with messages that name the source."""
+    ValueError with messages that name the source. `cpu_processes` is the number of
+    training processes per node when `gpusPerNode` is 0 (local CPU runs)."""
     forced = None if spec.dataset.format == "Auto" else spec.dataset.format
     fmt, train = parse_jsonl(train_text, train_source, forced)
     validation = (
@@ -165,7 +167,7 @@ def build_plan(
     arch = model_arch_from_config(model_config, model_source)
     gpus = int(spec.resources.gpus_per_node)
     resources = Resources(
-        gpus_per_node=max(gpus, 1),
+        gpus_per_node=gpus if gpus > 0 else max(1, cpu_processes),
         gpu_memory_gib=gpu_memory[0],
         num_nodes=int(spec.resources.num_nodes),
         accelerator="GPU" if gpus > 0 else "CPU",

@@ -27,9 +27,13 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 # Stands in for the trainer (issue 4) on the local pod runner: it reads what the operator
 # gives a training pod and reports it the way the trainer will, in its termination message.
 STANDIN_TRAINER = textwrap.dedent("""
-    import json, os
+    import json, os, sys
     plan = json.loads(os.environ["KUBETUNE_PLAN_JSON"])
     spec = json.loads(os.environ["KUBETUNE_SPEC_JSON"])
+    if (spec.get("annotations") or {}).get("standin") == "real-trainer":
+        os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run",
+                                  "--standalone", "--nproc-per-node=1",
+                                  "-m", "kubetune.trainer"])
     report = {
         "metrics": {"trainLoss": 1.0, "evalLoss": 1.25, "lossGap": 0.25,
                     "evalPerplexity": 3.49, "bestEvalLoss": 1.25, "bestStep": 10},
@@ -667,3 +671,36 @@ def test_examples_with_volume_data_start_a_prepare_pod_with_their_volumes(
     assert prep.metadata.owner_references[0].name == name
     if spec.get("nodeSelector"):
         assert pod.node_selector == spec["nodeSelector"]
+
+
+def test_the_real_trainer_runs_a_job_end_to_end_on_the_local_runner(
+    dev_cluster: Any, operator: OperatorProcess, api: dict[str, Any], namespace: str, tmp_path: Any
+) -> None:
+    """prepare pod (plans from the files) -> training pod (torchrun + kubetune.trainer on a
+    tiny model) -> status with the trainer's metrics -> outputs on disk."""
+    from tests.tinymodel import build_tiny_model, rows
+
+    model = build_tiny_model(tmp_path / "model")
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows(64)))
+    out = tmp_path / "out"
+    placement = local_runner_pod_placement(dev_cluster.state.local_runner_node)
+    job = _ftj(
+        "real",
+        resources={"numNodes": 1, "gpusPerNode": 0},
+        model={"uri": f"file://{model}"},
+        dataset={"uri": f"file://{data}"},
+        output={"uri": f"file://{out}"},
+        hyperparameters={"epochs": 2},
+        nodeSelector=placement["nodeSelector"],
+        tolerations=placement["tolerations"],
+        annotations={"standin": "real-trainer"},
+    )
+    _create(api, namespace, job, rows=None)
+    _wait_cond(api, namespace, "real", "Succeeded", timeout=420)
+    status = _get(api, namespace, "real")["status"]
+    assert status["metrics"]["evalLoss"] > 0
+    assert status["progress"]["percentage"] == 100.0
+    assert (out / "final" / "adapter_config.json").exists()
+    assert (out / "report.md").exists()
+    assert json.loads((out / "plan.json").read_text())["method"] == status["plan"]["method"]

@@ -1,0 +1,165 @@
+"""`kubetune run job.yaml`: the same FineTuneJob on this machine. Plans with the same
+planner, materialises the data, and starts the same trainer (under torchrun for several
+processes), with metrics on localhost and the report at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+
+@dataclass(frozen=True)
+class LocalRun:
+    name: str
+    output: Path
+    config_dir: Path
+    env: dict[str, str]
+    command: list[str]
+    plan: dict[str, Any]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def prepare_local_run(
+    job_path: Path, nproc: int, output: Path | None, metrics_port: int | None
+) -> LocalRun:
+    """Plan and lay out a local run; raises click-friendly errors with their messages."""
+    from kubetune.api import job_from_yaml_file
+    from kubetune.local_inputs import config_maps_in, read_uri
+    from kubetune.operator.planstep import build_plan, resolve_gpu_memory
+
+    job = job_from_yaml_file(job_path)
+    spec = job.spec
+    name = str((job.metadata or {}).get("name") or job_path.stem)
+    cms = config_maps_in(job_path)
+    model_uri = spec.model.uri
+    model_path = _local_model(model_uri)
+    model_config = (
+        json.loads((Path(model_path) / "config.json").read_text())
+        if Path(model_path).is_dir()
+        else _known(model_uri)
+    )
+    # Locally the machine decides the resources: nproc processes on CPU (or GPUs if any).
+    gpus = _cuda_devices()
+    local_spec = spec.model_copy(
+        update={
+            "resources": spec.resources.model_copy(
+                update={"num_nodes": 1, "gpus_per_node": min(nproc, gpus) if gpus else 0}
+            )
+        }
+    )
+    train_bytes, train_src = read_uri(spec.dataset.uri, "spec.dataset.uri", cms)
+    val = (
+        read_uri(spec.dataset.validation_uri, "spec.dataset.validationUri", cms)
+        if spec.dataset.validation_uri
+        else None
+    )
+    memory = resolve_gpu_memory(local_spec, None, 80.0)
+    plan = build_plan(
+        local_spec,
+        train_bytes,
+        train_src,
+        model_config,
+        model_uri,
+        memory,
+        val[0] if val else None,
+        val[1] if val else "",
+        cpu_processes=nproc,
+    )
+    out = output or _output_dir(spec, name)
+    config_dir = out / "config"
+    data_dir = out / "data"
+    config_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    resolved = local_spec.model_dump(by_alias=True, exclude_none=True, mode="json")
+    (config_dir / "spec.json").write_text(json.dumps(resolved, indent=2))
+    (config_dir / "plan.json").write_text(json.dumps(plan, indent=2))
+    (data_dir / "train.jsonl").write_bytes(train_bytes)
+    env = {
+        **os.environ,
+        "KUBETUNE_JOB_NAME": name,
+        "KUBETUNE_CONFIG_DIR": str(config_dir),
+        "KUBETUNE_MODEL_PATH": model_path,
+        "KUBETUNE_DATASET_PATH": str(data_dir / "train.jsonl"),
+        "KUBETUNE_OUTPUT_PATH": str(out),
+        "KUBETUNE_TERMINATION_MESSAGE_PATH": str(out / "termination.json"),
+        "KUBETUNE_METRICS_PORT": str(metrics_port if metrics_port is not None else _free_port()),
+        "KUBETUNE_METRICS_HOST": "127.0.0.1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    if val:
+        (data_dir / "validation.jsonl").write_bytes(val[0])
+        env["KUBETUNE_VALIDATION_PATH"] = str(data_dir / "validation.jsonl")
+    if not gpus:
+        env["DS_ACCELERATOR"] = "cpu"
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    if nproc > 1:
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "kubetune.trainer",
+            f"--config-dir={config_dir}",
+        ]
+    else:
+        command = [sys.executable, "-m", "kubetune.trainer", f"--config-dir={config_dir}"]
+    return LocalRun(
+        name=name, output=out, config_dir=config_dir, env=env, command=command, plan=plan
+    )
+
+
+def _cuda_devices() -> int:
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+
+
+def _local_model(uri: str) -> str:
+    from kubetune.local_inputs import InputError
+
+    parsed = urlparse(uri)
+    if parsed.scheme == "hf":
+        from kubetune.trainer import basemodel
+
+        if basemodel.is_builtin(uri):
+            return str(basemodel.resolve_model(uri))
+        return uri
+    if parsed.scheme == "file":
+        return parsed.path
+    raise InputError(
+        f"spec.model.uri: {parsed.scheme}:// models cannot be used locally; use file:// or hf://"
+    )
+
+
+def _known(uri: str) -> dict[str, Any]:
+    from kubetune.local_inputs import read_model_config
+
+    return read_model_config(uri, {})
+
+
+def _output_dir(spec: Any, name: str) -> Path:
+    if spec.output is not None and spec.output.uri and spec.output.uri.startswith("file://"):
+        return Path(urlparse(spec.output.uri).path)
+    return Path.cwd() / "kubetune-output" / name
+
+
+def execute(run: LocalRun) -> int:
+    return subprocess.call(run.command, env=run.env)

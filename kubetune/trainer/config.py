@@ -1,0 +1,99 @@
+"""What one training run needs, resolved from the config directory the operator mounts
+(`spec.json`, `plan.json`) and the environment it sets (paths, ports, token)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class TrainerConfigError(ValueError):
+    """The run cannot be configured; exits with the configuration-error code."""
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    spec: dict[str, Any]
+    plan: dict[str, Any]
+    model: str
+    dataset: str
+    output: Path
+    validation: str | None = None
+    general_text: str | None = None
+    metrics_port: int = 0
+    control_token: str | None = None
+    termination_path: Path = Path("/dev/termination-log")
+    job_name: str = "local"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def hyperparameters(self) -> dict[str, Any]:
+        hp: dict[str, Any] = self.plan.get("hyperparameters") or {}
+        return hp
+
+    @property
+    def early_stopping(self) -> dict[str, Any]:
+        es: dict[str, Any] = self.spec.get("earlyStopping") or {}
+        return es
+
+    @property
+    def seed(self) -> int:
+        return int((self.spec.get("hyperparameters") or {}).get("seed", 42))
+
+
+def _json(path: Path | None, env_value: str | None, what: str) -> dict[str, Any]:
+    if env_value:
+        text = env_value
+    elif path is not None and path.exists():
+        text = path.read_text()
+    else:
+        raise TrainerConfigError(
+            f"no {what}: set KUBETUNE_{what.upper()}_JSON or mount "
+            f"{what}.json in the config directory"
+        )
+    try:
+        data: dict[str, Any] = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise TrainerConfigError(f"{what}.json is not valid JSON: {exc}") from exc
+    return data
+
+
+def load_config(config_dir: Path | None, env: dict[str, str] | None = None) -> TrainerConfig:
+    """The run's configuration; environment variables win over mounted files."""
+    env = dict(os.environ) if env is None else env
+    cdir = config_dir or (
+        Path(env["KUBETUNE_CONFIG_DIR"]) if env.get("KUBETUNE_CONFIG_DIR") else None
+    )
+    spec = _json(cdir / "spec.json" if cdir else None, env.get("KUBETUNE_SPEC_JSON"), "spec")
+    plan = _json(cdir / "plan.json" if cdir else None, env.get("KUBETUNE_PLAN_JSON"), "plan")
+    if not plan.get("fits", True):
+        raise TrainerConfigError(f"the plan does not fit: {plan.get('error')}")
+
+    def need(name: str) -> str:
+        value = env.get(name)
+        if not value:
+            raise TrainerConfigError(f"environment variable {name} is not set")
+        return value
+
+    output = env.get("KUBETUNE_OUTPUT_PATH") or (spec.get("output") or {}).get("uri", "")
+    output = output.removeprefix("file://")
+    if not output:
+        raise TrainerConfigError("no output location: set spec.output.uri")
+    return TrainerConfig(
+        spec=spec,
+        plan=plan,
+        model=need("KUBETUNE_MODEL_PATH"),
+        dataset=need("KUBETUNE_DATASET_PATH"),
+        validation=env.get("KUBETUNE_VALIDATION_PATH") or None,
+        general_text=env.get("KUBETUNE_GENERAL_TEXT_PATH") or None,
+        output=Path(output),
+        metrics_port=int(env.get("KUBETUNE_METRICS_PORT") or 0),
+        control_token=env.get("KUBETUNE_CONTROL_TOKEN") or None,
+        termination_path=Path(
+            env.get("KUBETUNE_TERMINATION_MESSAGE_PATH") or "/dev/termination-log"
+        ),
+        job_name=env.get("KUBETUNE_JOB_NAME", "local"),
+    )

@@ -1,0 +1,85 @@
+"""Tokenised training data: completion-only loss for prompt/completion and chat rows,
+a deterministic held-out split, and a padding collator."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kubetune.data import Example, parse_jsonl
+
+IGNORE_INDEX = -100
+
+
+def read_examples(location: str, fmt: str | None) -> tuple[str, list[Example]]:
+    """Examples from a local file (PVC and ConfigMap volumes are files too)."""
+    path = Path(location)
+    return parse_jsonl(path.read_bytes(), str(path), fmt)  # type: ignore[arg-type]
+
+
+def split_holdout(
+    examples: list[Example], fraction: float, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """A deterministic held-out split (at least one example each side)."""
+    if len(examples) < 2:
+        return examples, []
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_val = min(len(examples) - 1, max(1, round(len(examples) * fraction)))
+    val = sorted(order[:n_val])
+    keep = sorted(order[n_val:])
+    return [examples[i] for i in keep], [examples[i] for i in val]
+
+
+def encode(example: Example, tokenizer: Any, max_length: int) -> dict[str, list[int]]:
+    """Token ids and labels: the loss covers the target only (the whole text for Text
+    rows, whose prompt is empty)."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    prompt = (
+        tokenizer(example.prompt, add_special_tokens=False)["input_ids"] if (example.prompt) else []
+    )
+    target = tokenizer(example.target, add_special_tokens=False)["input_ids"] + eos
+    ids = (bos + prompt + target)[:max_length]
+    labels = ([IGNORE_INDEX] * (len(bos) + len(prompt)) + target)[:max_length]
+    return {"input_ids": ids, "labels": labels}
+
+
+class TokenizedDataset:
+    """A list-backed dataset the HF Trainer can index."""
+
+    def __init__(self, examples: list[Example], tokenizer: Any, max_length: int) -> None:
+        self.rows = [encode(ex, tokenizer, max_length) for ex in examples]
+        self.rows = [r for r in self.rows if any(x != IGNORE_INDEX for x in r["labels"])]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        return self.rows[i]
+
+    @property
+    def token_count(self) -> int:
+        return sum(len(r["input_ids"]) for r in self.rows)
+
+
+@dataclass
+class Collator:
+    """Pads a batch on the right: input ids with the pad id, labels with -100."""
+
+    pad_id: int
+
+    def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = [r["input_ids"] + [self.pad_id] * (width - len(r["input_ids"])) for r in rows]
+        labels = [r["labels"] + [IGNORE_INDEX] * (width - len(r["labels"])) for r in rows]
+        mask = [[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows]
+        return {
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "attention_mask": torch.tensor(mask, dtype=torch.long),
+        }

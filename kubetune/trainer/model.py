@@ -1,0 +1,126 @@
+"""Load the base model and tokenizer, and apply the planned method (Full, LoRA, Prefix,
+Partial)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from kubetune.trainer.config import TrainerConfigError
+
+
+def model_location(uri: str) -> tuple[str, str | None]:
+    """A path or hub id `from_pretrained` understands, and the revision."""
+    if uri.startswith("hf://kubetune/"):
+        from kubetune.trainer import basemodel
+
+        return str(basemodel.resolve_model(uri)), None
+    if uri.startswith("hf://"):
+        return uri.removeprefix("hf://"), None
+    path = Path(uri.removeprefix("file://"))
+    if not (path / "config.json").exists():
+        raise TrainerConfigError(
+            f"no model at {path}: expected a directory with config.json (spec.model.uri)"
+        )
+    return str(path), None
+
+
+def load_tokenizer(location: str, revision: str | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(
+        location, revision=revision, token=os.environ.get("HF_TOKEN") or None
+    )
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(location: str, revision: str | None = None, dtype: Any = None) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        location, revision=revision, dtype=dtype, token=os.environ.get("HF_TOKEN") or None
+    )
+
+
+def _linear_names(model: Any) -> set[str]:
+    import torch
+
+    return {
+        name.rsplit(".", 1)[-1]
+        for name, mod in model.named_modules()
+        if isinstance(mod, torch.nn.Linear)
+    }
+
+
+def _decoder_layers(model: Any) -> list[Any]:
+    for attr in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+        obj = model
+        try:
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        return list(obj)
+    raise TrainerConfigError(
+        "cannot find the decoder layers of this architecture for "
+        "Partial fine-tuning; choose LoRA or Full"
+    )
+
+
+def apply_method(model: Any, plan: dict[str, Any], spec: dict[str, Any]) -> Any:
+    """Wrap or freeze the model as the plan says; returns the model to train."""
+    method = plan["method"]
+    hp = plan.get("hyperparameters") or {}
+    user = spec.get("method") or {}
+    if method == "Full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if method == "LoRA":
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        lora = user.get("lora") or {}
+        wanted = lora.get("targetModules") or hp.get("loraTargetModules") or []
+        present = _linear_names(model)
+        targets = [t for t in wanted if t in present]
+        if not targets:
+            raise TrainerConfigError(
+                f"none of the LoRA target modules {wanted} exist in this model; it has "
+                f"{sorted(present)} (set spec.method.lora.targetModules)"
+            )
+        cfg = LoraConfig(
+            task_type=TaskType.CAUSAL_LM,
+            r=int(lora.get("rank") or hp.get("loraRank") or 8),
+            lora_alpha=int(lora.get("alpha") or hp.get("loraAlpha") or 16),
+            lora_dropout=float(lora.get("dropout", hp.get("loraDropout", 0.1))),
+            target_modules=targets,
+        )
+        return get_peft_model(model, cfg)
+    if method == "Prefix":
+        from peft import PrefixTuningConfig, TaskType, get_peft_model
+
+        tokens = int(
+            (user.get("prefix") or {}).get("numVirtualTokens") or hp.get("prefixTokens") or 20
+        )
+        return get_peft_model(
+            model, PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=tokens)
+        )
+    if method == "Partial":
+        layers = _decoder_layers(model)
+        n = int(hp.get("trainableLayers") or max(1, len(layers) // 2))
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for layer in layers[-n:]:
+            for p in layer.parameters():
+                p.requires_grad_(True)
+        return model
+    raise TrainerConfigError(f"unknown method {method!r} in the plan")
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

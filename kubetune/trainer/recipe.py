@@ -1,0 +1,253 @@
+"""One training run: data, model, method, DeepSpeed, HF Trainer with our callback, resume,
+outputs, report, and the termination message the operator reads."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from kubetune.trainer import EXIT_CONFIG_ERROR, EXIT_OK
+from kubetune.trainer.config import TrainerConfig, TrainerConfigError
+
+log = logging.getLogger("kubetune.trainer")
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The newest complete HF checkpoint (one with trainer_state.json)."""
+    best: tuple[int, Path] | None = None
+    for d in directory.glob("checkpoint-*"):
+        m = re.fullmatch(r"checkpoint-(\d+)", d.name)
+        if m and (d / "trainer_state.json").exists() and (best is None or int(m[1]) > best[0]):
+            best = (int(m[1]), d)
+    return best[1] if best else None
+
+
+def token_accuracy(eval_pred: Any) -> dict[str, float]:
+    """Next-token accuracy on the completion tokens (labels != -100)."""
+
+    preds, labels = eval_pred.predictions, eval_pred.label_ids
+    preds = preds[:, :-1]
+    labels = labels[:, 1:]
+    mask = labels != -100
+    total = int(mask.sum())
+    return {"token_accuracy": float((preds[mask] == labels[mask]).sum() / total) if total else 0.0}
+
+
+def _argmax_logits(logits: Any, labels: Any) -> Any:
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return logits.argmax(dim=-1)
+
+
+def write_termination(cfg: TrainerConfig, payload: dict[str, Any]) -> None:
+    text = json.dumps(payload, separators=(",", ":"))
+    while len(text.encode()) > 3800 and payload.get("metrics"):
+        payload = {k: v for k, v in payload.items() if k != "history"}
+        text = json.dumps(payload, separators=(",", ":"))[:3800]
+    try:
+        cfg.termination_path.write_text(text)
+    except OSError:
+        log.warning("cannot write the termination message to %s", cfg.termination_path)
+
+
+def run(cfg: TrainerConfig) -> int:
+    """Train as planned. Returns the process exit code."""
+    import torch
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    from kubetune.data import DataError
+    from kubetune.policy import StopSettings
+    from kubetune.trainer.callbacks import KubetuneCallback
+    from kubetune.trainer.data import Collator, TokenizedDataset, read_examples, split_holdout
+    from kubetune.trainer.dsconfig import deepspeed_config
+    from kubetune.trainer.model import (
+        apply_method,
+        count_parameters,
+        load_model,
+        load_tokenizer,
+        model_location,
+    )
+    from kubetune.trainer.report import write_report
+    from kubetune.trainer.server import ControlServer, TrainerMetrics
+
+    main_proc = rank() == 0
+    plan, hp = cfg.plan, cfg.hyperparameters
+    set_seed(cfg.seed)
+    forced = (cfg.spec.get("dataset") or {}).get("format", "Auto")
+    try:
+        fmt, examples = read_examples(cfg.dataset, None if forced == "Auto" else forced)
+        if cfg.validation:
+            _, val_examples = read_examples(cfg.validation, fmt)
+            train_examples = examples
+        else:
+            split = float((cfg.spec.get("dataset") or {}).get("validationSplit", 0.1))
+            train_examples, val_examples = split_holdout(examples, split, cfg.seed)
+    except (DataError, OSError) as exc:
+        raise TrainerConfigError(str(exc)) from exc
+    location, revision = model_location(cfg.model)
+    tokenizer = load_tokenizer(location, revision)
+    seq_len = int(
+        hp.get("sequenceLength") or (cfg.spec.get("dataset") or {}).get("maxSeqLength") or 1024
+    )
+    train_ds = TokenizedDataset(train_examples, tokenizer, seq_len)
+    val_ds = TokenizedDataset(val_examples, tokenizer, seq_len) if val_examples else None
+    if len(train_ds) == 0:
+        raise TrainerConfigError(
+            f"{cfg.dataset}: no example has a target token left after "
+            f"truncation to {seq_len} tokens"
+        )
+    cuda = torch.cuda.is_available()
+    bf16 = bool(cuda and torch.cuda.is_bf16_supported())
+    model = load_model(location, revision, dtype=torch.bfloat16 if bf16 else torch.float32)
+    model = apply_method(model, plan, cfg.spec)
+    trainable, total = count_parameters(model)
+    if main_proc:
+        log.info("method %s: %d of %d parameters trainable", plan["method"], trainable, total)
+
+    out = cfg.output
+    ckpt_dir = out / "checkpoints"
+    if main_proc:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "plan.json").write_text(json.dumps(plan, indent=2))
+        (out / "spec.json").write_text(json.dumps(cfg.spec, indent=2))
+    use_ds = world_size() > 1 or int(plan.get("zeroStage", 0)) > 0
+    micro = int(hp.get("microBatchSize") or 1)
+    accum = int(hp.get("gradientAccumulationSteps") or 1)
+    eval_steps = max(1, int(hp.get("evalSteps") or 10))
+    args = TrainingArguments(
+        output_dir=str(ckpt_dir),
+        per_device_train_batch_size=micro,
+        per_device_eval_batch_size=micro,
+        gradient_accumulation_steps=accum,
+        learning_rate=float(hp.get("learningRate") or 2e-4),
+        num_train_epochs=float(hp.get("epochs") or 3),
+        warmup_steps=int(hp.get("warmupSteps") or 0),
+        weight_decay=float(hp.get("weightDecay") or 0.0),
+        max_grad_norm=float(hp.get("maxGradNorm") or 1.0),
+        lr_scheduler_type=str(hp.get("lrScheduler") or "cosine"),
+        gradient_checkpointing=bool(hp.get("gradientCheckpointing")) and cuda,
+        eval_strategy="steps" if val_ds is not None else "no",
+        eval_steps=eval_steps,
+        save_strategy="steps",
+        save_steps=eval_steps,
+        save_total_limit=2,
+        load_best_model_at_end=val_ds is not None,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_steps=1,
+        report_to=[],
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=bf16,
+        use_cpu=not cuda,
+        ddp_backend="gloo" if (not cuda and world_size() > 1) else None,
+        deepspeed=deepspeed_config(plan, bf16=bf16) if use_ds else None,
+        disable_tqdm=not (main_proc and os.isatty(2)),
+        remove_unused_columns=False,
+        save_only_model=False,
+    )
+    metrics = TrainerMetrics() if main_proc else None
+    control = None
+    if main_proc and metrics is not None and cfg.metrics_port >= 0:
+        control = ControlServer(
+            metrics,
+            cfg.control_token,
+            cfg.metrics_port,
+            host=os.environ.get("KUBETUNE_METRICS_HOST", "0.0.0.0"),
+        ).start()
+        metrics.plan_info.labels(
+            method=plan["method"],
+            zero_stage=str(plan.get("zeroStage")),
+            offload=str(plan.get("offload")),
+        ).set(1)
+        log.info("metrics on http://127.0.0.1:%d/metrics", control.port)
+    tokens_per_step = train_ds.token_count / max(len(train_ds), 1) * micro * accum * world_size()
+    callback = KubetuneCallback(
+        settings=StopSettings.from_spec(cfg.early_stopping),
+        metrics=metrics,
+        control=control,
+        history_path=out / "metrics.jsonl" if main_proc else None,
+        tokens_per_step=tokens_per_step,
+        is_main=main_proc,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=val_ds,
+        data_collator=Collator(pad_id=int(tokenizer.pad_token_id)),
+        compute_metrics=token_accuracy if val_ds is not None else None,
+        preprocess_logits_for_metrics=_argmax_logits if val_ds is not None else None,
+        callbacks=[callback],
+    )
+    resume = latest_checkpoint(ckpt_dir) if ckpt_dir.exists() else None
+    if resume and main_proc:
+        log.info("resuming from %s", resume)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    final = out / "final"
+    trainer.save_model(str(final))
+    if main_proc:
+        tokenizer.save_pretrained(str(final))
+        state = trainer.state
+        summary: dict[str, Any] = {
+            "metrics": dict(callback.summary.get("metrics") or {}),
+            "progress": callback.summary.get("progress") or {},
+            "output": str(final),
+            "trainableParameters": trainable,
+            "totalParameters": total,
+            "resumedFrom": str(resume) if resume else None,
+            "bestCheckpoint": state.best_model_checkpoint,
+            "trainRuntimeSeconds": round(float(result.metrics.get("train_runtime", 0.0)), 2),
+        }
+        if callback.stopped:
+            summary["earlyStop"] = callback.stopped
+        if not math.isfinite(float(result.training_loss or 0.0)):
+            summary["earlyStop"] = {"reason": "Diverged", "message": "training loss not finite"}
+        write_report(out, plan, cfg.spec, callback.history, summary)
+        write_termination(
+            cfg,
+            {
+                k: v
+                for k, v in summary.items()
+                if k in ("metrics", "progress", "earlyStop", "output")
+            },
+        )
+        if control:
+            control.close()
+    return EXIT_OK
+
+
+def main_entry(cfg_loader: Any) -> int:
+    """Run with clean exit codes: 78 for configuration or data errors."""
+    logging.basicConfig(
+        level=logging.INFO if rank() == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    cfg: TrainerConfig | None = None
+    try:
+        cfg = cfg_loader()
+        assert cfg is not None
+        return run(cfg)
+    except TrainerConfigError as exc:
+        log.error("configuration error: %s", exc)
+        if cfg is not None and rank() == 0:
+            write_termination(cfg, {"error": str(exc), "reason": "ConfigError"})
+        else:
+            path = Path(os.environ.get("KUBETUNE_TERMINATION_MESSAGE_PATH", "/dev/termination-log"))
+            with contextlib.suppress(OSError):
+                path.write_text(json.dumps({"error": str(exc), "reason": "ConfigError"}))
+        return EXIT_CONFIG_ERROR

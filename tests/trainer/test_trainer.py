@@ -1,0 +1,177 @@
+"""Real training of a tiny model on CPU: single process, two-process DeepSpeed ZeRO-2 with
+LoRA and ZeRO-3 full fine-tuning, resume after a kill, bad data, the stop endpoint."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.trainer.conftest import MakeRun, Run
+
+pytestmark = pytest.mark.trainer
+
+FAST_LORA = {
+    "epochs": 4,
+    "learningRate": 0.02,
+    "evalSteps": 6,
+    "warmupSteps": 0,
+    "microBatchSize": 8,
+    "gradientAccumulationSteps": 1,
+}
+FAST_FULL = {
+    "epochs": 4,
+    "learningRate": 0.003,
+    "evalSteps": 6,
+    "warmupSteps": 0,
+    "microBatchSize": 8,
+    "gradientAccumulationSteps": 1,
+}
+
+
+def _train(run: Run, timeout: float = 420) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        run.command, env=run.env, capture_output=True, text=True, timeout=timeout
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stderr[-4000:]}")
+    return result
+
+
+def _losses(run: Run) -> tuple[list[float], list[float]]:
+    hist = run.history()
+    return (
+        [r["train_loss"] for r in hist if r.get("train_loss") is not None],
+        [r["eval_loss"] for r in hist if r.get("eval_loss") is not None],
+    )
+
+
+def _assert_learned(run: Run) -> None:
+    train, evals = _losses(run)
+    assert len(evals) >= 2
+    assert evals[-1] < evals[0] * 0.85, f"eval loss did not fall enough: {evals}"
+    assert min(train[-3:]) < train[0] * 0.8, f"train loss did not fall: {train}"
+
+
+def test_single_process_lora_learns_and_writes_every_output(make_run: MakeRun) -> None:
+    run = make_run(method="LoRA", hp=FAST_LORA)
+    _train(run)
+    _assert_learned(run)
+    final = run.output / "final"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json"):
+        assert (final / name).exists(), name
+    for name in ("plan.json", "spec.json", "metrics.jsonl", "report.json", "report.md", "loss.png"):
+        assert (run.output / name).exists(), name
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(run.env["KUBETUNE_MODEL_PATH"])
+    model = PeftModel.from_pretrained(base, str(final))
+    assert any("lora_" in n for n, _ in model.named_parameters())
+    term = run.termination()
+    assert term["metrics"]["evalLoss"] == pytest.approx(_losses(run)[1][-1])
+    assert term["progress"]["percentage"] == 100.0
+    assert "# kubetune run report" in (run.output / "report.md").read_text()
+
+
+def test_single_process_full_fine_tuning_learns(make_run: MakeRun) -> None:
+    run = make_run(method="Full", hp=FAST_FULL)
+    _train(run)
+    _assert_learned(run)
+
+
+def test_two_process_deepspeed_zero2_lora(make_run: MakeRun) -> None:
+    # Two processes double the batch and halve the steps: train twice the epochs.
+    run = make_run(method="LoRA", zero=2, nproc=2, hp={**FAST_LORA, "epochs": 10})
+    assert run.plan["zeroStage"] == 2
+    _train(run)
+    _assert_learned(run)
+    assert json.loads((run.output / "final" / "adapter_config.json").read_text())["r"] >= 1
+
+
+def test_two_process_deepspeed_zero3_full_fine_tuning(make_run: MakeRun) -> None:
+    run = make_run(method="Full", zero=3, nproc=2, hp=FAST_FULL)
+    assert run.plan["zeroStage"] == 3
+    _train(run)
+    _assert_learned(run)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(run.output / "final"))
+    assert sum(p.numel() for p in model.parameters()) == run.plan["totalParameters"]
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint(make_run: MakeRun) -> None:
+    hp = {**FAST_LORA, "epochs": 6, "evalSteps": 4}
+    run = make_run(method="LoRA", hp=hp)
+    ckpts = run.output / "checkpoints"
+    proc = subprocess.Popen(
+        run.command, env=run.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not any(
+        (d / "trainer_state.json").exists() for d in ckpts.glob("checkpoint-*")
+    ):
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.5)
+    time.sleep(0.5)
+    proc.kill()
+    proc.wait()
+    done = sorted(
+        int(d.name.split("-")[1])
+        for d in ckpts.glob("checkpoint-*")
+        if (d / "trainer_state.json").exists()
+    )
+    assert done, "no checkpoint was written before the kill"
+    last = done[-1]
+    result = _train(run)
+    assert f"resuming from {ckpts / f'checkpoint-{last}'}" in result.stderr
+    steps_after = [r["step"] for r in run.history() if r.get("train_loss") is not None]
+    # The restart continues after the checkpoint: no step at or before it is redone more
+    # than once (the killed run may have logged a few steps past the checkpoint).
+    restarted = steps_after[steps_after.index(max(s for s in steps_after if s <= last)) + 1 :]
+    assert restarted
+    assert run.termination()["progress"]["percentage"] == 100.0
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ("", "the dataset is empty"),
+        ('{"prompt": "a", "completion": "b"}\n{oops\n', "line 2: not valid JSON"),
+        ('{"prompt": "a"}\n', "line 1: missing field 'completion'"),
+        ('{"text": "x"}\n{"prompt": "a", "completion": "b"}\n', "line 2: this row is"),
+    ],
+)
+def test_bad_data_exits_with_the_config_error_code(
+    make_run: MakeRun, tiny_model: Path, data: str, expected: str
+) -> None:
+    run = make_run(method="LoRA", hp=FAST_LORA)
+    Path(run.env["KUBETUNE_DATASET_PATH"]).write_text(data)
+    result = subprocess.run(run.command, env=run.env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 78, result.stderr[-2000:]
+    term = run.termination()
+    assert term["reason"] == "ConfigError"
+    assert expected in term["error"]
+
+
+def test_data_encoding_masks_the_prompt(tiny_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from kubetune.data import Example
+    from kubetune.trainer.data import IGNORE_INDEX, Collator, encode
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    row = encode(Example(1, "Define term 3: ", "Term 3 means item 3."), tok, 64)
+    n_prompt = len(tok("Define term 3: ", add_special_tokens=False)["input_ids"])
+    assert row["labels"][: 1 + n_prompt] == [IGNORE_INDEX] * (1 + n_prompt)
+    assert row["labels"][1 + n_prompt :] == row["input_ids"][1 + n_prompt :]
+    assert row["input_ids"][-1] == tok.eos_token_id
+    text_row = encode(Example(1, "", "plain text"), tok, 64)
+    assert IGNORE_INDEX not in text_row["labels"][1:]
+    batch: Any = Collator(pad_id=tok.pad_token_id)([row, text_row])
+    assert batch["input_ids"].shape == batch["labels"].shape
+    assert int(batch["attention_mask"][1].sum()) == len(text_row["input_ids"])
