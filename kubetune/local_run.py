@@ -80,6 +80,11 @@ def prepare_local_run(
         cpu_processes=nproc,
     )
     out = output or _output_dir(spec, name)
+    if (out / "report.json").exists() and (out / "plan.json").exists():
+        # A finished earlier run: start afresh (an unfinished one is resumed instead).
+        import shutil
+
+        shutil.rmtree(out)
     config_dir = out / "config"
     data_dir = out / "data"
     config_dir.mkdir(parents=True, exist_ok=True)

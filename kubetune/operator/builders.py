@@ -34,6 +34,7 @@ PREPARE_CONTAINER = "prepare"
 # (sysexits' EX_CONFIG): the Job fails at once instead of retrying.
 CONFIG_ERROR_EXIT_CODE = 78
 CONFIG_MOUNT = "/etc/kubetune"
+SUSPEND_ANNOTATION = "kubetune.dev/applied-suspend"
 OUTPUT_MOUNT = "/output"
 
 
@@ -370,10 +371,14 @@ def headless_service(ref: JobRef, settings: OperatorSettings) -> dict[str, Any]:
 def torchrun_command(
     ref: JobRef, num_nodes: int, procs_per_node: int, settings: OperatorSettings
 ) -> list[str]:
-    """torchrun on every node; pod 0 of the headless service is the rendezvous master."""
+    """torchrun on every node, through kubetune's launcher (which checks the config and data
+    first and keeps the configuration-error exit code); pod 0 of the headless service is
+    the rendezvous master."""
     master = f"{train_name(ref)}-0.{train_name(ref)}.{ref.namespace}.svc"
     args = [
-        "torchrun",
+        "python",
+        "-m",
+        "kubetune.trainer.launch",
         f"--nnodes={num_nodes}",
         f"--nproc-per-node={procs_per_node}",
         "--node-rank=$(JOB_COMPLETION_INDEX)",
@@ -501,7 +506,16 @@ def training_job(
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": _meta(ref, train_name(ref), "train", user_labels, user_annotations),
+        "metadata": _meta(
+            ref,
+            train_name(ref),
+            "train",
+            user_labels,
+            # The suspend value the operator last applied: it only changes the Job's suspend
+            # when spec.suspend changes, so a queue (Kueue) that suspends or admits the Job is
+            # never overridden.
+            {**user_annotations, SUSPEND_ANNOTATION: str(bool(spec.suspend)).lower()},
+        ),
         "spec": job_spec,
     }
 

@@ -52,6 +52,47 @@ class Kube:
             GROUP, VERSION, namespace, PLURAL, name, {"status": status}
         )
 
+    def list_ftjs(self) -> list[dict[str, Any]]:
+        self.requests += 1
+        items: list[dict[str, Any]] = self.custom.list_cluster_custom_object(
+            GROUP, VERSION, PLURAL
+        )["items"]
+        return items
+
+    def post_event(self, obj: dict[str, Any], etype: str, reason: str, message: str) -> None:
+        """A core/v1 Event on a FineTuneJob (what `kubectl describe ftj` lists)."""
+        import datetime as dt
+        import uuid
+
+        meta = obj["metadata"]
+        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {
+            "metadata": {
+                "name": f"{meta['name']}.{uuid.uuid4().hex[:12]}",
+                "namespace": meta["namespace"],
+            },
+            "involvedObject": {
+                "apiVersion": obj.get("apiVersion", f"{GROUP}/{VERSION}"),
+                "kind": obj.get("kind", "FineTuneJob"),
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta["uid"],
+            },
+            "type": etype,
+            "reason": reason,
+            "message": message,
+            "source": {"component": "kubetune-operator"},
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+            "reportingComponent": "kubetune-operator",
+        }
+        self.requests += 1
+        try:
+            self.core.create_namespaced_event(meta["namespace"], body)
+        except ApiException as exc:  # events are best effort
+            log.warning("cannot post event %s on %s: %s", reason, meta["name"], exc.reason)
+
     def delete_ftj(self, namespace: str, name: str) -> None:
         self.requests += 1
         try:
@@ -110,9 +151,18 @@ class Kube:
                 return None
             raise
 
-    def set_job_suspend(self, namespace: str, name: str, suspend: bool) -> None:
+    def set_job_suspend(self, namespace: str, name: str, suspend: bool, applied: str) -> None:
+        from kubetune.operator.builders import SUSPEND_ANNOTATION
+
         self.requests += 1
-        self.batch.patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}})
+        self.batch.patch_namespaced_job(
+            name,
+            namespace,
+            {
+                "metadata": {"annotations": {SUSPEND_ANNOTATION: applied}},
+                "spec": {"suspend": suspend},
+            },
+        )
 
     def termination_message(
         self, namespace: str, job_name: str, index: str | None = "0"

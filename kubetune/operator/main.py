@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any, cast
@@ -33,7 +34,7 @@ def _reconciler() -> Reconciler:
 
 
 def _post_event(body: dict[str, Any], etype: str, reason: str, message: str) -> None:
-    kopf.event(cast(kopf.Body, body), type=etype, reason=reason, message=message[:1000])
+    _reconciler().kube.post_event(body, etype, reason, message[:1000])
 
 
 @kopf.on.startup()
@@ -126,24 +127,48 @@ def on_update(namespace: str | None, name: str, **_: Any) -> None:
     _run(namespace, name)
 
 
-@kopf.timer(
-    GROUP,
-    VERSION,
-    PLURAL,
-    interval=SETTINGS.sync_interval_seconds,
-    initial_delay=SETTINGS.sync_interval_seconds,
-)
-def on_timer(
-    namespace: str | None, name: str, spec: kopf.Spec, status: kopf.Status, **_: Any
-) -> None:
-    """Safety net and TTL clock; finished jobs only need it for ttlSecondsAfterFinished."""
-    finished = any(
-        c.get("type") in ("Succeeded", "Failed") and c.get("status") == "True"
-        for c in cast(list[dict[str, Any]], status.get("conditions") or [])
-    )
-    if finished and spec.get("ttlSecondsAfterFinished") is None:
-        return
-    _run(namespace, name)
+def _resync_once() -> None:
+    """Reconcile every unfinished job (and finished ones with a TTL): the safety net for
+    missed events and the TTL clock. One list call per round, not one timer per job, so no
+    Kopf finalizer is needed and deleting a job never waits on the operator."""
+    kube = _reconciler().kube
+    for ftj in kube.list_ftjs():
+        status = ftj.get("status") or {}
+        finished = any(
+            c.get("type") in ("Succeeded", "Failed") and c.get("status") == "True"
+            for c in status.get("conditions") or []
+        )
+        if finished and (ftj.get("spec") or {}).get("ttlSecondsAfterFinished") is None:
+            continue
+        meta = ftj["metadata"]
+        try:
+            _run(meta["namespace"], meta["name"])
+        except Exception:  # one bad job must not stop the round
+            logging.getLogger("kubetune.operator").exception(
+                "resync of %s/%s failed", meta["namespace"], meta["name"]
+            )
+
+
+def _resync_loop(stop: threading.Event) -> None:
+    while not stop.wait(SETTINGS.sync_interval_seconds):
+        try:
+            _resync_once()
+        except Exception:
+            logging.getLogger("kubetune.operator").exception("resync round failed")
+
+
+@kopf.on.startup()
+def start_resync(**_: Any) -> None:
+    stop = threading.Event()
+    _state["resync_stop"] = stop
+    threading.Thread(target=_resync_loop, args=(stop,), daemon=True, name="resync").start()
+
+
+@kopf.on.cleanup()
+def stop_resync(**_: Any) -> None:
+    stop = _state.pop("resync_stop", None)
+    if stop is not None:
+        stop.set()
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={JOB_LABEL: kopf.PRESENT})

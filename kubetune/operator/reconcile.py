@@ -311,12 +311,11 @@ class Reconciler:
             )
         draft.new["trainingJobName"] = name
         view = st.view_job(job)
-        if (
-            view.exists
-            and view.suspended != bool(spec.suspend)
-            and not (view.complete or view.failed_reason)
-        ):
-            self.kube.set_job_suspend(ref.namespace, name, bool(spec.suspend))
+        applied = ((job.get("metadata") or {}).get("annotations") or {}).get(b.SUSPEND_ANNOTATION)
+        wanted = str(bool(spec.suspend)).lower()
+        if view.exists and applied != wanted and not (view.complete or view.failed_reason):
+            # spec.suspend changed since we last applied it: apply it (and remember it).
+            self.kube.set_job_suspend(ref.namespace, name, bool(spec.suspend), wanted)
             view = st.ChildJobView(**{**view.__dict__, "suspended": bool(spec.suspend)})
         if view.start_time and "startTime" not in draft.new:
             draft.new["startTime"] = view.start_time
@@ -333,6 +332,13 @@ class Reconciler:
                 draft.fail(reason, message)
             else:
                 draft.condition(ctype, cstatus, reason, message)
+        if spec.stop_requested and not outcome.finished:
+            draft.condition(
+                "Running",
+                "True",
+                "StopRequested",
+                "spec.stopRequested is true: the trainer stops after this step",
+            )
         if outcome.finished:
             draft.new["completionTime"] = view.completion_time or st.now_iso()
             if termination:
@@ -385,7 +391,9 @@ class Reconciler:
         ttl = (ftj.get("spec") or {}).get("ttlSecondsAfterFinished")
         done = draft.new.get("completionTime")
         if ttl is not None and done:
-            end = dt.datetime.strptime(done, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+            end = dt.datetime.fromisoformat(str(done).replace("Z", "+00:00"))
+            if end.tzinfo is None:
+                end = end.replace(tzinfo=dt.UTC)
             if (dt.datetime.now(dt.UTC) - end).total_seconds() >= int(ttl):
                 self.kube.delete_ftj(ref.namespace, ref.name)
                 return "expired"

@@ -100,10 +100,12 @@ class KubetuneCallback(TrainerCallback):
                 self.metrics.eta.set(prog["etaSeconds"])
             elapsed = max(time.monotonic() - self.started, 1e-6)
             self.metrics.tokens_per_second.set(self.tokens_per_step * prog["step"] / elapsed)
-        if self.control is not None and self.control.stop_requested.is_set() and not self.stopped:
+        requested = self.control is not None and self.control.stop_requested.is_set()
+        if _any_rank(requested, args) and not self.stopped:
+            reason = self.control.stop_reason if self.control is not None else "StopRequested"
             self.stopped = {
-                "reason": self.control.stop_reason,
-                "message": f"the operator asked the trainer to stop ({self.control.stop_reason})",
+                "reason": reason,
+                "message": f"the operator asked the trainer to stop ({reason})",
             }
             control.should_training_stop = True
             control.should_save = True
@@ -166,3 +168,16 @@ class KubetuneCallback(TrainerCallback):
             if self.metrics:
                 self.metrics.early_stop.labels(reason=decision.reason).set(1)
             control.should_training_stop = True
+
+
+def _any_rank(flag: bool, args: Any) -> bool:
+    """True on every rank when any rank says so: only rank 0 hears the operator's stop
+    request, and all ranks must leave the training loop together."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=args.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)

@@ -45,6 +45,9 @@ def deepspeed_config(plan: dict[str, Any], *, bf16: bool) -> dict[str, Any]:
         "fp16": {"enabled": False},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
+        # With offload, DeepSpeed insists on its compiled CPU Adam unless told otherwise; the
+        # trainer's torch AdamW works everywhere (slower on the CPU side, but no compiler).
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 1_000_000,
         "wall_clock_breakdown": False,
     }

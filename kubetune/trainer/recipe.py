@@ -54,10 +54,16 @@ def _argmax_logits(logits: Any, labels: Any) -> Any:
 
 
 def write_termination(cfg: TrainerConfig, payload: dict[str, Any]) -> None:
-    text = json.dumps(payload, separators=(",", ":"))
-    while len(text.encode()) > 3800 and payload.get("metrics"):
-        payload = {k: v for k, v in payload.items() if k != "history"}
-        text = json.dumps(payload, separators=(",", ":"))[:3800]
+    """Rank 0's termination message (the kubelet keeps 4 KiB): valid JSON, dropping the
+    least important keys if it would be too long."""
+    for drop in ((), ("output",), ("output", "progress"), ("output", "progress", "metrics")):
+        text = json.dumps(
+            {k: v for k, v in payload.items() if k not in drop}, separators=(",", ":")
+        )
+        if len(text.encode()) <= 3800:
+            break
+    else:
+        text = json.dumps({"error": "termination message too long"})
     try:
         cfg.termination_path.write_text(text)
     except OSError:

@@ -31,7 +31,7 @@ STANDIN_TRAINER = textwrap.dedent("""
     plan = json.loads(os.environ["KUBETUNE_PLAN_JSON"])
     spec = json.loads(os.environ["KUBETUNE_SPEC_JSON"])
     if (spec.get("annotations") or {}).get("standin") == "real-trainer":
-        os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run",
+        os.execv(sys.executable, [sys.executable, "-m", "kubetune.trainer.launch",
                                   "--standalone", "--nproc-per-node=1",
                                   "-m", "kubetune.trainer"])
     report = {

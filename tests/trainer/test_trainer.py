@@ -175,3 +175,57 @@ def test_data_encoding_masks_the_prompt(tiny_model: Path) -> None:
     batch: Any = Collator(pad_id=tok.pad_token_id)([row, text_row])
     assert batch["input_ids"].shape == batch["labels"].shape
     assert int(batch["attention_mask"][1].sum()) == len(text_row["input_ids"])
+
+
+def test_the_launcher_fails_bad_data_with_the_config_error_code_before_torchrun(
+    make_run: MakeRun,
+) -> None:
+    run = make_run(method="LoRA", hp=FAST_LORA)
+    Path(run.env["KUBETUNE_DATASET_PATH"]).write_text('{"prompt": "a", "completion": 3}\n')
+    config_dir = run.command[-1]
+    cmd = [
+        run.command[0],
+        "-m",
+        "kubetune.trainer.launch",
+        "--standalone",
+        "--nproc-per-node=1",
+        "-m",
+        "kubetune.trainer",
+        config_dir,
+    ]
+    env = {**run.env, "KUBETUNE_CONFIG_DIR": config_dir.split("=", 1)[1]}
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 78, result.stderr[-2000:]
+    assert "line 1: field 'completion' must be a string" in run.termination()["error"]
+
+
+def test_the_stop_endpoint_needs_the_token_and_stops_the_run(make_run: MakeRun) -> None:
+    import urllib.error
+    import urllib.request
+
+    from kubetune.trainer.server import ControlServer, TrainerMetrics
+
+    server = ControlServer(TrainerMetrics(), "right", 0, host="127.0.0.1").start()
+    try:
+        url = f"http://127.0.0.1:{server.port}/stop"
+        for token in ("", "wrong"):
+            req = urllib.request.Request(
+                url, method="POST", data=b"{}", headers={"Authorization": f"Bearer {token}"}
+            )
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(req, timeout=5)
+            assert err.value.code == 401
+        assert not server.stop_requested.is_set()
+        req = urllib.request.Request(
+            url,
+            method="POST",
+            data=b'{"reason": "StopRequested"}',
+            headers={"Authorization": "Bearer right"},
+        )
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            assert resp.status == 202
+        assert server.stop_requested.is_set()
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as resp:
+            assert b"kubetune_eval_loss" in resp.read()
+    finally:
+        server.close()

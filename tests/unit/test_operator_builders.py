@@ -329,14 +329,14 @@ def test_torchrun_arguments(nodes: int, gpus: int, master: str) -> None:
     spec = make_spec(resources={"numNodes": nodes, "gpusPerNode": gpus})
     settings = OperatorSettings(rendezvous_port=31234)
     cmd = container(b.training_job(REF, spec, PLAN, settings))["command"]
-    assert cmd[0] == "torchrun"
+    assert cmd[:3] == ["python", "-m", "kubetune.trainer.launch"]
     assert arg(cmd, "--nnodes") == str(nodes)
     assert arg(cmd, "--nproc-per-node") == str(max(gpus, 1))
     # Kubernetes expands $(VAR) from the env the Job controller adds to Indexed pods.
     assert arg(cmd, "--node-rank") == "$(JOB_COMPLETION_INDEX)"
     assert arg(cmd, "--master-addr") == master
     assert arg(cmd, "--master-port") == "31234"
-    assert cmd[cmd.index("-m") + 1] == "kubetune.trainer"
+    assert cmd[len(cmd) - 1 - cmd[::-1].index("-m") + 1] == "kubetune.trainer"
     assert arg(cmd, "--config-dir") == b.CONFIG_MOUNT
 
 
@@ -460,13 +460,16 @@ def test_service_selects_exactly_the_training_pods() -> None:
 def test_annotations() -> None:
     spec = make_spec(annotations={"example.com/owner": "alice"})
     job = b.training_job(REF, spec, {"method": "Full"}, SETTINGS)
-    assert job["metadata"]["annotations"] == {"example.com/owner": "alice"}
+    assert job["metadata"]["annotations"] == {
+        "example.com/owner": "alice",
+        b.SUSPEND_ANNOTATION: "false",
+    }
     assert job["spec"]["template"]["metadata"]["annotations"] == {
         "example.com/owner": "alice",
         "kubetune.dev/plan-method": "Full",
     }
-    plain = b.training_job(REF, make_spec(), {}, SETTINGS)
-    assert "annotations" not in plain["metadata"]
+    plain = b.training_job(REF, make_spec(suspend=True), {}, SETTINGS)
+    assert plain["metadata"]["annotations"] == {b.SUSPEND_ANNOTATION: "true"}
     assert plain["spec"]["template"]["metadata"]["annotations"] == {"kubetune.dev/plan-method": ""}
 
 
