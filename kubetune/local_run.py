@@ -111,22 +111,29 @@ def prepare_local_run(
     if not gpus:
         env["DS_ACCELERATOR"] = "cpu"
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    return LocalRun(
+        name=name,
+        output=out,
+        config_dir=config_dir,
+        env=env,
+        command=trainer_command(config_dir, nproc),
+        plan=plan,
+    )
+
+
+def trainer_command(config_dir: Path, nproc: int) -> list[str]:
+    """The trainer on this machine: one process, or torchrun (standalone) for several."""
+    trainer = ["-m", "kubetune.trainer", f"--config-dir={config_dir}"]
     if nproc > 1:
-        command = [
+        return [
             sys.executable,
             "-m",
             "torch.distributed.run",
             "--standalone",
             f"--nproc-per-node={nproc}",
-            "-m",
-            "kubetune.trainer",
-            f"--config-dir={config_dir}",
+            *trainer,
         ]
-    else:
-        command = [sys.executable, "-m", "kubetune.trainer", f"--config-dir={config_dir}"]
-    return LocalRun(
-        name=name, output=out, config_dir=config_dir, env=env, command=command, plan=plan
-    )
+    return [sys.executable, *trainer]
 
 
 def _cuda_devices() -> int:

@@ -501,8 +501,9 @@ def training_job(
     }
     if spec.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = int(spec.active_deadline_seconds)
-    if spec.ttl_seconds_after_finished is not None:
-        job_spec["ttlSecondsAfterFinished"] = int(spec.ttl_seconds_after_finished)
+    # spec.ttlSecondsAfterFinished is not passed to the Job: the operator deletes the
+    # finished FineTuneJob itself (its children go with it). A Job deleted on its own TTL
+    # before the operator saw it finish would be created again and train again.
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",

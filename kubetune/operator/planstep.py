@@ -174,5 +174,41 @@ def build_plan(
     )
     plan = make_plan(stats, arch, resources, plan_request(spec)).to_dict()
     plan["reasons"] = [gpu_memory[1], *plan["reasons"]]
-    plan["datasetFormat"] = summary.format
+    plan["datasetFormat"] = summary.format  # for plan.json; status.plan does not keep it
+    apply_overrides(plan, spec, stats.example_count, resources.world_size)
     return plan
+
+
+def apply_overrides(plan: dict[str, Any], spec: Any, examples: int, world: int) -> None:
+    """Hyperparameters the user set that the planner does not take as inputs: applied to
+    the plan (steps recomputed where they depend on them), each with a reason."""
+    import math
+
+    hp_spec = spec.hyperparameters
+    hp = plan.get("hyperparameters")
+    if hp_spec is None or not isinstance(hp, dict):
+        return
+    said: list[str] = []
+    if hp_spec.gradient_accumulation_steps is not None:
+        accum = int(hp_spec.gradient_accumulation_steps)
+        micro = int(hp.get("microBatchSize") or 1)
+        per_epoch = max(1, math.ceil(examples / (micro * max(world, 1) * accum)))
+        hp["gradientAccumulationSteps"] = accum
+        hp["effectiveBatchSize"] = micro * max(world, 1) * accum
+        hp["stepsPerEpoch"] = per_epoch
+        hp["totalSteps"] = max(1, math.ceil(per_epoch * float(hp.get("epochs") or 1)))
+        said.append(f"gradient accumulation {accum} (so {hp['totalSteps']} steps in all)")
+    if hp_spec.warmup_ratio is not None:
+        hp["warmupSteps"] = round(float(hp_spec.warmup_ratio) * int(hp.get("totalSteps") or 0))
+        said.append(f"warmup {hp['warmupSteps']} steps ({hp_spec.warmup_ratio:g} of the run)")
+    if hp_spec.weight_decay is not None:
+        hp["weightDecay"] = float(hp_spec.weight_decay)
+        said.append(f"weight decay {hp_spec.weight_decay:g}")
+    if hp_spec.max_grad_norm is not None:
+        hp["maxGradNorm"] = float(hp_spec.max_grad_norm)
+        said.append(f"gradient clipping at {hp_spec.max_grad_norm:g}")
+    if hp_spec.eval_steps is not None:
+        hp["evalSteps"] = int(hp_spec.eval_steps)
+        said.append(f"evaluation every {hp_spec.eval_steps} steps")
+    if said:
+        plan["reasons"].append("Set by spec.hyperparameters: " + ", ".join(said) + ".")

@@ -193,6 +193,13 @@ class Reconciler:
             draft.fail(reason, str(exc))
             return None
         except _InputMissingError as exc:
+            if exc.reason == "InputNotFound":
+                # Like a pod waiting for its ConfigMap: not fatal, retried every resync.
+                before = st.get_condition(draft.conditions, "Planned") or {}
+                draft.condition("Planned", "False", "InputNotFound", str(exc))
+                if before.get("reason") != "InputNotFound":
+                    draft.events.append(("Warning", "InputNotFound", str(exc)))
+                return None
             draft.fail(exc.reason, str(exc))
             return None
         draft.new["plan"] = plan
@@ -247,7 +254,8 @@ class Reconciler:
         if text is None:
             raise _InputMissingError(
                 f"{field_path}: ConfigMap {ref.namespace}/{cm} has no key {key!r} (or does "
-                "not exist); create it or fix the URI"
+                "not exist); waiting for it: create it or fix the URI",
+                "InputNotFound",
             )
         return text
 

@@ -335,7 +335,6 @@ def test_config_error_exit_code_fails_the_job_without_retry(
         ('{"prompt": "a", "completion": "b"}\n{broken\n', "line 2: not valid JSON"),
         ("", "the dataset is empty"),
         ('{"prompt": "a"}\n', "line 1: missing field 'completion'"),
-        (None, "has no key 'train.jsonl'"),
     ],
 )
 def test_bad_data_fails_with_a_message_naming_the_line(
@@ -704,3 +703,25 @@ def test_the_real_trainer_runs_a_job_end_to_end_on_the_local_runner(
     assert (out / "final" / "adapter_config.json").exists()
     assert (out / "report.md").exists()
     assert json.loads((out / "plan.json").read_text())["method"] == status["plan"]["method"]
+
+
+def test_a_missing_configmap_is_waited_for_then_used(
+    operator: OperatorProcess, api: dict[str, Any], namespace: str
+) -> None:
+    _create(api, namespace, _ftj("later", planOnly=True), rows=None)
+
+    def waiting() -> dict[str, Any] | None:
+        c = _cond(_get(api, namespace, "later"), "Planned")
+        return c if c and c["reason"] == "InputNotFound" else None
+
+    cond = wait_for(waiting, 30, "Planned=False/InputNotFound")
+    assert cond is not None
+    assert cond["status"] == "False"
+    assert "has no key 'train.jsonl'" in cond["message"]
+    assert _cond(_get(api, namespace, "later"), "Failed") is None
+    assert "InputNotFound" in _events(api, namespace, "later")
+    api["core"].create_namespaced_config_map(
+        namespace, {"metadata": {"name": "later-data"}, "data": {"train.jsonl": _rows(50)}}
+    )
+    done = _wait_cond(api, namespace, "later", "Succeeded", timeout=60)
+    assert done["reason"] == "PlanOnly"

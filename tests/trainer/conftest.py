@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,20 +110,9 @@ def make_run(tiny_model: Path, tmp_path: Path) -> MakeRun:
             "OMP_NUM_THREADS": "1",
             "TOKENIZERS_PARALLELISM": "false",
         }
-        if nproc > 1:
-            command = [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                f"--nproc-per-node={nproc}",
-                "-m",
-                "kubetune.trainer",
-                f"--config-dir={cfg}",
-            ]
-        else:
-            command = [sys.executable, "-m", "kubetune.trainer", f"--config-dir={cfg}"]
-        run = Run(command=command, env=env, output=out, plan=plan)
+        from kubetune.local_run import trainer_command
+
+        run = Run(command=trainer_command(cfg, nproc), env=env, output=out, plan=plan)
         run.output.mkdir(parents=True, exist_ok=True)
         # The termination message is written next to the output for the tests to read.
         run.env["KUBETUNE_TERMINATION_MESSAGE_PATH"] = str(out / "termination.json")

@@ -3,7 +3,6 @@ ConfigMap, the control Secret and the headless Service."""
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 from pathlib import Path
@@ -15,6 +14,7 @@ from kubetune.api import FineTuneJobSpec, parse_job
 from kubetune.operator import builders as b
 from kubetune.operator.builders import JobRef, Storage, storage_for
 from kubetune.operator.settings import OperatorSettings
+from tests.unit.specs import spec_from
 
 pytestmark = pytest.mark.unit
 
@@ -30,24 +30,8 @@ BASE_SPEC: dict[str, Any] = {
 }
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def make_spec(**extra: Any) -> FineTuneJobSpec:
-    manifest = {
-        "apiVersion": "kubetune.dev/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": REF.name, "namespace": REF.namespace},
-        "spec": _merge(BASE_SPEC, extra),
-    }
-    return parse_job(manifest).spec
+    return spec_from(BASE_SPEC, REF.name, REF.namespace, **extra)
 
 
 def example_spec(name: str) -> FineTuneJobSpec:
@@ -483,8 +467,8 @@ def test_annotations() -> None:
         ),
         (
             {"activeDeadlineSeconds": 86400, "ttlSecondsAfterFinished": 0},
-            {"activeDeadlineSeconds": 86400, "ttlSecondsAfterFinished": 0},
-            [],
+            {"activeDeadlineSeconds": 86400},
+            ["ttlSecondsAfterFinished"],
         ),
         ({"backoffLimit": 0, "suspend": True}, {"backoffLimit": 0, "suspend": True}, []),
         ({"backoffLimit": 100}, {"backoffLimit": 100}, []),

@@ -3,13 +3,12 @@ model configs, the spec -> PlanRequest mapping, and the whole plan from JSONL te
 
 from __future__ import annotations
 
-import copy
 import json
 from typing import Any
 
 import pytest
 
-from kubetune.api import FineTuneJobSpec, parse_job
+from kubetune.api import FineTuneJobSpec
 from kubetune.data import DataError
 from kubetune.operator.planstep import (
     CPU_PROCESS_MEMORY_GIB,
@@ -20,6 +19,7 @@ from kubetune.operator.planstep import (
     resolve_gpu_memory,
 )
 from kubetune.planning import Method, Offload, bundled_architectures
+from tests.unit.specs import spec_from
 
 pytestmark = pytest.mark.unit
 
@@ -29,24 +29,8 @@ BASE_SPEC: dict[str, Any] = {
 }
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def make_spec(**extra: Any) -> FineTuneJobSpec:
-    manifest = {
-        "apiVersion": "kubetune.dev/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": "demo", "namespace": "ns"},
-        "spec": _merge(BASE_SPEC, extra),
-    }
-    return parse_job(manifest).spec
+    return spec_from(BASE_SPEC, "demo", "ns", **extra)
 
 
 def node(name: str, mib: str | None, gpus: str | None = "8", **labels: str) -> dict[str, Any]:
@@ -463,3 +447,26 @@ def test_offload_without_a_zero_stage_is_an_invalid_spec_naming_the_fields() -> 
     spec = make_spec(deepspeed={"zeroStage": 0, "offload": "Optimizer"})
     with pytest.raises(PlanRequestError, match=r"spec\.deepspeed"):
         plan_request(spec)
+
+
+def test_hyperparameters_the_planner_does_not_take_are_applied_with_a_reason() -> None:
+    spec = make_spec(
+        hyperparameters={
+            "gradientAccumulationSteps": 4,
+            "warmupRatio": 0.1,
+            "weightDecay": 0.03,
+            "maxGradNorm": 0.5,
+            "evalSteps": 3,
+        }
+    )
+    text = "\n".join(json.dumps({"prompt": f"p{i}", "completion": f"c{i}"}) for i in range(200))
+    config = json.loads(bundled_architectures()["gpt2"].read_text())
+    plan = build_plan(spec, text, "t.jsonl", config, "gpt2", (80.0, "r"))
+    hp = plan["hyperparameters"]
+    assert hp["gradientAccumulationSteps"] == 4
+    assert hp["weightDecay"] == 0.03
+    assert hp["maxGradNorm"] == 0.5
+    assert hp["evalSteps"] == 3
+    assert hp["warmupSteps"] == round(0.1 * hp["totalSteps"])
+    assert hp["effectiveBatchSize"] == hp["microBatchSize"] * 4
+    assert plan["reasons"][-1].startswith("Set by spec.hyperparameters: gradient accumulation 4")
