@@ -200,6 +200,27 @@ def validate(job: Path) -> None:
         click.echo(f"warning: {w}")
 
 
+@main.command("merge-adapter")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--into",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where to write the merged model (default: RUN_DIR/merged).",
+)
+def merge_adapter_cmd(run_dir: Path, into: Path | None) -> None:
+    """Merge the LoRA adapter of a finished run (its output directory) into the base
+    model's weights, so the result loads without peft."""
+    from kubetune.trainer.config import TrainerConfigError
+    from kubetune.trainer.merge import merge_adapter
+
+    try:
+        out = merge_adapter(run_dir, into)
+    except (TrainerConfigError, OSError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"merged model written to {out}")
+
+
 @main.group("dev-cluster")
 def dev_cluster() -> None:
     """A local Kubernetes control plane for development and tests: etcd, kube-apiserver,

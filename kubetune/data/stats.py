@@ -33,6 +33,9 @@ class Example:
     line: int
     prompt: str
     target: str
+    # Chat rows keep their messages so the trainer can render them with the tokenizer's
+    # chat template; `prompt` is a plain "role: content" rendering for tokenizers without.
+    messages: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
     @property
     def text(self) -> str:
@@ -131,7 +134,12 @@ def _example(obj: dict[str, Any], fmt: Format, source: str, line: int) -> Exampl
             f"{source} line {line}: the last message must be the assistant's "
             "reply (that is what the model learns)"
         )
-    return Example(line, "".join(parts[:-1]), messages[-1]["content"])
+    return Example(
+        line,
+        "".join(parts[:-1]),
+        messages[-1]["content"],
+        tuple((m["role"], m["content"]) for m in messages),
+    )
 
 
 def parse_jsonl(

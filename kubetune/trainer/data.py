@@ -38,9 +38,17 @@ def encode(example: Example, tokenizer: Any, max_length: int) -> dict[str, list[
     rows, whose prompt is empty)."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    prompt = (
-        tokenizer(example.prompt, add_special_tokens=False)["input_ids"] if (example.prompt) else []
-    )
+    prompt_text = example.prompt
+    if example.messages and getattr(tokenizer, "chat_template", None):
+        # The model's own chat format for everything before the reply it learns; the
+        # template places its own special tokens.
+        prompt_text = tokenizer.apply_chat_template(
+            [{"role": r, "content": c} for r, c in example.messages[:-1]],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        bos = []
+    prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"] if prompt_text else []
     target = tokenizer(example.target, add_special_tokens=False)["input_ids"] + eos
     ids = (bos + prompt + target)[:max_length]
     labels = ([IGNORE_INDEX] * (len(bos) + len(prompt)) + target)[:max_length]

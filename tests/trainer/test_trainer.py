@@ -72,6 +72,18 @@ def test_single_process_lora_learns_and_writes_every_output(make_run: MakeRun) -
     base = AutoModelForCausalLM.from_pretrained(run.env["KUBETUNE_MODEL_PATH"])
     model = PeftModel.from_pretrained(base, str(final))
     assert any("lora_" in n for n, _ in model.named_parameters())
+    # The adapter merges into the base weights and gives the same outputs.
+    import torch
+
+    from kubetune.trainer.merge import merge_adapter
+
+    merged_dir = merge_adapter(run.output)
+    merged: Any = AutoModelForCausalLM.from_pretrained(str(merged_dir))
+    ids = torch.tensor([[1, 5, 9, 12, 20]])
+    model.eval()
+    merged.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-4)
     term = run.termination()
     assert term["metrics"]["evalLoss"] == pytest.approx(_losses(run)[1][-1])
     assert term["progress"]["percentage"] == 100.0
@@ -232,3 +244,53 @@ def test_the_stop_endpoint_needs_the_token_and_stops_the_run(make_run: MakeRun) 
             assert b"kubetune_eval_loss" in resp.read()
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("method", ["Prefix", "Partial"])
+def test_prefix_and_partial_fine_tuning_train_and_save(make_run: MakeRun, method: str) -> None:
+    run = make_run(method=method, hp={**FAST_FULL, "learningRate": 0.01})
+    assert run.plan["method"] == method
+    _train(run)
+    _, evals = _losses(run)
+    assert evals[-1] < evals[0], evals
+    final = run.output / "final"
+    if method == "Prefix":
+        assert json.loads((final / "adapter_config.json").read_text())["peft_type"] == (
+            "PREFIX_TUNING"
+        )
+    else:
+        from transformers import AutoModelForCausalLM
+
+        AutoModelForCausalLM.from_pretrained(str(final))
+    trainable = run.termination()
+    assert trainable["progress"]["percentage"] == 100.0
+
+
+def test_chat_rows_use_the_tokenizer_chat_template_and_learn_only_the_reply() -> None:
+    from kubetune.data import parse_jsonl
+    from kubetune.trainer.basemodel import build_tokenizer
+    from kubetune.trainer.data import IGNORE_INDEX, encode
+
+    tok = build_tokenizer("hello world. how are you? fine thanks. " * 200, 300)
+    assert tok.chat_template
+    row = json.dumps(
+        {
+            "messages": [
+                {"role": "user", "content": "how are you?"},
+                {"role": "assistant", "content": "fine thanks."},
+            ]
+        }
+    )
+    fmt, (example,) = parse_jsonl(row, "chat.jsonl")
+    assert fmt == "Chat"
+    encoded = encode(example, tok, 128)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "how are you?"}], add_generation_prompt=True, tokenize=False
+    )
+    n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    assert encoded["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
+    reply = str(tok.decode([t for t in encoded["labels"] if t != IGNORE_INDEX]))
+    assert reply.startswith("fine thanks.")
+    assert tok.decode(encoded["input_ids"][:n_prompt]) == tok.decode(
+        tok(prompt, add_special_tokens=False)["input_ids"]
+    )
