@@ -105,6 +105,8 @@ def run(cfg: TrainerConfig) -> int:
     except (DataError, OSError) as exc:
         raise TrainerConfigError(str(exc)) from exc
     location, revision = model_location(cfg.model)
+    if cfg.model.startswith("hf://") and not cfg.model.startswith("hf://kubetune/"):
+        revision = (cfg.spec.get("model") or {}).get("revision") or revision
     tokenizer = load_tokenizer(location, revision)
     seq_len = int(
         hp.get("sequenceLength") or (cfg.spec.get("dataset") or {}).get("maxSeqLength") or 1024
