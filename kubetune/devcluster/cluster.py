@@ -40,11 +40,34 @@ class ClusterError(RuntimeError):
     """The dev cluster could not start or is not healthy; the message names the component."""
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
+    """A free loopback port outside the kernel's ephemeral range: a port picked there can
+    be taken by any outgoing connection (etcd clients, say) before the component binds it."""
+    import random
+
+    low, high = _ephemeral_range()
+    candidates = [(1024, low - 1), (high + 1, 65535)]
+    for _ in range(200):
+        lo, hi = random.choice([c for c in candidates if c[1] - c[0] > 1000] or [(1024, 65535)])
+        port = random.randint(max(lo, 10000), hi)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+        fallback: int = s.getsockname()[1]
+        return fallback
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
@@ -130,6 +153,21 @@ class DevCluster:
 
     # ---------------------------------------------------------------- start
     def start(self, timeout: float = 120.0, progress: Callable[[str], None] | None = None) -> None:
+        """Start every component and wait until the cluster is ready. A port taken by
+        another process between picking and binding it is retried with new ports."""
+        for attempt in range(3):
+            try:
+                self._start_once(timeout, progress)
+                return
+            except ClusterError as exc:
+                if "address already in use" not in str(exc) or attempt == 2:
+                    raise
+                if progress:
+                    progress("a port was taken meanwhile; starting again on other ports")
+                self.state = None
+                self._procs = {}
+
+    def _start_once(self, timeout: float, progress: Callable[[str], None] | None) -> None:
         say = progress or (lambda _m: None)
         require(
             [
@@ -152,7 +190,12 @@ class DevCluster:
         self.layout.root.mkdir(parents=True, exist_ok=True)
         self.layout.logs.mkdir()
         deadline = time.monotonic() + timeout
-        ports = c.Ports(*(free_port() for _ in range(6)))
+        picked: list[int] = []
+        while len(picked) < 6:
+            port = free_port()
+            if port not in picked:
+                picked.append(port)
+        ports = c.Ports(*picked)
         self.state = ClusterState(
             root=str(self.layout.root),
             ports=asdict(ports),

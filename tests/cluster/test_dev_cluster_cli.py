@@ -19,9 +19,15 @@ KUBETUNE = [sys.executable, "-m", "kubetune.cli"]
 
 
 def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*KUBETUNE, *args], capture_output=True, text=True, timeout=240, check=check
-    )
+    done = subprocess.run([*KUBETUNE, *args], capture_output=True, text=True, timeout=240)
+    if check and done.returncode != 0:
+        raise subprocess.CalledProcessError(
+            done.returncode,
+            done.args,
+            done.stdout,
+            done.stderr + f"\n(stderr above; stdout: {done.stdout})",
+        )
+    return done
 
 
 def _alive(pid: int) -> bool:

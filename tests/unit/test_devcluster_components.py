@@ -199,3 +199,13 @@ def test_termination_message_file_then_log_fallback(tmp_path: Path) -> None:
     assert read_termination_message(term, logf, "FallbackToLogsOnError", 0) == ""
     term.write_text("x" * 10000)
     assert len(read_termination_message(term, logf, "File", 0)) == 4096
+
+
+def test_free_ports_avoid_the_ephemeral_range() -> None:
+    from kubetune.devcluster.cluster import _ephemeral_range, free_port
+
+    low, high = _ephemeral_range()
+    for _ in range(50):
+        port = free_port()
+        assert not low <= port <= high
+        assert 1024 < port <= 65535
