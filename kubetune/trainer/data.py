@@ -13,10 +13,30 @@ from kubetune.data import Example, parse_jsonl
 IGNORE_INDEX = -100
 
 
+def hub_dataset_file(uri: str) -> Path:
+    """`hf://org/name[/path/in/repo.jsonl]` (default `train.jsonl`): the file from a
+    dataset repository on the Hugging Face hub, through its local cache (so
+    `HF_HUB_OFFLINE=1` with a filled cache works without a network)."""
+    import os
+
+    from huggingface_hub import hf_hub_download
+
+    parts = uri.removeprefix("hf://").split("/")
+    if len(parts) < 2 or not all(parts[:2]):
+        raise ValueError(f"{uri}: a hub dataset is hf://org/name[/file.jsonl]")
+    repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or "train.jsonl"
+    return Path(
+        hf_hub_download(
+            repo, filename, repo_type="dataset", token=os.environ.get("HF_TOKEN") or None
+        )
+    )
+
+
 def read_examples(location: str, fmt: str | None) -> tuple[str, list[Example]]:
-    """Examples from a local file (PVC and ConfigMap volumes are files too)."""
-    path = Path(location)
-    return parse_jsonl(path.read_bytes(), str(path), fmt)  # type: ignore[arg-type]
+    """Examples from a local file (PVC and ConfigMap volumes are files too) or a hub
+    dataset (`hf://`)."""
+    path = hub_dataset_file(location) if location.startswith("hf://") else Path(location)
+    return parse_jsonl(path.read_bytes(), location, fmt)  # type: ignore[arg-type]
 
 
 def split_holdout(

@@ -31,7 +31,7 @@ def precheck() -> str | None:
         fmt, _ = read_examples(cfg.dataset, None if forced == "Auto" else forced)
         if cfg.validation:
             read_examples(cfg.validation, fmt)
-    except (TrainerConfigError, DataError, OSError) as exc:
+    except (TrainerConfigError, DataError, OSError, ValueError) as exc:
         return str(exc)
     return None
 

@@ -102,7 +102,7 @@ def run(cfg: TrainerConfig) -> int:
         else:
             split = float((cfg.spec.get("dataset") or {}).get("validationSplit", 0.1))
             train_examples, val_examples = split_holdout(examples, split, cfg.seed)
-    except (DataError, OSError) as exc:
+    except (DataError, OSError, ValueError) as exc:
         raise TrainerConfigError(str(exc)) from exc
     location, revision = model_location(cfg.model)
     if cfg.model.startswith("hf://") and not cfg.model.startswith("hf://kubetune/"):

@@ -294,3 +294,37 @@ def test_chat_rows_use_the_tokenizer_chat_template_and_learn_only_the_reply() ->
     assert tok.decode(encoded["input_ids"][:n_prompt]) == tok.decode(
         tok(prompt, add_special_tokens=False)["input_ids"]
     )
+
+
+def test_a_hub_dataset_is_read_through_the_hub_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real hub code path, offline, against a local directory in the hub cache layout."""
+    from kubetune.trainer.data import read_examples
+
+    cache = tmp_path / "hub"
+    repo = cache / "datasets--acme--support"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snap = repo / "snapshots" / commit
+    (snap / "data").mkdir(parents=True)
+    (snap / "train.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    (snap / "data" / "eval.jsonl").write_text('{"text": "hello"}\n')
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import importlib
+
+    import huggingface_hub.constants
+
+    importlib.reload(huggingface_hub.constants)
+    try:
+        fmt, rows = read_examples("hf://acme/support", None)
+        assert (fmt, rows[0].target) == ("PromptCompletion", "b")
+        fmt, rows = read_examples("hf://acme/support/data/eval.jsonl", None)
+        assert (fmt, rows[0].target) == ("Text", "hello")
+        with pytest.raises((OSError, ValueError)):
+            read_examples("hf://acme/missing", None)
+    finally:
+        monkeypatch.undo()
+        importlib.reload(huggingface_hub.constants)
