@@ -48,6 +48,13 @@ ConditionReason = Literal[
     "StopRequested",
     "BackoffLimitExceeded",
     "DeadlineExceeded",
+    "PerplexityExceeded",
+    "ModelConfigError",
+    "ConfigError",
+    "ChildConflict",
+    "InputNotFound",
+    "Resumed",
+    "EarlyStopped",
 ]
 #: The reasons of an EarlyStopped condition (and of status.earlyStop.reason).
 EARLY_STOP_REASONS: tuple[ConditionReason, ...] = (
@@ -55,6 +62,7 @@ EARLY_STOP_REASONS: tuple[ConditionReason, ...] = (
     "Overfitting",
     "OverMemorization",
     "LossGapExceeded",
+    "PerplexityExceeded",
     "Diverged",
     "StopRequested",
 )

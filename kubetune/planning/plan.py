@@ -762,7 +762,8 @@ def data_warnings(dataset: DatasetStats, seq_len: int) -> list[str]:
     if n < SMALL_DATA:
         warnings.append(
             f"Only {n:,} training examples (under {SMALL_DATA:,}): expect overfitting and "
-            "memorisation; early stopping and the memorisation probes are the safeguards."
+            "memorisation; early stopping (with the eval-loss, loss-gap and perplexity checks) is "
+            "the safeguard."
         )
     if dataset.duplicate_count:
         warnings.append(

@@ -725,3 +725,47 @@ def test_a_missing_configmap_is_waited_for_then_used(
     )
     done = _wait_cond(api, namespace, "later", "Succeeded", timeout=60)
     assert done["reason"] == "PlanOnly"
+
+
+def test_stop_requested_reaches_the_trainer_which_stops_early(
+    dev_cluster: Any, operator: OperatorProcess, api: dict[str, Any], namespace: str, tmp_path: Any
+) -> None:
+    """spec.stopRequested -> the operator POSTs /stop with the job's token to rank 0 -> the
+    real trainer stops after the step, keeps the best checkpoint and exits 0."""
+    from tests.tinymodel import build_tiny_model, rows
+
+    model = build_tiny_model(tmp_path / "model")
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows(64)))
+    out = tmp_path / "out"
+    placement = local_runner_pod_placement(dev_cluster.state.local_runner_node)
+    job = _ftj(
+        "stopme",
+        resources={"numNodes": 1, "gpusPerNode": 0},
+        model={"uri": f"file://{model}"},
+        dataset={"uri": f"file://{data}"},
+        output={"uri": f"file://{out}"},
+        hyperparameters={"epochs": 100},
+        earlyStopping={"enabled": False},
+        nodeSelector=placement["nodeSelector"],
+        tolerations=placement["tolerations"],
+        annotations={"standin": "real-trainer"},
+    )
+    _create(api, namespace, job, rows=None)
+    history = out / "metrics.jsonl"
+    wait_for(
+        lambda: history.exists() and len(history.read_text().splitlines()) >= 5,
+        240,
+        "the trainer to log a few steps",
+    )
+    api["custom"].patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, "stopme", {"spec": {"stopRequested": True}}
+    )
+    done = _wait_cond(api, namespace, "stopme", "Succeeded", timeout=240)
+    assert done["reason"] == "EarlyStopped"
+    stopped = _cond(_get(api, namespace, "stopme"), "EarlyStopped")
+    assert stopped is not None
+    assert stopped["reason"] == "StopRequested"
+    progress = _get(api, namespace, "stopme")["status"]["progress"]
+    assert progress["step"] < progress["totalSteps"]  # it stopped long before the end
+    assert (out / "final" / "adapter_config.json").exists()
