@@ -329,6 +329,8 @@ class Reconciler:
             draft.new["startTime"] = view.start_time
         if spec.stop_requested and not (view.complete or view.failed_reason):
             self._request_stop(ref, draft)
+        if view.active > 0 and not (view.complete or view.failed_reason):
+            self._copy_live_metrics(ref, draft)
         termination = (
             self.kube.termination_message(ref.namespace, name)
             if view.complete or view.failed_reason
@@ -353,6 +355,24 @@ class Reconciler:
                 self._absorb_final_report(termination, draft)
             return "finished"
         return "training"
+
+    def _copy_live_metrics(self, ref: b.JobRef, draft: StatusDraft) -> None:
+        """Copy rank 0's current figures into status.metrics and status.progress (best
+        effort: a trainer that is still starting has no endpoint yet)."""
+        ip = self.kube.pod0_ip(ref.namespace, b.train_name(ref))
+        if not ip:
+            return
+        url = f"http://{ip}:{self.settings.trainer_metrics_port}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                text = resp.read().decode()
+        except (urllib.error.URLError, OSError):
+            return
+        metrics, progress = st.status_from_metrics(text)
+        if metrics:
+            draft.new["metrics"] = {**(draft.new.get("metrics") or {}), **metrics}
+        if progress:
+            draft.new["progress"] = {**(draft.new.get("progress") or {}), **progress}
 
     def _request_stop(self, ref: b.JobRef, draft: StatusDraft) -> None:
         """Ask rank 0 to stop after the current step (it keeps the best checkpoint)."""

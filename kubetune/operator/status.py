@@ -203,3 +203,47 @@ def _early_stop_from(termination: str | None) -> tuple[str, str] | None:
     if isinstance(stop, dict) and stop.get("reason"):
         return str(stop["reason"]), str(stop.get("message", ""))
     return None
+
+
+# Trainer gauges -> status fields.
+_METRIC_FIELDS = {
+    "kubetune_train_loss": "trainLoss",
+    "kubetune_eval_loss": "evalLoss",
+    "kubetune_loss_gap": "lossGap",
+    "kubetune_eval_perplexity": "evalPerplexity",
+    "kubetune_best_eval_loss": "bestEvalLoss",
+    "kubetune_best_step": "bestStep",
+    "kubetune_evals_since_best": "evalsSinceBest",
+}
+_PROGRESS_FIELDS = {
+    "kubetune_step": "step",
+    "kubetune_total_steps": "totalSteps",
+    "kubetune_epoch": "epoch",
+    "kubetune_eta_seconds": "etaSeconds",
+}
+_INTEGERS = {"bestStep", "evalsSinceBest", "step", "totalSteps", "etaSeconds"}
+
+
+def status_from_metrics(text: str) -> tuple[dict[str, float | int], dict[str, float | int]]:
+    """status.metrics and status.progress from rank 0's Prometheus exposition. Gauges the
+    trainer has not set yet (still 0 before the first evaluation) are left out."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if not sample.labels:
+                values[sample.name] = float(sample.value)
+
+    def pick(mapping: dict[str, str]) -> dict[str, float | int]:
+        out: dict[str, float | int] = {}
+        for name, field_name in mapping.items():
+            if name in values and values[name] != 0:
+                v = values[name]
+                out[field_name] = int(v) if field_name in _INTEGERS else round(v, 6)
+        return out
+
+    metrics, progress = pick(_METRIC_FIELDS), pick(_PROGRESS_FIELDS)
+    if progress.get("step") is not None and progress.get("totalSteps"):
+        progress["percentage"] = round(100.0 * progress["step"] / progress["totalSteps"], 1)
+    return metrics, progress

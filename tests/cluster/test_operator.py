@@ -758,6 +758,13 @@ def test_stop_requested_reaches_the_trainer_which_stops_early(
         240,
         "the trainer to log a few steps",
     )
+
+    # While it runs, the operator copies rank 0's live figures into the status.
+    def live_step() -> int:
+        progress = (_get(api, namespace, "stopme").get("status") or {}).get("progress") or {}
+        return int(progress.get("step", 0))
+
+    wait_for(live_step, 60, "live progress copied from rank 0 into status")
     api["custom"].patch_namespaced_custom_object(
         GROUP, VERSION, namespace, PLURAL, "stopme", {"spec": {"stopRequested": True}}
     )

@@ -517,3 +517,29 @@ def test_failure_wins_over_completion() -> None:
     )
     outcome = training_outcome(view, 1, EARLY)
     assert outcome.conditions[1][:3] == ("Failed", "True", "DeadlineExceeded")
+
+
+def test_live_status_from_the_trainer_metrics_exposition() -> None:
+    from kubetune.operator.status import status_from_metrics
+    from kubetune.trainer.server import TrainerMetrics
+
+    m = TrainerMetrics()
+    m.train_loss.set(1.5)
+    m.eval_loss.set(1.75)
+    m.loss_gap.set(0.25)
+    m.eval_perplexity.set(5.75)
+    m.best_step.set(40)
+    m.step.set(42)
+    m.total_steps.set(168)
+    m.epoch.set(1.25)
+    m.plan_info.labels(method="LoRA", zero_stage="2", offload="None").set(1)
+    metrics, progress = status_from_metrics(m.exposition().decode())
+    assert metrics == {
+        "trainLoss": 1.5,
+        "evalLoss": 1.75,
+        "lossGap": 0.25,
+        "evalPerplexity": 5.75,
+        "bestStep": 40,
+    }
+    assert progress == {"step": 42, "totalSteps": 168, "epoch": 1.25, "percentage": 25.0}
+    assert status_from_metrics(TrainerMetrics().exposition().decode()) == ({}, {})
