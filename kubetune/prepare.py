@@ -18,12 +18,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-CONFIG_ERROR_EXIT_CODE = 78
+from kubetune.trainer import EXIT_CONFIG_ERROR as CONFIG_ERROR_EXIT_CODE
+from kubetune.trainer import termination_path
+
 MAX_MESSAGE = 3800
-
-
-def termination_path() -> Path:
-    return Path(os.environ.get("KUBETUNE_TERMINATION_MESSAGE_PATH", "/dev/termination-log"))
 
 
 def encode_message(result: dict[str, Any]) -> str:

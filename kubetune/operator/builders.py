@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from kubetune.operator.settings import OperatorSettings
+from kubetune.trainer import EXIT_CONFIG_ERROR
 
 GROUP = "kubetune.dev"
 VERSION = "v1alpha1"
@@ -32,7 +33,7 @@ TRAINER_CONTAINER = "trainer"
 PREPARE_CONTAINER = "prepare"
 # Exit code of the trainer and the prepare step for configuration or data errors
 # (sysexits' EX_CONFIG): the Job fails at once instead of retrying.
-CONFIG_ERROR_EXIT_CODE = 78
+CONFIG_ERROR_EXIT_CODE = EXIT_CONFIG_ERROR
 CONFIG_MOUNT = "/etc/kubetune"
 SUSPEND_ANNOTATION = "kubetune.dev/applied-suspend"
 OUTPUT_MOUNT = "/output"

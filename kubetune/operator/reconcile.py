@@ -327,10 +327,13 @@ class Reconciler:
             view = st.ChildJobView(**{**view.__dict__, "suspended": bool(spec.suspend)})
         if view.start_time and "startTime" not in draft.new:
             draft.new["startTime"] = view.start_time
+        running = view.active > 0 and not (view.complete or view.failed_reason)
+        # Rank 0's address, looked up once for the stop request and the live metrics.
+        ip = self.kube.pod0_ip(ref.namespace, name) if running else None
         if spec.stop_requested and not (view.complete or view.failed_reason):
-            self._request_stop(ref, draft)
-        if view.active > 0 and not (view.complete or view.failed_reason):
-            self._copy_live_metrics(ref, draft)
+            self._request_stop(ref, draft, ip)
+        if ip:
+            self._copy_live_metrics(ip, draft)
         termination = (
             self.kube.termination_message(ref.namespace, name)
             if view.complete or view.failed_reason
@@ -356,12 +359,9 @@ class Reconciler:
             return "finished"
         return "training"
 
-    def _copy_live_metrics(self, ref: b.JobRef, draft: StatusDraft) -> None:
+    def _copy_live_metrics(self, ip: str, draft: StatusDraft) -> None:
         """Copy rank 0's current figures into status.metrics and status.progress (best
         effort: a trainer that is still starting has no endpoint yet)."""
-        ip = self.kube.pod0_ip(ref.namespace, b.train_name(ref))
-        if not ip:
-            return
         url = f"http://{ip}:{self.settings.trainer_metrics_port}/metrics"
         try:
             with urllib.request.urlopen(url, timeout=2) as resp:
@@ -374,17 +374,18 @@ class Reconciler:
         if progress:
             draft.new["progress"] = {**(draft.new.get("progress") or {}), **progress}
 
-    def _request_stop(self, ref: b.JobRef, draft: StatusDraft) -> None:
+    def _request_stop(self, ref: b.JobRef, draft: StatusDraft, ip: str | None) -> None:
         """Ask rank 0 to stop after the current step (it keeps the best checkpoint)."""
-        ip = self.kube.pod0_ip(ref.namespace, b.train_name(ref))
-        token = self.kube.read_secret_key(ref.namespace, b.control_name(ref), "token")
         draft.condition(
             "Running",
             "True",
             "StopRequested",
             "spec.stopRequested is true: asking the trainer to stop",
         )
-        if not ip or not token:
+        if not ip:
+            return
+        token = self.kube.read_secret_key(ref.namespace, b.control_name(ref), "token")
+        if not token:
             return
         url = f"http://{ip}:{self.settings.trainer_metrics_port}/stop"
         req = urllib.request.Request(

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kubetune.trainer import termination_path
+
 
 class TrainerConfigError(ValueError):
     """The run cannot be configured; exits with the configuration-error code."""
@@ -92,8 +94,6 @@ def load_config(config_dir: Path | None, env: dict[str, str] | None = None) -> T
         output=Path(output),
         metrics_port=int(env.get("KUBETUNE_METRICS_PORT") or 0),
         control_token=env.get("KUBETUNE_CONTROL_TOKEN") or None,
-        termination_path=Path(
-            env.get("KUBETUNE_TERMINATION_MESSAGE_PATH") or "/dev/termination-log"
-        ),
+        termination_path=termination_path(env),
         job_name=env.get("KUBETUNE_JOB_NAME", "local"),
     )

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
-from kubetune.trainer import EXIT_CONFIG_ERROR
+from kubetune.trainer import EXIT_CONFIG_ERROR, termination_path
 
 
 def precheck() -> str | None:
@@ -36,22 +34,18 @@ def precheck() -> str | None:
     return None
 
 
-def _termination_path() -> Path:
-    return Path(os.environ.get("KUBETUNE_TERMINATION_MESSAGE_PATH", "/dev/termination-log"))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     error = precheck()
     if error is not None:
         print(f"configuration error: {error}", file=sys.stderr)
         with contextlib.suppress(OSError):
-            _termination_path().write_text(json.dumps({"error": error, "reason": "ConfigError"}))
+            termination_path().write_text(json.dumps({"error": error, "reason": "ConfigError"}))
         return EXIT_CONFIG_ERROR
     code = subprocess.call([sys.executable, "-m", "torch.distributed.run", *args])
     if code != 0:
         try:
-            message = json.loads(_termination_path().read_text())
+            message = json.loads(termination_path().read_text())
         except (OSError, ValueError):
             message = {}
         if isinstance(message, dict) and message.get("reason") == "ConfigError":

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from kubetune.trainer import EXIT_CONFIG_ERROR, EXIT_OK
+from kubetune.trainer import EXIT_CONFIG_ERROR, EXIT_OK, termination_path
 from kubetune.trainer.config import TrainerConfig, TrainerConfigError
 
 log = logging.getLogger("kubetune.trainer")
@@ -255,7 +255,8 @@ def main_entry(cfg_loader: Any) -> int:
         if cfg is not None and rank() == 0:
             write_termination(cfg, {"error": str(exc), "reason": "ConfigError"})
         else:
-            path = Path(os.environ.get("KUBETUNE_TERMINATION_MESSAGE_PATH", "/dev/termination-log"))
             with contextlib.suppress(OSError):
-                path.write_text(json.dumps({"error": str(exc), "reason": "ConfigError"}))
+                termination_path().write_text(
+                    json.dumps({"error": str(exc), "reason": "ConfigError"})
+                )
         return EXIT_CONFIG_ERROR

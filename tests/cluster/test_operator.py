@@ -677,24 +677,8 @@ def test_the_real_trainer_runs_a_job_end_to_end_on_the_local_runner(
 ) -> None:
     """prepare pod (plans from the files) -> training pod (torchrun + kubetune.trainer on a
     tiny model) -> status with the trainer's metrics -> outputs on disk."""
-    from tests.tinymodel import build_tiny_model, rows
-
-    model = build_tiny_model(tmp_path / "model")
-    data = tmp_path / "train.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in rows(64)))
     out = tmp_path / "out"
-    placement = local_runner_pod_placement(dev_cluster.state.local_runner_node)
-    job = _ftj(
-        "real",
-        resources={"numNodes": 1, "gpusPerNode": 0},
-        model={"uri": f"file://{model}"},
-        dataset={"uri": f"file://{data}"},
-        output={"uri": f"file://{out}"},
-        hyperparameters={"epochs": 2},
-        nodeSelector=placement["nodeSelector"],
-        tolerations=placement["tolerations"],
-        annotations={"standin": "real-trainer"},
-    )
+    job = _real_trainer_job(dev_cluster, tmp_path, "real", out, hyperparameters={"epochs": 2})
     _create(api, namespace, job, rows=None)
     _wait_cond(api, namespace, "real", "Succeeded", timeout=420)
     status = _get(api, namespace, "real")["status"]
@@ -732,24 +716,14 @@ def test_stop_requested_reaches_the_trainer_which_stops_early(
 ) -> None:
     """spec.stopRequested -> the operator POSTs /stop with the job's token to rank 0 -> the
     real trainer stops after the step, keeps the best checkpoint and exits 0."""
-    from tests.tinymodel import build_tiny_model, rows
-
-    model = build_tiny_model(tmp_path / "model")
-    data = tmp_path / "train.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in rows(64)))
     out = tmp_path / "out"
-    placement = local_runner_pod_placement(dev_cluster.state.local_runner_node)
-    job = _ftj(
+    job = _real_trainer_job(
+        dev_cluster,
+        tmp_path,
         "stopme",
-        resources={"numNodes": 1, "gpusPerNode": 0},
-        model={"uri": f"file://{model}"},
-        dataset={"uri": f"file://{data}"},
-        output={"uri": f"file://{out}"},
+        out,
         hyperparameters={"epochs": 100},
         earlyStopping={"enabled": False},
-        nodeSelector=placement["nodeSelector"],
-        tolerations=placement["tolerations"],
-        annotations={"standin": "real-trainer"},
     )
     _create(api, namespace, job, rows=None)
     history = out / "metrics.jsonl"
@@ -776,3 +750,27 @@ def test_stop_requested_reaches_the_trainer_which_stops_early(
     progress = _get(api, namespace, "stopme")["status"]["progress"]
     assert progress["step"] < progress["totalSteps"]  # it stopped long before the end
     assert (out / "final" / "adapter_config.json").exists()
+
+
+def _real_trainer_job(
+    dev_cluster: Any, tmp_path: Any, name: str, out: Any, **spec: Any
+) -> dict[str, Any]:
+    """A job on the local pod runner that the stand-in hands to the real trainer: a tiny
+    model and 64 rows in files, CPU, output in `out`."""
+    from tests.tinymodel import build_tiny_model, rows
+
+    model = build_tiny_model(tmp_path / "model")
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows(64)))
+    placement = local_runner_pod_placement(dev_cluster.state.local_runner_node)
+    return _ftj(
+        name,
+        resources={"numNodes": 1, "gpusPerNode": 0},
+        model={"uri": f"file://{model}"},
+        dataset={"uri": f"file://{data}"},
+        output={"uri": f"file://{out}"},
+        nodeSelector=placement["nodeSelector"],
+        tolerations=placement["tolerations"],
+        annotations={"standin": "real-trainer"},
+        **spec,
+    )
