@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help venv tools test test-unit test-cluster test-trainer lint typecheck check dev-cluster-up dev-cluster-down clean
+.PHONY: help venv tools test test-unit test-cluster test-trainer bench-smoke lint typecheck check dev-cluster-up dev-cluster-down clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -36,6 +36,9 @@ test-cluster: venv ## cluster tier only (real local control plane)
 
 test-trainer: venv ## trainer tier only (real CPU training of tiny models)
 	$(VENV)/bin/pytest -m trainer $(PYTEST_ARGS)
+
+bench-smoke: venv ## run every benchmark in its smoke size (proves they run; figures not recorded)
+	@set -e; for b in bench/[a-z]*.py; do echo "::: $$b --smoke"; $(PY) $$b --smoke; done
 
 lint: venv
 	$(VENV)/bin/ruff check .
