@@ -52,11 +52,14 @@ class Kube:
             GROUP, VERSION, namespace, PLURAL, name, {"status": status}
         )
 
-    def list_ftjs(self) -> list[dict[str, Any]]:
+    def list_ftjs(self, namespace: str | None = None) -> list[dict[str, Any]]:
+        """FineTuneJobs of one namespace, or of all (needs a cluster-wide list right)."""
         self.requests += 1
-        items: list[dict[str, Any]] = self.custom.list_cluster_custom_object(
-            GROUP, VERSION, PLURAL
-        )["items"]
+        if namespace is not None:
+            listed = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+        else:
+            listed = self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)
+        items: list[dict[str, Any]] = listed["items"]
         return items
 
     def post_event(self, obj: dict[str, Any], etype: str, reason: str, message: str) -> None:

@@ -132,7 +132,12 @@ def _resync_once() -> None:
     missed events and the TTL clock. One list call per round, not one timer per job, so no
     Kopf finalizer is needed and deleting a job never waits on the operator."""
     kube = _reconciler().kube
-    for ftj in kube.list_ftjs():
+    jobs = (
+        [ftj for ns in SETTINGS.watch_namespaces for ftj in kube.list_ftjs(ns)]
+        if SETTINGS.watch_namespaces
+        else kube.list_ftjs()
+    )
+    for ftj in jobs:
         status = ftj.get("status") or {}
         finished = any(
             c.get("type") in ("Succeeded", "Failed") and c.get("status") == "True"

@@ -29,6 +29,12 @@ JOBS = Gauge(
     ["state"],
     registry=REGISTRY,
 )
+EARLY_STOPS = Counter(
+    "kubetune_operator_early_stops",
+    "FineTuneJobs that ended with the condition EarlyStopped, by reason.",
+    ["reason"],
+    registry=REGISTRY,
+)
 API_REQUESTS = Counter(
     "kubetune_operator_api_requests",
     "Kubernetes API requests made by reconciles.",

@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from kubetune.operator import builders as b
+from kubetune.operator import metrics
 from kubetune.operator import status as st
 from kubetune.operator.k8s import ChildConflictError, Kube, decode_termination_plan
 from kubetune.operator.planstep import (
@@ -341,6 +342,12 @@ class Reconciler:
         )
         outcome = st.training_outcome(view, int(spec.resources.num_nodes), termination)
         for ctype, cstatus, reason, message in outcome.conditions:
+            if (
+                ctype == "EarlyStopped"
+                and cstatus == "True"
+                and not st.is_true(draft.conditions, "EarlyStopped")
+            ):
+                metrics.EARLY_STOPS.labels(reason=reason).inc()
             if ctype == "Failed" and cstatus == "True":
                 draft.fail(reason, message)
             else:

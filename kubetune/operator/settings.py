@@ -51,6 +51,9 @@ class OperatorSettings:
     # Replaces the training command (`torchrun ... -m kubetune.trainer`) when set: a JSON
     # list. For custom trainer images, and for tests that run a stand-in trainer.
     trainer_command: tuple[str, ...] | None = None
+    # Namespaces whose FineTuneJobs the resync round lists (empty: all namespaces). Kopf's
+    # own watches follow its --namespace flags; the Helm chart sets both from one value.
+    watch_namespaces: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls) -> OperatorSettings:
@@ -69,4 +72,9 @@ class OperatorSettings:
             metrics_port=int(_float("KUBETUNE_METRICS_PORT", d.metrics_port)),
             default_output_uri=os.environ.get("KUBETUNE_DEFAULT_OUTPUT_URI", d.default_output_uri),
             trainer_command=_command("KUBETUNE_TRAINER_COMMAND"),
+            watch_namespaces=tuple(
+                ns.strip()
+                for ns in os.environ.get("KUBETUNE_WATCH_NAMESPACES", "").split(",")
+                if ns.strip()
+            ),
         )
