@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The GPU benchmarks in one command, for a lent GPU machine whose python3 has torch,
+# transformers and peft but not DeepSpeed or pydantic: installs the wheels carried in .whl/
+# (deepspeed built with DS_BUILD_OPS=0, hjson, pydantic, pydantic_core, annotated_types,
+# typing_inspection), runs bench/gpu.py and the GPU part of bench/memory_accuracy.py, and
+# writes their logs and the sections they would append to bench/RESULTS.md under $OUT.
+# About 5-8 minutes on an H200. From the repository root:
+#
+#     OUT=/tmp/out bash bench/device.sh            # on the GPU machine
+#     PY=.venv/bin/python DRY=1 bash bench/device.sh   # here: the same steps in smoke sizes
+set -u
+OUT=${OUT:-/tmp/kubetune-bench}
+PY=${PY:-python3}
+DRY=${DRY:-}
+mkdir -p "$OUT"
+t0=$(date +%s)
+log() { echo "[device.sh +$(( $(date +%s) - t0 ))s] $*" | tee -a "$OUT/device.log"; }
+
+log "commit $(git rev-parse --short HEAD 2>/dev/null || cat bench/.commit 2>/dev/null || echo unknown)"
+nvidia-smi -L 2>&1 | tee -a "$OUT/device.log" || true
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+    site=${SITE:-/tmp/kubetune-site}
+    extra=()
+    if [ -n "$DRY" ]; then
+        # Here the interpreter may be another Python: check the wheels install for 3.12.
+        extra=(--python-version 3.12 --only-binary=:all: --platform manylinux2014_x86_64)
+    fi
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$site" "${extra[@]}" .whl/*.whl || { log "wheel install failed"; exit 1; }
+    log "wheels installed into $site: $(ls "$site" | grep -c dist-info) packages"
+    if [ -z "$DRY" ]; then
+        export PYTHONPATH="$site:${PYTHONPATH:-}"
+    fi
+fi
+export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 DS_BUILD_OPS=0
+export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+"$PY" - <<'EOF' 2>&1 | tee -a "$OUT/device.log"
+import deepspeed, peft, pydantic, torch, transformers
+print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
+      "transformers", transformers.__version__, "peft", peft.__version__,
+      "deepspeed", deepspeed.__version__, "pydantic", pydantic.__version__)
+if torch.cuda.is_available():
+    print(torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0).total_memory / 2**30)
+EOF
+
+start_size=$(wc -c < bench/RESULTS.md)
+if [ -n "$DRY" ]; then
+    gpu_args=(--smoke --no-record); mem_args=(--smoke --no-record)
+else
+    gpu_args=(); mem_args=(--gpu-only --budget-s "${MEM_BUDGET_S:-190}")
+fi
+log "gpu.py"
+timeout "${GPU_TIMEOUT_S:-150}" "$PY" bench/gpu.py "${gpu_args[@]}" > "$OUT/gpu.log" 2>&1
+log "gpu.py exit $?"
+log "memory_accuracy.py"
+timeout "${MEM_TIMEOUT_S:-290}" "$PY" bench/memory_accuracy.py "${mem_args[@]}" \
+    > "$OUT/memory_accuracy.log" 2>&1
+log "memory_accuracy.py exit $?"
+tail -c +"$((start_size + 1))" bench/RESULTS.md > "$OUT/RESULTS-device.md"
+log "done; RESULTS sections: $(wc -l < "$OUT/RESULTS-device.md") lines"
+grep -E '^\|' "$OUT/gpu.log" "$OUT/memory_accuracy.log" | cut -c1-400
