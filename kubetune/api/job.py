@@ -147,6 +147,8 @@ def _from_mapping(data: Mapping[str, Any], source: str | None) -> FineTuneJob:
         return FineTuneJob.model_validate(_plain(data))
     except ValidationError as exc:
         raise SpecError([_problem(e) for e in exc.errors()], source) from None
+    except RecursionError:  # found by fuzzing: a value nested thousands deep
+        raise SpecError([("", "the manifest is nested too deeply")], source) from None
 
 
 def _from_documents(documents: list[Any], source: str | None) -> FineTuneJob:
@@ -178,6 +180,8 @@ def _parse_text(text: str, source: str | None) -> FineTuneJob:
         documents = load_yaml_documents(text)
     except yaml.YAMLError as exc:
         raise SpecError([("", f"not valid YAML: {exc}")], source) from None
+    except RecursionError:  # found by fuzzing: `[[[[...` thousands deep
+        raise SpecError([("", "not valid YAML: nested too deeply")], source) from None
     return _from_documents(documents, source)
 
 

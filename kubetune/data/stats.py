@@ -169,6 +169,8 @@ def parse_jsonl(
             raise DataError(
                 f"{source} line {n}: not valid JSON ({exc.msg} at column {exc.colno})"
             ) from exc
+        except RecursionError:  # found by fuzzing: `[[[[...` thousands deep
+            raise DataError(f"{source} line {n}: JSON nested too deeply") from None
         if not isinstance(obj, dict):
             raise DataError(
                 f"{source} line {n}: each line must be a JSON object, not {type(obj).__name__}"
