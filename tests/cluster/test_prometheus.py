@@ -1,0 +1,507 @@
+"""Prometheus, for real: the prometheus binary built in tools/ scrapes a real local training
+run and the operator's metrics endpoint with the relabelling the chart's PodMonitor and
+ServiceMonitor imply, then every query of the Grafana dashboard runs through its HTTP API
+and must parse and return data. `promtool check metrics` lints both endpoints' output."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kubetune.devcluster.binaries import find_binaries, require
+from kubetune.devcluster.cluster import free_port
+from kubetune.devcluster.components import local_runner_pod_placement
+from kubetune.operator import builders
+from kubetune.operator.settings import OperatorSettings
+from tests.cluster.test_helm import by_kind, template
+from tests.cluster.test_operator import OperatorProcess
+from tests.trainer.conftest import MakeRun, make_run, tiny_model  # noqa: F401
+from tests.waiting import wait_for
+
+pytestmark = pytest.mark.cluster
+
+ROOT = Path(__file__).resolve().parents[2]
+DASHBOARD = ROOT / "charts" / "kubetune" / "dashboards" / "kubetune.json"
+NAMESPACE, JOB = "ml-team", "glossary"
+SCRAPE_INTERVAL = "1s"
+RATE_INTERVAL = "10s"  # what Grafana's $__rate_interval becomes at a 1 s scrape interval
+
+# Dashboard queries whose metrics the trainer does not export yet. The probes' metrics
+# (issue 5) are being added to the trainer by another change: an entry only excuses a query
+# while the trainer does not declare its metric (TrainerMetrics' registry); once it does, the
+# query must return data like every other, and the entry is dead and should be removed.
+NO_DATA_YET: dict[str, str] = {
+    "kubetune_eval_token_accuracy": "issue 5: the trainer does not export it yet",
+    "kubetune_memorization_rate": "issue 5: memorisation probe",
+    "kubetune_general_perplexity_ratio": "issue 5: forgetting probe",
+    "kubetune_general_perplexity": "issue 5: forgetting probe",
+    "kubetune_general_perplexity_base": "issue 5: forgetting probe",
+    "kubetune_data_perplexity_base": "issue 5: data-perplexity probe",
+    "kubetune_data_high_perplexity_token_ratio": "issue 5: data-perplexity probe",
+    "kubetune_probe_seconds_total": "issue 5: probe timing",
+    "kubetune_gpu_memory_allocated_bytes": "issue 5: GPU memory gauges",
+    "kubetune_gpu_memory_peak_bytes": "issue 5: GPU memory gauges",
+}
+
+
+def _declared_trainer_metrics() -> set[str]:
+    """Sample names the trainer's registry can export (counters with `_total`)."""
+    from kubetune.trainer.server import TrainerMetrics
+
+    names: set[str] = set()
+    for family in TrainerMetrics().registry.collect():
+        names.add(family.name)
+        if family.type == "counter":
+            names.add(family.name + "_total")
+    return names
+
+
+def _sanitize(name: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9_]", "_", name)
+
+
+def _relabelings(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """prometheus-operator's RelabelConfig (camelCase) -> Prometheus' relabel_config."""
+    keys = {
+        "sourceLabels": "source_labels",
+        "targetLabel": "target_label",
+        "regex": "regex",
+        "action": "action",
+        "replacement": "replacement",
+        "separator": "separator",
+        "modulus": "modulus",
+    }
+    return [{keys[k]: v for k, v in item.items()} for item in items]
+
+
+def pod_monitor_scrape_config(monitor: dict[str, Any], targets: Path) -> dict[str, Any]:
+    """The scrape config prometheus-operator generates for a PodMonitor (role: pod), with the
+    Kubernetes service discovery replaced by a file whose targets carry the same __meta_
+    labels kubernetes_sd would give the pods."""
+    meta = monitor["metadata"]
+    [endpoint] = monitor["spec"]["podMetricsEndpoints"]
+    relabel: list[dict[str, Any]] = [
+        {
+            "action": "keep",
+            "source_labels": [f"__meta_kubernetes_pod_label_{_sanitize(k)}"],
+            "regex": v,
+        }
+        for k, v in monitor["spec"]["selector"]["matchLabels"].items()
+    ]
+    relabel += [
+        {
+            "action": "keep",
+            "source_labels": ["__meta_kubernetes_pod_container_port_name"],
+            "regex": endpoint["port"],
+        },
+        {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
+        {"source_labels": ["__meta_kubernetes_pod_container_name"], "target_label": "container"},
+        {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+        {"target_label": "job", "replacement": f"{meta['namespace']}/{meta['name']}"},
+        {"target_label": "endpoint", "replacement": endpoint["port"]},
+        *_relabelings(endpoint.get("relabelings") or []),
+    ]
+    return {
+        "job_name": f"podMonitor/{meta['namespace']}/{meta['name']}/0",
+        "scrape_interval": SCRAPE_INTERVAL,
+        "scrape_timeout": SCRAPE_INTERVAL,
+        "metrics_path": endpoint.get("path", "/metrics"),
+        "file_sd_configs": [{"files": [str(targets)], "refresh_interval": "1s"}],
+        "relabel_configs": relabel,
+    }
+
+
+def service_monitor_scrape_config(monitor: dict[str, Any], targets: Path) -> dict[str, Any]:
+    """The same for the operator's ServiceMonitor (role: endpoints)."""
+    meta = monitor["metadata"]
+    [endpoint] = monitor["spec"]["endpoints"]
+    relabel: list[dict[str, Any]] = [
+        {
+            "action": "keep",
+            "source_labels": [f"__meta_kubernetes_service_label_{_sanitize(k)}"],
+            "regex": v,
+        }
+        for k, v in monitor["spec"]["selector"]["matchLabels"].items()
+    ]
+    relabel += [
+        {
+            "action": "keep",
+            "source_labels": ["__meta_kubernetes_endpoint_port_name"],
+            "regex": endpoint["port"],
+        },
+        {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
+        {"source_labels": ["__meta_kubernetes_service_name"], "target_label": "service"},
+        {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+        {"source_labels": ["__meta_kubernetes_service_name"], "target_label": "job"},
+        {"target_label": "endpoint", "replacement": endpoint["port"]},
+    ]
+    return {
+        "job_name": f"serviceMonitor/{meta['namespace']}/{meta['name']}/0",
+        "scrape_interval": SCRAPE_INTERVAL,
+        "scrape_timeout": SCRAPE_INTERVAL,
+        "metrics_path": endpoint.get("path", "/metrics"),
+        "file_sd_configs": [{"files": [str(targets)], "refresh_interval": "1s"}],
+        "relabel_configs": relabel,
+    }
+
+
+def trainer_pod_targets(trainer_port: int, decoy_port: int) -> list[dict[str, Any]]:
+    """What kubernetes_sd would list for one 2-node run and its prepare pod: the real
+    trainer is rank 0; rank 1 and the prepare pod must be dropped by the relabelling."""
+    from kubetune.api import parse_job
+
+    ref = builders.JobRef(name=JOB, namespace=NAMESPACE, uid="uid-1")
+    spec = parse_job(
+        {
+            "apiVersion": "kubetune.dev/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": JOB},
+            "spec": {
+                "model": {"uri": "hf://meta-llama/Llama-2-7b-hf"},
+                "dataset": {"uri": f"configmap://{JOB}-data/train.jsonl"},
+                "resources": {"numNodes": 2},
+            },
+        }
+    ).spec
+    job = builders.training_job(ref, spec, {"method": "LoRA"}, OperatorSettings())
+    pod = job["spec"]["template"]
+    [container] = pod["spec"]["containers"]
+    out = []
+    for index, address, labels in (
+        ("0", f"127.0.0.1:{trainer_port}", pod["metadata"]["labels"]),
+        ("1", f"127.0.0.1:{decoy_port}", pod["metadata"]["labels"]),
+        (None, f"127.0.0.1:{decoy_port}", builders.labels(ref, "prepare")),
+    ):
+        for port in container["ports"]:
+            meta = {
+                "__meta_kubernetes_namespace": NAMESPACE,
+                "__meta_kubernetes_pod_name": f"{JOB}-train-{index}-abcde",
+                "__meta_kubernetes_pod_container_name": container["name"],
+                "__meta_kubernetes_pod_container_port_name": port["name"],
+                **{f"__meta_kubernetes_pod_label_{_sanitize(k)}": v for k, v in labels.items()},
+            }
+            if index is not None:
+                key = "batch.kubernetes.io/job-completion-index"
+                meta[f"__meta_kubernetes_pod_annotation_{_sanitize(key)}"] = index
+            host = address if port["name"] == "metrics" else f"127.0.0.1:{decoy_port}"
+            out.append({"targets": [host], "labels": meta})
+    return out
+
+
+def operator_targets(service: dict[str, Any], port: int) -> list[dict[str, Any]]:
+    labels = {
+        f"__meta_kubernetes_service_label_{_sanitize(k)}": v
+        for k, v in service["metadata"]["labels"].items()
+    }
+    return [
+        {
+            "targets": [f"127.0.0.1:{port}"],
+            "labels": {
+                "__meta_kubernetes_namespace": service["metadata"]["namespace"],
+                "__meta_kubernetes_service_name": service["metadata"]["name"],
+                "__meta_kubernetes_pod_name": "kubetune-operator-0",
+                "__meta_kubernetes_endpoint_port_name": p["name"],
+                **labels,
+            },
+        }
+        for p in service["spec"]["ports"]
+    ]
+
+
+def _get_json(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        data: dict[str, Any] = json.loads(resp.read())
+    return data
+
+
+class Prometheus:
+    def __init__(self, root: Path, config: dict[str, Any]) -> None:
+        binaries = find_binaries()
+        require([binaries.prometheus, binaries.promtool])
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        (root / "prometheus.yml").write_text(yaml.safe_dump(config))
+        check = subprocess.run(
+            [str(binaries.promtool), "check", "config", str(root / "prometheus.yml")],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert check.returncode == 0, check.stdout + check.stderr
+        self.log = (root / "prometheus.log").open("w")
+        self.proc = subprocess.Popen(
+            [
+                str(binaries.prometheus),
+                f"--config.file={root / 'prometheus.yml'}",
+                f"--storage.tsdb.path={root / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_for(self._ready, 60, "Prometheus to be ready", interval=0.5)
+
+    def _ready(self) -> bool:
+        assert self.proc.poll() is None, "prometheus exited; see prometheus.log"
+        try:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as resp:
+                return bool(resp.status == 200)
+        except OSError:
+            return False
+
+    def api(self, path: str, **params: str) -> dict[str, Any]:
+        query = urllib.parse.urlencode(params)
+        try:
+            return _get_json(f"{self.url}/api/v1/{path}?{query}")
+        except urllib.error.HTTPError as exc:  # 400 and 422 carry the error as JSON
+            data: dict[str, Any] = json.loads(exc.read())
+            return data
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def _panel_queries() -> list[tuple[str, str]]:
+    board = json.loads(DASHBOARD.read_text())
+    out = [(p["title"], tg["expr"]) for p in board["panels"] for tg in p.get("targets", [])]
+    out += [
+        (f"annotation {a['name']}", a["expr"]) for a in board["annotations"]["list"] if "expr" in a
+    ]
+    return out
+
+
+def _substitute(expr: str) -> str:
+    return (
+        expr.replace("$namespace", NAMESPACE)
+        .replace("$job", JOB)
+        .replace("$__rate_interval", RATE_INTERVAL)
+    )
+
+
+def _allowed_no_data(expr: str, declared: set[str]) -> str | None:
+    """Why this query may return nothing: a metric of it is on NO_DATA_YET and the trainer
+    does not declare it yet."""
+    names = set(re.findall(r"\bkubetune_[a-z_]+", expr))
+    for name in sorted(names):
+        if name in NO_DATA_YET and name not in declared:
+            return NO_DATA_YET[name]
+    return None
+
+
+class Poller:
+    """Keeps the last successful /metrics body of an endpoint while something runs."""
+
+    def __init__(self, url: str, must_contain: str) -> None:
+        self.url, self.must_contain = url, must_contain
+        self.last: str | None = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.5):
+            try:
+                with urllib.request.urlopen(self.url, timeout=2) as resp:
+                    text = resp.read().decode()
+            except OSError:
+                continue
+            if self.must_contain in text:
+                self.last = text
+
+    def close(self) -> str | None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+        return self.last
+
+
+@pytest.fixture(scope="module")
+def operator_process(dev_cluster: Any, crd_installed: str) -> Iterator[OperatorProcess]:
+    import os
+
+    proc = OperatorProcess(str(dev_cluster.layout.kubeconfig))
+    saved = {k: os.environ.get(k) for k in proc.env}
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _early_stopped_job(dev_cluster: Any, api_client: Any, namespace: str) -> None:
+    """A job the (stand-in) trainer stops early: the operator counts it in
+    kubetune_operator_early_stops_total."""
+    from kubernetes import client
+
+    placement = local_runner_pod_placement(dev_cluster.state.local_runner_node)
+    rows = "\n".join(
+        json.dumps({"prompt": f"Define term {i}: ", "completion": f"Term {i} means item {i}."})
+        for i in range(120)
+    )
+    client.CoreV1Api(api_client).create_namespaced_config_map(
+        namespace, {"metadata": {"name": "early-data"}, "data": {"train.jsonl": rows}}
+    )
+    custom = client.CustomObjectsApi(api_client)
+    custom.create_namespaced_custom_object(
+        "kubetune.dev",
+        "v1alpha1",
+        namespace,
+        "finetunejobs",
+        {
+            "apiVersion": "kubetune.dev/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": "early"},
+            "spec": {
+                "model": {"uri": "hf://Qwen/Qwen2-0.5B"},
+                "dataset": {"uri": "configmap://early-data/train.jsonl"},
+                "resources": {"numNodes": 1, "gpusPerNode": 0},
+                "nodeSelector": placement["nodeSelector"],
+                "tolerations": placement["tolerations"],
+                "annotations": {"standin": "early-stop"},
+            },
+        },
+    )
+
+    def stopped() -> bool:
+        obj = custom.get_namespaced_custom_object(
+            "kubetune.dev", "v1alpha1", namespace, "finetunejobs", "early"
+        )
+        conds = (obj.get("status") or {}).get("conditions") or []
+        return any(c["type"] == "EarlyStopped" and c["status"] == "True" for c in conds)
+
+    wait_for(stopped, 120, "the stand-in job to be EarlyStopped")
+
+
+def test_every_dashboard_query_returns_data_from_a_real_run_and_the_operator(
+    dev_cluster: Any,
+    api_client: Any,
+    namespace: str,
+    operator_process: OperatorProcess,
+    make_run: MakeRun,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    from kubetune.operator import main as operator_main
+
+    # The monitors as the chart renders them.
+    docs = template(
+        "--set", "metrics.podMonitor.enabled=true", "--set", "metrics.serviceMonitor.enabled=true"
+    )
+    [pod_monitor] = by_kind(docs, "PodMonitor")
+    [service_monitor] = by_kind(docs, "ServiceMonitor")
+    [service] = by_kind(docs, "Service")
+
+    # The operator reconciles a job that stops early (and its metrics endpoint serves that).
+    _early_stopped_job(dev_cluster, api_client, namespace)
+    operator_port = int(operator_main._state["metrics_port"])
+
+    trainer_port, decoy_port = free_port(), free_port()
+    trainer_sd, operator_sd = tmp_path / "trainer.json", tmp_path / "operator.json"
+    trainer_sd.write_text(json.dumps(trainer_pod_targets(trainer_port, decoy_port)))
+    operator_sd.write_text(json.dumps(operator_targets(service, operator_port)))
+    config = {
+        "global": {"scrape_interval": SCRAPE_INTERVAL, "evaluation_interval": SCRAPE_INTERVAL},
+        "scrape_configs": [
+            pod_monitor_scrape_config(pod_monitor, trainer_sd),
+            service_monitor_scrape_config(service_monitor, operator_sd),
+        ],
+    }
+    prom = Prometheus(tmp_path, config)
+    try:
+        # A real training run that stops early: patience 1 and a minimum improvement no
+        # run makes, so it stops at its second evaluation with NoImprovement.
+        run = make_run(
+            method="LoRA",
+            hp={
+                "epochs": 40,
+                "learningRate": 0.02,
+                "evalSteps": 15,
+                "warmupSteps": 0,
+                "microBatchSize": 8,
+                "gradientAccumulationSteps": 1,
+            },
+            spec_extra={"earlyStopping": {"enabled": True, "patience": 1, "minDelta": 100}},
+        )
+        run.env["KUBETUNE_METRICS_PORT"] = str(trainer_port)
+        started = time.time()
+        poller = Poller(f"http://127.0.0.1:{trainer_port}/metrics", "kubetune_eval_loss ")
+        result = subprocess.run(
+            run.command, env=run.env, capture_output=True, text=True, timeout=420, check=False
+        )
+        trainer_text = poller.close()
+        assert result.returncode == 0, result.stderr[-4000:]
+        assert run.termination()["earlyStop"]["reason"] == "NoImprovement"
+        assert trainer_text is not None, "never scraped the trainer's /metrics"
+        time.sleep(3)  # the operator's counters: a few more scrapes
+        ended = time.time()
+
+        # The relabelling kept rank 0's metrics port and the operator, dropped the rest.
+        targets = prom.api("targets")["data"]
+        active = {(t["labels"]["job"], t["labels"].get("pod")) for t in targets["activeTargets"]}
+        meta_ns = pod_monitor["metadata"]["namespace"]
+        assert active == {
+            (f"{meta_ns}/{pod_monitor['metadata']['name']}", f"{JOB}-train-0-abcde"),
+            (service["metadata"]["name"], "kubetune-operator-0"),
+        }
+        assert len(targets["droppedTargets"]) >= 4
+        series = prom.api("series", **{"match[]": "kubetune_step"})["data"]
+        assert {(s["namespace"], s["finetunejob"]) for s in series} == {(NAMESPACE, JOB)}
+
+        # Every panel's query parses and returns data (or is excused by NO_DATA_YET).
+        declared = _declared_trainer_metrics()
+        empty: list[str] = []
+        excused: list[str] = []
+        for title, expr in _panel_queries():
+            query = _substitute(expr)
+            answer = prom.api(
+                "query_range",
+                query=query,
+                start=f"{started:.3f}",
+                end=f"{ended:.3f}",
+                step="1",
+            )
+            assert answer.get("status") == "success", f"{title}: {query}: {answer}"
+            has_data = any(r["values"] for r in answer["data"]["result"])
+            why = _allowed_no_data(expr, declared)
+            if not has_data:
+                (excused if why else empty).append(f"{title}: {query} ({why or 'no data'})")
+        assert empty == [], "queries without data:\n" + "\n".join(empty)
+        if excused:
+            print("excused (NO_DATA_YET):\n" + "\n".join(excused))
+    finally:
+        prom.stop()
+
+    # promtool lints both endpoints' exposition.
+    with urllib.request.urlopen(f"http://127.0.0.1:{operator_port}/metrics", timeout=5) as resp:
+        operator_text = resp.read().decode()
+    assert "kubetune_operator_early_stops_total{reason=" in operator_text
+    promtool = find_binaries().promtool
+    for name, text in (("trainer", trainer_text), ("operator", operator_text)):
+        lint = subprocess.run(
+            [str(promtool), "check", "metrics"],
+            input=text,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert lint.returncode == 0, f"{name}: {lint.stdout}{lint.stderr}"
