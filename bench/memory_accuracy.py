@@ -18,7 +18,10 @@ that configuration. Goal: within 15%, and no plan that claims to fit runs out of
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
+import json
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -157,15 +160,51 @@ def gpu_cases(steps: int) -> list[Any]:
     return cases
 
 
+CASE_MARK = "CASE-RESULT "
+
+
+def run_isolated(index: int, steps: int, timeout_s: float = 180.0) -> Any:
+    """Run GPU case ``index`` in a fresh process: a clean CUDA allocator, and no DeepSpeed or
+    Accelerate state left over from an earlier case (in one process, ZeRO-3 engines kept
+    their memory and later ZeRO-0 cases still ran through DeepSpeed)."""
+    from bench._train import RunResult
+
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--case", str(index)]
+    cmd += ["--steps", str(steps)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return RunResult(error=f"timed out after {timeout_s:.0f} s")
+    for line in done.stdout.splitlines():
+        if line.startswith(CASE_MARK):
+            return RunResult(**json.loads(line.removeprefix(CASE_MARK)))
+    tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+    oom = "OutOfMemoryError" in done.stderr
+    return RunResult(oom=oom, error=f"exit {done.returncode}: {' / '.join(tail)[:300]}")
+
+
+def one_case(index: int, steps: int) -> int:
+    import torch
+
+    from bench._train import plan_for, run_case
+
+    case = gpu_cases(steps)[index]
+    device_gib = torch.cuda.get_device_properties(0).total_memory / GIB
+    result = run_case(case, plan_for(case, device_gib).to_dict())
+    print(CASE_MARK + json.dumps(dataclasses.asdict(result)), flush=True)
+    return 0
+
+
 def gpu_part(budget_s: float, steps: int) -> tuple[str, bool]:
     import torch
 
-    from bench._train import gib, plan_for, predicted_bytes, run_case
+    from bench._train import gib, plan_for, predicted_bytes
 
     device_gib = torch.cuda.get_device_properties(0).total_memory / GIB
     lines = [
         f"GPU: {torch.cuda.get_device_name(0)}, {device_gib:.1f} GiB; sequence 2,048; "
-        f"{steps} optimizer steps per case; bf16; SDPA attention; one process (world size 1).",
+        f"{steps} optimizer steps per case; bf16; SDPA attention; world size 1; each case "
+        "in a fresh process.",
         "",
         "| case | GC | DS | plan fits | predicted states + act (GiB) | measured peak alloc "
         "| alloc ratio | predicted per-GPU | measured reserved + outside allocator "
@@ -174,7 +213,7 @@ def gpu_part(budget_s: float, steps: int) -> tuple[str, bool]:
     ]
     started = time.perf_counter()
     all_ok = True
-    for case in gpu_cases(steps):
+    for index, case in enumerate(gpu_cases(steps)):
         plan = plan_for(case, device_gib)
         pred_ws, pred_total = predicted_bytes(plan)
         gc_flag = "yes" if plan.hyperparameters.gradient_checkpointing else "no"
@@ -192,7 +231,7 @@ def gpu_part(budget_s: float, steps: int) -> tuple[str, bool]:
                 f"({budget_s:.0f} s) spent |"
             )
             continue
-        r = run_case(case, plan.to_dict())
+        r = run_isolated(index, steps)
         measured_total = r.peak_reserved + r.outside_allocator
         alloc_ratio = r.peak_allocated / pred_ws if pred_ws else 0.0
         total_ratio = measured_total / pred_total if pred_total else 0.0
@@ -249,7 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu-only", action="store_true", help="skip the CPU part")
     ap.add_argument("--budget-s", type=float, default=200.0, help="GPU part time budget")
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps per GPU case")
+    ap.add_argument("--case", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.case is not None:
+        return one_case(args.case, args.steps)
     _quiet_deepspeed()
     recording = not (args.smoke or args.no_record)
     head = header("Planner memory accuracy (bench/memory_accuracy.py)")
