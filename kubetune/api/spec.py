@@ -169,6 +169,20 @@ class EarlyStopping(SpecModel):
     over_memorization: bool = True
 
 
+class Diagnostics(SpecModel):
+    """spec.diagnostics: the bounded probes run before training and at each evaluation."""
+
+    enabled: bool = True
+    memorization_samples: Annotated[int, Field(ge=0, le=1024), WholeFloat] = 32
+    prefix_tokens: Annotated[int, Field(ge=1, le=512), WholeFloat] = 8
+    continuation_tokens: Annotated[int, Field(ge=1, le=512), WholeFloat] = 16
+    near_verbatim_distance: Annotated[float, Field(ge=0, le=1)] = 0.1
+    token_budget: Annotated[int, Field(ge=0, le=1048576), WholeFloat] = 8192
+    high_perplexity_threshold: Annotated[float, Field(gt=1)] = 100.0
+    data_perplexity_warning_ratio: Annotated[float, Field(gt=1)] = 3.0
+    max_overhead: Annotated[float, Field(gt=0, le=1)] = 0.05
+
+
 class Output(SpecModel):
     uri: Uri | None = None
 
@@ -218,6 +232,7 @@ class FineTuneJobSpec(SpecModel):
     resources: Resources = Field(default_factory=Resources)
     deepspeed: DeepSpeed = Field(default_factory=DeepSpeed)
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
+    diagnostics: Diagnostics = Field(default_factory=Diagnostics)
     output: Output | None = None
     image: Str1024 | None = None
     plan_only: bool = False

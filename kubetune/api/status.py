@@ -179,6 +179,11 @@ class Metrics(StatusModel):
     eval_token_accuracy: float | None = None
     memorization_rate: float | None = None
     general_perplexity_ratio: float | None = None
+    general_perplexity: float | None = None
+    heldout_memorization_rate: float | None = None
+    near_verbatim_rate: float | None = None
+    data_perplexity: float | None = None
+    high_perplexity_token_ratio: float | None = None
 
 
 class EarlyStop(StatusModel):

@@ -7,6 +7,8 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
+from kubetune.policy import EvalPoint
+
 CONDITION_TYPES = ("Planned", "Running", "Suspended", "EarlyStopped", "Succeeded", "Failed")
 TERMINAL = ("Succeeded", "Failed")
 
@@ -158,7 +160,12 @@ def training_outcome(view: ChildJobView, nodes: int, termination: str | None) ->
     if view.complete:
         stop = _early_stop_from(termination)
         conds = [("Running", "False", "Completed", "training finished")]
-        if stop:
+        if stop and stop[0] == "Diverged":
+            # A diverged run's weights are not worth keeping as a success.
+            conds[0] = ("Running", "False", "Diverged", "training diverged")
+            conds.append(("EarlyStopped", "True", "Diverged", stop[1]))
+            conds.append(("Failed", "True", "Diverged", stop[1]))
+        elif stop:
             conds.append(("EarlyStopped", "True", stop[0], stop[1]))
             conds.append(("Succeeded", "True", "EarlyStopped", stop[1]))
         else:
@@ -214,6 +221,14 @@ _METRIC_FIELDS = {
     "kubetune_best_eval_loss": "bestEvalLoss",
     "kubetune_best_step": "bestStep",
     "kubetune_evals_since_best": "evalsSinceBest",
+    "kubetune_eval_token_accuracy": "evalTokenAccuracy",
+    "kubetune_memorization_rate:train:exact": "memorizationRate",
+    "kubetune_memorization_rate:heldout:exact": "heldoutMemorizationRate",
+    "kubetune_memorization_rate:train:near": "nearVerbatimRate",
+    "kubetune_general_perplexity": "generalPerplexity",
+    "kubetune_general_perplexity_ratio": "generalPerplexityRatio",
+    "kubetune_data_perplexity_base": "dataPerplexity",
+    "kubetune_data_high_perplexity_token_ratio": "highPerplexityTokenRatio",
 }
 _PROGRESS_FIELDS = {
     "kubetune_step": "step",
@@ -224,9 +239,9 @@ _PROGRESS_FIELDS = {
 _INTEGERS = {"bestStep", "evalsSinceBest", "step", "totalSteps", "etaSeconds"}
 
 
-def status_from_metrics(text: str) -> tuple[dict[str, float | int], dict[str, float | int]]:
-    """status.metrics and status.progress from rank 0's Prometheus exposition. Gauges the
-    trainer has not set yet (still 0 before the first evaluation) are left out."""
+def scalar_samples(text: str) -> dict[str, float]:
+    """The label-free samples of a Prometheus exposition, by sample name, plus the
+    memorisation gauges under flat names (`kubetune_memorization_rate:<split>:<match>`)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     values: dict[str, float] = {}
@@ -234,11 +249,70 @@ def status_from_metrics(text: str) -> tuple[dict[str, float | int], dict[str, fl
         for sample in family.samples:
             if not sample.labels:
                 values[sample.name] = float(sample.value)
+            elif sample.name == "kubetune_memorization_rate":
+                split, match = sample.labels.get("split"), sample.labels.get("match")
+                values[f"kubetune_memorization_rate:{split}:{match}"] = float(sample.value)
+    return values
+
+
+def eval_points(rows: object) -> list[EvalPoint]:
+    """The trainer's GET /evaluations body as policy input (malformed rows are skipped)."""
+    out: list[EvalPoint] = []
+    if not isinstance(rows, list):
+        return out
+    for r in rows:
+        if not isinstance(r, dict):
+            continue
+        try:
+            out.append(
+                EvalPoint(
+                    step=int(r["step"]),
+                    eval_loss=float(r["evalLoss"]),
+                    train_loss=None if r.get("trainLoss") is None else float(r["trainLoss"]),
+                    eval_accuracy=(
+                        None
+                        if r.get("evalTokenAccuracy") is None
+                        else float(r["evalTokenAccuracy"])
+                    ),
+                )
+            )
+        except (KeyError, TypeError, ValueError):
+            continue
+    return out
+
+
+def data_warning_from_metrics(values: dict[str, float], existing: list[str]) -> str | None:
+    """The status warning for training data that is unusually surprising for the base model
+    (from the trainer's base-model perplexity gauges), unless already in `existing`."""
+    from kubetune.diagnostics import DiagnosticsSettings
+
+    data = values.get("kubetune_data_perplexity_base") or 0.0
+    general = values.get("kubetune_general_perplexity_base") or 0.0
+    ratio = DiagnosticsSettings().data_perplexity_warning_ratio
+    if data <= 0 or general <= 0 or data / general <= ratio:
+        return None
+    if any(w.startswith("training data perplexity") for w in existing):
+        return None
+    high = values.get("kubetune_data_high_perplexity_token_ratio", 0.0)
+    return (
+        f"training data perplexity {data:.1f} under the base model is {data / general:.1f}x "
+        f"its general-text perplexity {general:.1f} ({100 * high:.0f}% of target tokens are "
+        "high-perplexity): the model must move far from what it knows, which raises "
+        "forgetting and memorisation; rephrase responses in the model's own style"
+    )
+
+
+def status_from_metrics(
+    values: dict[str, float],
+) -> tuple[dict[str, float | int], dict[str, float | int]]:
+    """status.metrics and status.progress from rank 0's scraped values (`scalar_samples`).
+    Gauges the trainer has not set yet (still 0 before the first evaluation) are left out."""
 
     def pick(mapping: dict[str, str]) -> dict[str, float | int]:
         out: dict[str, float | int] = {}
         for name, field_name in mapping.items():
-            if name in values and values[name] != 0:
+            # Labelled gauges exist only once set, so their zeros are real.
+            if name in values and (values[name] != 0 or ":" in name):
                 v = values[name]
                 out[field_name] = int(v) if field_name in _INTEGERS else round(v, 6)
         return out

@@ -6,7 +6,8 @@ Reasons (CamelCase, as in the job's EarlyStopped condition):
 - PerplexityExceeded: eval perplexity above `maxEvalPerplexity`.
 - OverMemorization: eval perplexity rose `patience` evaluations in a row while eval token
   accuracy held (within 1 point) — the model grows over-confident on what it gets wrong.
-- Overfitting: eval loss rose `patience` evaluations in a row while train loss fell.
+- Overfitting: the loss gap (eval minus train loss) widened `patience` evaluations in a
+  row while eval loss is above its best.
 - NoImprovement: no eval loss better than the best by `minDelta` for `patience` evaluations.
 """
 
@@ -133,14 +134,15 @@ def decide(history: list[EvalPoint], settings: StopSettings) -> Decision:
                     f"{last.perplexity:.2f}) while eval token accuracy held at "
                     f"{vals[-1]:.3f}",
                 )
-    trains = [p.train_loss for p in history[-(n + 1) :]]
-    if _rising(evals, n) and all(t is not None for t in trains):
-        tvals = [t for t in trains if t is not None]
-        if tvals[-1] < tvals[0]:
+    window = history[-(n + 1) :]
+    if len(window) == n + 1 and all(p.train_loss is not None for p in window):
+        gaps = [p.eval_loss - (p.train_loss or 0.0) for p in window]
+        if _rising(gaps, n) and last.eval_loss > best.eval_loss:
             return stop(
                 "Overfitting",
-                f"eval loss rose {n} evaluations in a row (to {last.eval_loss:.3f}) "
-                f"while train loss fell to {tvals[-1]:.3f}",
+                f"the loss gap widened {n} evaluations in a row, from {gaps[0]:.3f} to "
+                f"{gaps[-1]:.3f}, while eval loss {last.eval_loss:.3f} is above its best "
+                f"{best.eval_loss:.3f} (step {best.step})",
             )
     if since >= n:
         return stop(

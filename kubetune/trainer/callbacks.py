@@ -1,5 +1,10 @@
 """Our additions to the Hugging Face Trainer: metrics (history, Prometheus, progress), the
-early-stop policy, and the operator's stop request."""
+diagnostics, the early-stop policy, and the operator's stop request.
+
+Who runs the policy: in local mode (`kubetune run`) the trainer decides itself; under the
+operator (`policy_owner="operator"`) the operator reads GET /evaluations, decides, and
+sends POST /stop, and the trainer acts on its own decision only when the run diverged
+(a non-finite or exploding loss cannot wait for the next scrape)."""
 
 from __future__ import annotations
 
@@ -11,8 +16,20 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from kubetune.diagnostics.runner import DiagnosticsRunner
 from kubetune.policy import EvalPoint, StopSettings, decide
 from kubetune.trainer.server import ControlServer, TrainerMetrics
+
+#: Diagnostics keys -> status.metrics fields.
+_STATUS_FIELDS = {
+    "memorization_rate_train": "memorizationRate",
+    "memorization_rate_heldout": "heldoutMemorizationRate",
+    "near_verbatim_rate_train": "nearVerbatimRate",
+    "general_perplexity": "generalPerplexity",
+    "general_perplexity_ratio": "generalPerplexityRatio",
+    "data_perplexity_base": "dataPerplexity",
+    "data_high_perplexity_token_ratio": "highPerplexityTokenRatio",
+}
 
 
 class KubetuneCallback(TrainerCallback):
@@ -25,6 +42,8 @@ class KubetuneCallback(TrainerCallback):
         history_path: Path | None,
         tokens_per_step: float,
         is_main: bool,
+        diagnostics: DiagnosticsRunner | None = None,
+        policy_owner: str = "trainer",
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -32,12 +51,16 @@ class KubetuneCallback(TrainerCallback):
         self.history_path = history_path
         self.tokens_per_step = tokens_per_step
         self.is_main = is_main
+        self.diagnostics = diagnostics
+        self.policy_owner = policy_owner
         self.evals: list[EvalPoint] = []
         self.last_train_loss: float | None = None
         self.stopped: dict[str, str] | None = None
         self.history: list[dict[str, Any]] = []
         self.started = time.monotonic()
-        self.summary: dict[str, Any] = {}
+        self.start_step = 0
+        self.summary: dict[str, Any] = {"metrics": {}}
+        self.warnings: list[str] = []
 
     # ---- helpers
     def _record(self, row: dict[str, Any]) -> None:
@@ -46,11 +69,22 @@ class KubetuneCallback(TrainerCallback):
             with self.history_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
 
+    def _set_metrics(self, values: dict[str, Any]) -> None:
+        self.summary["metrics"] = {
+            **self.summary["metrics"],
+            **{
+                k: v
+                for k, v in values.items()
+                if v is not None and (not isinstance(v, float) or math.isfinite(v))
+            },
+        }
+
     def _progress(self, state: Any) -> dict[str, Any]:
         total = max(int(state.max_steps or 0), 1)
         step = int(state.global_step)
         elapsed = time.monotonic() - self.started
-        eta = elapsed / step * (total - step) if step else None
+        done = step - self.start_step
+        eta = elapsed / done * (total - step) if done > 0 else None
         out = {
             "step": step,
             "totalSteps": total,
@@ -61,11 +95,70 @@ class KubetuneCallback(TrainerCallback):
             out["etaSeconds"] = round(eta)
         return out
 
+    def _resume_history(self, state: Any) -> None:
+        """After a resume: the evaluations so far (from the checkpoint's log history) so
+        that the policy sees the whole run, and the history rows written before."""
+        last_loss: float | None = None
+        for entry in state.log_history or []:
+            if "loss" in entry:
+                last_loss = float(entry["loss"])
+            if "eval_loss" in entry:
+                self.evals.append(
+                    EvalPoint(
+                        step=int(entry.get("step", 0)),
+                        eval_loss=float(entry["eval_loss"]),
+                        train_loss=last_loss,
+                        eval_accuracy=entry.get("eval_token_accuracy"),
+                    )
+                )
+        if self.history_path is not None and self.history_path.exists():
+            for line in self.history_path.read_text().splitlines():
+                row = json.loads(line)
+                if int(row.get("step", 0)) <= state.global_step:
+                    self.history.append(row)
+            # Rows after the checkpoint are redone: rewrite the file without them.
+            self.history_path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        if self.metrics is not None:
+            self.metrics.history[:] = [_eval_dict(p) for p in self.evals]
+
     # ---- events
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        self.started = time.monotonic() - 0.0
+        self.started = time.monotonic()
+        self.start_step = int(state.global_step)
+        if self.start_step > 0:
+            self._resume_history(state)
         if self.metrics:
             self.metrics.total_steps.set(state.max_steps)
+        if self.diagnostics is not None and kw.get("model") is not None:
+            base = self.diagnostics.before_training(kw["model"], fresh=self.start_step == 0)
+            self._diagnostics_out(base)
+            warning = self.diagnostics.warning
+            if warning:
+                self.warnings.append(warning)
+            if self.start_step == 0 and base:
+                self._record({"step": 0, "phase": "base", **base, "time": time.time()})
+
+    def _diagnostics_out(self, values: dict[str, float]) -> None:
+        self._set_metrics({_STATUS_FIELDS[k]: v for k, v in values.items() if k in _STATUS_FIELDS})
+        m = self.metrics
+        if m is None:
+            return
+        gauges = {
+            "general_perplexity": m.general_perplexity,
+            "general_perplexity_base": m.general_perplexity_base,
+            "general_perplexity_ratio": m.general_perplexity_ratio,
+            "data_perplexity_base": m.data_perplexity_base,
+            "data_high_perplexity_token_ratio": m.data_high_perplexity_token_ratio,
+        }
+        for key, value in values.items():
+            if key in gauges:
+                gauges[key].set(value)
+            elif key.startswith(("memorization_rate_", "near_verbatim_rate_")):
+                split = key.rsplit("_", 1)[1]
+                match = "exact" if key.startswith("memorization") else "near"
+                m.memorization_rate.labels(split=split, match=match).set(value)
+        if self.diagnostics is not None:
+            m.add_probe_seconds(self.diagnostics.watch.seconds)
 
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any
@@ -82,6 +175,7 @@ class KubetuneCallback(TrainerCallback):
                 "time": time.time(),
             }
             self._record(row)
+            self._set_metrics({"trainLoss": self.last_train_loss})
             if self.metrics:
                 self.metrics.train_loss.set(logs["loss"])
                 if logs.get("learning_rate") is not None:
@@ -99,14 +193,18 @@ class KubetuneCallback(TrainerCallback):
             if "etaSeconds" in prog:
                 self.metrics.eta.set(prog["etaSeconds"])
             elapsed = max(time.monotonic() - self.started, 1e-6)
-            self.metrics.tokens_per_second.set(self.tokens_per_step * prog["step"] / elapsed)
+            done = prog["step"] - self.start_step
+            self.metrics.tokens_per_second.set(self.tokens_per_step * done / elapsed)
+            _gpu_memory(self.metrics)
         requested = self.control is not None and self.control.stop_requested.is_set()
         if _any_rank(requested, args) and not self.stopped:
             reason = self.control.stop_reason if self.control is not None else "StopRequested"
-            self.stopped = {
-                "reason": reason,
-                "message": f"the operator asked the trainer to stop ({reason})",
-            }
+            message = (self.control.stop_message if self.control is not None else "") or (
+                f"the operator asked the trainer to stop ({reason})"
+            )
+            self.stopped = {"reason": reason, "message": message}
+            if self.metrics:
+                self.metrics.early_stop.labels(reason=reason).set(1)
             control.should_training_stop = True
             control.should_save = True
 
@@ -130,20 +228,26 @@ class KubetuneCallback(TrainerCallback):
         self.evals.append(point)
         decision = decide(self.evals, self.settings)
         gap = None if point.train_loss is None else point.eval_loss - point.train_loss
-        row = {
+        row: dict[str, Any] = {
             "step": point.step,
             "epoch": state.epoch,
             "eval_loss": point.eval_loss,
             "eval_perplexity": point.perplexity,
             "loss_gap": gap,
             "eval_token_accuracy": point.eval_accuracy,
-            "time": time.time(),
         }
+        probes: dict[str, float] = {}
+        if self.diagnostics is not None and kw.get("model") is not None:
+            probes = self.diagnostics.at_evaluation(
+                kw["model"],
+                elapsed=time.monotonic() - self.started,
+                final=int(state.global_step) >= int(state.max_steps or 0),
+            )
+            row.update(probes)
+        row["time"] = time.time()
         self._record(row)
-        self.summary["metrics"] = {
-            k: v
-            for k, v in {
-                "trainLoss": self.last_train_loss,
+        self._set_metrics(
+            {
                 "evalLoss": point.eval_loss,
                 "lossGap": gap,
                 "evalPerplexity": point.perplexity,
@@ -151,23 +255,46 @@ class KubetuneCallback(TrainerCallback):
                 "bestStep": decision.best_step,
                 "evalsSinceBest": decision.evals_since_best,
                 "evalTokenAccuracy": point.eval_accuracy,
-            }.items()
-            if v is not None and (not isinstance(v, float) or math.isfinite(v))
-        }
+            }
+        )
+        self._diagnostics_out(probes)
         if self.metrics:
+            self.metrics.history.append(_eval_dict(point))
+            self.metrics.evaluations.inc()
             self.metrics.eval_loss.set(point.eval_loss)
             self.metrics.eval_perplexity.set(point.perplexity)
+            if point.eval_accuracy is not None:
+                self.metrics.eval_token_accuracy.set(point.eval_accuracy)
             if gap is not None:
                 self.metrics.loss_gap.set(gap)
             if decision.best_eval_loss is not None:
                 self.metrics.best_eval_loss.set(decision.best_eval_loss)
                 self.metrics.best_step.set(decision.best_step or 0)
             self.metrics.evals_since_best.set(decision.evals_since_best)
-        if decision.stop and not self.stopped:
+        acts = self.policy_owner == "trainer" or decision.reason == "Diverged"
+        if decision.stop and acts and not self.stopped:
             self.stopped = {"reason": decision.reason, "message": decision.message}
             if self.metrics:
                 self.metrics.early_stop.labels(reason=decision.reason).set(1)
             control.should_training_stop = True
+
+
+def _eval_dict(p: EvalPoint) -> dict[str, Any]:
+    return {
+        "step": p.step,
+        "evalLoss": p.eval_loss,
+        "trainLoss": p.train_loss,
+        "evalTokenAccuracy": p.eval_accuracy,
+    }
+
+
+def _gpu_memory(metrics: TrainerMetrics) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        metrics.gpu_memory_allocated.set(torch.cuda.memory_allocated())
+        metrics.gpu_memory_peak.set(torch.cuda.max_memory_allocated())
+        metrics.gpu_memory_reserved.set(torch.cuda.memory_reserved())
 
 
 def _any_rank(flag: bool, args: Any) -> bool:

@@ -29,6 +29,9 @@ class TrainerConfig:
     control_token: str | None = None
     termination_path: Path = Path("/dev/termination-log")
     job_name: str = "local"
+    #: Who runs the early-stop policy: "trainer" (local mode) or "operator" (the operator
+    #: reads /evaluations and sends /stop; the trainer then stops itself only on Diverged).
+    stop_policy: str = "trainer"
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -96,4 +99,5 @@ def load_config(config_dir: Path | None, env: dict[str, str] | None = None) -> T
         control_token=env.get("KUBETUNE_CONTROL_TOKEN") or None,
         termination_path=termination_path(env),
         job_name=env.get("KUBETUNE_JOB_NAME", "local"),
+        stop_policy=env.get("KUBETUNE_STOP_POLICY") or "trainer",
     )

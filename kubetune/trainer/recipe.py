@@ -184,6 +184,7 @@ def run(cfg: TrainerConfig) -> int:
         ).set(1)
         log.info("metrics on http://127.0.0.1:%d/metrics", control.port)
     tokens_per_step = train_ds.token_count / max(len(train_ds), 1) * micro * accum * world_size()
+    diagnostics = _diagnostics(cfg, train_ds, val_ds, tokenizer, seq_len, args)
     callback = KubetuneCallback(
         settings=StopSettings.from_spec(cfg.early_stopping),
         metrics=metrics,
@@ -191,6 +192,8 @@ def run(cfg: TrainerConfig) -> int:
         history_path=out / "metrics.jsonl" if main_proc else None,
         tokens_per_step=tokens_per_step,
         is_main=main_proc,
+        diagnostics=diagnostics,
+        policy_owner=cfg.stop_policy,
     )
     trainer = Trainer(
         model=model,
@@ -223,6 +226,10 @@ def run(cfg: TrainerConfig) -> int:
         }
         if callback.stopped:
             summary["earlyStop"] = callback.stopped
+        if callback.warnings:
+            summary["warnings"] = callback.warnings
+        if diagnostics is not None:
+            summary["probeSeconds"] = {k: round(v, 3) for k, v in diagnostics.watch.seconds.items()}
         if not math.isfinite(float(result.training_loss or 0.0)):
             summary["earlyStop"] = {"reason": "Diverged", "message": "training loss not finite"}
         write_report(out, plan, cfg.spec, callback.history, summary)
@@ -231,12 +238,48 @@ def run(cfg: TrainerConfig) -> int:
             {
                 k: v
                 for k, v in summary.items()
-                if k in ("metrics", "progress", "earlyStop", "output")
+                if k in ("metrics", "progress", "earlyStop", "output", "warnings")
             },
         )
         if control:
             control.close()
     return EXIT_OK
+
+
+GENERAL_TEXT_DEFAULT = Path(__file__).parent / "corpus" / "general-en-heldout.txt"
+
+
+def _diagnostics(
+    cfg: TrainerConfig, train_ds: Any, val_ds: Any, tokenizer: Any, seq_len: int, args: Any
+) -> Any:
+    """The diagnostics runner (None when spec.diagnostics.enabled is false). The general
+    text is dataset.generalTextUri, or the held-out English text that ships with kubetune."""
+    from kubetune.diagnostics import DiagnosticsSettings
+    from kubetune.diagnostics.probes import text_rows
+    from kubetune.diagnostics.runner import DiagnosticsRunner
+
+    settings = DiagnosticsSettings.from_spec(cfg.spec.get("diagnostics"))
+    if not settings.enabled:
+        return None
+    general_path = Path(cfg.general_text) if cfg.general_text else GENERAL_TEXT_DEFAULT
+    try:
+        text = general_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TrainerConfigError(
+            f"dataset.generalTextUri: cannot read {general_path}: {exc}"
+        ) from exc
+    general = text_rows(text, tokenizer, seq_len, settings.token_budget)
+    return DiagnosticsRunner(
+        settings,
+        train_rows=train_ds.rows,
+        heldout_rows=val_ds.rows if val_ds is not None else [],
+        general_rows=general,
+        pad_id=int(tokenizer.pad_token_id),
+        device=args.device,
+        output=cfg.output if rank() == 0 else None,
+        seed=cfg.seed,
+        synced=world_size() > 1 and int(cfg.plan.get("zeroStage", 0)) == 3,
+    )
 
 
 def main_entry(cfg_loader: Any) -> int:

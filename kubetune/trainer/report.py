@@ -38,13 +38,26 @@ def markdown(plan: dict[str, Any], summary: dict[str, Any]) -> str:
         "",
         *(f"- {r}" for r in plan.get("reasons", [])),
     ]
-    if plan.get("warnings"):
-        lines += ["", "## Warnings", "", *(f"- {w}" for w in plan["warnings"])]
+    warnings = [*(plan.get("warnings") or []), *(summary.get("warnings") or [])]
+    if warnings:
+        lines += ["", "## Warnings", "", *(f"- {w}" for w in warnings)]
+    probes = summary.get("probeSeconds") or {}
+    if probes:
+        runtime = float(summary.get("trainRuntimeSeconds") or 0.0)
+        spent = sum(probes.values())
+        share = f" ({100 * spent / runtime:.1f}% of the run)" if runtime else ""
+        lines += [
+            "",
+            "## Diagnostics cost",
+            "",
+            f"Probes took {spent:.1f} s{share}: "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in sorted(probes.items())),
+        ]
     lines += ["", "![loss](loss.png)", ""]
     return "\n".join(lines)
 
 
-def plot(history: list[dict[str, Any]], path: Path) -> bool:
+def plot(history: list[dict[str, Any]], path: Path, stop_step: int | None = None) -> bool:
     try:
         import matplotlib
 
@@ -52,17 +65,39 @@ def plot(history: list[dict[str, Any]], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    train = [(r["step"], r["train_loss"]) for r in history if r.get("train_loss") is not None]
-    evals = [(r["step"], r["eval_loss"]) for r in history if r.get("eval_loss") is not None]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+
+    def series(key: str) -> list[tuple[float, float]]:
+        return [(r["step"], r[key]) for r in history if r.get(key) is not None]
+
+    train, evals = series("train_loss"), series("eval_loss")
+    probes = {
+        "memorisation (train)": series("memorization_rate_train"),
+        "memorisation (held-out)": series("memorization_rate_heldout"),
+        "general-text perplexity ratio": series("general_perplexity_ratio"),
+    }
+    two = any(probes.values())
+    fig, axes = plt.subplots(2 if two else 1, 1, figsize=(7, 6 if two else 4), dpi=100)
+    ax = axes[0] if two else axes
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss")
     if evals:
         ax.plot(*zip(*evals, strict=True), marker="o", label="eval loss")
+        best = min(evals, key=lambda p: p[1])
+        ax.axvline(best[0], color="green", linestyle=":", label=f"best (step {best[0]})")
+    if stop_step is not None:
+        ax.axvline(stop_step, color="red", linestyle="--", label=f"stopped (step {stop_step})")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend()
     ax.grid(alpha=0.3)
+    if two:
+        for label, pts in probes.items():
+            if pts:
+                axes[1].plot(*zip(*pts, strict=True), marker=".", label=label)
+        axes[1].set_xlabel("step")
+        axes[1].set_ylabel("rate / ratio")
+        axes[1].legend()
+        axes[1].grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -80,4 +115,6 @@ def write_report(
         json.dumps({"summary": summary, "plan": plan, "spec": spec, "history": history}, indent=2)
     )
     (out / "report.md").write_text(markdown(plan, summary))
-    plot(history, out / "loss.png")
+    stopped = summary.get("earlyStop")
+    step = (summary.get("progress") or {}).get("step") if stopped else None
+    plot(history, out / "loss.png", stop_step=step)

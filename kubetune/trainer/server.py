@@ -9,7 +9,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 
@@ -37,8 +37,64 @@ class TrainerMetrics:
         self.progress = g("progress_ratio", "step / total_steps.")
         self.eta = g("eta_seconds", "Estimated seconds to the end of the run.")
         self.tokens_per_second = g("tokens_per_second", "Training tokens per second.")
+        self.eval_token_accuracy = g(
+            "eval_token_accuracy", "Next-token accuracy on the validation targets (0-1)."
+        )
+        self.gpu_memory_allocated = g(
+            "gpu_memory_allocated_bytes", "GPU memory held by tensors on rank 0 (bytes)."
+        )
+        self.gpu_memory_peak = g(
+            "gpu_memory_peak_bytes", "Peak GPU memory held by tensors on rank 0 (bytes)."
+        )
+        self.gpu_memory_reserved = g(
+            "gpu_memory_reserved_bytes", "GPU memory reserved by the allocator on rank 0 (bytes)."
+        )
+        self.memorization_rate = g(
+            "memorization_rate",
+            "Share of probed examples whose continuation is reproduced verbatim "
+            "(match=exact) or within the edit distance (match=near); split=train or heldout.",
+            ("split", "match"),
+        )
+        self.general_perplexity = g(
+            "general_perplexity", "Perplexity on the general-text set at the last evaluation."
+        )
+        self.general_perplexity_base = g(
+            "general_perplexity_base", "The base model's perplexity on the general-text set."
+        )
+        self.general_perplexity_ratio = g(
+            "general_perplexity_ratio",
+            "general_perplexity / general_perplexity_base (above 1 means forgetting).",
+        )
+        self.data_perplexity_base = g(
+            "data_perplexity_base", "Perplexity of the training targets under the base model."
+        )
+        self.data_high_perplexity_token_ratio = g(
+            "data_high_perplexity_token_ratio",
+            "Share of training target tokens above the high-perplexity threshold (0-1).",
+        )
+        self.probe_seconds = Counter(
+            "kubetune_probe_seconds",
+            "Seconds spent in each diagnostic probe.",
+            ("probe",),
+            registry=self.registry,
+        )
+        self.evaluations = Counter(
+            "kubetune_evaluations", "Evaluations done.", registry=self.registry
+        )
         self.plan_info = g("plan_info", "The plan (always 1).", ("method", "zero_stage", "offload"))
         self.early_stop = g("early_stop", "1 for the reason the run stopped early.", ("reason",))
+        #: The evaluation history (GET /evaluations): the operator runs the early-stop
+        #: policy on it.
+        self.history: list[dict[str, Any]] = []
+        self._probe_seen: dict[str, float] = {}
+
+    def add_probe_seconds(self, totals: dict[str, float]) -> None:
+        """Advance the probe counters to the given running totals."""
+        for probe, total in totals.items():
+            delta = total - self._probe_seen.get(probe, 0.0)
+            if delta > 0:
+                self.probe_seconds.labels(probe=probe).inc(delta)
+            self._probe_seen[probe] = total
 
     def exposition(self) -> bytes:
         data: bytes = generate_latest(self.registry)
@@ -55,6 +111,7 @@ class ControlServer:
         self.token = token
         self.stop_requested = threading.Event()
         self.stop_reason = "StopRequested"
+        self.stop_message = ""
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -71,6 +128,9 @@ class ControlServer:
             def do_GET(self) -> None:
                 if self.path.split("?")[0] == "/metrics":
                     self._send(200, outer.metrics.exposition(), CONTENT_TYPE_LATEST)
+                elif self.path.split("?")[0] == "/evaluations":
+                    body = json.dumps(list(outer.metrics.history)).encode()
+                    self._send(200, body, "application/json")
                 elif self.path == "/healthz":
                     self._send(200, b"ok")
                 else:
@@ -89,7 +149,10 @@ class ControlServer:
                     body = json.loads(self.rfile.read(length) or b"{}")
                 except ValueError:
                     body = {}
+                if not isinstance(body, dict):
+                    body = {}
                 outer.stop_reason = str(body.get("reason") or "StopRequested")
+                outer.stop_message = str(body.get("message") or "")[:1000]
                 outer.stop_requested.set()
                 self._send(202, b"stopping after the current step")
 

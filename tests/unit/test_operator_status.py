@@ -305,6 +305,19 @@ EARLY = json.dumps({"earlyStop": {"reason": "Overfitting", "message": "loss gap 
             ),
         ),
         (
+            COMPLETE,
+            1,
+            json.dumps({"earlyStop": {"reason": "Diverged", "message": "loss not finite"}}),
+            Outcome(
+                conditions=[
+                    ("Running", "False", "Diverged", "training diverged"),
+                    ("EarlyStopped", "True", "Diverged", "loss not finite"),
+                    ("Failed", "True", "Diverged", "loss not finite"),
+                ],
+                finished=True,
+            ),
+        ),
+        (
             failed("PodFailurePolicy", "Container trainer failed with exit code 78"),
             1,
             "dataset line 3: not valid JSON",
@@ -520,8 +533,12 @@ def test_failure_wins_over_completion() -> None:
 
 
 def test_live_status_from_the_trainer_metrics_exposition() -> None:
-    from kubetune.operator.status import status_from_metrics
+    from kubetune.operator.status import scalar_samples
+    from kubetune.operator.status import status_from_metrics as from_values
     from kubetune.trainer.server import TrainerMetrics
+
+    def status_from_metrics(text: str) -> Any:
+        return from_values(scalar_samples(text))
 
     m = TrainerMetrics()
     m.train_loss.set(1.5)
@@ -543,3 +560,74 @@ def test_live_status_from_the_trainer_metrics_exposition() -> None:
     }
     assert progress == {"step": 42, "totalSteps": 168, "epoch": 1.25, "percentage": 25.0}
     assert status_from_metrics(TrainerMetrics().exposition().decode()) == ({}, {})
+
+
+def test_live_status_carries_the_diagnostics_and_a_zero_memorisation_rate() -> None:
+    from kubetune.operator.status import scalar_samples, status_from_metrics
+    from kubetune.trainer.server import TrainerMetrics
+
+    m = TrainerMetrics()
+    m.eval_token_accuracy.set(0.625)
+    m.memorization_rate.labels(split="train", match="exact").set(0.25)
+    m.memorization_rate.labels(split="train", match="near").set(0.5)
+    m.memorization_rate.labels(split="heldout", match="exact").set(0.0)
+    m.general_perplexity.set(30.0)
+    m.general_perplexity_ratio.set(1.5)
+    m.data_perplexity_base.set(200.0)
+    m.data_high_perplexity_token_ratio.set(0.4)
+    metrics, _ = status_from_metrics(scalar_samples(m.exposition().decode()))
+    assert metrics == {
+        "evalTokenAccuracy": 0.625,
+        "memorizationRate": 0.25,
+        "nearVerbatimRate": 0.5,
+        "heldoutMemorizationRate": 0.0,
+        "generalPerplexity": 30.0,
+        "generalPerplexityRatio": 1.5,
+        "dataPerplexity": 200.0,
+        "highPerplexityTokenRatio": 0.4,
+    }
+
+
+@pytest.mark.parametrize(
+    ("data", "general", "existing", "warns"),
+    [
+        (200.0, 20.0, [], True),
+        (50.0, 20.0, [], False),
+        (200.0, 0.0, [], False),
+        (0.0, 20.0, [], False),
+        (200.0, 20.0, ["training data perplexity 200.0 under the base model ..."], False),
+    ],
+)
+def test_the_data_perplexity_warning_is_raised_once(
+    data: float, general: float, existing: list[str], warns: bool
+) -> None:
+    from kubetune.operator.status import data_warning_from_metrics
+
+    values = {
+        "kubetune_data_perplexity_base": data,
+        "kubetune_general_perplexity_base": general,
+        "kubetune_data_high_perplexity_token_ratio": 0.5,
+    }
+    warning = data_warning_from_metrics(values, existing)
+    assert (warning is not None) == warns
+    if warning:
+        assert "10.0x" in warning
+        assert "50% of target tokens" in warning
+        assert "rephrase responses in the model's own style" in warning
+
+
+def test_the_evaluations_body_becomes_policy_input_skipping_bad_rows() -> None:
+    from kubetune.operator.status import eval_points
+    from kubetune.policy import EvalPoint
+
+    body = [
+        {"step": 10, "evalLoss": 2.0, "trainLoss": 2.1, "evalTokenAccuracy": 0.4},
+        {"step": 20, "evalLoss": "x"},
+        "junk",
+        {"step": 30, "evalLoss": 1.5, "trainLoss": None},
+    ]
+    assert eval_points(body) == [
+        EvalPoint(step=10, eval_loss=2.0, train_loss=2.1, eval_accuracy=0.4),
+        EvalPoint(step=30, eval_loss=1.5),
+    ]
+    assert eval_points({"not": "a list"}) == []

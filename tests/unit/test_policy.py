@@ -65,6 +65,31 @@ def hist(
         ([2.0, math.nan], None, None, StopSettings(), "Diverged"),
         ([1.0, 0.5, 3.0], None, None, StopSettings(), "Diverged"),
         ([2.0, 2.5, 3.0, 3.5], None, None, StopSettings(enabled=False), ""),
+        # The gap widens while eval loss wobbles above its best: Overfitting before
+        # NoImprovement.
+        (
+            [2.0, 1.5, 1.55, 1.52, 1.56],
+            [2.0, 1.4, 1.3, 1.1, 1.0],
+            None,
+            StopSettings(patience=3),
+            "Overfitting",
+        ),
+        # The gap widens but every evaluation is a new best: keep going.
+        ([2.0, 1.8, 1.6, 1.5], [1.9, 1.6, 1.3, 1.1], None, StopSettings(patience=3), ""),
+        # Eval perplexity rises but accuracy falls too: not over-memorisation, overfitting.
+        (
+            [2.0, 1.5, 1.6, 1.7, 1.8],
+            [2.0, 1.4, 1.2, 1.0, 0.8],
+            [0.5, 0.6, 0.55, 0.5, 0.45],
+            StopSettings(patience=3),
+            "Overfitting",
+        ),
+        ([2.0, 1.9], [1.8, math.inf], None, StopSettings(), "Diverged"),
+        ([2.0, 2.1], None, None, StopSettings(patience=1), "NoImprovement"),
+        ([3.5, 2.9], None, None, StopSettings(max_eval_perplexity=20), ""),
+        # A jump above 4x the best that is small in absolute terms is noise, not divergence.
+        ([0.1, 0.05, 0.3], None, None, StopSettings(), ""),
+        ([5.0], [1.0], [0.9], StopSettings(patience=1), ""),
     ],
 )
 def test_decisions(

@@ -1,0 +1,190 @@
+"""The diagnostics on real (tiny) models: the memorisation probe tells a model that has
+memorised its examples from one that has not; the perplexity probe agrees with the model's
+own loss; a run on data it can only memorise is stopped with a reason, keeps its best
+checkpoint, and its report shows the curves, the probes and the stop point."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.trainer.conftest import MakeRun
+from tests.trainer.test_trainer import _train
+
+pytestmark = pytest.mark.trainer
+
+WORDS = [
+    "amber",
+    "brook",
+    "cedar",
+    "dune",
+    "ember",
+    "fjord",
+    "grove",
+    "heath",
+    "inlet",
+    "juniper",
+    "knoll",
+    "loch",
+    "marsh",
+]
+
+
+def random_rows(n: int, seed: int) -> list[dict[str, str]]:
+    """Prompts whose completions are random word strings: learnable only by heart."""
+    rng = random.Random(seed)
+    return [
+        {
+            "prompt": f"Define term {i}: ",
+            "completion": " ".join(rng.choice(WORDS) for _ in range(12)) + ".",
+        }
+        for i in range(n)
+    ]
+
+
+def _rows(tiny_model: Path, examples: list[dict[str, str]]) -> tuple[Any, list[Any]]:
+    from transformers import AutoTokenizer
+
+    from kubetune.data import Example
+    from kubetune.trainer.data import TokenizedDataset
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    exs = [
+        Example(line=i + 1, prompt=e["prompt"], target=e["completion"])
+        for i, e in enumerate(examples)
+    ]
+    return tok, TokenizedDataset(exs, tok, 128).rows
+
+
+def _memorise(model: Any, rows: list[Any], steps: int) -> None:
+    """Full fine-tuning on `rows` until the model has them by heart."""
+    import torch
+
+    from kubetune.trainer.data import Collator
+
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    batch = Collator(pad_id=0)(rows)
+    model.train()
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_the_memorisation_probe_separates_memorised_from_untrained(tiny_model: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    from kubetune.diagnostics.probes import memorization
+
+    torch.manual_seed(0)
+    tok, seen = _rows(tiny_model, random_rows(8, seed=1))
+    _, unseen = _rows(tiny_model, random_rows(8, seed=2))
+    pad = int(tok.pad_token_id)
+
+    def probe(model: Any, rows: list[Any]) -> Any:
+        return memorization(
+            model, rows, k=4, m=12, near_distance=0.1, pad_id=pad, device="cpu", batch_size=5
+        )
+
+    untrained = LlamaForCausalLM(AutoModelForCausalLM.from_pretrained(tiny_model).config)  # type: ignore[arg-type]
+    assert probe(untrained, seen).exact_rate == 0.0
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    before = probe(model, seen)
+    _memorise(model, seen, steps=150)
+    after, baseline = probe(model, seen), probe(model, unseen)
+    assert before.exact_rate == 0.0
+    assert after.exact_rate >= 0.75, after
+    assert after.near_rate >= after.exact_rate
+    assert baseline.exact_rate == 0.0, baseline  # held-out: nothing to recall
+    assert model.training  # the probe restores the training mode
+
+
+def test_the_perplexity_probe_agrees_with_the_model_loss(tiny_model: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kubetune.diagnostics import perplexity_summary
+    from kubetune.diagnostics.probes import text_rows, token_nlls
+    from kubetune.trainer.recipe import GENERAL_TEXT_DEFAULT
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    tok, rows = _rows(tiny_model, random_rows(6, seed=3))
+    nlls = token_nlls(model, rows, "cpu", batch_size=4)
+    with torch.no_grad():
+        losses = []
+        counts = []
+        for r in rows:
+            out = model(
+                input_ids=torch.tensor([r["input_ids"]]), labels=torch.tensor([r["labels"]])
+            )
+            n = sum(1 for x in r["labels"][1:] if x != -100)
+            losses.append(float(out.loss) * n)
+            counts.append(n)
+    assert len(nlls) == sum(counts)
+    assert sum(nlls) / len(nlls) == pytest.approx(sum(losses) / sum(counts), rel=1e-4)
+    summary = perplexity_summary(nlls, high_threshold=100.0)
+    assert summary.perplexity == pytest.approx(math.exp(sum(losses) / sum(counts)), rel=1e-4)
+
+    general = text_rows(GENERAL_TEXT_DEFAULT.read_text(), tok, seq_len=64, budget=500)
+    targets = sum(1 for r in general for x in r["labels"] if x != -100)
+    assert 450 <= targets <= 500  # the token budget holds
+    assert all(len(r["input_ids"]) <= 64 for r in general)
+
+
+def test_a_run_that_can_only_memorise_is_stopped_keeps_its_best_and_reports(
+    make_run: MakeRun,
+) -> None:
+    data = "\n".join(json.dumps(r) for r in random_rows(48, seed=4))
+    run = make_run(
+        method="Full",
+        data=data,
+        hp={
+            "epochs": 40,
+            "learningRate": 0.003,
+            "evalSteps": 5,
+            "warmupSteps": 0,
+            "microBatchSize": 8,
+            "gradientAccumulationSteps": 1,
+        },
+        spec_extra={
+            "earlyStopping": {"enabled": True, "patience": 2},
+            "diagnostics": {"memorizationSamples": 12, "prefixTokens": 4, "maxOverhead": 0.5},
+        },
+    )
+    _train(run)
+    term = run.termination()
+    stop = term["earlyStop"]
+    assert stop["reason"] in {"Overfitting", "OverMemorization", "NoImprovement"}, stop
+    assert str(stop["message"])
+    assert term["progress"]["step"] < term["progress"]["totalSteps"]
+    report = json.loads((run.output / "report.json").read_text())
+    summary = report["summary"]
+    best_step = summary["metrics"]["bestStep"]
+    assert summary["bestCheckpoint"].endswith(f"checkpoint-{best_step}")
+    assert Path(summary["bestCheckpoint"]).is_dir()  # kept although newer ones were saved
+    evals = [r for r in report["history"] if r.get("eval_loss") is not None]
+    assert min(evals, key=lambda r: r["eval_loss"])["step"] == best_step
+    # The diagnostics ran: base figures before training, probes at evaluations.
+    assert report["history"][0]["phase"] == "base"
+    assert report["history"][0]["general_perplexity_base"] > 1
+    probed = [r for r in evals if "memorization_rate_train" in r]
+    assert probed, "no evaluation ran the memorisation probe"
+    assert all(0.0 <= r["memorization_rate_heldout"] <= 1.0 for r in probed)
+    assert "general_perplexity_ratio" in probed[-1]
+    assert set(summary["probeSeconds"]) == {
+        "general_perplexity",
+        "data_perplexity",
+        "memorization",
+    }
+    markdown = (run.output / "report.md").read_text()
+    assert f"Ended: early, {stop['reason']}" in markdown
+    assert "## Diagnostics cost" in markdown
+    assert (run.output / "loss.png").stat().st_size > 10_000
