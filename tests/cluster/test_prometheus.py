@@ -37,35 +37,6 @@ NAMESPACE, JOB = "ml-team", "glossary"
 SCRAPE_INTERVAL = "1s"
 RATE_INTERVAL = "10s"  # what Grafana's $__rate_interval becomes at a 1 s scrape interval
 
-# Dashboard queries whose metrics the trainer does not export yet. The probes' metrics
-# (issue 5) are being added to the trainer by another change: an entry only excuses a query
-# while the trainer does not declare its metric (TrainerMetrics' registry); once it does, the
-# query must return data like every other, and the entry is dead and should be removed.
-NO_DATA_YET: dict[str, str] = {
-    "kubetune_eval_token_accuracy": "issue 5: the trainer does not export it yet",
-    "kubetune_memorization_rate": "issue 5: memorisation probe",
-    "kubetune_general_perplexity_ratio": "issue 5: forgetting probe",
-    "kubetune_general_perplexity": "issue 5: forgetting probe",
-    "kubetune_general_perplexity_base": "issue 5: forgetting probe",
-    "kubetune_data_perplexity_base": "issue 5: data-perplexity probe",
-    "kubetune_data_high_perplexity_token_ratio": "issue 5: data-perplexity probe",
-    "kubetune_probe_seconds_total": "issue 5: probe timing",
-    "kubetune_gpu_memory_allocated_bytes": "issue 5: GPU memory gauges",
-    "kubetune_gpu_memory_peak_bytes": "issue 5: GPU memory gauges",
-}
-
-
-def _declared_trainer_metrics() -> set[str]:
-    """Sample names the trainer's registry can export (counters with `_total`)."""
-    from kubetune.trainer.server import TrainerMetrics
-
-    names: set[str] = set()
-    for family in TrainerMetrics().registry.collect():
-        names.add(family.name)
-        if family.type == "counter":
-            names.add(family.name + "_total")
-    return names
-
 
 def _sanitize(name: str) -> str:
     return re.sub(r"[^a-zA-Z0-9_]", "_", name)
@@ -295,16 +266,6 @@ def _substitute(expr: str) -> str:
     )
 
 
-def _allowed_no_data(expr: str, declared: set[str]) -> str | None:
-    """Why this query may return nothing: a metric of it is on NO_DATA_YET and the trainer
-    does not declare it yet."""
-    names = set(re.findall(r"\bkubetune_[a-z_]+", expr))
-    for name in sorted(names):
-        if name in NO_DATA_YET and name not in declared:
-            return NO_DATA_YET[name]
-    return None
-
-
 class Poller:
     """Keeps the last successful /metrics body of an endpoint while something runs."""
 
@@ -467,10 +428,8 @@ def test_every_dashboard_query_returns_data_from_a_real_run_and_the_operator(
         series = prom.api("series", **{"match[]": "kubetune_step"})["data"]
         assert {(s["namespace"], s["finetunejob"]) for s in series} == {(NAMESPACE, JOB)}
 
-        # Every panel's query parses and returns data (or is excused by NO_DATA_YET).
-        declared = _declared_trainer_metrics()
+        # Every panel's query parses and returns data.
         empty: list[str] = []
-        excused: list[str] = []
         for title, expr in _panel_queries():
             query = _substitute(expr)
             answer = prom.api(
@@ -481,13 +440,9 @@ def test_every_dashboard_query_returns_data_from_a_real_run_and_the_operator(
                 step="1",
             )
             assert answer.get("status") == "success", f"{title}: {query}: {answer}"
-            has_data = any(r["values"] for r in answer["data"]["result"])
-            why = _allowed_no_data(expr, declared)
-            if not has_data:
-                (excused if why else empty).append(f"{title}: {query} ({why or 'no data'})")
+            if not any(r["values"] for r in answer["data"]["result"]):
+                empty.append(f"{title}: {query}")
         assert empty == [], "queries without data:\n" + "\n".join(empty)
-        if excused:
-            print("excused (NO_DATA_YET):\n" + "\n".join(excused))
     finally:
         prom.stop()
 
