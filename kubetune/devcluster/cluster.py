@@ -398,6 +398,38 @@ class DevCluster:
         state.processes = []
         state.save(self.layout.state_file)
 
+    def stop_component(self, name: str, grace: float = 10.0) -> None:
+        """Stop one running component (fault-injection tests: an API server outage, say);
+        `start_component` starts it again with the same arguments and ports."""
+        record = self._record(name)
+        _terminate(record.pid, grace)
+        proc = self._procs.get(name)
+        if proc is not None:
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=1)
+
+    def start_component(self, name: str, timeout: float = 60.0) -> None:
+        """Start a component `stop_component` stopped; for the API server, wait until ready."""
+        assert self.state is not None
+        record = self._record(name)
+        self.state.processes.remove(record)
+        self._spawn(name, record.args)
+        if name == "kube-apiserver":
+            self._wait_http(
+                name,
+                f"https://127.0.0.1:{self.state.ports['apiserver']}/readyz",
+                time.monotonic() + timeout,
+                ssl_context=self._admin_ssl(generate_pki_paths(self.layout.pki)),
+            )
+
+    def _record(self, name: str) -> ProcessRecord:
+        if self.state is None:
+            raise ClusterError("the cluster was not started by this process")
+        for record in self.state.processes:
+            if record.name == name:
+                return record
+        raise ClusterError(f"no component named {name!r}")
+
     def status(self) -> dict[str, Any]:
         """Which recorded processes are alive, and whether the API server answers."""
         if not self.layout.state_file.exists():

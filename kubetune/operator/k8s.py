@@ -20,6 +20,11 @@ class ChildConflictError(RuntimeError):
     """A child's name is taken by an object this FineTuneJob does not own."""
 
 
+class ChildRejectedError(RuntimeError):
+    """The API server refused a child as invalid (422): something in the spec that only the
+    server checks, such as a label key or a service account name. Retrying cannot help."""
+
+
 def _plain(api: client.ApiClient, obj: Any) -> dict[str, Any]:
     data: dict[str, Any] = api.sanitize_for_serialization(obj)
     return data
@@ -31,6 +36,7 @@ class Kube:
         self.core = client.CoreV1Api(self.api)
         self.batch = client.BatchV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
+        self.coordination = client.CoordinationV1Api(self.api)
         self.requests = 0
 
     # ---- FineTuneJobs
@@ -124,6 +130,8 @@ class Kube:
         try:
             return _plain(self.api, create(ns, manifest)), True
         except ApiException as exc:
+            if exc.status == 422:
+                raise ChildRejectedError(_server_message(exc)) from None
             if exc.status != 409:
                 raise
         self.requests += 1
@@ -221,9 +229,35 @@ class Kube:
         raw = data.get(key)
         return base64.b64decode(raw).decode() if raw else None
 
+    # ---- leader election
+    def get_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
+        self.requests += 1
+        try:
+            return _plain(self.api, self.coordination.read_namespaced_lease(name, namespace))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def write_lease(self, body: dict[str, Any], create: bool) -> bool:
+        """Create or replace (with the resourceVersion read); False on a lost race."""
+        meta = body["metadata"]
+        self.requests += 1
+        try:
+            if create:
+                self.coordination.create_namespaced_lease(meta["namespace"], body)
+            else:
+                self.coordination.replace_namespaced_lease(meta["name"], meta["namespace"], body)
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True
+
     # ---- inputs
-    def config_map_key(self, namespace: str, name: str, key: str) -> str | None:
-        """A ConfigMap key's text; None when the ConfigMap or key is missing."""
+    def config_map_key(self, namespace: str, name: str, key: str) -> str | bytes | None:
+        """A ConfigMap key's text (bytes for binaryData, so that a wrong encoding is
+        reported, not replaced); None when the ConfigMap or key is missing."""
         self.requests += 1
         try:
             cm = self.core.read_namespaced_config_map(name, namespace)
@@ -236,7 +270,7 @@ class Kube:
         if cm.binary_data and key in cm.binary_data:
             import base64
 
-            return base64.b64decode(cm.binary_data[key]).decode("utf-8", "replace")
+            return base64.b64decode(cm.binary_data[key])
         return None
 
     def list_nodes(self) -> list[dict[str, Any]] | None:
@@ -248,6 +282,13 @@ class Kube:
             if exc.status == 403:
                 return None
             raise
+
+
+def _server_message(exc: ApiException) -> str:
+    try:
+        return str(json.loads(exc.body).get("message") or exc.reason)
+    except (TypeError, ValueError):
+        return str(exc.reason)
 
 
 def decode_termination_plan(message: str) -> dict[str, Any]:

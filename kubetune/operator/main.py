@@ -23,6 +23,7 @@ from kubetune.operator.settings import OperatorSettings
 
 SETTINGS = OperatorSettings.from_env()
 _state: dict[str, Any] = {}
+_logged_in = threading.Event()
 
 
 def _reconciler() -> Reconciler:
@@ -70,8 +71,11 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
     path = os.environ.get("KUBECONFIG")
     if os.environ.get("KUBERNETES_SERVICE_HOST") or not path:
-        return kopf.login_via_client(**kwargs)
+        info = kopf.login_via_client(**kwargs)
+        _logged_in.set()
+        return info
     kubernetes.config.load_kube_config(config_file=path)
+    _logged_in.set()  # the client library is configured: the leader elector may start
     cfg = kubernetes.client.Configuration.get_default_copy()
     return kopf.ConnectionInfo(
         server=cfg.host,
@@ -83,8 +87,20 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     )
 
 
+def _leading() -> bool:
+    """True when this replica may reconcile: it holds the Lease (or election is off)."""
+    if not SETTINGS.leader_election:
+        return True
+    elector = _state.get("elector")
+    return elector is not None and bool(elector.is_leader())
+
+
 def _run(namespace: str | None, name: str) -> None:
     if namespace is None:  # FineTuneJobs are namespaced; never happens
+        return
+    if not _leading():
+        # A standby replica: the leader handles it; the resync round on election catches
+        # up on whatever happened meanwhile.
         return
     start = time.perf_counter()
     kube = _reconciler().kube
@@ -154,19 +170,44 @@ def _resync_once() -> None:
             )
 
 
-def _resync_loop(stop: threading.Event) -> None:
-    while not stop.wait(SETTINGS.sync_interval_seconds):
+def _resync_loop(stop: threading.Event, wake: threading.Event) -> None:
+    while not stop.is_set():
+        wake.wait(SETTINGS.sync_interval_seconds)
+        wake.clear()
+        if stop.is_set() or not _leading():
+            continue
         try:
             _resync_once()
         except Exception:
             logging.getLogger("kubetune.operator").exception("resync round failed")
 
 
+def _elect(stop: threading.Event, wake: threading.Event) -> None:
+    """Start leader election once Kopf has logged in (it runs startup handlers first, and
+    the client library is configured at login). Until we hold the Lease, handlers skip."""
+    from kubetune.operator.leader import LeaderElector
+
+    while not stop.is_set() and not _logged_in.wait(1):
+        pass
+    if stop.is_set():
+        return
+    elector = LeaderElector(
+        _reconciler().kube,
+        SETTINGS.lease_namespace,
+        duration_seconds=int(SETTINGS.lease_duration_seconds),
+        on_elected=wake.set,  # a new leader catches up at once
+    )
+    _state["elector"] = elector
+    elector.start()
+
+
 @kopf.on.startup()
 def start_resync(**_: Any) -> None:
-    stop = threading.Event()
-    _state["resync_stop"] = stop
-    threading.Thread(target=_resync_loop, args=(stop,), daemon=True, name="resync").start()
+    stop, wake = threading.Event(), threading.Event()
+    _state["resync_stop"], _state["resync_wake"] = stop, wake
+    if SETTINGS.leader_election:
+        threading.Thread(target=_elect, args=(stop, wake), daemon=True, name="elect").start()
+    threading.Thread(target=_resync_loop, args=(stop, wake), daemon=True, name="resync").start()
 
 
 @kopf.on.cleanup()
@@ -174,6 +215,10 @@ def stop_resync(**_: Any) -> None:
     stop = _state.pop("resync_stop", None)
     if stop is not None:
         stop.set()
+        _state.pop("resync_wake").set()
+    elector = _state.pop("elector", None)
+    if elector is not None:
+        elector.stop(release=True)  # a replacement leads at once, not after the Lease expires
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={JOB_LABEL: kopf.PRESENT})

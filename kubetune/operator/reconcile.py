@@ -21,7 +21,12 @@ from urllib.parse import urlparse
 from kubetune.operator import builders as b
 from kubetune.operator import metrics
 from kubetune.operator import status as st
-from kubetune.operator.k8s import ChildConflictError, Kube, decode_termination_plan
+from kubetune.operator.k8s import (
+    ChildConflictError,
+    ChildRejectedError,
+    Kube,
+    decode_termination_plan,
+)
 from kubetune.operator.planstep import (
     PlanRequestError,
     build_plan,
@@ -128,6 +133,9 @@ class Reconciler:
         except ChildConflictError as exc:
             draft.fail("ChildConflict", str(exc))
             result = "conflict"
+        except ChildRejectedError as exc:
+            draft.fail("InvalidSpec", f"the API server refused a child object: {exc}")
+            result = "invalid"
         finally:
             self._write(ftj, ref, draft)
         return result
@@ -248,7 +256,7 @@ class Reconciler:
             )
         return out
 
-    def _config_map_uri(self, ref: b.JobRef, uri: str, field_path: str) -> str:
+    def _config_map_uri(self, ref: b.JobRef, uri: str, field_path: str) -> str | bytes:
         parsed = urlparse(uri)
         cm, key = parsed.netloc, parsed.path.lstrip("/")
         text = self.kube.config_map_key(ref.namespace, cm, key)

@@ -54,6 +54,12 @@ class OperatorSettings:
     # Namespaces whose FineTuneJobs the resync round lists (empty: all namespaces). Kopf's
     # own watches follow its --namespace flags; the Helm chart sets both from one value.
     watch_namespaces: tuple[str, ...] = ()
+    # Leader election over a Lease: only one replica reconciles (false: no Lease).
+    leader_election: bool = True
+    # Namespace of the Lease (default: the operator pod's namespace, else "default").
+    lease_namespace: str = "default"
+    # Seconds a replica keeps leading without renewing; a standby takes over after that.
+    lease_duration_seconds: float = 15.0
 
     @classmethod
     def from_env(cls) -> OperatorSettings:
@@ -77,4 +83,23 @@ class OperatorSettings:
                 for ns in os.environ.get("KUBETUNE_WATCH_NAMESPACES", "").split(",")
                 if ns.strip()
             ),
+            leader_election=os.environ.get("KUBETUNE_LEADER_ELECTION", "true").lower()
+            not in ("false", "0", "no"),
+            lease_namespace=os.environ.get("KUBETUNE_LEASE_NAMESPACE")
+            or os.environ.get("POD_NAMESPACE")
+            or _pod_namespace()
+            or d.lease_namespace,
+            lease_duration_seconds=_float(
+                "KUBETUNE_LEASE_DURATION_SECONDS", d.lease_duration_seconds
+            ),
         )
+
+
+def _pod_namespace() -> str | None:
+    """The namespace of the pod this runs in (its service account's), if any."""
+    path = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
