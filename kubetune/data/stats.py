@@ -54,6 +54,7 @@ class DatasetSummary:
     leakage_count: int = 0
     overlong_count: int = 0
     warnings: list[str] = field(default_factory=list)
+    duplicate_warnings: list[str] = field(default_factory=list)
 
 
 def estimate_tokens(text: str) -> int:
@@ -182,6 +183,25 @@ def parse_jsonl(
     return fmt, [_example(obj, fmt, source, n) for n, obj in rows]
 
 
+def overlong_warning(source: str, count: int, max_seq_length: int, first_line: int) -> str:
+    return (
+        f"{source}: {count} examples are longer than maxSeqLength {max_seq_length} "
+        f"(estimated; the first at line {first_line}) and will be truncated"
+    )
+
+
+def leakage_warning(count: int, total: int) -> str:
+    return (
+        f"{count} of {total} validation examples also occur in the "
+        "training data; eval loss will look better than it is"
+    )
+
+
+def plan_warnings(summary: DatasetSummary) -> list[str]:
+    """The data warnings the planner does not make itself (it reports duplicates)."""
+    return [w for w in summary.warnings if w not in summary.duplicate_warnings]
+
+
 def summarize(
     train: list[Example],
     source: str,
@@ -209,23 +229,24 @@ def summarize(
             "data, so evaluation would measure memorisation; use held-out data"
         )
     tokens = [estimate_tokens(ex.text) for ex in train]
-    overlong = sum(1 for t in tokens if max_seq_length and t > max_seq_length)
+    limit = max_seq_length or 0
+    overlong_lines = [ex.line for ex, t in zip(train, tokens, strict=True) if limit and t > limit]
+    overlong = len(overlong_lines)
+    first_overlong = overlong_lines[0] if overlong_lines else 0
     warnings: list[str] = []
-    if duplicates:
-        warnings.append(
+    duplicate_warnings = (
+        [
             f"{duplicates} of {len(train)} training examples are exact duplicates; "
             "they are trained on more often than the rest"
-        )
+        ]
+        if duplicates
+        else []
+    )
+    warnings += duplicate_warnings
     if leakage:
-        warnings.append(
-            f"{leakage} of {len(val)} validation examples also occur in the "
-            "training data; eval loss will look better than it is"
-        )
+        warnings.append(leakage_warning(leakage, len(val)))
     if overlong:
-        warnings.append(
-            f"{overlong} examples are longer than maxSeqLength "
-            f"{max_seq_length} (estimated) and will be truncated"
-        )
+        warnings.append(overlong_warning(source, overlong, max_seq_length or 0, first_overlong))
     return DatasetSummary(
         format=fmt,
         example_count=len(train),
@@ -237,4 +258,5 @@ def summarize(
         leakage_count=leakage,
         overlong_count=overlong,
         warnings=warnings,
+        duplicate_warnings=duplicate_warnings,
     )

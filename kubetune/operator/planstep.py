@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from kubetune.data import DataError, parse_jsonl, summarize
+from kubetune.data.stats import plan_warnings
 from kubetune.planning import (
     DatasetStats,
     Offload,
@@ -93,6 +94,36 @@ def resolve_gpu_memory(
     )
 
 
+_SUFFIX = {
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+    "n": 1e-9, "u": 1e-6, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15,
+    "E": 1e18,
+}  # fmt: skip
+
+
+def quantity_value(value: int | str) -> float:
+    """A Kubernetes quantity (8, "500m", "64Gi", "1e3") as a number."""
+    if isinstance(value, int):
+        return float(value)
+    for suffix in sorted(_SUFFIX, key=len, reverse=True):
+        if value.endswith(suffix):
+            return float(value[: -len(suffix)]) * _SUFFIX[suffix]
+    return float(value)
+
+
+def host_memory_gib(spec: Any) -> float | None:
+    """Host memory per node for offload: the training pod's memory limit (else request)
+    from spec.resources.resourcesPerNode; None when the spec does not say."""
+    rpn = spec.resources.resources_per_node
+    if rpn is None:
+        return None
+    for section in (rpn.limits, rpn.requests):
+        if section and section.get("memory") is not None:
+            gib = quantity_value(section["memory"]) / 2**30
+            return gib if gib > 0 else None
+    return None
+
+
 class PlanRequestError(ValueError):
     """The spec asks for a combination the planner cannot honour (for example an offload
     without a ZeRO stage); the job fails with InvalidSpec."""
@@ -170,10 +201,12 @@ def build_plan(
         gpus_per_node=gpus if gpus > 0 else max(1, cpu_processes),
         gpu_memory_gib=gpu_memory[0],
         num_nodes=int(spec.resources.num_nodes),
+        cpu_memory_gib=host_memory_gib(spec) if gpus > 0 else None,
         accelerator="GPU" if gpus > 0 else "CPU",
     )
     plan = make_plan(stats, arch, resources, plan_request(spec)).to_dict()
     plan["reasons"] = [gpu_memory[1], *plan["reasons"]]
+    plan["warnings"] = [*plan["warnings"], *plan_warnings(summary)]
     plan["datasetFormat"] = summary.format  # for plan.json; status.plan does not keep it
     apply_overrides(plan, spec, stats.example_count, resources.world_size)
     return plan

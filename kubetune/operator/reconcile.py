@@ -243,7 +243,9 @@ class Reconciler:
             try:
                 model = json.loads(text)
             except ValueError as exc:
-                raise _InputMissingError(f"{spec.model.uri}: not valid JSON ({exc})") from exc
+                raise _InputMissingError(
+                    f"{spec.model.uri}: not valid JSON ({exc})", "ModelConfigError"
+                ) from exc
         if model is None:
             return None
         out: dict[str, Any] = {

@@ -954,8 +954,14 @@ def make_plan(
             f"{what}: {choice.describe()} needs at least "
             f"{_gib(attempt.memory.per_gpu)} per GPU ({attempt.setting()}) but "
             f"{_gib(attempt.memory.usable)} is usable on each of {resources.world_size} "
-            f"x {resources.gpu_memory_gib:g} GiB; add GPUs, use larger GPUs, shorten the "
-            "sequences"
+            f"x {resources.gpu_memory_gib:g} GiB"
+            + (
+                f", and {_gib(attempt.memory.cpu_per_node)} of host memory per node for the "
+                f"offload but has {_gib(attempt.memory.cpu_memory)}"
+                if not attempt.memory.cpu_fits and attempt.memory.cpu_memory is not None
+                else ""
+            )
+            + "; add GPUs, use larger GPUs, shorten the sequences"
             + (", give host memory for offload" if resources.cpu_memory_gib is None else "")
             + (" or choose LoRA." if choice.method is not Method.LORA else ".")
         )

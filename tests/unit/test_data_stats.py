@@ -344,9 +344,10 @@ def test_overlong(lengths: list[int], max_seq: int | None, overlong: int) -> Non
     assert s.overlong_count == overlong
     long_warnings = [w for w in s.warnings if "longer than maxSeqLength" in w]
     if overlong:
+        first = next(ex.line for ex in train if len(ex.text) / 4 > (max_seq or 0))
         assert long_warnings == [
-            f"{overlong} examples are longer than maxSeqLength {max_seq} (estimated) "
-            "and will be truncated"
+            f"{SRC}: {overlong} examples are longer than maxSeqLength {max_seq} "
+            f"(estimated; the first at line {first}) and will be truncated"
         ]
     else:
         assert long_warnings == []
