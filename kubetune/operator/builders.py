@@ -215,6 +215,10 @@ def _placement(spec: Any) -> dict[str, Any]:
         out["priorityClassName"] = spec.priority_class_name
     if spec.service_account_name:
         out["serviceAccountName"] = spec.service_account_name
+    else:
+        # The trainer and the prepare step never call the Kubernetes API: no token in the
+        # pod (a user who names a service account decides for themselves).
+        out["automountServiceAccountToken"] = False
     return out
 
 
