@@ -34,6 +34,7 @@ from kubetune.api._types import (
 MethodType = Literal["Auto", "Full", "Partial", "LoRA", "Prefix"]
 DatasetFormat = Literal["Auto", "Text", "PromptCompletion", "Chat"]
 OffloadType = Literal["Auto", "None", "Optimizer", "OptimizerAndParameters"]
+RemedyMode = Literal["Auto", "On", "Off"]
 TolerationOperator = Literal["Exists", "Equal"]
 TolerationEffect = Literal["", "NoSchedule", "PreferNoSchedule", "NoExecute"]
 
@@ -51,11 +52,19 @@ class ModelSource(SpecModel):
     uri: Uri
     revision: Str256 | None = None
     secret_ref: SecretRef | None = None
+    from_: Uri | None = Field(default=None, alias="from")
 
     @field_validator("uri")
     @classmethod
     def _uri(cls, value: str) -> str:
         return check_uri(value, "model.uri", MODEL_URI_PATTERN, MODEL_URI_SCHEMES)
+
+    @field_validator("from_")
+    @classmethod
+    def _from(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        return check_uri(value, "model.from", OUTPUT_URI_PATTERN, OUTPUT_URI_SCHEMES)
 
 
 class Dataset(SpecModel):
@@ -183,6 +192,31 @@ class Diagnostics(SpecModel):
     max_overhead: Annotated[float, Field(gt=0, le=1)] = 0.05
 
 
+class Replay(SpecModel):
+    mode: RemedyMode = "Auto"
+    ratio: Annotated[float, Field(gt=0, le=0.9)] = 0.25
+
+
+class EWC(SpecModel):
+    mode: RemedyMode = "Auto"
+    lambda_: Annotated[float, Field(gt=0)] = Field(default=1000.0, alias="lambda")
+    fisher_tokens: Annotated[int, Field(ge=64, le=1048576), WholeFloat] = 4096
+
+
+class LowPerplexityTargets(SpecModel):
+    mode: RemedyMode = "Auto"
+    threshold: Annotated[float, Field(gt=1)] = 1000.0
+    weight: Annotated[float, Field(ge=0, lt=1)] = 0.0
+
+
+class Remedies(SpecModel):
+    """spec.remedies: what keeps the base model's knowledge (docs/remedies.md)."""
+
+    replay: Replay = Field(default_factory=Replay)
+    ewc: EWC = Field(default_factory=EWC)
+    low_perplexity_targets: LowPerplexityTargets = Field(default_factory=LowPerplexityTargets)
+
+
 class Output(SpecModel):
     uri: Uri | None = None
 
@@ -233,6 +267,7 @@ class FineTuneJobSpec(SpecModel):
     deepspeed: DeepSpeed = Field(default_factory=DeepSpeed)
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
     diagnostics: Diagnostics = Field(default_factory=Diagnostics)
+    remedies: Remedies = Field(default_factory=Remedies)
     output: Output | None = None
     image: Str1024 | None = None
     plan_only: bool = False

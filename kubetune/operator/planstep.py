@@ -23,6 +23,7 @@ from kubetune.planning import (
     make_plan,
     model_arch_from_config,
 )
+from kubetune.remedies.plan import plan_remedies
 
 # A CPU "GPU" for local runs: the share of host memory one training process may use.
 CPU_PROCESS_MEMORY_GIB = 8.0
@@ -209,6 +210,7 @@ def build_plan(
     plan["warnings"] = [*plan["warnings"], *plan_warnings(summary)]
     plan["datasetFormat"] = summary.format  # for plan.json; status.plan does not keep it
     apply_overrides(plan, spec, stats.example_count, resources.world_size)
+    plan_remedies(plan, spec)
     return plan
 
 

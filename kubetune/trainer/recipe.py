@@ -77,6 +77,7 @@ def run(cfg: TrainerConfig) -> int:
 
     from kubetune.data import DataError
     from kubetune.policy import StopSettings
+    from kubetune.remedies.train import prepare_for_run
     from kubetune.trainer.callbacks import KubetuneCallback
     from kubetune.trainer.data import Collator, TokenizedDataset, read_examples, split_holdout
     from kubetune.trainer.dsconfig import deepspeed_config
@@ -122,6 +123,7 @@ def run(cfg: TrainerConfig) -> int:
     bf16 = bool(cuda and torch.cuda.is_bf16_supported())
     model = load_model(location, revision, dtype=torch.bfloat16 if bf16 else torch.float32)
     model = apply_method(model, plan, cfg.spec)
+    remedy = prepare_for_run(cfg, model, tokenizer, train_ds, seq_len)
     trainable, total = count_parameters(model)
     if main_proc:
         log.info("method %s: %d of %d parameters trainable", plan["method"], trainable, total)
@@ -195,12 +197,12 @@ def run(cfg: TrainerConfig) -> int:
         diagnostics=diagnostics,
         policy_owner=cfg.stop_policy,
     )
-    trainer = Trainer(
+    trainer = remedy.trainer_class(Trainer)(
         model=model,
         args=args,
-        train_dataset=train_ds,
+        train_dataset=remedy.train_dataset,
         eval_dataset=val_ds,
-        data_collator=Collator(pad_id=int(tokenizer.pad_token_id)),
+        data_collator=remedy.collator(Collator(pad_id=int(tokenizer.pad_token_id))),
         compute_metrics=token_accuracy if val_ds is not None else None,
         preprocess_logits_for_metrics=_argmax_logits if val_ds is not None else None,
         callbacks=[callback],
@@ -226,8 +228,10 @@ def run(cfg: TrainerConfig) -> int:
         }
         if callback.stopped:
             summary["earlyStop"] = callback.stopped
-        if callback.warnings:
-            summary["warnings"] = callback.warnings
+        summary["remedies"] = remedy.summary()
+        warnings = [*callback.warnings, *filter(None, [remedy.sentence()])]
+        if warnings:
+            summary["warnings"] = warnings
         if diagnostics is not None:
             summary["probeSeconds"] = {k: round(v, 3) for k, v in diagnostics.watch.seconds.items()}
         if not math.isfinite(float(result.training_loss or 0.0)):

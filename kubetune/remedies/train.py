@@ -1,0 +1,457 @@
+"""The remedies inside a training run (torch): continuing from a previous output, replay of
+general text, token weights from the base model's perplexity, elastic weight consolidation,
+and the Trainer subclass that applies the last two to the loss.
+
+`prepare` runs once after the base model is loaded and before the method is applied; the
+recipe then applies the method (unless a previous adapter is continued), calls `attach`
+(EWC's Fisher information needs the trainable parameters), and builds its Trainer from
+`trainer_class`, `train_dataset` and `collator`."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubetune.remedies.plan import NAMES, Evidence, resolve
+
+log = logging.getLogger("kubetune.remedies")
+
+IGNORE_INDEX = -100
+Row = dict[str, Any]
+
+#: The English text the built-in model was pretrained on: the default replay text.
+REPLAY_TEXT_DEFAULT = Path(__file__).resolve().parents[1] / "trainer" / "corpus" / "general-en.txt"
+
+
+# ---- incremental updates ----------------------------------------------------------------------
+
+
+def previous_output(uri: str) -> Path:
+    """The directory of a previous run's adapter or weights: `<from>/final` when it exists,
+    else `<from>` itself (file:// and mounted pvc:// paths are local directories)."""
+    path = Path(uri.removeprefix("file://"))
+    if uri.startswith("pvc://"):
+        claim_path = uri.removeprefix("pvc://").split("/", 1)
+        path = Path("/mnt/previous") / (claim_path[1] if len(claim_path) > 1 else "")
+    return path / "final" if (path / "final").is_dir() else path
+
+
+def load_previous(model: Any, uri: str) -> tuple[Any, bool]:
+    """(the model to train, whether it is a previous PEFT adapter continued as is). Full
+    weights are loaded into `model`'s architecture from the previous output."""
+    from kubetune.trainer.config import TrainerConfigError
+
+    path = previous_output(uri)
+    if (path / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(path), is_trainable=True), True
+    if not (path / "config.json").exists():
+        raise TrainerConfigError(
+            f"model.from: no adapter_config.json or config.json in {path}: expected a "
+            "previous FineTuneJob's output"
+        )
+    from transformers import AutoModelForCausalLM
+
+    dtype = next(model.parameters()).dtype
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype), False
+
+
+# ---- replay ----------------------------------------------------------------------------------
+
+
+def replay_rows(text: str, tokenizer: Any, count: int, row_tokens: int, seed: int) -> list[Row]:
+    """`count` windows of about `row_tokens` tokens of general text, every token a target
+    (cycling through the text when it is short), in a fixed random order."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    width = max(8, row_tokens - len(bos) - len(eos))
+    windows: list[list[int]] = []
+    for para in (p.strip() for p in text.split("\n\n")):
+        if not para:
+            continue
+        ids = tokenizer(para, add_special_tokens=False)["input_ids"]
+        for start in range(0, len(ids), width):
+            chunk = ids[start : start + width]
+            if len(chunk) >= 8:
+                windows.append(chunk)
+    if not windows or count <= 0:
+        return []
+    random.Random(seed).shuffle(windows)
+    rows = []
+    for i in range(count):
+        ids = bos + windows[i % len(windows)] + eos
+        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * len(bos) + ids[len(bos) :]})
+    return rows
+
+
+def replay_count(train_rows: int, ratio: float) -> int:
+    """General rows to add so that they are `ratio` of all rows."""
+    return max(1, round(train_rows * ratio / (1 - ratio)))
+
+
+class MixedDataset:
+    """Training rows plus replay rows; `sources[i]` says which ("task" or "general")."""
+
+    def __init__(self, task: Sequence[Row], general: Sequence[Row]) -> None:
+        self.rows = [*task, *general]
+        self.sources = ["task"] * len(task) + ["general"] * len(general)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Row:
+        return self.rows[i]
+
+
+# ---- low-perplexity targets --------------------------------------------------------------------
+
+
+def row_token_nlls(model: Any, rows: Sequence[Row], device: Any) -> list[list[float]]:
+    """Per row, the NLL of each target token (labels[1:] != -100), in order."""
+    from kubetune.diagnostics.probes import token_nlls
+
+    flat = token_nlls(model, rows, device)
+    out: list[list[float]] = []
+    pos = 0
+    for r in rows:
+        n = sum(1 for x in r["labels"][1:] if x != IGNORE_INDEX)
+        out.append(flat[pos : pos + n])
+        pos += n
+    return out
+
+
+def weighted_rows(
+    rows: Sequence[Row], nlls: Sequence[Sequence[float]], threshold: float, weight: float
+) -> tuple[list[Row], int, int]:
+    """Rows with a `weights` list (one per position): `weight` for a target token whose
+    perplexity under the base model exceeds `threshold`, else 1. Returns the rows, the
+    tokens down-weighted and the target tokens in all."""
+    limit = math.log(threshold)
+    out: list[Row] = []
+    low = total = 0
+    for r, row_nll in zip(rows, nlls, strict=True):
+        weights = [1.0] * len(r["input_ids"])
+        it = iter(row_nll)
+        for j in range(1, len(r["labels"])):
+            if r["labels"][j] == IGNORE_INDEX:
+                continue
+            total += 1
+            if next(it) > limit:
+                weights[j] = weight
+                low += 1
+        out.append({**r, "weights": weights})
+    return out, low, total
+
+
+@dataclass
+class WeightedCollator:
+    """The trainer's collator, plus `weights` (padded with 0) when rows have them."""
+
+    base: Any
+
+    def __call__(self, rows: list[Row]) -> dict[str, Any]:
+        import torch
+
+        batch: dict[str, Any] = self.base(
+            [{k: r[k] for k in ("input_ids", "labels")} for r in rows]
+        )
+        if any("weights" in r for r in rows):
+            width = batch["input_ids"].shape[1]
+            w = [
+                list(r.get("weights") or [1.0] * len(r["input_ids"]))
+                + [0.0] * (width - len(r["input_ids"]))
+                for r in rows
+            ]
+            batch["weights"] = torch.tensor(w, dtype=torch.float32)
+        return batch
+
+
+# ---- elastic weight consolidation --------------------------------------------------------------
+
+
+class EWC:
+    """penalty = lambda x mean over the trained weights of F x (w - w_base)^2, with the
+    diagonal Fisher information F (mean squared gradient of the LM loss on general text,
+    batch by batch) normalised to mean 1, so lambda does not depend on the model's size or
+    the loss scale."""
+
+    def __init__(self, strength: float) -> None:
+        self.strength = strength
+        self.names: list[str] = []
+        self.fisher: list[Any] = []
+        self.anchor: list[Any] = []
+        self.count = 0
+        self.tokens = 0
+
+    def estimate(
+        self, model: Any, rows: Sequence[Row], device: Any, tokens: int, batch_size: int = 4
+    ) -> None:
+        import torch
+
+        from kubetune.trainer.data import Collator
+
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        sums = [torch.zeros_like(p, dtype=torch.float32) for _, p in params]
+        was_training = model.training
+        model.eval()
+        used = batches = 0
+        pad = 0
+        for start in range(0, len(rows), batch_size):
+            if used >= tokens:
+                break
+            chunk = rows[start : start + batch_size]
+            batch = {k: v.to(device) for k, v in Collator(pad)(list(chunk)).items()}
+            model.zero_grad(set_to_none=True)
+            model(**batch).loss.backward()
+            for s, (_, p) in zip(sums, params, strict=True):
+                if p.grad is not None:
+                    s += p.grad.detach().float() ** 2
+            used += sum(sum(1 for x in r["labels"] if x != IGNORE_INDEX) for r in chunk)
+            batches += 1
+        model.zero_grad(set_to_none=True)
+        if was_training:
+            model.train()
+        self.count = sum(p.numel() for _, p in params)
+        total = sum(float(s.sum()) for s in sums) / max(batches, 1)
+        mean = total / max(self.count, 1)
+        scale = 1.0 / (max(batches, 1) * mean) if mean > 0 else 1.0
+        self.names = [n for n, _ in params]
+        self.fisher = [s * scale for s in sums]
+        self.anchor = [p.detach().clone().float() for _, p in params]
+        self.tokens = used
+
+    def penalty(self, model: Any) -> Any:
+        import torch
+
+        named = dict(model.named_parameters())
+        total = torch.zeros((), device=self.anchor[0].device if self.anchor else "cpu")
+        for name, f, a in zip(self.names, self.fisher, self.anchor, strict=True):
+            p = named[name]
+            total = total + (f.to(p.device) * (p.float() - a.to(p.device)) ** 2).sum()
+        return self.strength * total / max(self.count, 1)
+
+
+def remedy_trainer_class(base: Any, ewc: EWC | None) -> Any:
+    """`base` (the HF Trainer) with a loss that honours token weights and adds the EWC
+    penalty. Each micro-batch's loss is a mean, scaled for gradient accumulation by the
+    Trainer (`loss_is_scaled_for_ga = False`)."""
+    import torch
+    import torch.nn.functional as F
+
+    class RemedyTrainer(base):  # type: ignore[misc]
+        loss_is_scaled_for_ga = False
+
+        def compute_loss(
+            self,
+            model: Any,
+            inputs: dict[str, Any],
+            return_outputs: bool = False,
+            num_items_in_batch: Any = None,
+        ) -> Any:
+            weights = inputs.pop("weights", None)
+            if weights is None:
+                loss, outputs = super().compute_loss(model, inputs, return_outputs=True)
+            else:
+                labels = inputs["labels"]
+                outputs = model(
+                    input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")
+                )
+                logits = outputs.logits[:, :-1].float()
+                target = labels[:, 1:]
+                w = weights[:, 1:].to(logits.dtype) * (target != IGNORE_INDEX).to(logits.dtype)
+                nll = F.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]),
+                    target.reshape(-1),
+                    ignore_index=IGNORE_INDEX,
+                    reduction="none",
+                ).view(target.shape)
+                loss = (nll * w).sum() / torch.clamp(w.sum(), min=1.0)
+            if ewc is not None and model.training:
+                loss = loss + ewc.penalty(model)
+            return (loss, outputs) if return_outputs else loss
+
+    return RemedyTrainer
+
+
+# ---- the run -----------------------------------------------------------------------------------
+
+
+@dataclass
+class RemedyRun:
+    """What the remedies changed in one run."""
+
+    train_dataset: Any
+    decisions: dict[str, dict[str, Any]]
+    ewc: EWC | None = None
+    evidence: Evidence | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def needs_trainer(self) -> bool:
+        on = {k for k, v in self.decisions.items() if v["on"]}
+        return bool(on & {"ewc", "lowPerplexityTargets"})
+
+    def collator(self, base: Any) -> Any:
+        return WeightedCollator(base) if self.needs_trainer else base
+
+    def trainer_class(self, base: Any) -> Any:
+        return remedy_trainer_class(base, self.ewc) if self.needs_trainer else base
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {k: dict(v) for k, v in self.decisions.items()}
+        if self.evidence is not None:
+            out["evidence"] = {
+                "dataPerplexity": round(self.evidence.data_perplexity, 3),
+                "generalPerplexity": round(self.evidence.general_perplexity, 3),
+                "ratio": round(self.evidence.ratio, 3),
+            }
+        if self.notes:
+            out["notes"] = list(self.notes)
+        return out
+
+    def sentence(self) -> str | None:
+        """One line for the report and status.warnings when Auto turned something on."""
+        auto_on = [k for k, v in self.decisions.items() if v["on"] and v.get("auto")]
+        if not auto_on:
+            return None
+        first = str(self.decisions[auto_on[0]]["reason"]).removeprefix("Auto: ")
+        return f"Remedies turned on by Auto: {', '.join(auto_on)} ({first})."
+
+
+def _mean_perplexity(nlls: Sequence[float]) -> float:
+    return math.exp(min(sum(nlls) / len(nlls), 50.0))
+
+
+def prepare(
+    *,
+    plan: dict[str, Any],
+    model: Any,
+    tokenizer: Any,
+    train_ds: Any,
+    general_text: str,
+    evidence_text: str,
+    seq_len: int,
+    device: Any,
+    seed: int,
+    token_budget: int = 8192,
+) -> RemedyRun:
+    """Resolve the remedies of this run (the model has its method applied and has not
+    trained yet) and apply them: token weights and replay rows in the training dataset, the
+    EWC anchor and Fisher information. `general_text` is replayed and estimates the Fisher
+    information; `evidence_text` (the forgetting probe's held-out text) is what Auto
+    compares the training data with."""
+    from kubetune.diagnostics.probes import text_rows, token_nlls
+    from kubetune.diagnostics.runner import base_model
+
+    remedies: dict[str, Any] = plan.get("remedies") or {}
+    task_rows: list[Row] = list(train_ds.rows)
+    states = {n: (remedies.get(n) or {}).get("state", "Off") for n in NAMES}
+    needs_evidence = "Auto" in states.values()
+    needs_nlls = needs_evidence or states["lowPerplexityTargets"] == "On"
+    evidence: Evidence | None = None
+    nlls: list[list[float]] | None = None
+    if needs_nlls and task_rows:
+        model.to(device)
+        with base_model(model):
+            nlls = row_token_nlls(model, task_rows, device)
+            general_eval = (
+                text_rows(evidence_text, tokenizer, seq_len, token_budget) if needs_evidence else []
+            )
+            g = token_nlls(model, general_eval, device) if general_eval else []
+        flat = [x for row in nlls for x in row]
+        if flat and g:
+            evidence = Evidence(_mean_perplexity(flat), _mean_perplexity(g))
+    decisions = resolve(remedies, evidence)
+    for name, d in decisions.items():
+        d.update({k: v for k, v in (remedies.get(name) or {}).items() if k != "state"})
+        d["auto"] = states[name] == "Auto"
+    run = RemedyRun(train_dataset=train_ds, decisions=decisions, evidence=evidence)
+    rows: list[Row] = task_rows
+    low = decisions["lowPerplexityTargets"]
+    if low["on"] and nlls is not None:
+        rows, n_low, n_total = weighted_rows(
+            task_rows, nlls, float(low.get("threshold", 1000.0)), float(low.get("weight", 0.0))
+        )
+        low["tokens"] = n_low
+        low["share"] = round(n_low / max(n_total, 1), 4)
+        run.notes.append(
+            f"low-perplexity targets: {n_low} of {n_total} target tokens above perplexity "
+            f"{low.get('threshold')} get weight {low.get('weight')}"
+        )
+    replay = decisions["replay"]
+    mean_len = round(sum(len(r["input_ids"]) for r in task_rows) / max(len(task_rows), 1))
+    count = replay_count(len(task_rows), float(replay.get("ratio", 0.25))) if replay["on"] else 0
+    general = replay_rows(general_text, tokenizer, max(count, 64), max(mean_len, 16), seed)
+    if replay["on"] and general:
+        mixed = general[:count]
+        if low["on"]:
+            mixed = [{**r, "weights": [1.0] * len(r["input_ids"])} for r in mixed]
+        run.train_dataset = MixedDataset(rows, mixed)
+        run.notes.append(
+            f"replay: {len(mixed)} general-text rows among {len(run.train_dataset)} "
+            f"({len(mixed) / len(run.train_dataset):.0%})"
+        )
+    elif low["on"]:
+        run.train_dataset = MixedDataset(rows, [])
+    ewc_settings = decisions["ewc"]
+    if ewc_settings["on"]:
+        ewc = EWC(float(ewc_settings.get("lambda", 1000.0)))
+        model.to(device)
+        ewc.estimate(model, general, device, int(ewc_settings.get("fisherTokens") or 4096))
+        run.ewc = ewc
+        run.notes.append(
+            f"EWC: Fisher information from {ewc.tokens} general-text tokens over "
+            f"{ewc.count} trained weights, lambda {ewc.strength:g}"
+        )
+    return run
+
+
+def prepare_for_run(cfg: Any, model: Any, tokenizer: Any, train_ds: Any, seq_len: int) -> RemedyRun:
+    """`prepare` with the run's texts: replay and EWC read dataset.generalTextUri or the
+    corpus the built-in model was pretrained on; Auto compares the training data with
+    dataset.generalTextUri or the held-out English text (the forgetting probe's text)."""
+    import os
+
+    import torch
+
+    from kubetune.trainer.config import TrainerConfigError
+    from kubetune.trainer.recipe import GENERAL_TEXT_DEFAULT
+
+    def read(path: Path) -> str:
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TrainerConfigError(f"dataset.generalTextUri: cannot read {path}: {exc}") from exc
+
+    custom = Path(cfg.general_text) if cfg.general_text else None
+    general = read(custom or REPLAY_TEXT_DEFAULT)
+    evidence = general if custom else read(GENERAL_TEXT_DEFAULT)
+    budget = int((cfg.spec.get("diagnostics") or {}).get("tokenBudget") or 8192)
+    device = (
+        torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+    run = prepare(
+        plan=cfg.plan,
+        model=model,
+        tokenizer=tokenizer,
+        train_ds=train_ds,
+        general_text=general,
+        evidence_text=evidence,
+        seq_len=seq_len,
+        device=device,
+        seed=cfg.seed,
+        token_budget=max(budget, 512),
+    )
+    for name, d in run.decisions.items():
+        log.info("remedy %s: %s (%s)", name, "on" if d["on"] else "off", d["reason"])
+    for note in run.notes:
+        log.info("%s", note)
+    return run

@@ -1,0 +1,296 @@
+"""The remedies change training as they should: replay puts general text in the stated
+share of the rows the Trainer serves; the EWC penalty is zero at the base weights and grows
+quadratically away from them; token weights take the stated tokens out of the loss; an
+incremental update starts from the previous output (adapter or weights) with the lower
+learning rate; Auto turns remedies on only when the data is much more surprising to the
+base model than general text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.trainer.conftest import MakeRun
+from tests.trainer.test_trainer import _train
+
+pytestmark = pytest.mark.trainer
+
+GENERAL = (
+    "The river runs past the old mill and under the stone bridge.\n\n"
+    "In spring the farmers plough the fields and sow the wheat.\n\n"
+    "The baker opens his shop before dawn and sells fresh bread to the village."
+)
+
+
+def _tok_and_rows(tiny_model: Path, n: int = 24) -> tuple[Any, Any]:
+    from transformers import AutoTokenizer
+
+    from kubetune.data import Example
+    from kubetune.trainer.data import TokenizedDataset
+    from tests.tinymodel import rows
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    exs = [
+        Example(line=i + 1, prompt=r["prompt"], target=r["completion"])
+        for i, r in enumerate(rows(n))
+    ]
+    return tok, TokenizedDataset(exs, tok, 64)
+
+
+def _model(tiny_model: Path) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model)
+
+
+def _plan(**states: dict[str, Any]) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "replay": {"mode": "Off", "ratio": 0.25, "state": "Off"},
+        "ewc": {"mode": "Off", "lambda": 1000.0, "fisherTokens": 512, "state": "Off"},
+        "lowPerplexityTargets": {"mode": "Off", "threshold": 1000.0, "weight": 0.0, "state": "Off"},
+    }
+    for k, v in states.items():
+        base[k] = {**base[k], **v}
+    return {"method": "Full", "remedies": base}
+
+
+def _prepare(tiny_model: Path, plan: dict[str, Any], model: Any = None) -> Any:
+    from kubetune.remedies.train import prepare
+
+    tok, ds = _tok_and_rows(tiny_model)
+    return prepare(
+        plan=plan,
+        model=model if model is not None else _model(tiny_model),
+        tokenizer=tok,
+        train_ds=ds,
+        general_text=GENERAL,
+        evidence_text=GENERAL,
+        seq_len=64,
+        device="cpu",
+        seed=1,
+    ), ds
+
+
+def test_replay_serves_general_text_in_the_stated_share(tiny_model: Path, tmp_path: Path) -> None:
+    from transformers import Trainer, TrainingArguments
+
+    from kubetune.trainer.data import Collator
+
+    run, _ = _prepare(tiny_model, _plan(replay={"mode": "On", "state": "On", "ratio": 0.25}))
+    assert run.decisions["replay"]["on"]
+    mixed = run.train_dataset
+    assert mixed.sources.count("general") / len(mixed) == pytest.approx(0.25, abs=0.02)
+    general_ids = {
+        tuple(r["input_ids"])
+        for r, s in zip(mixed.rows, mixed.sources, strict=True)
+        if s == "general"
+    }
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, use_cpu=True, report_to=[],
+        remove_unused_columns=False,
+    )  # fmt: skip
+    trainer = run.trainer_class(Trainer)(
+        model=_model(tiny_model),
+        args=args,
+        train_dataset=mixed,
+        data_collator=run.collator(Collator(pad_id=0)),
+    )
+    served = general = 0
+    for batch in trainer.get_train_dataloader():
+        for ids, mask in zip(
+            batch["input_ids"].tolist(), batch["attention_mask"].tolist(), strict=True
+        ):
+            row = tuple(i for i, m in zip(ids, mask, strict=True) if m)
+            served += 1
+            general += row in general_ids
+    assert served == len(mixed)
+    assert general / served == pytest.approx(0.25, abs=0.02)
+
+
+def test_ewc_penalty_is_zero_at_the_base_and_grows_away_from_it(tiny_model: Path) -> None:
+    import torch
+
+    run, _ = _prepare(tiny_model, _plan(ewc={"mode": "On", "state": "On", "lambda": 10.0}))
+    ewc = run.ewc
+    assert ewc is not None
+    assert ewc.tokens > 0
+    model = _model(tiny_model)
+    assert float(ewc.penalty(model).detach()) == 0.0
+    fisher_mean = sum(float(f.sum()) for f in ewc.fisher) / ewc.count
+    assert fisher_mean == pytest.approx(1.0, rel=1e-4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    one = float(ewc.penalty(model).detach())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    two = float(ewc.penalty(model).detach())
+    assert one > 0
+    assert two == pytest.approx(4 * one, rel=1e-3)  # quadratic in the distance
+    assert one == pytest.approx(10.0 * 1e-4, rel=1e-3)  # lambda x mean(F) x 0.01^2
+
+
+def test_ewc_pulls_training_towards_the_base(tiny_model: Path, tmp_path: Path) -> None:
+    """The same steps move the weights less, in the Fisher-weighted distance EWC measures
+    and in plain distance, with the penalty than without."""
+    from transformers import Trainer, TrainingArguments
+
+    from kubetune.trainer.data import Collator
+
+    def train(strength: float | None) -> tuple[Any, Any]:
+        on = {"mode": "On", "state": "On", "lambda": strength or 1.0}
+        model = _model(tiny_model)
+        run, _ = _prepare(tiny_model, _plan(ewc=on), model)
+        ewc = run.ewc
+        if strength is None:  # the same Fisher estimate, no penalty in the loss
+            run.decisions["ewc"]["on"] = False
+            run.ewc = None
+        args = TrainingArguments(
+            output_dir=str(tmp_path / str(strength)), per_device_train_batch_size=8,
+            max_steps=15, learning_rate=1e-2, use_cpu=True, report_to=[], seed=3,
+            remove_unused_columns=False, save_strategy="no", lr_scheduler_type="constant",
+        )  # fmt: skip
+        run.trainer_class(Trainer)(
+            model=model, args=args, train_dataset=run.train_dataset,
+            data_collator=run.collator(Collator(pad_id=0)),
+        ).train()  # fmt: skip
+        return model, ewc
+
+    plain, ewc = train(None)
+    pulled, _ = train(1e4)
+    assert float(ewc.penalty(pulled).detach()) < 0.3 * float(ewc.penalty(plain).detach())
+
+
+def test_low_perplexity_targets_take_the_stated_tokens_out_of_the_loss(tiny_model: Path) -> None:
+    import math
+
+    import torch
+    import torch.nn.functional as F
+    from transformers import Trainer, TrainingArguments
+
+    from kubetune.remedies.train import row_token_nlls, weighted_rows
+    from kubetune.trainer.data import Collator
+
+    model = _model(tiny_model)
+    _, ds = _tok_and_rows(tiny_model)
+    nlls = row_token_nlls(model, ds.rows, "cpu")
+    flat = sorted(x for r in nlls for x in r)
+    threshold = math.exp(flat[len(flat) // 2])  # about half the tokens are above it
+    rows, low, total = weighted_rows(ds.rows, nlls, threshold, 0.0)
+    assert low == sum(1 for x in flat if x > math.log(threshold))
+    assert 0.3 < low / total < 0.7
+    # Through prepare: the same count, and the decision says so.
+    run, _ = _prepare(
+        tiny_model,
+        _plan(lowPerplexityTargets={"mode": "On", "state": "On", "threshold": threshold}),
+        model,
+    )
+    assert run.decisions["lowPerplexityTargets"]["tokens"] == low
+    # The loss equals plain cross-entropy with those tokens' labels set to -100.
+    batch = run.collator(Collator(pad_id=0))(rows[:8])
+    masked = batch["labels"].clone()
+    masked[batch["weights"] == 0] = -100
+    args = TrainingArguments(output_dir="/tmp/unused-kt", use_cpu=True, report_to=[])
+    trainer = run.trainer_class(Trainer)(model=model, args=args)
+    model.eval()
+    with torch.no_grad():
+        got = float(trainer.compute_loss(model, dict(batch)))
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        want = float(
+            F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]),
+                masked[:, 1:].reshape(-1),
+                ignore_index=-100,
+            )
+        )
+    assert got == pytest.approx(want, rel=1e-5)
+    # A masked token gets no gradient: its logits do not move the loss.
+    assert masked.ne(-100).sum() < batch["labels"].ne(-100).sum()
+
+
+def test_auto_turns_remedies_on_only_for_surprising_data() -> None:
+    from kubetune.remedies.plan import Evidence, resolve
+
+    remedies = {
+        "replay": {"state": "Auto"},
+        "ewc": {"state": "Off"},
+        "lowPerplexityTargets": {"state": "On"},
+    }
+    risky = resolve(remedies, Evidence(data_perplexity=300.0, general_perplexity=30.0))
+    assert risky["replay"]["on"]
+    assert "10.0x" in risky["replay"]["reason"]
+    assert not risky["ewc"]["on"]
+    assert risky["lowPerplexityTargets"]["on"]
+    calm = resolve(remedies, Evidence(data_perplexity=40.0, general_perplexity=30.0))
+    assert not calm["replay"]["on"]
+    assert "below 3x" in calm["replay"]["reason"]
+
+
+def test_incremental_update_continues_the_previous_adapter_or_weights(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    from kubetune.trainer.model import apply_method
+
+    # A previous LoRA output: its adapter keeps training, as saved.
+    lora = get_peft_model(
+        _model(tiny_model),
+        LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, target_modules=["q_proj", "v_proj"]),
+    )
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_B" in n:
+                p.fill_(0.05)
+    lora.save_pretrained(str(tmp_path / "prev-lora" / "final"))
+    plan = {"method": "LoRA", "remedies": {"from": f"file://{tmp_path / 'prev-lora'}"}}
+    model = apply_method(_model(tiny_model), plan, {})
+    b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert b
+    assert all(p.requires_grad and torch.all(p == 0.05) for p in b)
+    # A previous full fine-tune: its weights replace the base weights.
+    full = _model(tiny_model)
+    with torch.no_grad():
+        full.model.embed_tokens.weight.add_(1.0)
+    full.save_pretrained(tmp_path / "prev-full" / "final")
+    plan = {"method": "Full", "remedies": {"from": str(tmp_path / "prev-full")}}
+    model = apply_method(_model(tiny_model), plan, {})
+    assert torch.equal(model.model.embed_tokens.weight, full.model.embed_tokens.weight)
+
+
+def test_a_run_with_every_remedy_and_an_incremental_update(
+    make_run: MakeRun, tiny_model: Path
+) -> None:
+    """End to end: Full fine-tuning with replay, EWC and token weights trains and reports
+    them; a second run from its output plans the incremental learning rate and starts from
+    its weights."""
+    remedies = {
+        "replay": {"mode": "On", "ratio": 0.3},
+        "ewc": {"mode": "On", "lambda": 100},
+        "lowPerplexityTargets": {"mode": "On", "threshold": 300},
+    }
+    hp = {"learningRate": 3e-3, "epochs": 1, "evalSteps": 4}
+    run = make_run(method="Full", rows=48, hp=hp, spec_extra={"remedies": remedies})
+    reasons = " ".join(run.plan["reasons"])
+    assert "Replay of general text: on, set by spec.remedies" in reasons
+    assert "Elastic weight consolidation: on" in reasons
+    _train(run)
+    report = json.loads((run.output / "report.json").read_text())
+    got = report["summary"]["remedies"]
+    assert all(got[name]["on"] for name in ("replay", "ewc", "lowPerplexityTargets"))
+    assert any("replay:" in n for n in got["notes"])
+    second = make_run(
+        method="Full",
+        rows=48,
+        spec_extra={
+            "model": {"uri": f"file://{tiny_model}", "from": f"file://{run.output}"},
+            "remedies": {"replay": {"mode": "Off"}},
+        },
+    )
+    assert second.plan["hyperparameters"]["learningRate"] == 5e-6
+    assert any("Incremental update" in r for r in second.plan["reasons"])
