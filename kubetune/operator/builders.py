@@ -416,6 +416,8 @@ def training_job(
     env += [
         {"name": "KUBETUNE_NUM_NODES", "value": str(nodes)},
         {"name": "KUBETUNE_METRICS_PORT", "value": str(settings.trainer_metrics_port)},
+        # The operator runs the early-stop policy (GET /evaluations, POST /stop).
+        {"name": "KUBETUNE_STOP_POLICY", "value": "operator"},
         {
             "name": "KUBETUNE_CONTROL_TOKEN",
             "valueFrom": {"secretKeyRef": {"name": control_name(ref), "key": "token"}},

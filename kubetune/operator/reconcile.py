@@ -11,6 +11,7 @@ import json
 import logging
 import secrets
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -97,6 +98,8 @@ class Reconciler:
         self.emit = events or (lambda *_: None)
         # Last known state of every job this operator reconciled (for the jobs gauge).
         self.states: dict[tuple[str, str], str] = {}
+        # Per job: failed live scrapes in a row, and when the next may be tried.
+        self.scrape_backoff: dict[tuple[str, str], tuple[int, float]] = {}
 
     def reconcile(self, namespace: str, name: str) -> str:
         """Reconcile one FineTuneJob; returns a short result label for metrics."""
@@ -344,7 +347,9 @@ class Reconciler:
         if spec.stop_requested and not (view.complete or view.failed_reason):
             self._request_stop(ref, draft, ip)
         if ip:
-            self._copy_live_metrics(ip, draft)
+            scraped = self._copy_live_metrics(ref, ip, draft)
+            if scraped is not None and not spec.stop_requested:
+                self._apply_policy(ref, spec, draft, ip, scraped)
         termination = (
             self.kube.termination_message(ref.namespace, name)
             if view.complete or view.failed_reason
@@ -376,20 +381,69 @@ class Reconciler:
             return "finished"
         return "training"
 
-    def _copy_live_metrics(self, ip: str, draft: StatusDraft) -> None:
-        """Copy rank 0's current figures into status.metrics and status.progress (best
-        effort: a trainer that is still starting has no endpoint yet)."""
+    def _copy_live_metrics(
+        self, ref: b.JobRef, ip: str, draft: StatusDraft
+    ) -> dict[str, float] | None:
+        """Copy rank 0's current figures into status.metrics and status.progress, and
+        return the scraped values (None when there was nothing to read: a trainer that is
+        still starting has no endpoint yet). After a failed scrape the next ones wait
+        longer (doubling from the sync interval up to 5 minutes)."""
+        key = (ref.namespace, ref.name)
+        failures, not_before = self.scrape_backoff.get(key, (0, 0.0))
+        if time.monotonic() < not_before:
+            return None
         url = f"http://{ip}:{self.settings.trainer_metrics_port}/metrics"
         try:
             with urllib.request.urlopen(url, timeout=2) as resp:
                 text = resp.read().decode()
-        except (urllib.error.URLError, OSError):
-            return
-        metrics, progress = st.status_from_metrics(text)
+        except (urllib.error.URLError, OSError, ValueError):
+            delay = min(self.settings.sync_interval_seconds * 2**failures, 300.0)
+            self.scrape_backoff[key] = (failures + 1, time.monotonic() + delay)
+            return None
+        self.scrape_backoff.pop(key, None)
+        values = st.scalar_samples(text)
+        metrics, progress = st.status_from_metrics(values)
         if metrics:
             draft.new["metrics"] = {**(draft.new.get("metrics") or {}), **metrics}
         if progress:
             draft.new["progress"] = {**(draft.new.get("progress") or {}), **progress}
+        warning = st.data_warning_from_metrics(values, draft.new.get("warnings") or [])
+        if warning:
+            draft.new["warnings"] = [*(draft.new.get("warnings") or []), warning]
+            draft.events.append(("Warning", "HighDataPerplexity", warning))
+        return values
+
+    def _apply_policy(
+        self,
+        ref: b.JobRef,
+        spec: Any,
+        draft: StatusDraft,
+        ip: str,
+        scraped: dict[str, float],
+    ) -> None:
+        """Run the early-stop policy on rank 0's evaluation history (GET /evaluations)
+        and, on a stop decision, tell the trainer (POST /stop with the job's token)."""
+        from kubetune.policy import StopSettings, decide
+
+        if not scraped.get("kubetune_evaluations_total"):
+            return
+        url = f"http://{ip}:{self.settings.trainer_metrics_port}/evaluations"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                history = st.eval_points(json.loads(resp.read()))
+        except (urllib.error.URLError, OSError, ValueError):
+            return
+        settings = StopSettings.from_spec(spec.early_stopping.model_dump(by_alias=True))
+        decision = decide(history, settings)
+        if not decision.stop:
+            return
+        draft.condition(
+            "Running",
+            "True",
+            decision.reason,
+            f"stopping early ({decision.reason}): {decision.message}",
+        )
+        self._send_stop(ref, ip, decision.reason, decision.message)
 
     def _request_stop(self, ref: b.JobRef, draft: StatusDraft, ip: str | None) -> None:
         """Ask rank 0 to stop after the current step (it keeps the best checkpoint)."""
@@ -399,8 +453,12 @@ class Reconciler:
             "StopRequested",
             "spec.stopRequested is true: asking the trainer to stop",
         )
-        if not ip:
-            return
+        if ip:
+            self._send_stop(ref, ip, "StopRequested", "spec.stopRequested is true")
+
+    def _send_stop(self, ref: b.JobRef, ip: str, reason: str, message: str) -> None:
+        """POST /stop to rank 0 with the job's token (idempotent: repeated each reconcile
+        until the trainer has stopped)."""
         token = self.kube.read_secret_key(ref.namespace, b.control_name(ref), "token")
         if not token:
             return
@@ -408,7 +466,7 @@ class Reconciler:
         req = urllib.request.Request(
             url,
             method="POST",
-            data=b'{"reason":"StopRequested"}',
+            data=json.dumps({"reason": reason, "message": message}).encode(),
             headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
         )
         try:

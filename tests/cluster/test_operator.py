@@ -682,6 +682,9 @@ def test_the_real_trainer_runs_a_job_end_to_end_on_the_local_runner(
     _create(api, namespace, job, rows=None)
     _wait_cond(api, namespace, "real", "Succeeded", timeout=420)
     status = _get(api, namespace, "real")["status"]
+    # Learnable data: the operator's policy (on by default) lets it run to the end.
+    assert _cond(_get(api, namespace, "real"), "EarlyStopped") is None
+    assert _cond(_get(api, namespace, "real"), "Succeeded")["reason"] == "Completed"  # type: ignore[index]
     assert status["metrics"]["evalLoss"] > 0
     assert status["progress"]["percentage"] == 100.0
     assert (out / "final" / "adapter_config.json").exists()
@@ -752,16 +755,96 @@ def test_stop_requested_reaches_the_trainer_which_stops_early(
     assert (out / "final" / "adapter_config.json").exists()
 
 
+def test_the_operator_stops_a_run_that_only_memorises_and_keeps_the_best(
+    dev_cluster: Any, operator: OperatorProcess, api: dict[str, Any], namespace: str, tmp_path: Any
+) -> None:
+    """Data the model can only learn by heart: the operator reads rank 0's evaluations,
+    its policy says stop, it POSTs /stop with the job's token, and the real trainer stops,
+    keeps the best checkpoint and exits 0: Succeeded with EarlyStopped, an Event, the
+    operator's counter, and the diagnostics in status.metrics."""
+    import random
+    import urllib.request
+
+    from kubetune.operator import main as operator_main
+
+    rng = random.Random(4)
+    words = [
+        "amber",
+        "brook",
+        "cedar",
+        "dune",
+        "ember",
+        "fjord",
+        "grove",
+        "heath",
+        "inlet",
+        "juniper",
+        "knoll",
+        "loch",
+    ]
+    data = [
+        {"prompt": f"Define term {i}: ", "completion": " ".join(rng.choices(words, k=12))}
+        for i in range(48)
+    ]
+    out = tmp_path / "out"
+    job = _real_trainer_job(
+        dev_cluster,
+        tmp_path,
+        "memorises",
+        out,
+        data_rows=data,
+        method={"type": "Full"},
+        hyperparameters={
+            "epochs": 60,
+            "learningRate": 0.003,
+            "evalSteps": 5,
+            "microBatchSize": 8,
+            "gradientAccumulationSteps": 1,
+        },
+        earlyStopping={"patience": 2},
+    )
+    _create(api, namespace, job, rows=None)
+    done = _wait_cond(api, namespace, "memorises", "Succeeded", timeout=420)
+    assert done["reason"] == "EarlyStopped"
+    obj = _get(api, namespace, "memorises")
+    stopped = _cond(obj, "EarlyStopped")
+    assert stopped is not None
+    assert stopped["reason"] in {"Overfitting", "OverMemorization", "NoImprovement"}
+    assert "eval" in stopped["message"]
+    status = obj["status"]
+    assert status["progress"]["step"] < status["progress"]["totalSteps"]
+    assert status["earlyStop"]["reason"] == stopped["reason"]
+    # The decision was the operator's: the trainer only stops itself on divergence.
+    report = json.loads((out / "report.json").read_text())
+    assert report["summary"]["earlyStop"]["reason"] == stopped["reason"]
+    assert stopped["reason"] in _events(api, namespace, "memorises")
+    best = report["summary"]["metrics"]["bestStep"]
+    assert report["summary"]["bestCheckpoint"].endswith(f"checkpoint-{best}")
+    assert (out / "final" / "model.safetensors").exists()
+    # The diagnostics reached the status.
+    for field in ("memorizationRate", "heldoutMemorizationRate", "generalPerplexityRatio"):
+        assert field in status["metrics"], status["metrics"]
+    port = operator_main._state["metrics_port"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    assert f'kubetune_operator_early_stops_total{{reason="{stopped["reason"]}"}}' in text
+
+
 def _real_trainer_job(
-    dev_cluster: Any, tmp_path: Any, name: str, out: Any, **spec: Any
+    dev_cluster: Any,
+    tmp_path: Any,
+    name: str,
+    out: Any,
+    data_rows: list[dict[str, str]] | None = None,
+    **spec: Any,
 ) -> dict[str, Any]:
     """A job on the local pod runner that the stand-in hands to the real trainer: a tiny
-    model and 64 rows in files, CPU, output in `out`."""
+    model and 64 rows (or `data_rows`) in files, CPU, output in `out`."""
     from tests.tinymodel import build_tiny_model, rows
 
     model = build_tiny_model(tmp_path / "model")
     data = tmp_path / "train.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in rows(64)))
+    data.write_text("\n".join(json.dumps(r) for r in (data_rows or rows(64))))
     placement = local_runner_pod_placement(dev_cluster.state.local_runner_node)
     return _ftj(
         name,
