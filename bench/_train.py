@@ -208,6 +208,7 @@ def run_case(case: Case, plan: dict[str, Any], *, deepspeed_on_cpu: bool = False
     from kubetune.trainer.data import Collator
     from kubetune.trainer.dsconfig import deepspeed_config
     from kubetune.trainer.model import apply_method, count_parameters
+    from kubetune.trainer.recipe import load_in_bf16
 
     result = RunResult()
     started = time.perf_counter()
@@ -230,7 +231,7 @@ def run_case(case: Case, plan: dict[str, Any], *, deepspeed_on_cpu: bool = False
     model: Any = None
     try:
         config = LlamaConfig(**{k: v for k, v in case.config.items() if k != "architectures"})
-        dtype = torch.bfloat16 if bf16 else torch.float32
+        dtype = torch.bfloat16 if load_in_bf16(plan, bf16) else torch.float32
         with torch.device("cuda" if cuda else "cpu"):
             model = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
                 config, dtype=dtype, attn_implementation="sdpa"

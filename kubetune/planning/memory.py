@@ -217,8 +217,14 @@ def activation_bytes(
     gradient_checkpointing: bool,
     layers_with_grad: int | None = None,
     flash_attention: bool = True,
+    adapter_input_bytes: int = 0,
 ) -> int:
     """Peak activation bytes per GPU for one micro-batch.
+
+    ``adapter_input_bytes`` is what adapters keep per token and layer on top of the base
+    layer: PEFT's LoRA applies its dropout to each adapted linear layer's input and keeps
+    that copy for the backward pass of A (2 bytes per input feature, bf16); measured on an
+    H200 (bench/RESULTS.md) it is 25-50% of a LoRA run's activations.
 
     ``layers_with_grad`` is how many (top) layers backward runs through: all of them for
     Full, LoRA and Prefix, only the trained ones for Partial. With gradient checkpointing
@@ -229,8 +235,9 @@ def activation_bytes(
     if seq_len < 1 or micro_batch < 1:
         raise ValueError("sequence length and micro-batch must be positive")
     layers = arch.num_layers if layers_with_grad is None else layers_with_grad
-    per_layer = layer_activation_bytes(arch, seq_len, micro_batch, flash_attention)
     sb = seq_len * micro_batch
+    per_layer = layer_activation_bytes(arch, seq_len, micro_batch, flash_attention)
+    per_layer += adapter_input_bytes * sb
     if gradient_checkpointing:
         body = layers * 2 * sb * arch.hidden_size + (per_layer if layers else 0)
     else:

@@ -330,6 +330,15 @@ def lora_parameters(arch: ModelArch, rank: int, targets: Iterable[str] | None = 
     return per_layer * arch.num_layers
 
 
+def lora_input_bytes(arch: ModelArch, targets: Iterable[str] | None = None) -> int:
+    """Bytes per token and layer that LoRA keeps besides the base layer: the (dropout)
+    copy of every adapted linear layer's input, in bf16."""
+    wanted = set(lora_target_modules(arch) if targets is None else targets)
+    return 2 * sum(
+        lin.in_features for lin in arch.layer_linears if lin.name.rsplit(".", 1)[-1] in wanted
+    )
+
+
 def prefix_parameters(arch: ModelArch, tokens: int) -> int:
     """Prefix tuning: a key and a value vector per virtual token, layer and KV head."""
     return tokens * arch.num_layers * 2 * arch.kv_dim
@@ -550,6 +559,7 @@ def _attempt(
         checkpointing,
         layers_with_grad=layers,
         flash_attention=request.flash_attention,
+        adapter_input_bytes=lora_input_bytes(arch) if choice.method is Method.LORA else 0,
     )
     cpu = None if resources.cpu_memory_gib is None else int(resources.cpu_memory_gib * GIB)
     memory = estimate_memory(

@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,30 +71,88 @@ def write_termination(cfg: TrainerConfig, payload: dict[str, Any]) -> None:
         log.warning("cannot write the termination message to %s", cfg.termination_path)
 
 
-def run(cfg: TrainerConfig) -> int:
-    """Train as planned. Returns the process exit code."""
+def training_arguments(
+    cfg: TrainerConfig, ckpt_dir: Path, *, has_eval: bool, cuda: bool, bf16: bool, main_proc: bool
+) -> Any:
+    """The HF TrainingArguments of a run, from its plan (also used by bench/ to run a
+    plain HF Trainer with exactly the same settings)."""
+    from transformers import TrainingArguments
+
+    from kubetune.trainer.dsconfig import deepspeed_config
+
+    plan, hp = cfg.plan, cfg.hyperparameters
+    use_ds = world_size() > 1 or int(plan.get("zeroStage", 0)) > 0
+    micro = int(hp.get("microBatchSize") or 1)
+    accum = int(hp.get("gradientAccumulationSteps") or 1)
+    eval_steps = max(1, int(hp.get("evalSteps") or 10))
+    return TrainingArguments(
+        output_dir=str(ckpt_dir),
+        per_device_train_batch_size=micro,
+        per_device_eval_batch_size=micro,
+        gradient_accumulation_steps=accum,
+        learning_rate=float(hp.get("learningRate") or 2e-4),
+        num_train_epochs=float(hp.get("epochs") or 3),
+        warmup_steps=int(hp.get("warmupSteps") or 0),
+        weight_decay=float(hp.get("weightDecay") or 0.0),
+        max_grad_norm=float(hp.get("maxGradNorm") or 1.0),
+        lr_scheduler_type=str(hp.get("lrScheduler") or "cosine"),
+        gradient_checkpointing=bool(hp.get("gradientCheckpointing")) and cuda,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=eval_steps,
+        save_strategy="steps",
+        save_steps=eval_steps,
+        save_total_limit=2,
+        load_best_model_at_end=has_eval,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_steps=1,
+        report_to=[],
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=bf16,
+        use_cpu=not cuda,
+        ddp_backend="gloo" if (not cuda and world_size() > 1) else None,
+        deepspeed=deepspeed_config(plan, bf16=bf16) if use_ds else None,
+        disable_tqdm=not (main_proc and os.isatty(2)),
+        remove_unused_columns=False,
+        save_only_model=False,
+    )
+
+
+def load_in_bf16(plan: dict[str, Any], bf16: bool) -> bool:
+    """Whether the weights load in bf16. Mixed precision needs fp32 master weights:
+    DeepSpeed's bf16 optimizer keeps its own, so under DeepSpeed the model loads in bf16,
+    and a frozen base under LoRA or prefix tuning needs no master copy either. Plain HF
+    (ZeRO-0, one process) with trainable base weights loads fp32 and autocasts to bf16:
+    pure bf16 weights would round small updates away (and the planner counts the master
+    copy)."""
+    use_ds = world_size() > 1 or int(plan.get("zeroStage", 0)) > 0
+    return bf16 and (use_ds or plan.get("method") in ("LoRA", "Prefix"))
+
+
+@dataclass
+class RunInputs:
+    """What a run trains: tokenizer, datasets, and the model with its method applied."""
+
+    tokenizer: Any
+    train_ds: Any
+    val_ds: Any
+    model: Any
+    seq_len: int
+    cuda: bool
+    bf16: bool
+
+
+def load_inputs(cfg: TrainerConfig) -> RunInputs:
+    """Read and tokenise the data, load the model and apply the planned method (also used
+    by bench/ to give a plain HF Trainer exactly the same inputs)."""
     import torch
-    from transformers import Trainer, TrainingArguments, set_seed
 
     from kubetune.data import DataError
-    from kubetune.policy import StopSettings
-    from kubetune.remedies.train import prepare_for_run
-    from kubetune.trainer.callbacks import KubetuneCallback
-    from kubetune.trainer.data import Collator, TokenizedDataset, read_examples, split_holdout
-    from kubetune.trainer.dsconfig import deepspeed_config
-    from kubetune.trainer.model import (
-        apply_method,
-        count_parameters,
-        load_model,
-        load_tokenizer,
-        model_location,
-    )
-    from kubetune.trainer.report import write_report
-    from kubetune.trainer.server import ControlServer, TrainerMetrics
+    from kubetune.trainer.data import TokenizedDataset, read_examples, split_holdout
+    from kubetune.trainer.model import apply_method, load_model, load_tokenizer, model_location
 
-    main_proc = rank() == 0
     plan, hp = cfg.plan, cfg.hyperparameters
-    set_seed(cfg.seed)
     forced = (cfg.spec.get("dataset") or {}).get("format", "Auto")
     try:
         fmt, examples = read_examples(cfg.dataset, None if forced == "Auto" else forced)
@@ -121,8 +180,35 @@ def run(cfg: TrainerConfig) -> int:
         )
     cuda = torch.cuda.is_available()
     bf16 = bool(cuda and torch.cuda.is_bf16_supported())
-    model = load_model(location, revision, dtype=torch.bfloat16 if bf16 else torch.float32)
+    low = load_in_bf16(plan, bf16)
+    model = load_model(location, revision, dtype=torch.bfloat16 if low else torch.float32)
     model = apply_method(model, plan, cfg.spec)
+    return RunInputs(tokenizer, train_ds, val_ds, model, seq_len, cuda, bf16)
+
+
+def run(cfg: TrainerConfig) -> int:
+    """Train as planned. Returns the process exit code."""
+    from transformers import Trainer, set_seed
+
+    from kubetune.policy import StopSettings
+    from kubetune.remedies.train import prepare_for_run
+    from kubetune.trainer.callbacks import KubetuneCallback
+    from kubetune.trainer.data import Collator
+    from kubetune.trainer.model import count_parameters
+    from kubetune.trainer.report import write_report
+    from kubetune.trainer.server import ControlServer, TrainerMetrics
+
+    main_proc = rank() == 0
+    plan, hp = cfg.plan, cfg.hyperparameters
+    set_seed(cfg.seed)
+    inputs = load_inputs(cfg)
+    tokenizer, train_ds, val_ds, model = (
+        inputs.tokenizer,
+        inputs.train_ds,
+        inputs.val_ds,
+        inputs.model,
+    )
+    seq_len, cuda, bf16 = inputs.seq_len, inputs.cuda, inputs.bf16
     remedy = prepare_for_run(cfg, model, tokenizer, train_ds, seq_len)
     trainable, total = count_parameters(model)
     if main_proc:
@@ -134,41 +220,10 @@ def run(cfg: TrainerConfig) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "plan.json").write_text(json.dumps(plan, indent=2))
         (out / "spec.json").write_text(json.dumps(cfg.spec, indent=2))
-    use_ds = world_size() > 1 or int(plan.get("zeroStage", 0)) > 0
     micro = int(hp.get("microBatchSize") or 1)
     accum = int(hp.get("gradientAccumulationSteps") or 1)
-    eval_steps = max(1, int(hp.get("evalSteps") or 10))
-    args = TrainingArguments(
-        output_dir=str(ckpt_dir),
-        per_device_train_batch_size=micro,
-        per_device_eval_batch_size=micro,
-        gradient_accumulation_steps=accum,
-        learning_rate=float(hp.get("learningRate") or 2e-4),
-        num_train_epochs=float(hp.get("epochs") or 3),
-        warmup_steps=int(hp.get("warmupSteps") or 0),
-        weight_decay=float(hp.get("weightDecay") or 0.0),
-        max_grad_norm=float(hp.get("maxGradNorm") or 1.0),
-        lr_scheduler_type=str(hp.get("lrScheduler") or "cosine"),
-        gradient_checkpointing=bool(hp.get("gradientCheckpointing")) and cuda,
-        eval_strategy="steps" if val_ds is not None else "no",
-        eval_steps=eval_steps,
-        save_strategy="steps",
-        save_steps=eval_steps,
-        save_total_limit=2,
-        load_best_model_at_end=val_ds is not None,
-        metric_for_best_model="eval_loss",
-        greater_is_better=False,
-        logging_steps=1,
-        report_to=[],
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        bf16=bf16,
-        use_cpu=not cuda,
-        ddp_backend="gloo" if (not cuda and world_size() > 1) else None,
-        deepspeed=deepspeed_config(plan, bf16=bf16) if use_ds else None,
-        disable_tqdm=not (main_proc and os.isatty(2)),
-        remove_unused_columns=False,
-        save_only_model=False,
+    args = training_arguments(
+        cfg, ckpt_dir, has_eval=val_ds is not None, cuda=cuda, bf16=bf16, main_proc=main_proc
     )
     metrics = TrainerMetrics() if main_proc else None
     control = None

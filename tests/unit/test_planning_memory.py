@@ -234,3 +234,25 @@ def test_host_memory_limit_is_checked() -> None:
     )
     assert est.gpu_fits
     assert not est.fits
+
+
+def test_lora_keeps_a_copy_of_every_adapted_layer_input() -> None:
+    from kubetune.planning.plan import lora_input_bytes
+
+    a = arch("llama-2-7b")
+    h, i = a.hidden_size, a.intermediate_size
+    # q, k, v, gate, up read the hidden state; o reads the attention output; down reads I.
+    assert lora_input_bytes(a) == 2 * (6 * h + i)
+    assert lora_input_bytes(a, ["q_proj", "v_proj"]) == 2 * 2 * h
+    s, b = 2048, 2
+    plain = activation_bytes(a, s, b, gradient_checkpointing=False)
+    lora = activation_bytes(
+        a, s, b, gradient_checkpointing=False, adapter_input_bytes=lora_input_bytes(a)
+    )
+    assert lora - plain == a.num_layers * s * b * lora_input_bytes(a)
+    # With recomputation only the recomputed layer holds them.
+    gc_plain = activation_bytes(a, s, b, gradient_checkpointing=True)
+    gc_lora = activation_bytes(
+        a, s, b, gradient_checkpointing=True, adapter_input_bytes=lora_input_bytes(a)
+    )
+    assert gc_lora - gc_plain == s * b * lora_input_bytes(a)
