@@ -32,7 +32,9 @@ from tests.cluster.test_operator import (
     _create,
     _ftj,
     _get,
+    _real_trainer_job,
     _rows,
+    _wait_cond,
 )
 from tests.waiting import wait_for
 
@@ -566,3 +568,67 @@ def test_two_replicas_never_both_handle_a_job(
     _wait_all_terminal(api, namespace, ["after-failover"], timeout=60)
     assert standby.reconciles() > 0
     assert holder() == standby.env["POD_NAME"]
+
+
+def _trainer_pgids(namespace: str, name: str) -> set[int]:
+    """Process groups of the local processes that run this job's training pod."""
+    want = {f"KUBETUNE_JOB_NAME={name}".encode(), f"KUBETUNE_JOB_NAMESPACE={namespace}".encode()}
+    found: set[int] = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = set((proc / "environ").read_bytes().split(b"\0"))
+            if want <= env:
+                found.add(os.getpgid(int(proc.name)))
+        except (OSError, ProcessLookupError):
+            continue
+    return found
+
+
+def test_a_training_pod_killed_after_a_checkpoint_is_retried_and_resumes(
+    dev_cluster: Any,
+    api: dict[str, Any],
+    namespace: str,
+    operators: list[OperatorSubprocess],
+    tmp_path: Path,
+) -> None:
+    """The real trainer on the local pod runner is SIGKILLed once a checkpoint exists: the
+    Job counts one failure (within backoffLimit), a new pod resumes from the checkpoint, the
+    steps before it are not trained again, and the job succeeds with its result."""
+    op = operators[0]
+    op.start()
+    out = tmp_path / "out"
+    job = _real_trainer_job(
+        dev_cluster, tmp_path, "resumed", out, hyperparameters={"epochs": 6, "evalSteps": 4}
+    )
+    _create(api, namespace, job, rows=None)
+    ckpts = out / "checkpoints"
+
+    def checkpointed() -> list[int]:
+        return sorted(
+            int(d.name.split("-")[1])
+            for d in ckpts.glob("checkpoint-*")
+            if (d / "trainer_state.json").exists()
+        )
+
+    wait_for(checkpointed, 300, "the first checkpoint", interval=0.5)
+    groups = _trainer_pgids(namespace, "resumed")
+    assert groups
+    last = checkpointed()[-1]
+    for pgid in groups:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+    done = _wait_cond(api, namespace, "resumed", "Succeeded", timeout=420)
+    assert done["reason"] in ("Completed", "EarlyStopped")
+    train = api["batch"].read_namespaced_job("resumed-train", namespace)
+    assert train.status.failed == 1  # the kill, counted within backoffLimit
+    assert _cond(_get(api, namespace, "resumed"), "Failed") is None
+    steps = [
+        r["step"]
+        for r in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
+        if r.get("train_loss") is not None
+    ]
+    for step in range(1, last + 1):
+        assert steps.count(step) == 1, (step, last, steps)  # not trained again
+    assert (out / "final" / "adapter_config.json").exists()
