@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from typing import Any
 
 from kubernetes import client
@@ -38,10 +39,20 @@ class Kube:
         self.custom = client.CustomObjectsApi(self.api)
         self.coordination = client.CoordinationV1Api(self.api)
         self.requests = 0
+        self._lock = threading.Lock()
+
+    def _count(self) -> None:
+        """One API request: counted here, not as a before/after difference around a
+        reconcile, which would also count the requests of reconciles running meanwhile."""
+        from kubetune.operator import metrics
+
+        with self._lock:
+            self.requests += 1
+        metrics.API_REQUESTS.inc()
 
     # ---- FineTuneJobs
     def get_ftj(self, namespace: str, name: str) -> dict[str, Any] | None:
-        self.requests += 1
+        self._count()
         try:
             obj: dict[str, Any] = self.custom.get_namespaced_custom_object(
                 GROUP, VERSION, namespace, PLURAL, name
@@ -53,14 +64,14 @@ class Kube:
         return obj
 
     def patch_ftj_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        self.requests += 1
+        self._count()
         self.custom.patch_namespaced_custom_object_status(
             GROUP, VERSION, namespace, PLURAL, name, {"status": status}
         )
 
     def list_ftjs(self, namespace: str | None = None) -> list[dict[str, Any]]:
         """FineTuneJobs of one namespace, or of all (needs a cluster-wide list right)."""
-        self.requests += 1
+        self._count()
         if namespace is not None:
             listed = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
         else:
@@ -96,14 +107,14 @@ class Kube:
             "count": 1,
             "reportingComponent": "kubetune-operator",
         }
-        self.requests += 1
+        self._count()
         try:
             self.core.create_namespaced_event(meta["namespace"], body)
         except ApiException as exc:  # events are best effort
             log.warning("cannot post event %s on %s: %s", reason, meta["name"], exc.reason)
 
     def delete_ftj(self, namespace: str, name: str) -> None:
-        self.requests += 1
+        self._count()
         try:
             self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
         except ApiException as exc:
@@ -126,7 +137,7 @@ class Kube:
             ),
             "Secret": (self.core.create_namespaced_secret, self.core.read_namespaced_secret),
         }[kind]
-        self.requests += 1
+        self._count()
         try:
             return _plain(self.api, create(ns, manifest)), True
         except ApiException as exc:
@@ -134,7 +145,7 @@ class Kube:
                 raise ChildRejectedError(_server_message(exc)) from None
             if exc.status != 409:
                 raise
-        self.requests += 1
+        self._count()
         existing = _plain(self.api, read(name, ns))
         want = {o["uid"] for o in manifest["metadata"].get("ownerReferences", [])}
         have = {o.get("uid") for o in existing["metadata"].get("ownerReferences") or []}
@@ -146,7 +157,7 @@ class Kube:
         return existing, False
 
     def replace_config_map_data(self, manifest: dict[str, Any]) -> None:
-        self.requests += 1
+        self._count()
         self.core.patch_namespaced_config_map(
             manifest["metadata"]["name"],
             manifest["metadata"]["namespace"],
@@ -154,7 +165,7 @@ class Kube:
         )
 
     def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
-        self.requests += 1
+        self._count()
         try:
             return _plain(self.api, self.batch.read_namespaced_job(name, namespace))
         except ApiException as exc:
@@ -165,7 +176,7 @@ class Kube:
     def set_job_suspend(self, namespace: str, name: str, suspend: bool, applied: str) -> None:
         from kubetune.operator.builders import SUSPEND_ANNOTATION
 
-        self.requests += 1
+        self._count()
         self.batch.patch_namespaced_job(
             name,
             namespace,
@@ -179,7 +190,7 @@ class Kube:
         self, namespace: str, job_name: str, index: str | None = "0"
     ) -> str | None:
         """The newest termination message of a Job's pod (the given completion index)."""
-        self.requests += 1
+        self._count()
         pods = self.core.list_namespaced_pod(namespace, label_selector=f"job-name={job_name}")
         best: tuple[str, str] | None = None
         for pod in pods.items:
@@ -203,7 +214,7 @@ class Kube:
         return best[1] if best else None
 
     def pod0_ip(self, namespace: str, job_name: str) -> str | None:
-        self.requests += 1
+        self._count()
         pods = self.core.list_namespaced_pod(namespace, label_selector=f"job-name={job_name}")
         for pod in pods.items:
             ann = pod.metadata.annotations or {}
@@ -219,7 +230,7 @@ class Kube:
     def read_secret_key(self, namespace: str, name: str, key: str) -> str | None:
         import base64
 
-        self.requests += 1
+        self._count()
         try:
             data = self.core.read_namespaced_secret(name, namespace).data or {}
         except ApiException as exc:
@@ -231,7 +242,7 @@ class Kube:
 
     # ---- leader election
     def get_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
-        self.requests += 1
+        self._count()
         try:
             return _plain(self.api, self.coordination.read_namespaced_lease(name, namespace))
         except ApiException as exc:
@@ -242,7 +253,7 @@ class Kube:
     def write_lease(self, body: dict[str, Any], create: bool) -> bool:
         """Create or replace (with the resourceVersion read); False on a lost race."""
         meta = body["metadata"]
-        self.requests += 1
+        self._count()
         try:
             if create:
                 self.coordination.create_namespaced_lease(meta["namespace"], body)
@@ -258,7 +269,7 @@ class Kube:
     def config_map_key(self, namespace: str, name: str, key: str) -> str | bytes | None:
         """A ConfigMap key's text (bytes for binaryData, so that a wrong encoding is
         reported, not replaced); None when the ConfigMap or key is missing."""
-        self.requests += 1
+        self._count()
         try:
             cm = self.core.read_namespaced_config_map(name, namespace)
         except ApiException as exc:
@@ -275,7 +286,7 @@ class Kube:
 
     def list_nodes(self) -> list[dict[str, Any]] | None:
         """All nodes, or None when RBAC does not let us list them."""
-        self.requests += 1
+        self._count()
         try:
             return [_plain(self.api, n) for n in self.core.list_node().items]
         except ApiException as exc:

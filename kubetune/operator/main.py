@@ -103,8 +103,6 @@ def _run(namespace: str | None, name: str) -> None:
         # up on whatever happened meanwhile.
         return
     start = time.perf_counter()
-    kube = _reconciler().kube
-    before = kube.requests
     try:
         result = _reconciler().reconcile(namespace, name)
     except Exception:
@@ -112,7 +110,6 @@ def _run(namespace: str | None, name: str) -> None:
         raise
     finally:
         metrics.RECONCILE_SECONDS.observe(time.perf_counter() - start)
-        metrics.API_REQUESTS.inc(kube.requests - before)
     metrics.RECONCILES.labels(result=result).inc()
     counts: dict[str, int] = {}
     for state in _reconciler().states.values():

@@ -37,7 +37,7 @@ EARLY_STOPS = Counter(
 )
 API_REQUESTS = Counter(
     "kubetune_operator_api_requests",
-    "Kubernetes API requests made by reconciles.",
+    "Kubernetes API requests the operator made (reconciles, resync rounds, leader election).",
     registry=REGISTRY,
 )
 

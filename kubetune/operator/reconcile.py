@@ -315,12 +315,20 @@ class Reconciler:
         return plan
 
     def _train(self, ref: b.JobRef, spec: Any, plan: dict[str, Any], draft: StatusDraft) -> str:
-        cm = b.config_map(ref, spec, plan, self.settings)
-        _, created = self.kube.ensure(cm)
-        self.kube.ensure(b.control_secret(ref, secrets.token_urlsafe(32)))
-        self.kube.ensure(b.headless_service(ref, self.settings))
-        job, created = self.kube.ensure(b.training_job(ref, spec, plan, self.settings))
         name = b.train_name(ref)
+        # The training Job is created last: once it exists (and is ours), the ConfigMap,
+        # Secret and Service exist too, and a running job's reconcile needs one read
+        # instead of four create attempts answered 409.
+        job = self.kube.get_job(ref.namespace, name)
+        owners = {
+            o.get("uid") for o in ((job or {}).get("metadata") or {}).get("ownerReferences") or []
+        }
+        created = False
+        if job is None or ref.uid not in owners:
+            self.kube.ensure(b.config_map(ref, spec, plan, self.settings))
+            self.kube.ensure(b.control_secret(ref, secrets.token_urlsafe(32)))
+            self.kube.ensure(b.headless_service(ref, self.settings))
+            job, created = self.kube.ensure(b.training_job(ref, spec, plan, self.settings))
         if created:
             draft.events.append(
                 (
