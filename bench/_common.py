@@ -54,6 +54,11 @@ def machine() -> str:
     except ImportError:
         parts.append("no torch")
     parts.append(f"Python {platform.python_version()}")
+    try:
+        one, five, _ = os.getloadavg()
+        parts.append(f"load average {one:.1f} / {five:.1f} (1 / 5 min, when printed)")
+    except OSError:
+        pass
     return ", ".join(parts)
 
 
