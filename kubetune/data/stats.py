@@ -135,6 +135,11 @@ def _example(obj: dict[str, Any], fmt: Format, source: str, line: int) -> Exampl
             f"{source} line {line}: the last message must be the assistant's "
             "reply (that is what the model learns)"
         )
+    if not messages[-1]["content"].strip():  # found by fuzzing
+        raise DataError(
+            f"{source} line {line}: the assistant's reply (the last message) is empty; "
+            "there is nothing to learn from this row"
+        )
     return Example(
         line,
         "".join(parts[:-1]),

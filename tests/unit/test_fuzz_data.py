@@ -110,6 +110,17 @@ def test_bad_bytes_in_good_rows_name_the_line(rows: list[Any], junk: bytes) -> N
     _check(junk + b"\n" + body)
 
 
+@pytest.mark.parametrize("reply", ["", "  ", "\n"])
+def test_a_chat_row_with_an_empty_reply_is_a_data_error(reply: str) -> None:
+    # Regression found by fuzzing: it was accepted with nothing to learn (Text and
+    # PromptCompletion rows with an empty target were already refused).
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}]}
+    with pytest.raises(DataError, match=r"line 2: the assistant's reply \(the last message\)"):
+        parse_jsonl(
+            '{"messages": [{"role": "assistant", "content": "ok"}]}\n' + json.dumps(row), SOURCE
+        )
+
+
 @pytest.mark.parametrize("depth", [1, 100, 100_000])
 def test_deeply_nested_json_is_a_data_error_not_a_crash(depth: int) -> None:
     # Regression found by fuzzing: json.loads raised RecursionError, not a DataError.
