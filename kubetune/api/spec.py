@@ -199,7 +199,7 @@ class Replay(SpecModel):
 
 class EWC(SpecModel):
     mode: RemedyMode = "Auto"
-    lambda_: Annotated[float, Field(gt=0)] = Field(default=1000.0, alias="lambda")
+    lambda_: Annotated[float, Field(gt=0)] = Field(default=5000.0, alias="lambda")
     fisher_tokens: Annotated[int, Field(ge=64, le=1048576), WholeFloat] = 4096
 
 
@@ -209,12 +209,17 @@ class LowPerplexityTargets(SpecModel):
     weight: Annotated[float, Field(ge=0, lt=1)] = 0.0
 
 
+class HalfFineTuning(SpecModel):
+    mode: RemedyMode = "Auto"
+
+
 class Remedies(SpecModel):
     """spec.remedies: what keeps the base model's knowledge (docs/remedies.md)."""
 
     replay: Replay = Field(default_factory=Replay)
     ewc: EWC = Field(default_factory=EWC)
     low_perplexity_targets: LowPerplexityTargets = Field(default_factory=LowPerplexityTargets)
+    half_fine_tuning: HalfFineTuning = Field(default_factory=HalfFineTuning)
 
 
 class Output(SpecModel):

@@ -176,10 +176,10 @@ class WeightedCollator:
 
 
 class EWC:
-    """penalty = lambda x mean over the trained weights of F x (w - w_base)^2, with the
-    diagonal Fisher information F (mean squared gradient of the LM loss on general text,
-    batch by batch) normalised to mean 1, so lambda does not depend on the model's size or
-    the loss scale."""
+    """Elastic weight consolidation (Kirkpatrick et al., 2017): penalty = lambda / 2 x
+    sum over the trained weights of F x (w - w_base)^2, with F the diagonal empirical
+    Fisher information on general text (the mean squared gradient of the LM loss, batch by
+    batch), estimated once before training."""
 
     def __init__(self, strength: float) -> None:
         self.strength = strength
@@ -218,11 +218,8 @@ class EWC:
         if was_training:
             model.train()
         self.count = sum(p.numel() for _, p in params)
-        total = sum(float(s.sum()) for s in sums) / max(batches, 1)
-        mean = total / max(self.count, 1)
-        scale = 1.0 / (max(batches, 1) * mean) if mean > 0 else 1.0
         self.names = [n for n, _ in params]
-        self.fisher = [s * scale for s in sums]
+        self.fisher = [x / max(batches, 1) for x in sums]
         self.anchor = [p.detach().clone().float() for _, p in params]
         self.tokens = used
 
@@ -234,7 +231,7 @@ class EWC:
         for name, f, a in zip(self.names, self.fisher, self.anchor, strict=True):
             p = named[name]
             total = total + (f.to(p.device) * (p.float() - a.to(p.device)) ** 2).sum()
-        return self.strength * total / max(self.count, 1)
+        return 0.5 * self.strength * total
 
 
 def remedy_trainer_class(base: Any, ewc: EWC | None) -> Any:
@@ -279,6 +276,75 @@ def remedy_trainer_class(base: Any, ewc: EWC | None) -> Any:
     return RemedyTrainer
 
 
+# ---- half fine-tuning ---------------------------------------------------------------------------
+
+
+def _group(name: str) -> tuple[str, str]:
+    """(layer, kind) of a parameter: its decoder layer (or "top") and attention / MLP /
+    other, the units within which half is chosen."""
+    import re
+
+    m = re.search(r"\.(?:layers|h|blocks)\.(\d+)\.", name)
+    layer = m.group(1) if m else "top"
+    if "norm" in name:
+        kind = "other"
+    elif "attn" in name or "attention" in name:
+        kind = "attn"
+    else:
+        kind = "mlp" if "mlp" in name else "other"
+    return layer, kind
+
+
+def choose_halves(names: Sequence[str], seed: int) -> set[str]:
+    """Half of the tensors of each (layer, kind) group, at random (an odd group's extra
+    tensor with probability 1/2): the ones trained this round."""
+    rng = random.Random(seed)
+    groups: dict[tuple[str, str], list[str]] = {}
+    for n in names:
+        groups.setdefault(_group(n), []).append(n)
+    chosen: set[str] = set()
+    for key in sorted(groups):
+        members = sorted(groups[key])
+        k = len(members) // 2 + (1 if len(members) % 2 and rng.random() < 0.5 else 0)
+        chosen.update(rng.sample(members, k))
+    return chosen
+
+
+def half_fine_tuning_callback(seed: int) -> Any:
+    """A TrainerCallback that, at the start of each epoch, makes a fresh random half of the
+    weight tensors trainable and freezes the rest (arXiv:2404.18466). The optimizer holds
+    every tensor; a frozen one gets no gradient, so AdamW leaves it (and its moments) as
+    they are."""
+    from transformers import TrainerCallback
+
+    class HalfFineTuning(TrainerCallback):
+        def __init__(self) -> None:
+            self.names: list[str] = []
+            self.selected: set[str] = set()
+            self.rounds = 0
+
+        def on_epoch_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            model = kw.get("model")
+            if model is None:
+                return
+            params = dict(model.named_parameters())
+            if not self.names:
+                self.names = [n for n, p in params.items() if p.requires_grad]
+            self.selected = choose_halves(self.names, seed * 1000 + int(state.epoch or 0))
+            for n in self.names:
+                params[n].requires_grad_(n in self.selected)
+            self.rounds += 1
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            model = kw.get("model")
+            if model is not None:
+                params = dict(model.named_parameters())
+                for n in self.names:
+                    params[n].requires_grad_(True)
+
+    return HalfFineTuning()
+
+
 # ---- the run -----------------------------------------------------------------------------------
 
 
@@ -291,6 +357,7 @@ class RemedyRun:
     ewc: EWC | None = None
     evidence: Evidence | None = None
     notes: list[str] = field(default_factory=list)
+    callbacks: list[Any] = field(default_factory=list)
 
     @property
     def needs_trainer(self) -> bool:
@@ -401,7 +468,7 @@ def prepare(
         run.train_dataset = MixedDataset(rows, [])
     ewc_settings = decisions["ewc"]
     if ewc_settings["on"]:
-        ewc = EWC(float(ewc_settings.get("lambda", 1000.0)))
+        ewc = EWC(float(ewc_settings.get("lambda", 5000.0)))
         model.to(device)
         ewc.estimate(model, general, device, int(ewc_settings.get("fisherTokens") or 4096))
         run.ewc = ewc
@@ -409,6 +476,9 @@ def prepare(
             f"EWC: Fisher information from {ewc.tokens} general-text tokens over "
             f"{ewc.count} trained weights, lambda {ewc.strength:g}"
         )
+    if decisions["halfFineTuning"]["on"]:
+        run.callbacks.append(half_fine_tuning_callback(seed))
+        run.notes.append("half fine-tuning: a fresh random half of each layer's tensors per epoch")
     return run
 
 

@@ -260,7 +260,7 @@ def run(cfg: TrainerConfig) -> int:
         data_collator=remedy.collator(Collator(pad_id=int(tokenizer.pad_token_id))),
         compute_metrics=token_accuracy if val_ds is not None else None,
         preprocess_logits_for_metrics=_argmax_logits if val_ds is not None else None,
-        callbacks=[callback],
+        callbacks=[callback, *remedy.callbacks],
     )
     resume = latest_checkpoint(ckpt_dir) if ckpt_dir.exists() else None
     if resume and main_proc:
