@@ -3,13 +3,14 @@ the same job run for its full epoch budget (early stopping off) and with kubetun
 (early stopping on), side by side in one run.
 
 The job is the quickstart's (the built-in base model, the Mossbrook glossary: 300 training
-examples, 40 held-out ones with unseen names) made overfit-prone: full fine-tuning at a
-high learning rate for many epochs. Both runs use the same seed, so their trajectories are
-the same until the policy stops one of them; the question is whether it stops after the
-best point and how much compute that saves. Goal: at most 40% of the compute for a best
-eval loss within 1% of the full run's best.
+examples, 40 held-out ones with unseen names) made overfit-prone: each entry's use is
+swapped with another entry's at random (names and habitats still follow the glossary's
+rules), and it runs full fine-tuning at a high learning rate for many epochs. Both runs
+use the same seed, so their trajectories are the same until the policy stops one of them;
+the question is whether it stops after the best point and how much compute that saves.
+Goal: at most 40% of the compute for a best eval loss within 1% of the full run's best.
 
-    .venv/bin/python bench/early_stop.py            # 12 epochs, appends to RESULTS.md
+    .venv/bin/python bench/early_stop.py            # 8 epochs, appends to RESULTS.md
     .venv/bin/python bench/early_stop.py --smoke    # a tiny budget, nothing recorded
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import random
 import subprocess
 import sys
 import tempfile
@@ -34,16 +36,36 @@ from bench._common import ROOT, header, record
 QUICKSTART = ROOT / "examples" / "quickstart.yaml"
 
 
+def scramble_uses(lines: list[str], seed: int) -> list[str]:
+    """Make the glossary overfit-prone: each entry keeps its name and habitat (a rule the
+    model can learn from the name) but gets another entry's use, at random, so the uses of
+    held-out plants cannot be inferred and the only way to lower the training loss further
+    is to memorise them."""
+    rows = [json.loads(line) for line in lines if line.strip()]
+    heads, tails = [], []
+    for r in rows:
+        head, _, tail = r["completion"].partition("; ")
+        heads.append(head)
+        tails.append(tail)
+    random.Random(seed).shuffle(tails)
+    return [
+        json.dumps({"prompt": r["prompt"], "completion": f"{h}; {t}"})
+        for r, h, t in zip(rows, heads, tails, strict=True)
+    ]
+
+
 def job_file(directory: Path, *, epochs: int, early: bool, rows: int | None) -> Path:
     """The quickstart job, full fine-tuning for `epochs`, early stopping on or off."""
     docs = list(yaml.safe_load_all(QUICKSTART.read_text()))
     out = []
     for doc in docs:
         doc = copy.deepcopy(doc)
-        if doc["kind"] == "ConfigMap" and rows is not None:
+        if doc["kind"] == "ConfigMap":
             for key in doc["data"]:
                 lines = doc["data"][key].splitlines()
-                doc["data"][key] = "\n".join(lines[: rows if "train" in key else rows // 4]) + "\n"
+                if rows is not None:
+                    lines = lines[: rows if "train" in key else rows // 4]
+                doc["data"][key] = "\n".join(scramble_uses(lines, seed=len(key))) + "\n"
         if doc["kind"] == "FineTuneJob":
             spec = doc["spec"]
             spec["method"] = {"type": "Full"}
@@ -99,7 +121,7 @@ def run(job: Path, output: Path) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny budget, nothing recorded")
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
     epochs, rows = (2, 48) if args.smoke else (args.epochs, None)
@@ -112,8 +134,8 @@ def main() -> None:
     stop = early["stop"] or {}
     lines = [
         header("Early stopping versus the full epoch budget (bench/early_stop.py)"),
-        f"Quickstart data and base model, full fine-tuning, lr 0.002, {epochs} epochs, "
-        f"micro-batch 16, evaluation every 6 steps, patience 3, same seed.",
+        f"Quickstart data with uses scrambled, base model, full fine-tuning, lr 0.002, "
+        f"{epochs} epochs, micro-batch 16, evaluation every 6 steps, patience 3, same seed.",
         "",
         "| run | steps | train s | best eval loss | best at step | evaluations | ended |",
         "|---|---:|---:|---:|---:|---:|---|",
