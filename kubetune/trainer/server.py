@@ -140,8 +140,13 @@ class ControlServer:
                 if self.path != "/stop":
                     self._send(404, b"not found")
                     return
-                given = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-                if not outer.token or not hmac.compare_digest(given, outer.token):
+                header = self.headers.get("Authorization", "")
+                scheme, _, given = header.partition(" ")
+                if (
+                    not outer.token
+                    or scheme != "Bearer"
+                    or not hmac.compare_digest(given.strip(), outer.token)
+                ):
                     self._send(401, b"a valid bearer token is required")
                     return
                 length = int(self.headers.get("Content-Length") or 0)

@@ -1,0 +1,70 @@
+"""Rank 0's endpoint: /stop needs `Authorization: Bearer <the job's token>` exactly;
+/evaluations serves the evaluation history; the probe counters advance to running totals."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from kubetune.trainer.server import ControlServer, TrainerMetrics
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def server() -> Iterator[ControlServer]:
+    srv = ControlServer(TrainerMetrics(), "s3cret-token", 0, host="127.0.0.1").start()
+    yield srv
+    srv.close()
+
+
+def _stop(srv: ControlServer, headers: dict[str, str], body: bytes = b"{}") -> int:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{srv.port}/stop", method="POST", data=body, headers=headers
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "s3cret-token"},  # no scheme
+        {"Authorization": "Basic s3cret-token"},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": "Bearer s3cret-tok"},
+        {"Authorization": "Bearer s3cret-token-and-more"},
+    ],
+)
+def test_stop_refuses_anything_but_the_bearer_token(
+    server: ControlServer, headers: dict[str, str]
+) -> None:
+    assert _stop(server, headers) == 401
+    assert not server.stop_requested.is_set()
+
+
+def test_stop_with_the_token_carries_reason_and_message(server: ControlServer) -> None:
+    body = json.dumps({"reason": "Overfitting", "message": "gap widened"}).encode()
+    assert _stop(server, {"Authorization": "Bearer s3cret-token"}, body) == 202
+    assert server.stop_requested.is_set()
+    assert (server.stop_reason, server.stop_message) == ("Overfitting", "gap widened")
+
+
+def test_evaluations_and_probe_counters(server: ControlServer) -> None:
+    server.metrics.history.append({"step": 5, "evalLoss": 1.5, "trainLoss": 1.2})
+    url = f"http://127.0.0.1:{server.port}/evaluations"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        assert json.loads(resp.read()) == [{"step": 5, "evalLoss": 1.5, "trainLoss": 1.2}]
+    server.metrics.add_probe_seconds({"memorization": 2.0})
+    server.metrics.add_probe_seconds({"memorization": 3.5, "general_perplexity": 1.0})
+    text = server.metrics.exposition().decode()
+    assert 'kubetune_probe_seconds_total{probe="memorization"} 3.5' in text
+    assert 'kubetune_probe_seconds_total{probe="general_perplexity"} 1.0' in text
