@@ -14,6 +14,24 @@ def rows(n: int, start: int = 0) -> list[dict[str, str]]:
     ]
 
 
+WORDS = ("amber", "brook", "cedar", "dune", "ember", "fjord", "grove", "heath", "inlet", "juniper")
+
+
+def random_rows(n: int, seed: int, words: int = 12) -> list[dict[str, str]]:
+    """Prompts whose completions are random word strings: learnable only by heart, so a
+    run on them can only memorise (and overfits)."""
+    import random
+
+    rng = random.Random(seed)
+    return [
+        {
+            "prompt": f"Define term {i}: ",
+            "completion": " ".join(rng.choice(WORDS) for _ in range(words)) + ".",
+        }
+        for i in range(n)
+    ]
+
+
 def build_tiny_model(out: Path) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast

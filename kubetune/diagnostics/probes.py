@@ -206,10 +206,19 @@ def memorization(
     batch_size: int = 64,
 ) -> MemorizationResult:
     """The exact and near-verbatim memorisation counts over `rows`."""
-    pairs = _continuations(
-        model, rows, k=k, m=m, pad_id=pad_id, device=device, synced=synced, batch_size=batch_size
+    result, _ = memorization_split(
+        model,
+        rows,
+        len(rows),
+        k=k,
+        m=m,
+        near_distance=near_distance,
+        pad_id=pad_id,
+        device=device,
+        synced=synced,
+        batch_size=batch_size,
     )
-    return memorization_result([p for p in pairs if p is not None], near_distance)
+    return result
 
 
 def memorization_split(

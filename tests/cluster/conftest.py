@@ -47,3 +47,15 @@ def crd_installed(api_client: Any) -> str:
     such as kubectl may still lag a moment behind.
     """
     return install_crd(api_client)
+
+
+@pytest.fixture
+def api(api_client: Any) -> dict[str, Any]:
+    """Typed clients by group, for the cluster tests."""
+    from kubernetes import client
+
+    return {
+        "core": client.CoreV1Api(api_client),
+        "batch": client.BatchV1Api(api_client),
+        "custom": client.CustomObjectsApi(api_client),
+    }

@@ -311,15 +311,6 @@ def _assert_settled(api: dict[str, Any], ns: str, name: str) -> None:
     assert _events(api, ns, name).count(failed["reason"]) == 1
 
 
-@pytest.fixture
-def api(api_client: Any) -> dict[str, Any]:
-    return {
-        "core": client.CoreV1Api(api_client),
-        "batch": client.BatchV1Api(api_client),
-        "custom": client.CustomObjectsApi(api_client),
-    }
-
-
 # ---- bad datasets ----------------------------------------------------------------------------
 
 

@@ -118,15 +118,6 @@ class OperatorSubprocess:
 
 
 @pytest.fixture
-def api(api_client: Any) -> dict[str, Any]:
-    return {
-        "core": client.CoreV1Api(api_client),
-        "batch": client.BatchV1Api(api_client),
-        "custom": client.CustomObjectsApi(api_client),
-    }
-
-
-@pytest.fixture
 def operators(
     dev_cluster: Any, crd_installed: str, namespace: str, tmp_path: Path
 ) -> Iterator[list[OperatorSubprocess]]:

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from kubetune.devcluster.components import local_runner_pod_placement
@@ -108,15 +107,6 @@ def operator(dev_cluster: Any, crd_installed: str) -> Iterator[OperatorProcess]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-@pytest.fixture
-def api(api_client: Any) -> dict[str, Any]:
-    return {
-        "core": client.CoreV1Api(api_client),
-        "batch": client.BatchV1Api(api_client),
-        "custom": client.CustomObjectsApi(api_client),
-    }
 
 
 def _ftj(name: str, **spec: Any) -> dict[str, Any]:
@@ -762,30 +752,12 @@ def test_the_operator_stops_a_run_that_only_memorises_and_keeps_the_best(
     its policy says stop, it POSTs /stop with the job's token, and the real trainer stops,
     keeps the best checkpoint and exits 0: Succeeded with EarlyStopped, an Event, the
     operator's counter, and the diagnostics in status.metrics."""
-    import random
     import urllib.request
 
     from kubetune.operator import main as operator_main
+    from tests.tinymodel import random_rows
 
-    rng = random.Random(4)
-    words = [
-        "amber",
-        "brook",
-        "cedar",
-        "dune",
-        "ember",
-        "fjord",
-        "grove",
-        "heath",
-        "inlet",
-        "juniper",
-        "knoll",
-        "loch",
-    ]
-    data = [
-        {"prompt": f"Define term {i}: ", "completion": " ".join(rng.choices(words, k=12))}
-        for i in range(48)
-    ]
+    data = random_rows(48, seed=4)
     out = tmp_path / "out"
     job = _real_trainer_job(
         dev_cluster,

@@ -227,15 +227,6 @@ def _token(api: dict[str, Any], ns: str, name: str) -> str:
     return base64.b64decode(secret.data["token"]).decode()
 
 
-@pytest.fixture
-def api(api_client: Any) -> dict[str, Any]:
-    return {
-        "core": client.CoreV1Api(api_client),
-        "batch": client.BatchV1Api(api_client),
-        "custom": client.CustomObjectsApi(api_client),
-    }
-
-
 def test_tokens_are_per_job_owned_and_never_copied_or_logged(
     dev_cluster: Any, crd_installed: str, api: dict[str, Any], namespace: str, tmp_path: Path
 ) -> None:

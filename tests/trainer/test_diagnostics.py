@@ -7,44 +7,16 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.tinymodel import random_rows
 from tests.trainer.conftest import MakeRun
 from tests.trainer.test_trainer import _train
 
 pytestmark = pytest.mark.trainer
-
-WORDS = [
-    "amber",
-    "brook",
-    "cedar",
-    "dune",
-    "ember",
-    "fjord",
-    "grove",
-    "heath",
-    "inlet",
-    "juniper",
-    "knoll",
-    "loch",
-    "marsh",
-]
-
-
-def random_rows(n: int, seed: int) -> list[dict[str, str]]:
-    """Prompts whose completions are random word strings: learnable only by heart."""
-    rng = random.Random(seed)
-    return [
-        {
-            "prompt": f"Define term {i}: ",
-            "completion": " ".join(rng.choice(WORDS) for _ in range(12)) + ".",
-        }
-        for i in range(n)
-    ]
 
 
 def _rows(tiny_model: Path, examples: list[dict[str, str]]) -> tuple[Any, list[Any]]:
@@ -70,11 +42,18 @@ def _memorise(model: Any, rows: list[Any], steps: int) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     batch = Collator(pad_id=0)(rows)
     model.train()
-    for _ in range(steps):
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+    # One thread: the model is tiny, and OpenMP threads spinning against the other test
+    # processes on a busy machine made this loop take minutes instead of seconds.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(steps):
+            loss = model(**batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_the_memorisation_probe_separates_memorised_from_untrained(tiny_model: Path) -> None:
