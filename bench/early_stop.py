@@ -3,14 +3,14 @@ the same job run for its full epoch budget (early stopping off) and with kubetun
 (early stopping on), side by side in one run.
 
 The job is the quickstart's (the built-in base model, the Mossbrook glossary: 300 training
-examples, 40 held-out ones with unseen names) made overfit-prone: each entry's use is
-swapped with another entry's at random (names and habitats still follow the glossary's
-rules), and it runs full fine-tuning at a high learning rate for many epochs. Both runs
-use the same seed, so their trajectories are the same until the policy stops one of them;
+examples, 40 held-out ones with unseen names) made overfit-prone: each entry's habitat and
+use are swapped with other entries' at random (the kind of plant still follows the name),
+and it runs full fine-tuning at a high learning rate for many epochs. Both runs use the
+same seed, so their trajectories are the same until the policy stops one of them;
 the question is whether it stops after the best point and how much compute that saves.
 Goal: at most 40% of the compute for a best eval loss within 1% of the full run's best.
 
-    .venv/bin/python bench/early_stop.py            # 8 epochs, appends to RESULTS.md
+    .venv/bin/python bench/early_stop.py            # 10 epochs, appends to RESULTS.md
     .venv/bin/python bench/early_stop.py --smoke    # a tiny budget, nothing recorded
 """
 
@@ -37,20 +37,24 @@ QUICKSTART = ROOT / "examples" / "quickstart.yaml"
 
 
 def scramble_uses(lines: list[str], seed: int) -> list[str]:
-    """Make the glossary overfit-prone: each entry keeps its name and habitat (a rule the
-    model can learn from the name) but gets another entry's use, at random, so the uses of
-    held-out plants cannot be inferred and the only way to lower the training loss further
-    is to memorise them."""
+    """Make the glossary overfit-prone: each entry keeps its name and kind of plant (a rule
+    the model can learn from the name) but gets another entry's habitat and use, at random,
+    so those of held-out plants cannot be inferred and the only way to lower the training
+    loss further is to memorise them."""
     rows = [json.loads(line) for line in lines if line.strip()]
-    heads, tails = [], []
+    heads, places, tails = [], [], []
     for r in rows:
         head, _, tail = r["completion"].partition("; ")
-        heads.append(head)
+        kind, _, place = head.partition(" found ")
+        heads.append(kind)
+        places.append(place)
         tails.append(tail)
-    random.Random(seed).shuffle(tails)
+    rng = random.Random(seed)
+    rng.shuffle(places)
+    rng.shuffle(tails)
     return [
-        json.dumps({"prompt": r["prompt"], "completion": f"{h}; {t}"})
-        for r, h, t in zip(rows, heads, tails, strict=True)
+        json.dumps({"prompt": r["prompt"], "completion": f"{h} found {p}; {t}"})
+        for r, h, p, t in zip(rows, heads, places, tails, strict=True)
     ]
 
 
@@ -70,7 +74,7 @@ def job_file(directory: Path, *, epochs: int, early: bool, rows: int | None) -> 
             spec = doc["spec"]
             spec["method"] = {"type": "Full"}
             spec["hyperparameters"] = {
-                "learningRate": 0.002,
+                "learningRate": 0.006,
                 "epochs": epochs,
                 "microBatchSize": 16,
                 "gradientAccumulationSteps": 1,
@@ -121,21 +125,32 @@ def run(job: Path, output: Path) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny budget, nothing recorded")
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
     epochs, rows = (2, 48) if args.smoke else (args.epochs, None)
     with tempfile.TemporaryDirectory(prefix="kubetune-bench-") as tmp:
         d = Path(tmp)
-        full = run(job_file(d, epochs=epochs, early=False, rows=rows), d / "out-full")
-        early = run(job_file(d, epochs=epochs, early=True, rows=rows), d / "out-early")
+        # Both at once: the same code and the same machine load for both (compute is
+        # compared in optimizer steps; their wall times are not comparable anyway).
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(2) as pool:
+            full_f = pool.submit(
+                run, job_file(d, epochs=epochs, early=False, rows=rows), d / "out-full"
+            )
+            early_f = pool.submit(
+                run, job_file(d, epochs=epochs, early=True, rows=rows), d / "out-early"
+            )
+            full, early = full_f.result(), early_f.result()
     compute = early["steps"] / full["steps"]
     best_gap = (early["best_eval_loss"] - full["best_eval_loss"]) / full["best_eval_loss"]
     stop = early["stop"] or {}
     lines = [
         header("Early stopping versus the full epoch budget (bench/early_stop.py)"),
-        f"Quickstart data with uses scrambled, base model, full fine-tuning, lr 0.002, "
-        f"{epochs} epochs, micro-batch 16, evaluation every 6 steps, patience 3, same seed.",
+        f"Quickstart data with habitats and uses scrambled, base model, full fine-tuning, "
+        f"lr 0.006, {epochs} epochs, micro-batch 16, evaluation every 6 steps, patience 3, "
+        "same seed.",
         "",
         "| run | steps | train s | best eval loss | best at step | evaluations | ended |",
         "|---|---:|---:|---:|---:|---:|---|",
