@@ -12,6 +12,7 @@ from kubetune.diagnostics.measures import (
     edit_distance,
     memorization_result,
     perplexity_summary,
+    probe_token_budget,
     probe_window,
     should_probe,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "edit_distance",
     "memorization_result",
     "perplexity_summary",
+    "probe_token_budget",
     "probe_window",
     "should_probe",
 ]

@@ -30,7 +30,8 @@ class DiagnosticsSettings:
     #: multiple of the general text's.
     data_perplexity_warning_ratio: float = 3.0
     #: Probes at an evaluation are skipped while their time so far would exceed this share
-    #: of the training wall time (the first and the final evaluation always probe).
+    #: of the training wall time (the final evaluation always probes); it also caps the
+    #: perplexity probes' tokens at this share of the tokens the run trains on.
     max_overhead: float = 0.05
 
     @classmethod
@@ -59,13 +60,25 @@ class DiagnosticsSettings:
         )
 
 
+def probe_token_budget(settings: DiagnosticsSettings, planned_train_tokens: int) -> int:
+    """Tokens for each perplexity probe: `tokenBudget`, but at most `maxOverhead` of the
+    tokens the run will train on (a forward pass costs about a third of a training step per
+    token, so the two probes before training stay near maxOverhead of the run), and at least
+    256 so that the figure means something."""
+    if settings.token_budget == 0:
+        return 0
+    share = int(settings.max_overhead * planned_train_tokens)
+    return min(settings.token_budget, max(256, share))
+
+
 def should_probe(
-    *, spent: float, next_cost: float, elapsed: float, max_overhead: float, rounds: int, final: bool
+    *, spent: float, next_cost: float, elapsed: float, max_overhead: float, final: bool
 ) -> bool:
-    """Whether to run an evaluation's probes: always the first round and the final
-    evaluation; otherwise only while the probe seconds so far plus the expected cost of
-    this round stay within `max_overhead` of the wall time since training began."""
-    if rounds == 0 or final:
+    """Whether to run an evaluation's probes: always at the final evaluation; otherwise
+    only while the probe seconds so far plus the expected cost of this round (`next_cost`:
+    the last round's, or an estimate before the first) stay within `max_overhead` of the
+    wall time since training began."""
+    if final:
         return True
     return spent + next_cost <= max_overhead * elapsed
 

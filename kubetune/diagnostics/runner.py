@@ -45,6 +45,7 @@ class DiagnosticsRunner:
         train_rows: Sequence[probes.Row],
         heldout_rows: Sequence[probes.Row],
         general_rows: Sequence[probes.Row],
+        token_budget: int,
         pad_id: int,
         device: Any,
         output: Path | None,
@@ -55,7 +56,7 @@ class DiagnosticsRunner:
         n = settings.memorization_samples
         self.train_sample = probes.sample_rows(train_rows, n, seed)
         self.heldout_sample = probes.sample_rows(heldout_rows, n, seed)
-        self.data_rows = probes.budget_rows(train_rows, settings.token_budget, seed)
+        self.data_rows = probes.budget_rows(train_rows, token_budget, seed)
         self.general_rows = list(general_rows)
         self.pad_id = pad_id
         self.device = device
@@ -104,10 +105,9 @@ class DiagnosticsRunner:
         spent = sum(self.watch.seconds.values())
         if not should_probe(
             spent=spent,
-            next_cost=self.last_round,
+            next_cost=self.last_round if self.rounds else self._first_round_estimate(),
             elapsed=elapsed,
             max_overhead=s.max_overhead,
-            rounds=self.rounds,
             final=final,
         ):
             self.skipped += 1
@@ -141,6 +141,16 @@ class DiagnosticsRunner:
                 out["general_perplexity_ratio"] = general.perplexity / base
         self.last_round = sum(self.watch.seconds.values()) - spent
         return out
+
+    def _first_round_estimate(self) -> float:
+        """Before any round: the general-text probe's time before training, scaled by the
+        tokens a round reads (its general-text pass plus the memorisation prompts and their
+        continuations, each decoded token a forward pass over a short batch)."""
+        seconds = self.watch.seconds.get("general_perplexity", 0.0)
+        general = sum(len(r["input_ids"]) for r in self.general_rows) or 1
+        prompts = len(self.train_sample) + len(self.heldout_sample)
+        decoded = prompts * (self.settings.prefix_tokens + 2 * self.settings.continuation_tokens)
+        return seconds * (general + decoded) / general
 
     def _perplexity(self, model: Any, rows: Sequence[probes.Row]) -> PerplexitySummary:
         nlls = probes.token_nlls(model, rows, self.device)

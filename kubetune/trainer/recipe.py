@@ -313,7 +313,7 @@ def _diagnostics(
 ) -> Any:
     """The diagnostics runner (None when spec.diagnostics.enabled is false). The general
     text is dataset.generalTextUri, or the held-out English text that ships with kubetune."""
-    from kubetune.diagnostics import DiagnosticsSettings
+    from kubetune.diagnostics import DiagnosticsSettings, probe_token_budget
     from kubetune.diagnostics.probes import text_rows
     from kubetune.diagnostics.runner import DiagnosticsRunner
 
@@ -327,12 +327,15 @@ def _diagnostics(
         raise TrainerConfigError(
             f"dataset.generalTextUri: cannot read {general_path}: {exc}"
         ) from exc
-    general = text_rows(text, tokenizer, seq_len, settings.token_budget)
+    epochs = float(cfg.hyperparameters.get("epochs") or 1)
+    budget = probe_token_budget(settings, int(train_ds.token_count * epochs))
+    general = text_rows(text, tokenizer, seq_len, budget)
     return DiagnosticsRunner(
         settings,
         train_rows=train_ds.rows,
         heldout_rows=val_ds.rows if val_ds is not None else [],
         general_rows=general,
+        token_budget=budget,
         pad_id=int(tokenizer.pad_token_id),
         device=args.device,
         output=cfg.output if rank() == 0 else None,
