@@ -1,11 +1,16 @@
 """Prometheus, for real: the prometheus binary built in tools/ scrapes a real local training
 run and the operator's metrics endpoint with the relabelling the chart's PodMonitor and
 ServiceMonitor imply, then every query of the Grafana dashboard runs through its HTTP API
-and must parse and return data. `promtool check metrics` lints both endpoints' output."""
+and must parse and return data. `promtool check metrics` lints both endpoints' output.
+
+With KUBETUNE_DASHBOARD_PREVIEW=<path.json> set, the test also saves every panel's range-query
+results there: `charts/render_preview.py` draws docs/dashboard-preview.png from that file."""
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 import subprocess
 import threading
@@ -266,6 +271,119 @@ def _substitute(expr: str) -> str:
     )
 
 
+# Labels no legend uses: dropped from the preview snapshot to keep it small.
+_SNAPSHOT_DROP_LABELS = {"__name__", "instance", "job", "endpoint", "container", "pod", "service"}
+_SNAPSHOT_MAX_POINTS = 150
+
+
+def _snapshot_series(result: list[dict[str, Any]], start: float) -> list[dict[str, Any]]:
+    """Prometheus matrix -> [{metric, values: [[seconds since start, value or null]]}],
+    thinned to at most _SNAPSHOT_MAX_POINTS points a series, values to 6 digits."""
+    out = []
+    for series in result:
+        values = [v for v in series["values"] if float(v[0]) >= start]
+        stride = max(1, math.ceil(len(values) / _SNAPSHOT_MAX_POINTS))
+        kept = values[::stride]
+        if kept and kept[-1] is not values[-1]:
+            kept.append(values[-1])
+        points: list[list[float | None]] = []
+        for ts, raw in kept:
+            value = float(raw)
+            points.append(
+                [
+                    round(float(ts) - start, 1),
+                    float(f"{value:.6g}") if math.isfinite(value) else None,
+                ]
+            )
+        metric = {k: v for k, v in series["metric"].items() if k not in _SNAPSHOT_DROP_LABELS}
+        out.append({"metric": metric, "values": points})
+    return out
+
+
+def write_preview_snapshot(
+    path: Path,
+    answers: dict[tuple[str, str], dict[str, Any]],
+    start: float,
+    end: float,
+    run: dict[str, Any],
+) -> None:
+    """Every dashboard panel's (and annotation's) range-query results, in dashboard order."""
+    board = json.loads(DASHBOARD.read_text())
+    # The window starts just before the trainer's first scrape: the seconds before it (the
+    # trainer loading its model) hold no trainer series.
+    first = [
+        float(series["values"][0][0])
+        for (_title, expr), answer in answers.items()
+        if expr.startswith("kubetune_step{")
+        for series in answer["data"]["result"]
+        if series["values"]
+    ]
+    start = max(start, min(first, default=start) - 3)
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    panels = []
+    for panel in board["panels"]:
+        if panel["type"] == "row":
+            continue
+        targets = []
+        for tg in panel.get("targets", []):
+            answer = answers[(panel["title"], tg["expr"])]
+            targets.append(
+                {
+                    "refId": tg["refId"],
+                    "expr": _substitute(tg["expr"]),
+                    "series": _snapshot_series(answer["data"]["result"], start),
+                }
+            )
+        panels.append({"id": panel["id"], "title": panel["title"], "targets": targets})
+    annotations = [
+        {
+            "name": a["name"],
+            "expr": _substitute(a["expr"]),
+            "series": _snapshot_series(
+                answers[(f"annotation {a['name']}", a["expr"])]["data"]["result"], start
+            ),
+        }
+        for a in board["annotations"]["list"]
+        if "expr" in a
+    ]
+    snapshot = {
+        "about": "Range-query results of every kubetune dashboard panel, from the real "
+        "Prometheus of tests/cluster/test_prometheus.py that scraped a real CPU training run "
+        "and the operator. Times are seconds from the window's start, 3 s before the "
+        "trainer's first scrape. Rendered by "
+        "charts/render_preview.py into docs/dashboard-preview.png.",
+        "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(end)),
+        "commit": commit,
+        "run": run,
+        "namespace": NAMESPACE,
+        "finetunejob": JOB,
+        "durationSeconds": round(end - start, 1),
+        "stepSeconds": 1,
+        "rateInterval": RATE_INTERVAL,
+        "panels": panels,
+        "annotations": annotations,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dump_snapshot(snapshot))
+
+
+def dump_snapshot(snapshot: dict[str, Any]) -> str:
+    """JSON with one line per panel and annotation: small, and diffs stay readable."""
+    lines = []
+    for key, value in snapshot.items():
+        if isinstance(value, list):
+            items = ",\n".join(f"  {json.dumps(item, separators=(',', ':'))}" for item in value)
+            lines.append(f"{json.dumps(key)}: [\n{items}\n ]")
+        else:
+            lines.append(f"{json.dumps(key)}: {json.dumps(value)}")
+    return "{\n " + ",\n ".join(lines) + "\n}\n"
+
+
 class Poller:
     """Keeps the last successful /metrics body of an endpoint while something runs."""
 
@@ -372,8 +490,7 @@ def test_every_dashboard_query_returns_data_from_a_real_run_and_the_operator(
     [service_monitor] = by_kind(docs, "ServiceMonitor")
     [service] = by_kind(docs, "Service")
 
-    # The operator reconciles a job that stops early (and its metrics endpoint serves that).
-    _early_stopped_job(dev_cluster, api_client, namespace)
+    wait_for(lambda: "metrics_port" in operator_main._state, 60, "the operator's /metrics")
     operator_port = int(operator_main._state["metrics_port"])
 
     trainer_port, decoy_port = free_port(), free_port()
@@ -390,27 +507,45 @@ def test_every_dashboard_query_returns_data_from_a_real_run_and_the_operator(
     prom = Prometheus(tmp_path, config)
     try:
         # A real training run that stops early: patience 1 and a minimum improvement no
-        # run makes, so it stops at its second evaluation with NoImprovement.
+        # run makes, so it stops at its second evaluation with NoImprovement. For the
+        # preview, a run of about a minute (16 evaluations) so that the panels show curves
+        # over many 1 s scrapes.
+        preview = os.environ.get("KUBETUNE_DASHBOARD_PREVIEW")
+        epochs, eval_steps, patience = (100, 60, 15) if preview else (40, 15, 1)
         run = make_run(
             method="LoRA",
             hp={
-                "epochs": 40,
+                "epochs": epochs,
                 "learningRate": 0.02,
-                "evalSteps": 15,
+                "evalSteps": eval_steps,
                 "warmupSteps": 0,
                 "microBatchSize": 8,
                 "gradientAccumulationSteps": 1,
             },
-            spec_extra={"earlyStopping": {"enabled": True, "patience": 1, "minDelta": 100}},
+            spec_extra={"earlyStopping": {"enabled": True, "patience": patience, "minDelta": 100}},
         )
         run.env["KUBETUNE_METRICS_PORT"] = str(trainer_port)
         started = time.time()
         poller = Poller(f"http://127.0.0.1:{trainer_port}/metrics", "kubetune_eval_loss ")
-        result = subprocess.run(
-            run.command, env=run.env, capture_output=True, text=True, timeout=420, check=False
-        )
+        log = tmp_path / "trainer.log"
+        with log.open("w") as out:
+            trainer = subprocess.Popen(run.command, env=run.env, stdout=out, stderr=out)
+        try:
+            # While the trainer runs, the operator reconciles a job that stops early, so that
+            # its panels (reconciles, latency, early stops) have data in the same window.
+            wait_for(
+                lambda: poller.last is not None or trainer.poll() is not None,
+                300,
+                "the trainer's /metrics",
+            )
+            _early_stopped_job(dev_cluster, api_client, namespace)
+            returncode = trainer.wait(timeout=420)
+        finally:
+            if trainer.poll() is None:
+                trainer.kill()
+                trainer.wait()
         trainer_text = poller.close()
-        assert result.returncode == 0, result.stderr[-4000:]
+        assert returncode == 0, log.read_text()[-4000:]
         assert run.termination()["earlyStop"]["reason"] == "NoImprovement"
         assert trainer_text is not None, "never scraped the trainer's /metrics"
         time.sleep(3)  # the operator's counters: a few more scrapes
@@ -430,6 +565,7 @@ def test_every_dashboard_query_returns_data_from_a_real_run_and_the_operator(
 
         # Every panel's query parses and returns data.
         empty: list[str] = []
+        answers: dict[tuple[str, str], dict[str, Any]] = {}
         for title, expr in _panel_queries():
             query = _substitute(expr)
             answer = prom.api(
@@ -440,9 +576,28 @@ def test_every_dashboard_query_returns_data_from_a_real_run_and_the_operator(
                 step="1",
             )
             assert answer.get("status") == "success", f"{title}: {query}: {answer}"
+            answers[(title, expr)] = answer
             if not any(r["values"] for r in answer["data"]["result"]):
                 empty.append(f"{title}: {query}")
         assert empty == [], "queries without data:\n" + "\n".join(empty)
+        if preview:
+            history = run.history()
+            write_preview_snapshot(
+                Path(preview),
+                answers,
+                started,
+                ended,
+                {
+                    "what": "tests/cluster/test_prometheus.py: LoRA on the test tier's tiny "
+                    "random Llama (tests/tinymodel.py), 96 glossary rows, one CPU process, "
+                    f"{epochs} epochs planned, {eval_steps} steps between evaluations, "
+                    f"early stopping with patience {patience}",
+                    "plan": {k: run.plan.get(k) for k in ("method", "zeroStage")},
+                    "earlyStop": run.termination()["earlyStop"]["reason"],
+                    "evaluations": sum(1 for h in history if h.get("eval_loss") is not None),
+                    "steps": max((int(h.get("step", 0)) for h in history), default=0),
+                },
+            )
     finally:
         prom.stop()
 
