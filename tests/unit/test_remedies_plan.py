@@ -46,14 +46,14 @@ def test_defaults_leave_auto_to_training_start_when_the_method_is_auto() -> None
     assert "Elastic weight consolidation: off, it applies to Full and Partial" in reasons
 
 
-def test_auto_is_off_when_the_method_is_explicit_and_on_wins() -> None:
+def test_auto_applies_with_an_explicit_method_and_on_wins() -> None:
     plan = _plan("Full")
     plan_remedies(
         plan,
         _spec(method={"type": "Full"}, remedies={"ewc": {"mode": "On", "lambda": 50}}),
     )
     r = plan["remedies"]
-    assert r["replay"]["state"] == "Off"
+    assert r["replay"]["state"] == "Auto"
     assert r["ewc"]["state"] == "On"
     assert r["ewc"]["lambda"] == 50
     assert any(
