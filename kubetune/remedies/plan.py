@@ -184,7 +184,8 @@ def resolve(
         elif state == "Off":
             out[name] = {"on": False, "reason": "off"}
         elif evidence is None:
-            out[name] = {"on": False, "reason": "Auto: no evidence (no general text)"}
+            why = "no general text, or ZeRO-3 or offload"
+            out[name] = {"on": False, "reason": f"Auto: no evidence ({why})"}
         elif evidence.ratio >= risk_ratio:
             out[name] = {
                 "on": True,

@@ -407,34 +407,49 @@ def prepare(
     device: Any,
     seed: int,
     token_budget: int = 8192,
+    can_score: bool = True,
 ) -> RemedyRun:
     """Resolve the remedies of this run (the model has its method applied and has not
     trained yet) and apply them: token weights and replay rows in the training dataset, the
     EWC anchor and Fisher information. `general_text` is replayed and estimates the Fisher
     information; `evidence_text` (the forgetting probe's held-out text) is what Auto
     compares the training data with."""
-    from kubetune.diagnostics.probes import text_rows, token_nlls
+    from kubetune.diagnostics.probes import budget_rows, text_rows, token_nlls
     from kubetune.diagnostics.runner import base_model
 
     remedies: dict[str, Any] = plan.get("remedies") or {}
     task_rows: list[Row] = list(train_ds.rows)
     states = {n: (remedies.get(n) or {}).get("state", "Off") for n in NAMES}
     needs_evidence = "Auto" in states.values()
-    needs_nlls = needs_evidence or states["lowPerplexityTargets"] == "On"
+    # Token weights need every training row scored; Auto's evidence needs a sample only
+    # (the diagnostics' token budget), so a large dataset costs no extra pass.
+    every_row = states["lowPerplexityTargets"] in ("On", "Auto")
     evidence: Evidence | None = None
     nlls: list[list[float]] | None = None
-    if needs_nlls and task_rows:
+    if not can_score:  # the whole model on one device before training would not fit
+        needs_evidence = every_row = False
+    if (needs_evidence or every_row) and task_rows:
+        scored = task_rows if every_row else budget_rows(task_rows, token_budget, seed)
         model.to(device)
         with base_model(model):
-            nlls = row_token_nlls(model, task_rows, device)
+            scored_nlls = row_token_nlls(model, scored, device)
             general_eval = (
                 text_rows(evidence_text, tokenizer, seq_len, token_budget) if needs_evidence else []
             )
             g = token_nlls(model, general_eval, device) if general_eval else []
-        flat = [x for row in nlls for x in row]
+        if every_row:
+            nlls = scored_nlls
+        flat = [x for row in scored_nlls for x in row]
         if flat and g:
             evidence = Evidence(_mean_perplexity(flat), _mean_perplexity(g))
     decisions = resolve(remedies, evidence)
+    if not can_score:
+        for name in ("lowPerplexityTargets", "ewc"):
+            if decisions[name]["on"]:
+                decisions[name] = {
+                    "on": False,
+                    "reason": "not with ZeRO-3 or offload: it needs the whole model on one device",
+                }
     for name, d in decisions.items():
         d.update({k: v for k, v in (remedies.get(name) or {}).items() if k != "state"})
         d["auto"] = states[name] == "Auto"
@@ -519,6 +534,8 @@ def prepare_for_run(cfg: Any, model: Any, tokenizer: Any, train_ds: Any, seq_len
         device=device,
         seed=cfg.seed,
         token_budget=max(budget, 512),
+        can_score=int(cfg.plan.get("zeroStage") or 0) < 3
+        and str(cfg.plan.get("offload") or "None") == "None",
     )
     for name, d in run.decisions.items():
         log.info("remedy %s: %s (%s)", name, "on" if d["on"] else "off", d["reason"])
