@@ -97,6 +97,12 @@ def plan_remedies(plan: dict[str, Any], spec: Any) -> None:
             reasons.append(
                 f"Incremental update: continues from {previous} (its adapter or weights)."
             )
+    if out["ewc"]["state"] == "On":
+        extra = 8 * int(plan.get("trainableParameters") or 0)
+        plan.setdefault("warnings", []).append(
+            f"EWC keeps an fp32 anchor and Fisher value per trained weight: {extra / 2**30:.2f} "
+            "GiB per process more than the memory estimate above."
+        )
     plan["remedies"] = out
     plan.setdefault("reasons", []).extend(reasons)
 

@@ -340,3 +340,52 @@ def test_half_fine_tuning_trains_the_chosen_half_each_epoch(
     pick = choose_halves(names, 7)
     attn0 = [n for n in names if ".layers.0." in n and "self_attn" in n]
     assert len([n for n in attn0 if n in pick]) == len(attn0) // 2
+
+
+def test_auto_turns_replay_on_for_surprising_data_under_the_builtin_model() -> None:
+    """The built-in model finds the glossary ~1.7x as surprising as general English: Auto
+    turns replay on; on English paragraphs (what it was pretrained on) it stays off."""
+    from transformers import AutoModelForCausalLM
+
+    from kubetune.data import Example, parse_jsonl
+    from kubetune.remedies.plan import plan_remedies
+    from kubetune.remedies.train import REPLAY_TEXT_DEFAULT, MixedDataset, prepare
+    from kubetune.trainer.data import TokenizedDataset
+    from kubetune.trainer.model import load_tokenizer, model_location
+    from kubetune.trainer.recipe import GENERAL_TEXT_DEFAULT
+
+    location = model_location("hf://kubetune/tiny-llama-en")[0]
+    tok = load_tokenizer(location)
+    model = AutoModelForCausalLM.from_pretrained(location)
+    glossary = Path(__file__).resolve().parents[2] / "examples/data/quickstart-train.jsonl"
+    _, examples = parse_jsonl(glossary.read_bytes(), str(glossary), "PromptCompletion")
+    english = REPLAY_TEXT_DEFAULT.read_text().split("\n\n")[:120]
+    plain = [Example(line=i + 1, prompt="", target=t.strip()) for i, t in enumerate(english)]
+
+    def run(exs: list[Any]) -> Any:
+        plan: dict[str, Any] = {"method": "Full", "zeroStage": 0, "hyperparameters": {}}
+        plan_remedies(plan, {})
+        return prepare(
+            plan=plan,
+            model=model,
+            tokenizer=tok,
+            train_ds=TokenizedDataset(exs, tok, 256),
+            general_text=REPLAY_TEXT_DEFAULT.read_text(),
+            evidence_text=GENERAL_TEXT_DEFAULT.read_text(),
+            seq_len=256,
+            device="cpu",
+            seed=1,
+        )
+
+    risky = run(examples)
+    assert risky.evidence is not None
+    assert 1.5 <= risky.evidence.ratio < 3
+    assert risky.decisions["replay"]["on"]
+    assert risky.decisions["replay"]["auto"]
+    assert isinstance(risky.train_dataset, MixedDataset)
+    assert not risky.decisions["ewc"]["on"]  # not among Auto's remedies
+    assert risky.sentence() is not None
+    calm = run(plain)
+    assert calm.evidence is not None
+    assert calm.evidence.ratio < 1.5
+    assert not calm.decisions["replay"]["on"]

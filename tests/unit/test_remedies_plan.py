@@ -30,7 +30,9 @@ def _plan(method: str = "LoRA", zero: int = 0, lr: float = 2e-4) -> dict[str, An
         "zeroStage": zero,
         "totalParameters": 10**9,
         "hyperparameters": {"learningRate": lr},
+        "trainableParameters": 10**9,
         "reasons": [],
+        "warnings": [],
     }
 
 
@@ -59,6 +61,7 @@ def test_auto_applies_with_an_explicit_method_and_on_wins() -> None:
     assert any(
         "Elastic weight consolidation: on, set by spec.remedies" in x for x in plan["reasons"]
     )
+    assert any("EWC keeps an fp32 anchor" in w for w in plan["warnings"])
 
 
 def test_ewc_is_off_under_zero3() -> None:
