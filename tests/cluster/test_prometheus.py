@@ -522,7 +522,13 @@ def test_every_dashboard_query_returns_data_from_a_real_run_and_the_operator(
                 "microBatchSize": 8,
                 "gradientAccumulationSteps": 1,
             },
-            spec_extra={"earlyStopping": {"enabled": True, "patience": patience, "minDelta": 100}},
+            spec_extra={
+                "earlyStopping": {"enabled": True, "patience": patience, "minDelta": 100},
+                # Two evaluations in a few seconds: under the default 5 % probe budget the
+                # probes may skip both (only a final evaluation always probes), and the
+                # memorisation panel would have no data. The preview's longer run keeps it.
+                **({} if preview else {"diagnostics": {"maxOverhead": 1.0}}),
+            },
         )
         run.env["KUBETUNE_METRICS_PORT"] = str(trainer_port)
         started = time.time()
