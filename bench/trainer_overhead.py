@@ -44,12 +44,16 @@ def job_file(path: Path, *, epochs: float, probes: bool, rows: int | None) -> Pa
                 doc["data"][key] = "\n".join(doc["data"][key].splitlines()[:keep]) + "\n"
         if doc["kind"] == "FineTuneJob":
             spec = doc["spec"]
-            # LoRA explicitly: with method Auto the planner may add remedies (replay of
-            # general text) that the plain run would not have.
+            # LoRA explicitly, as planned for this data.
             spec["method"] = {"type": "LoRA"}
             spec["hyperparameters"] = {"learningRate": 0.003, "epochs": epochs}
             spec["deepspeed"] = {"zeroStage": 2}
             spec["earlyStopping"] = {"enabled": False}
+            # The remedies (replay) would add training rows the plain run lacks.
+            spec["remedies"] = {
+                k: {"mode": "Off"}
+                for k in ("replay", "ewc", "lowPerplexityTargets", "halfFineTuning")
+            }
             spec["diagnostics"] = {"enabled": probes}
         docs.append(doc)
     path.write_text(yaml.safe_dump_all(docs, sort_keys=False))

@@ -7,7 +7,7 @@ Reasons (CamelCase, as in the job's EarlyStopped condition):
 - OverMemorization: eval perplexity rose `patience` evaluations in a row while eval token
   accuracy held (within 1 point) — the model grows over-confident on what it gets wrong.
 - Overfitting: the loss gap (eval minus train loss) widened `patience` evaluations in a
-  row while eval loss is above its best.
+  row, ending positive, while eval loss is above its best.
 - NoImprovement: no eval loss better than the best by `minDelta` for `patience` evaluations.
 """
 
@@ -137,7 +137,9 @@ def decide(history: list[EvalPoint], settings: StopSettings) -> Decision:
     window = history[-(n + 1) :]
     if len(window) == n + 1 and all(p.train_loss is not None for p in window):
         gaps = [p.eval_loss - (p.train_loss or 0.0) for p in window]
-        if _rising(gaps, n) and last.eval_loss > best.eval_loss:
+        # Widening means eval loss pulling away above train loss: a negative gap that
+        # shrinks (train loss with dropout catching up with eval loss) is not overfitting.
+        if _rising(gaps, n) and gaps[-1] > 0 and last.eval_loss > best.eval_loss:
             return stop(
                 "Overfitting",
                 f"the loss gap widened {n} evaluations in a row, from {gaps[0]:.3f} to "

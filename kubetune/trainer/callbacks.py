@@ -55,6 +55,7 @@ class KubetuneCallback(TrainerCallback):
         self.policy_owner = policy_owner
         self.evals: list[EvalPoint] = []
         self.last_train_loss: float | None = None
+        self.window_losses: list[float] = []
         self.stopped: dict[str, str] | None = None
         self.history: list[dict[str, Any]] = []
         self.started = time.monotonic()
@@ -98,19 +99,20 @@ class KubetuneCallback(TrainerCallback):
     def _resume_history(self, state: Any) -> None:
         """After a resume: the evaluations so far (from the checkpoint's log history) so
         that the policy sees the whole run, and the history rows written before."""
-        last_loss: float | None = None
+        window: list[float] = []
         for entry in state.log_history or []:
             if "loss" in entry:
-                last_loss = float(entry["loss"])
+                window.append(float(entry["loss"]))
             if "eval_loss" in entry:
                 self.evals.append(
                     EvalPoint(
                         step=int(entry.get("step", 0)),
                         eval_loss=float(entry["eval_loss"]),
-                        train_loss=last_loss,
+                        train_loss=sum(window) / len(window) if window else None,
                         eval_accuracy=entry.get("eval_token_accuracy"),
                     )
                 )
+                window = []
         if self.history_path is not None and self.history_path.exists():
             for line in self.history_path.read_text().splitlines():
                 row = json.loads(line)
@@ -166,6 +168,7 @@ class KubetuneCallback(TrainerCallback):
         logs = logs or {}
         if "loss" in logs:
             self.last_train_loss = float(logs["loss"])
+            self.window_losses.append(self.last_train_loss)
             row = {
                 "step": state.global_step,
                 "epoch": state.epoch,
@@ -219,12 +222,18 @@ class KubetuneCallback(TrainerCallback):
         metrics = metrics or {}
         if "eval_loss" not in metrics:
             return
+        # The train loss of the policy is the mean since the previous evaluation: one
+        # step's loss is too noisy to compare gaps between evaluations.
+        window = self.window_losses or (
+            [self.last_train_loss] if self.last_train_loss is not None else []
+        )
         point = EvalPoint(
             step=int(state.global_step),
             eval_loss=float(metrics["eval_loss"]),
-            train_loss=self.last_train_loss,
+            train_loss=sum(window) / len(window) if window else None,
             eval_accuracy=metrics.get("eval_token_accuracy"),
         )
+        self.window_losses = []
         self.evals.append(point)
         decision = decide(self.evals, self.settings)
         gap = None if point.train_loss is None else point.eval_loss - point.train_loss
