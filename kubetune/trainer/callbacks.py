@@ -245,12 +245,17 @@ class KubetuneCallback(TrainerCallback):
             "loss_gap": gap,
             "eval_token_accuracy": point.eval_accuracy,
         }
+        acts = self.policy_owner == "trainer" or decision.reason == "Diverged"
+        stopping = decision.stop and acts and not self.stopped
         probes: dict[str, float] = {}
         if self.diagnostics is not None and kw.get("model") is not None:
+            # The run's last evaluation always probes: the planned end, or the one at
+            # which the policy stops it (the same decision on every rank, which ZeRO-3's
+            # gathered forwards need).
             probes = self.diagnostics.at_evaluation(
                 kw["model"],
                 elapsed=time.monotonic() - self.started,
-                final=int(state.global_step) >= int(state.max_steps or 0),
+                final=int(state.global_step) >= int(state.max_steps or 0) or stopping,
             )
             row.update(probes)
         row["time"] = time.time()
@@ -280,8 +285,7 @@ class KubetuneCallback(TrainerCallback):
                 self.metrics.best_eval_loss.set(decision.best_eval_loss)
                 self.metrics.best_step.set(decision.best_step or 0)
             self.metrics.evals_since_best.set(decision.evals_since_best)
-        acts = self.policy_owner == "trainer" or decision.reason == "Diverged"
-        if decision.stop and acts and not self.stopped:
+        if stopping:
             self.stopped = {"reason": decision.reason, "message": decision.message}
             if self.metrics:
                 self.metrics.early_stop.labels(reason=decision.reason).set(1)
