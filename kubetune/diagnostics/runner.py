@@ -108,7 +108,9 @@ class DiagnosticsRunner:
             next_cost=self.last_round if self.rounds else self._first_round_estimate(),
             elapsed=elapsed,
             max_overhead=s.max_overhead,
-            final=final,
+            # The first evaluation always probes too: every run reports its figures (a run
+            # the operator stops between evaluations has no probing final evaluation).
+            final=final or self.rounds == 0,
         ):
             self.skipped += 1
             return {}
