@@ -506,12 +506,15 @@ def test_every_dashboard_query_returns_data_from_a_real_run_and_the_operator(
     }
     prom = Prometheus(tmp_path, config)
     try:
-        # A real training run that stops early: patience 1 and a minimum improvement no
-        # run makes, so it stops at its second evaluation with NoImprovement. For the
+        # A real training run that stops early: patience 2 and a minimum improvement no
+        # run makes, so it stops at its third evaluation with NoImprovement. For the
         # preview, a run of about a minute (16 evaluations) so that the panels show curves
         # over many 1 s scrapes.
         preview = os.environ.get("KUBETUNE_DASHBOARD_PREVIEW")
-        epochs, eval_steps, patience = (100, 60, 15) if preview else (40, 15, 1)
+        # The CI run stops at its third evaluation: rate() panels need at least two
+        # scrapes of a counter after it moved, which a run of two evaluations (about 6 s)
+        # did not always give.
+        epochs, eval_steps, patience = (100, 60, 15) if preview else (40, 15, 2)
         run = make_run(
             method="LoRA",
             hp={
