@@ -93,9 +93,9 @@ class OperatorProcess:
             self.runner = None
 
 
-@pytest.fixture(scope="module")
-def operator(dev_cluster: Any, crd_installed: str) -> Iterator[OperatorProcess]:
-    proc = OperatorProcess(str(dev_cluster.layout.kubeconfig))
+def running_operator(kubeconfig: str) -> Iterator[OperatorProcess]:
+    """The operator for a test module; the environment it set is restored afterwards."""
+    proc = OperatorProcess(kubeconfig)
     saved = {k: os.environ.get(k) for k in proc.env}
     proc.start()
     try:
@@ -107,6 +107,11 @@ def operator(dev_cluster: Any, crd_installed: str) -> Iterator[OperatorProcess]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def operator(dev_cluster: Any, crd_installed: str) -> Iterator[OperatorProcess]:
+    yield from running_operator(str(dev_cluster.layout.kubeconfig))
 
 
 def _ftj(name: str, **spec: Any) -> dict[str, Any]:

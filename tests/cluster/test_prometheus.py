@@ -30,7 +30,7 @@ from kubetune.devcluster.components import local_runner_pod_placement
 from kubetune.operator import builders
 from kubetune.operator.settings import OperatorSettings
 from tests.cluster.test_helm import by_kind, template
-from tests.cluster.test_operator import OperatorProcess
+from tests.cluster.test_operator import OperatorProcess, running_operator
 from tests.trainer.conftest import MakeRun, make_run, tiny_model  # noqa: F401
 from tests.waiting import wait_for
 
@@ -412,20 +412,7 @@ class Poller:
 
 @pytest.fixture(scope="module")
 def operator_process(dev_cluster: Any, crd_installed: str) -> Iterator[OperatorProcess]:
-    import os
-
-    proc = OperatorProcess(str(dev_cluster.layout.kubeconfig))
-    saved = {k: os.environ.get(k) for k in proc.env}
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    yield from running_operator(str(dev_cluster.layout.kubeconfig))
 
 
 def _early_stopped_job(dev_cluster: Any, api_client: Any, namespace: str) -> None:
