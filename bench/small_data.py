@@ -55,7 +55,14 @@ FULL_LR = 1e-3
 LORA_LR = 3e-3
 
 OFF = {"mode": "Off"}
-ALL_OFF = {"replay": OFF, "ewc": OFF, "lowPerplexityTargets": OFF, "halfFineTuning": OFF}
+ALL_OFF = {
+    "replay": OFF,
+    "ewc": OFF,
+    "lowPerplexityTargets": OFF,
+    "halfFineTuning": OFF,
+    "sam": OFF,
+    "selfRewrite": OFF,
+}
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,15 @@ CONFIGS = [
         True,
     ),
     Config("full+hft", "Full", FULL_LR, False, {**ALL_OFF, "halfFineTuning": {"mode": "On"}}, True),
+    Config("full+sam", "Full", FULL_LR, False, {**ALL_OFF, "sam": {"mode": "On"}}, True),
+    Config(
+        "full+rewrite",
+        "Full",
+        FULL_LR,
+        False,
+        {**ALL_OFF, "selfRewrite": {"mode": "On"}},
+        True,
+    ),
     Config("auto", "Auto", LORA_LR, True, {}),
     Config("full+auto", "Full", FULL_LR, False, {}, True),
 ]
@@ -181,6 +197,8 @@ def run_one(
         result.error = f"{type(exc).__name__}: {exc}"[:200]
         return result, out
     result.seconds = time.perf_counter() - started
+    # The method trained (Auto may switch it at training start): the run's plan.json.
+    result.method = str(json.loads((out / "plan.json").read_text())["method"])
     report = json.loads((out / "report.json").read_text())
     summary = report["summary"]
     result.steps = int((summary.get("progress") or {}).get("step") or 0)

@@ -133,6 +133,13 @@ class Method(SpecModel):
 # ---- training -------------------------------------------------------------------------------
 
 
+class CrossValidation(SpecModel):
+    """hyperparameters.crossValidation: k-fold choice of the epoch count for tiny sets."""
+
+    mode: RemedyMode = "Auto"
+    folds: Annotated[int, Field(ge=2, le=10), WholeFloat] = 4
+
+
 class Hyperparameters(SpecModel):
     """spec.hyperparameters: each unset value is planned."""
 
@@ -146,6 +153,7 @@ class Hyperparameters(SpecModel):
     eval_steps: Annotated[int, Field(ge=1), WholeFloat] | None = None
     seed: Int = 42
     incremental: bool = False
+    cross_validation: CrossValidation = Field(default_factory=CrossValidation)
 
 
 class ResourceRequirements(SpecModel):
@@ -195,6 +203,7 @@ class Diagnostics(SpecModel):
 class Replay(SpecModel):
     mode: RemedyMode = "Auto"
     ratio: Annotated[float, Field(gt=0, le=0.9)] = 0.25
+    trigger_ratio: Annotated[float, Field(gt=1, le=100)] = 1.5
 
 
 class EWC(SpecModel):
@@ -213,6 +222,17 @@ class HalfFineTuning(SpecModel):
     mode: RemedyMode = "Auto"
 
 
+class SAM(SpecModel):
+    mode: RemedyMode = "Auto"
+    rho: Annotated[float, Field(gt=0, le=1)] = 0.05
+
+
+class SelfRewrite(SpecModel):
+    mode: RemedyMode = "Auto"
+    min_overlap: Annotated[float, Field(ge=0, le=1)] = 0.3
+    max_length_ratio: Annotated[float, Field(ge=1, le=4)] = 1.5
+
+
 class Remedies(SpecModel):
     """spec.remedies: what keeps the base model's knowledge (docs/remedies.md)."""
 
@@ -220,6 +240,24 @@ class Remedies(SpecModel):
     ewc: EWC = Field(default_factory=EWC)
     low_perplexity_targets: LowPerplexityTargets = Field(default_factory=LowPerplexityTargets)
     half_fine_tuning: HalfFineTuning = Field(default_factory=HalfFineTuning)
+    sam: SAM = Field(default_factory=SAM)
+    self_rewrite: SelfRewrite = Field(default_factory=SelfRewrite)
+
+
+class Augmentation(SpecModel):
+    """spec.augmentation: more training rows for tiny sets, written by a model."""
+
+    model_uri: Uri | None = None
+    paraphrases: Annotated[int, Field(ge=0, le=8), WholeFloat] = 0
+    back_translations: Annotated[int, Field(ge=0, le=8), WholeFloat] = 0
+    pivot_language: Str256 = "French"
+
+    @field_validator("model_uri")
+    @classmethod
+    def _uri(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        return check_uri(value, "augmentation.modelUri", MODEL_URI_PATTERN, MODEL_URI_SCHEMES)
 
 
 class Output(SpecModel):
@@ -273,6 +311,7 @@ class FineTuneJobSpec(SpecModel):
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
     diagnostics: Diagnostics = Field(default_factory=Diagnostics)
     remedies: Remedies = Field(default_factory=Remedies)
+    augmentation: Augmentation = Field(default_factory=Augmentation)
     output: Output | None = None
     image: Str1024 | None = None
     plan_only: bool = False

@@ -113,11 +113,12 @@ def _volume_name(role: str, key: str) -> str:
     return f"{role}-{safe}"[:63].rstrip("-")
 
 
-def storage_for(uri: str, role: str, read_only: bool = True) -> Storage:
+def storage_for(uri: str, role: str, read_only: bool = True, host: bool = False) -> Storage:
     """Map a `pvc://`, `configmap://`, `file://` or `hf://` URI to a path and volume.
 
     `file://` paths are used as they are (baked into the image or on the node); for
-    outputs they are a hostPath of the same path so the node keeps what was written.
+    outputs they are a hostPath of the same path so the node keeps what was written, and
+    `host=True` mounts one read-only (a previous run's output, written the same way).
     `hf://` models and datasets are downloaded by the pod itself and need no volume.
     """
     parsed = urlparse(uri)
@@ -145,6 +146,13 @@ def storage_for(uri: str, role: str, read_only: bool = True) -> Storage:
         )
     if scheme == "file":
         path = parsed.path
+        if read_only and host:
+            name = _volume_name(role, "host")
+            return Storage(
+                path=path,
+                volume={"name": name, "hostPath": {"path": path, "type": "Directory"}},
+                mount={"name": name, "mountPath": path, "readOnly": True},
+            )
         if read_only:
             return Storage(path=path)
         name = _volume_name(role, "host")
@@ -168,6 +176,11 @@ def _storages(spec: Any, output_uri: str) -> dict[str, Storage]:
         out["validation"] = storage_for(spec.dataset.validation_uri, "validation")
     if spec.dataset.general_text_uri:
         out["general"] = storage_for(spec.dataset.general_text_uri, "general")
+    if spec.model.from_:
+        out["previous"] = storage_for(spec.model.from_, "previous", host=True)
+    augmentation = getattr(spec, "augmentation", None)
+    if augmentation is not None and augmentation.model_uri:
+        out["augmentation"] = storage_for(augmentation.model_uri, "augmentation")
     return out
 
 
@@ -237,6 +250,12 @@ def _env(ref: JobRef, spec: Any, storages: dict[str, Storage]) -> list[dict[str,
         env.append({"name": "KUBETUNE_VALIDATION_PATH", "value": storages["validation"].path})
     if "general" in storages:
         env.append({"name": "KUBETUNE_GENERAL_TEXT_PATH", "value": storages["general"].path})
+    if "previous" in storages:
+        env.append({"name": "KUBETUNE_PREVIOUS_PATH", "value": storages["previous"].path})
+    if "augmentation" in storages:
+        env.append(
+            {"name": "KUBETUNE_AUGMENTATION_MODEL_PATH", "value": storages["augmentation"].path}
+        )
     if spec.model.secret_ref is not None:
         env.append(
             {

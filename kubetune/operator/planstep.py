@@ -15,12 +15,14 @@ from urllib.parse import urlparse
 from kubetune.data import DataError, parse_jsonl, summarize
 from kubetune.data.stats import plan_warnings
 from kubetune.planning import (
+    SURPRISING_DATA_RATIO,
     DatasetStats,
     Offload,
     PlanRequest,
     Resources,
     bundled_architectures,
     make_plan,
+    method_alternative,
     model_arch_from_config,
 )
 from kubetune.remedies.plan import plan_remedies
@@ -205,8 +207,39 @@ def build_plan(
         cpu_memory_gib=host_memory_gib(spec) if gpus > 0 else None,
         accelerator="GPU" if gpus > 0 else "CPU",
     )
-    plan = make_plan(stats, arch, resources, plan_request(spec)).to_dict()
-    plan["reasons"] = [gpu_memory[1], *plan["reasons"]]
+    request = plan_request(spec)
+    planned = make_plan(stats, arch, resources, request)
+    alternative, why = method_alternative(stats, arch, resources, request, planned)
+    plan = _finish(planned.to_dict(), spec, summary, stats, resources, gpu_memory[1])
+    if alternative is not None:
+        alt = _finish(alternative.to_dict(), spec, summary, stats, resources, gpu_memory[1])
+        alt["reasons"] = [
+            r for r in alt["reasons"] if not r.startswith("Method Full was requested explicitly")
+        ]
+        plan["alternative"] = {
+            "when": {"dataPerplexityRatio": SURPRISING_DATA_RATIO},
+            "plan": alt,
+        }
+    if why:
+        reasons = plan["reasons"]
+        at = next(
+            (i + 1 for i, r in enumerate(reasons) if r.startswith("Method by data size")),
+            len(reasons),
+        )
+        reasons.insert(at, why)
+    return plan
+
+
+def _finish(
+    plan: dict[str, Any],
+    spec: Any,
+    summary: Any,
+    stats: DatasetStats,
+    resources: Resources,
+    gpu_reason: str,
+) -> dict[str, Any]:
+    """The reasons, warnings, overrides and remedies every plan carries."""
+    plan["reasons"] = [gpu_reason, *plan["reasons"]]
     plan["warnings"] = [*plan["warnings"], *plan_warnings(summary)]
     plan["datasetFormat"] = summary.format  # for plan.json; status.plan does not keep it
     apply_overrides(plan, spec, stats.example_count, resources.world_size)

@@ -356,6 +356,8 @@ class Reconciler:
             self._request_stop(ref, draft, ip)
         if ip:
             scraped = self._copy_live_metrics(ref, ip, draft)
+            if scraped is not None:
+                self._read_decisions(ip, draft, scraped)
             if scraped is not None and not spec.stop_requested:
                 self._apply_policy(ref, spec, draft, ip, scraped)
         termination = (
@@ -420,6 +422,29 @@ class Reconciler:
             draft.new["warnings"] = [*(draft.new.get("warnings") or []), warning]
             draft.events.append(("Warning", "HighDataPerplexity", warning))
         return values
+
+    def _read_decisions(self, ip: str, draft: StatusDraft, scraped: dict[str, float]) -> None:
+        """When rank 0 counts more Auto decisions than status.plan's reasons hold, read
+        them (GET /decisions) into status.plan, with an Event each."""
+        count = int(scraped.get("kubetune_auto_decisions_total") or 0)
+        reasons = (draft.new.get("plan") or {}).get("reasons") or []
+        if count <= sum(1 for r in reasons if str(r).startswith("Auto at ")):
+            return
+        url = f"http://{ip}:{self.settings.trainer_metrics_port}/decisions"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                decisions = json.loads(resp.read())
+        except (urllib.error.URLError, OSError, ValueError):
+            return
+        self._record_decisions(decisions, draft)
+
+    @staticmethod
+    def _record_decisions(decisions: Any, draft: StatusDraft) -> None:
+        plan, added = st.apply_decisions(draft.new.get("plan"), decisions)
+        if plan is not None and added:
+            draft.new["plan"] = plan
+            for text in added:
+                draft.events.append(("Normal", "AutoDecision", text))
 
     def _apply_policy(
         self,
@@ -495,6 +520,8 @@ class Reconciler:
                     draft.new[key] = data[key]
             if isinstance(data.get("earlyStop"), dict):
                 draft.new["earlyStop"] = data["earlyStop"]
+            if "decisions" in data:
+                Reconciler._record_decisions(data["decisions"], draft)
 
     def _finished(self, ftj: dict[str, Any], ref: b.JobRef, draft: StatusDraft) -> str:
         """A finished job stays as it is; only ttlSecondsAfterFinished acts on it."""

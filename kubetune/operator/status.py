@@ -302,6 +302,47 @@ def data_warning_from_metrics(values: dict[str, float], existing: list[str]) -> 
     )
 
 
+#: The plan keys a method switch replaces in status.plan (the trainer sends these).
+SWITCHED_PLAN_KEYS = (
+    "method",
+    "zeroStage",
+    "offload",
+    "trainableParameters",
+    "memory",
+    "hyperparameters",
+)
+
+
+def apply_decisions(
+    plan: dict[str, Any] | None, decisions: Any
+) -> tuple[dict[str, Any] | None, list[str]]:
+    """status.plan with the trainer's Auto decisions in it (GET /decisions or the
+    termination message): each decision's sentence appended to the reasons once, a method
+    switch's plan fields replacing the planned ones. Returns (the new plan, the sentences
+    that are new: one Event each). Idempotent: a decision already in the reasons is not
+    applied again."""
+    if not isinstance(plan, dict) or not isinstance(decisions, list):
+        return plan, []
+    reasons = list(plan.get("reasons") or [])
+    new_plan = dict(plan)
+    added: list[str] = []
+    for d in decisions:
+        if not isinstance(d, dict) or not isinstance(d.get("text"), str):
+            continue
+        text = d["text"][:1000]
+        if text in reasons:
+            continue
+        reasons.append(text)
+        added.append(text)
+        switched = d.get("plan")
+        if isinstance(switched, dict):  # a method switch, an epoch count by the folds
+            for key in SWITCHED_PLAN_KEYS:
+                if switched.get(key) is not None:
+                    new_plan[key] = switched[key]
+    new_plan["reasons"] = reasons
+    return new_plan, added
+
+
 def status_from_metrics(
     values: dict[str, float],
 ) -> tuple[dict[str, float | int], dict[str, float | int]]:

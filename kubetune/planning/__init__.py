@@ -29,6 +29,7 @@ from kubetune.planning.model import (
     model_arch_from_config,
 )
 from kubetune.planning.plan import (
+    SURPRISING_DATA_RATIO,
     DatasetStats,
     Hyperparameters,
     Method,
@@ -40,6 +41,7 @@ from kubetune.planning.plan import (
     format_plan,
     lora_parameters,
     make_plan,
+    method_alternative,
     trainable_and_frozen,
 )
 
@@ -57,6 +59,7 @@ def bundled_architectures() -> dict[str, Path]:
 __all__ = [
     "GIB",
     "SUPPORTED_FAMILIES",
+    "SURPRISING_DATA_RATIO",
     "DatasetStats",
     "Hyperparameters",
     "LinearShape",
@@ -81,6 +84,7 @@ __all__ = [
     "load_model_arch",
     "lora_parameters",
     "make_plan",
+    "method_alternative",
     "model_arch_from_config",
     "model_state_bytes",
     "overhead_bytes",

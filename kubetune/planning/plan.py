@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -1014,6 +1014,51 @@ def make_plan(
         num_nodes=resources.num_nodes,
         gpus_per_node=resources.gpus_per_node,
         error=error,
+    )
+
+
+#: Method Auto switches from its adapter to full fine-tuning at training start when the base
+#: model's perplexity on the training targets is at least this many times its perplexity on
+#: general text (kubetune.remedies.plan.RISK_RATIO is the same figure): in docs/evidence.md
+#: rank-8 LoRA learned such data 7x less well than full fine-tuning, and full fine-tuning
+#: with replay kept forgetting low.
+SURPRISING_DATA_RATIO = 1.5
+
+
+def method_alternative(
+    dataset: DatasetStats,
+    model: ModelArch,
+    resources: Resources,
+    request: PlanRequest,
+    plan: Plan,
+) -> tuple[Plan | None, str | None]:
+    """For method Auto with an adapter chosen by data size: the full fine-tuning plan the
+    trainer switches to when the base model finds the data surprising, if it fits the same
+    pods (no offload, so no other host-memory request), with the sentence for the reasons."""
+    if request.method is not None or not plan.fits:
+        return None, None
+    if plan.method not in (Method.LORA, Method.PREFIX):
+        return None, None
+    full = make_plan(dataset, model, resources, replace(request, method=Method.FULL))
+    condition = (
+        "when, at training start, the base model's perplexity on the training targets is "
+        f"at least {SURPRISING_DATA_RATIO:g}x its perplexity on general text"
+    )
+    if not full.fits or full.offload is not Offload.NONE:
+        setting = f"ZeRO-{full.zero_stage}" + (
+            "" if full.offload is Offload.NONE else f", offload {full.offload}"
+        )
+        return None, (
+            f"Method by evidence: stays {plan.method} even {condition}: full fine-tuning "
+            f"would need {_gib(full.memory.per_gpu)} per GPU ({setting}, fits: "
+            f"{'yes' if full.fits else 'no'}) and the switch keeps to these GPUs without "
+            "offload."
+        )
+    return full, (
+        f"Method by evidence: switches to Full fine-tuning (ZeRO-{full.zero_stage}, "
+        f"{_gib(full.memory.per_gpu)} per GPU, fits) {condition}: adapters learn such data "
+        "far less than full fine-tuning (docs/evidence.md), and replay (remedies Auto) "
+        "limits the forgetting."
     )
 
 

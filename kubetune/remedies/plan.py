@@ -19,12 +19,14 @@ LARGE_MODEL_PARAMS = 20_000_000_000
 #: fine-tuning cost more target perplexity for what they saved, so they stay explicit (On).
 AUTO_REMEDIES: tuple[str, ...] = ("replay",)
 
-NAMES = ("replay", "ewc", "lowPerplexityTargets", "halfFineTuning")
+NAMES = ("replay", "ewc", "lowPerplexityTargets", "halfFineTuning", "sam", "selfRewrite")
 LABELS = {
     "replay": "Replay of general text",
     "ewc": "Elastic weight consolidation",
     "lowPerplexityTargets": "Low-perplexity targets",
     "halfFineTuning": "Half fine-tuning",
+    "sam": "Sharpness-aware minimisation",
+    "selfRewrite": "Self-rewrite of the targets",
 }
 
 
@@ -103,8 +105,65 @@ def plan_remedies(plan: dict[str, Any], spec: Any) -> None:
             f"EWC keeps an fp32 anchor and Fisher value per trained weight: {extra / 2**30:.2f} "
             "GiB per process more than the memory estimate above."
         )
+    if out["sam"]["state"] == "On":
+        from kubetune.remedies.sam import sam_extra_bytes
+
+        extra = sam_extra_bytes(int(plan.get("trainableParameters") or 0))
+        plan.setdefault("warnings", []).append(
+            f"SAM keeps the weight perturbation: {extra / 2**30:.2f} GiB per process more "
+            "than the memory estimate above, and each step costs about twice the compute."
+        )
+    reasons.extend(_data_sentences(spec, plan))
     plan["remedies"] = out
     plan.setdefault("reasons", []).extend(reasons)
+
+
+from kubetune.remedies.kfold import KFOLD_BELOW  # noqa: E402
+
+
+def _data_sentences(spec: Any, plan: dict[str, Any]) -> list[str]:
+    """Augmentation and the cross-validated epoch count, as reasons."""
+    from kubetune.api.spec import Augmentation, CrossValidation
+    from kubetune.remedies.rewrite import augmentation_sentence
+
+    out: list[str] = []
+    raw = _get(spec, "augmentation", None)
+    aug = Augmentation.model_validate(raw) if isinstance(raw, dict) or raw is None else raw
+    if aug is not None and (aug.paraphrases or aug.back_translations):
+        out.append(
+            augmentation_sentence(
+                aug.paraphrases,
+                aug.back_translations,
+                aug.pivot_language,
+                aug.model_uri or "the base model",
+            )
+        )
+    hp_spec = _get(spec, "hyperparameters", None)
+    raw_cv = _get(hp_spec, "cross_validation", None) or _get(hp_spec, "crossValidation", None)
+    cv = (
+        CrossValidation.model_validate(raw_cv or {})
+        if isinstance(raw_cv, dict) or raw_cv is None
+        else raw_cv
+    )
+    from kubetune.remedies.kfold import cost_sentence, max_epochs_for, mode_on
+
+    epochs_set = _get(hp_spec, "epochs", None) is not None
+    examples = int(plan.get("exampleCount") or 0)
+    on, why = mode_on(cv.mode, examples, epochs_set)
+    hp = plan.get("hyperparameters")
+    if on and isinstance(hp, dict):
+        planned = float(hp.get("epochs") or 1)
+        folds = min(cv.folds, examples)
+        longest = max_epochs_for(planned)
+        plan["crossValidation"] = {"folds": folds, "maxEpochs": longest}
+        why += (
+            f" {folds} folds train up to {longest} epochs each before the run, which then "
+            f"trains for the epoch count with the lowest mean held-out loss (in place of "
+            f"{planned:g}). " + cost_sentence(folds, longest, examples, planned)
+        )
+    if cv.mode != "Off" and (on or examples < KFOLD_BELOW):
+        out.append(why)
+    return out
 
 
 def _plan_state(
@@ -120,6 +179,11 @@ def _plan_state(
         return "Off", f"off, it applies to Full and Partial fine-tuning and the method is {method}"
     if name == "ewc" and zero == 3:
         return "Off", "off, it needs whole weights on every rank and the plan uses ZeRO-3"
+    if name == "sam" and mode == "On" and (zero > 0 or world > 1):
+        return "Off", (
+            "off, it runs on one process without DeepSpeed (ZeRO shards the weights it "
+            "perturbs, and kubetune runs several processes with DeepSpeed)"
+        )
     if name == "halfFineTuning" and mode != "Off":
         if method != "Full":
             return "Off", f"off, it is a variant of Full fine-tuning and the method is {method}"
@@ -152,6 +216,17 @@ def _detail(name: str, s: dict[str, Any]) -> str:
         )
     if name == "halfFineTuning":
         return "each epoch trains a random half of every layer's weight tensors"
+    if name == "sam":
+        from kubetune.remedies.sam import sam_cost_sentence
+
+        return f"rho {s['rho']:g}; " + sam_cost_sentence(float(s["rho"]))
+    if name == "selfRewrite":
+        return (
+            "before training the base model rewrites each training response given the "
+            f"original; a rewrite replaces it when it keeps {s['minOverlap']:.0%} of its words, "
+            f"is at most {s['maxLengthRatio']:g}x its length and is less surprising to the "
+            "base model (one generation per training example)"
+        )
     weight = "weight 0 (masked)" if s["weight"] == 0 else f"weight {s['weight']:g}"
     return (
         f"target tokens above perplexity {s['threshold']:g} under the base model get loss " + weight

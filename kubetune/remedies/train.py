@@ -33,11 +33,23 @@ REPLAY_TEXT_DEFAULT = Path(__file__).resolve().parents[1] / "trainer" / "corpus"
 
 def previous_output(uri: str) -> Path:
     """The directory of a previous run's adapter or weights: `<from>/final` when it exists,
-    else `<from>` itself (file:// and mounted pvc:// paths are local directories)."""
-    path = Path(uri.removeprefix("file://"))
-    if uri.startswith("pvc://"):
-        claim_path = uri.removeprefix("pvc://").split("/", 1)
-        path = Path("/mnt/previous") / (claim_path[1] if len(claim_path) > 1 else "")
+    else `<from>` itself. In a pod, KUBETUNE_PREVIOUS_PATH is where the operator mounted
+    model.from (a pvc:// claim, or a file:// hostPath); locally a file:// path is read as
+    it is."""
+    import os
+
+    mounted = os.environ.get("KUBETUNE_PREVIOUS_PATH")
+    if mounted:
+        path = Path(mounted)
+    elif uri.startswith("pvc://"):
+        from kubetune.trainer.config import TrainerConfigError
+
+        raise TrainerConfigError(
+            f"model.from {uri}: a pvc:// output is mounted by the operator; locally use "
+            "file:///path/to/the/previous/output"
+        )
+    else:
+        path = Path(uri.removeprefix("file://"))
     return path / "final" if (path / "final").is_dir() else path
 
 
@@ -107,6 +119,48 @@ class MixedDataset:
 
     def __getitem__(self, i: int) -> Row:
         return self.rows[i]
+
+
+class ReplaySwitch:
+    """The training rows, serving general-text rows in place of `ratio` of the rows asked
+    for once switched on: Auto turns replay on during training this way, so the dataset's
+    length (and the planned steps) stay as they are. The Trainer's data loader reads it in
+    the training process (no workers), in the order its sampler asks."""
+
+    def __init__(self, task: Sequence[Row], general: Sequence[Row], ratio: float) -> None:
+        self.rows = list(task)
+        self.general = list(general)
+        self.ratio = ratio
+        self.active = False
+        self.served = 0
+        self.replayed = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Row:
+        if self.active and self.general:
+            before = math.floor(self.served * self.ratio)
+            self.served += 1
+            if math.floor(self.served * self.ratio) > before:
+                row = self.general[self.replayed % len(self.general)]
+                self.replayed += 1
+                return row
+        return self.rows[i]
+
+
+def shared_flag(flag: bool) -> bool:
+    """Rank 0's flag on every rank (a no-op on one process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.broadcast(t, 0)
+    return bool(t.item())
 
 
 # ---- low-perplexity targets --------------------------------------------------------------------
@@ -358,6 +412,27 @@ class RemedyRun:
     evidence: Evidence | None = None
     notes: list[str] = field(default_factory=list)
     callbacks: list[Any] = field(default_factory=list)
+    #: Replay that Auto left off at the start, armed to turn on during training.
+    switch: ReplaySwitch | None = None
+    trigger_ratio: float = 1.5
+
+    def on_probes(self, probes: dict[str, float], step: int) -> dict[str, Any] | None:
+        """After an evaluation's probes (every rank): turn the armed replay on when the
+        general-text perplexity ratio has reached the trigger (rank 0's figure decides)."""
+        if self.switch is None or self.switch.active:
+            return None
+        ratio = probes.get("general_perplexity_ratio")
+        if not shared_flag(ratio is not None and ratio >= self.trigger_ratio):
+            return None
+        self.switch.active = True
+        shown = f"{ratio:.2f}x" if ratio is not None else "past the trigger on rank 0"
+        text = (
+            f"Auto at step {step}: replay on: the general-text perplexity is {shown} the base "
+            f"model's, at least {self.trigger_ratio:g}x (forgetting): general text now takes "
+            f"{self.switch.ratio:.0%} of the rows for the rest of the run."
+        )
+        self.decisions["replay"].update({"on": True, "reason": text, "atStep": step})
+        return {"kind": "remedy", "name": "replay", "on": True, "step": step, "text": text}
 
     @property
     def needs_trainer(self) -> bool:
@@ -368,7 +443,13 @@ class RemedyRun:
         return WeightedCollator(base) if self.needs_trainer else base
 
     def trainer_class(self, base: Any) -> Any:
-        return remedy_trainer_class(base, self.ewc) if self.needs_trainer else base
+        cls = remedy_trainer_class(base, self.ewc) if self.needs_trainer else base
+        sam = self.decisions.get("sam") or {}
+        if sam.get("on"):
+            from kubetune.remedies.sam import sam_trainer_class
+
+            cls = sam_trainer_class(cls, float(sam.get("rho", 0.05)))
+        return cls
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {k: dict(v) for k, v in self.decisions.items()}
@@ -395,6 +476,127 @@ def _mean_perplexity(nlls: Sequence[float]) -> float:
     return math.exp(min(sum(nlls) / len(nlls), 50.0))
 
 
+def measure_evidence(
+    model: Any,
+    tokenizer: Any,
+    task_rows: Sequence[Row],
+    evidence_text: str,
+    seq_len: int,
+    device: Any,
+    seed: int,
+    token_budget: int,
+) -> Evidence | None:
+    """The base model's perplexity on a sample of the training targets (the token budget)
+    and on general text: what Auto decides from. `model` is the base model or has its
+    adapter disabled."""
+    from kubetune.diagnostics.probes import budget_rows, text_rows, token_nlls
+    from kubetune.diagnostics.runner import base_model
+
+    if not task_rows:
+        return None
+    scored = budget_rows(list(task_rows), token_budget, seed)
+    model.to(device)
+    with base_model(model):
+        flat = [x for row in row_token_nlls(model, scored, device) for x in row]
+        general = text_rows(evidence_text, tokenizer, seq_len, token_budget)
+        g = token_nlls(model, general, device) if general else []
+    if not flat or not g:
+        return None
+    return Evidence(_mean_perplexity(flat), _mean_perplexity(g))
+
+
+def from_rank0(compute: Any) -> Evidence | None:
+    """`compute()` on rank 0, its result given to every rank (each rank deciding from its
+    own figures could turn a remedy or the method on in one process and not another: a
+    run whose ranks disagree hangs). Starts the process group early when there are
+    several processes (DeepSpeed and Accelerate use one that exists)."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        result: Evidence | None = compute()
+        return result
+    import torch
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    values = [0.0, 0.0, 0.0]
+    if dist.get_rank() == 0:
+        ev = compute()
+        if ev is not None:
+            values = [1.0, ev.data_perplexity, ev.general_perplexity]
+    shared = torch.tensor(values, dtype=torch.float64, device="cuda" if cuda else "cpu")
+    dist.broadcast(shared, 0)
+    flag, data, general = (float(x) for x in shared.tolist())
+    return Evidence(data, general) if flag else None
+
+
+@dataclass
+class MethodChoice:
+    """The plan the run trains with, and what Auto decided at training start."""
+
+    plan: dict[str, Any]
+    evidence: Evidence | None
+    decision: str | None = None
+
+
+def choose_method(
+    plan: dict[str, Any],
+    model: Any,
+    tokenizer: Any,
+    task_rows: Sequence[Row],
+    evidence_text: str,
+    seq_len: int,
+    device: Any,
+    seed: int,
+    token_budget: int,
+) -> MethodChoice:
+    """Measure the evidence once (when a remedy or the method is Auto) and switch to the
+    plan's alternative (method Auto: full fine-tuning) when the data is surprising enough.
+    The model is the base model, before the method is applied."""
+    from kubetune.remedies.plan import RISK_RATIO
+
+    remedies: dict[str, Any] = plan.get("remedies") or {}
+    alternative = plan.get("alternative") or {}
+    auto_remedy = any((remedies.get(n) or {}).get("state") == "Auto" for n in NAMES)
+    can_score = int(plan.get("zeroStage") or 0) < 3 and str(plan.get("offload") or "None") == "None"
+    if not (auto_remedy or alternative) or not can_score or remedies.get("from"):
+        return MethodChoice(plan, None)
+    evidence = from_rank0(
+        lambda: measure_evidence(
+            model, tokenizer, task_rows, evidence_text, seq_len, device, seed, token_budget
+        )
+    )
+    if not alternative or evidence is None:
+        return MethodChoice(plan, evidence)
+    threshold = float((alternative.get("when") or {}).get("dataPerplexityRatio", RISK_RATIO))
+    figures = (
+        f"the training targets' perplexity under the base model ({evidence.data_perplexity:.1f}) "
+        f"is {evidence.ratio:.2f}x its general-text perplexity ({evidence.general_perplexity:.1f})"
+    )
+    if evidence.ratio < threshold:
+        return MethodChoice(
+            plan,
+            evidence,
+            f"Auto at training start: method stays {plan['method']}: {figures}, below "
+            f"{threshold:g}x.",
+        )
+    chosen = dict(alternative["plan"])
+    per_gpu = float((chosen.get("memory") or {}).get("perGpuGiB") or 0)
+    decision = (
+        f"Auto at training start: method {chosen['method']} instead of {plan['method']}: "
+        f"{figures}, at least {threshold:g}x (the plan's alternative: "
+        f"ZeRO-{chosen.get('zeroStage')}, {per_gpu:.1f} GiB per GPU)."
+    )
+    chosen["reasons"] = [*chosen.get("reasons", []), decision]
+    chosen["switchedFrom"] = plan["method"]
+    return MethodChoice(chosen, evidence, decision)
+
+
 def prepare(
     *,
     plan: dict[str, Any],
@@ -408,6 +610,7 @@ def prepare(
     seed: int,
     token_budget: int = 8192,
     can_score: bool = True,
+    evidence: Evidence | None = None,
 ) -> RemedyRun:
     """Resolve the remedies of this run (the model has its method applied and has not
     trained yet) and apply them: token weights and replay rows in the training dataset, the
@@ -424,8 +627,9 @@ def prepare(
     # Token weights need every training row scored; Auto's evidence needs a sample only
     # (the diagnostics' token budget), so a large dataset costs no extra pass.
     every_row = states["lowPerplexityTargets"] in ("On", "Auto")
-    evidence: Evidence | None = None
     nlls: list[list[float]] | None = None
+    if evidence is not None:  # measured once at training start (choose_method)
+        needs_evidence = False
     if not can_score:  # the whole model on one device before training would not fit
         needs_evidence = every_row = False
     if (needs_evidence or every_row) and task_rows:
@@ -441,7 +645,7 @@ def prepare(
             nlls = scored_nlls
         flat = [x for row in scored_nlls for x in row]
         if flat and g:
-            evidence = Evidence(_mean_perplexity(flat), _mean_perplexity(g))
+            evidence = from_rank0(lambda: Evidence(_mean_perplexity(flat), _mean_perplexity(g)))
     decisions = resolve(remedies, evidence)
     if not can_score:
         for name in ("lowPerplexityTargets", "ewc"):
@@ -479,6 +683,20 @@ def prepare(
             f"replay: {len(mixed)} general-text rows among {len(run.train_dataset)} "
             f"({len(mixed) / len(run.train_dataset):.0%})"
         )
+    elif replay.get("auto") and evidence is not None and general:
+        weighted = low["on"]
+        pool = (
+            [{**r, "weights": [1.0] * len(r["input_ids"])} for r in general]
+            if weighted
+            else general
+        )
+        run.switch = ReplaySwitch(rows, pool, float(replay.get("ratio", 0.25)))
+        run.trigger_ratio = float(replay.get("triggerRatio", 1.5))
+        run.train_dataset = run.switch
+        run.notes.append(
+            f"replay: armed; Auto turns it on if the general-text perplexity rises "
+            f"{run.trigger_ratio:g}x during training"
+        )
     elif low["on"]:
         run.train_dataset = MixedDataset(rows, [])
     ewc_settings = decisions["ewc"]
@@ -497,14 +715,11 @@ def prepare(
     return run
 
 
-def prepare_for_run(cfg: Any, model: Any, tokenizer: Any, train_ds: Any, seq_len: int) -> RemedyRun:
-    """`prepare` with the run's texts: replay and EWC read dataset.generalTextUri or the
-    corpus the built-in model was pretrained on; Auto compares the training data with
-    dataset.generalTextUri or the held-out English text (the forgetting probe's text)."""
-    import os
-
-    import torch
-
+def run_texts(cfg: Any) -> tuple[str, str]:
+    """(the replay text, the text Auto compares the training data with): replay and EWC
+    read dataset.generalTextUri or the corpus the built-in model was pretrained on; Auto
+    compares with dataset.generalTextUri or the held-out English text (the forgetting
+    probe's text)."""
     from kubetune.trainer.config import TrainerConfigError
     from kubetune.trainer.recipe import GENERAL_TEXT_DEFAULT
 
@@ -516,26 +731,68 @@ def prepare_for_run(cfg: Any, model: Any, tokenizer: Any, train_ds: Any, seq_len
 
     custom = Path(cfg.general_text) if cfg.general_text else None
     general = read(custom or REPLAY_TEXT_DEFAULT)
-    evidence = general if custom else read(GENERAL_TEXT_DEFAULT)
-    budget = int((cfg.spec.get("diagnostics") or {}).get("tokenBudget") or 8192)
-    device = (
-        torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        if torch.cuda.is_available()
-        else torch.device("cpu")
+    return general, general if custom else read(GENERAL_TEXT_DEFAULT)
+
+
+def run_device() -> Any:
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def evidence_budget(cfg: Any) -> int:
+    return max(int((cfg.spec.get("diagnostics") or {}).get("tokenBudget") or 8192), 512)
+
+
+def choose_method_for_run(
+    cfg: Any, model: Any, tokenizer: Any, train_ds: Any, seq_len: int
+) -> MethodChoice:
+    """`choose_method` with the run's texts, device and budget."""
+    _, evidence = run_texts(cfg)
+    choice = choose_method(
+        cfg.plan,
+        model,
+        tokenizer,
+        list(train_ds.rows),
+        evidence,
+        seq_len,
+        run_device(),
+        cfg.seed,
+        evidence_budget(cfg),
     )
+    if choice.decision:
+        log.info("%s", choice.decision)
+    return choice
+
+
+def prepare_for_run(
+    cfg: Any,
+    model: Any,
+    tokenizer: Any,
+    train_ds: Any,
+    seq_len: int,
+    evidence: Evidence | None = None,
+) -> RemedyRun:
+    """`prepare` with the run's texts (`run_texts`); `evidence` when already measured."""
+    general, evidence_text = run_texts(cfg)
     run = prepare(
         plan=cfg.plan,
         model=model,
         tokenizer=tokenizer,
         train_ds=train_ds,
         general_text=general,
-        evidence_text=evidence,
+        evidence_text=evidence_text,
         seq_len=seq_len,
-        device=device,
+        device=run_device(),
         seed=cfg.seed,
-        token_budget=max(budget, 512),
+        token_budget=evidence_budget(cfg),
         can_score=int(cfg.plan.get("zeroStage") or 0) < 3
         and str(cfg.plan.get("offload") or "None") == "None",
+        evidence=evidence,
     )
     for name, d in run.decisions.items():
         log.info("remedy %s: %s (%s)", name, "on" if d["on"] else "off", d["reason"])

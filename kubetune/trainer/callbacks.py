@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,8 @@ class KubetuneCallback(TrainerCallback):
         is_main: bool,
         diagnostics: DiagnosticsRunner | None = None,
         policy_owner: str = "trainer",
+        on_probes: Callable[[dict[str, float], int], dict[str, Any] | None] | None = None,
+        decisions: list[dict[str, Any]] | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -53,6 +56,10 @@ class KubetuneCallback(TrainerCallback):
         self.is_main = is_main
         self.diagnostics = diagnostics
         self.policy_owner = policy_owner
+        #: Called after each evaluation's probes on every rank; a decision it returns is
+        #: recorded (GET /decisions, the report, the termination message).
+        self.on_probes = on_probes
+        self.decisions = decisions if decisions is not None else []
         self.evals: list[EvalPoint] = []
         self.last_train_loss: float | None = None
         self.window_losses: list[float] = []
@@ -258,6 +265,13 @@ class KubetuneCallback(TrainerCallback):
                 final=int(state.global_step) >= int(state.max_steps or 0) or stopping,
             )
             row.update(probes)
+        if self.on_probes is not None and self.diagnostics is not None:
+            made = self.on_probes(probes, point.step)
+            if made is not None:
+                self.decisions.append(made)
+                self.warnings.append(made["text"])
+                if self.metrics is not None:
+                    self.metrics.add_decision(made)
         row["time"] = time.time()
         self._record(row)
         self._set_metrics(

@@ -9,7 +9,7 @@ import logging
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,14 @@ def _argmax_logits(logits: Any, labels: Any) -> Any:
 def write_termination(cfg: TrainerConfig, payload: dict[str, Any]) -> None:
     """Rank 0's termination message (the kubelet keeps 4 KiB): valid JSON, dropping the
     least important keys if it would be too long."""
-    for drop in ((), ("output",), ("output", "progress"), ("output", "progress", "metrics")):
+    drops: tuple[tuple[str, ...], ...] = (
+        (),
+        ("output",),
+        ("output", "progress"),
+        ("output", "progress", "decisions"),
+        ("output", "progress", "decisions", "metrics"),
+    )
+    for drop in drops:
         text = json.dumps(
             {k: v for k, v in payload.items() if k not in drop}, separators=(",", ":")
         )
@@ -141,6 +148,13 @@ class RunInputs:
     seq_len: int
     cuda: bool
     bf16: bool
+    #: The plan trained with: cfg.plan, or its alternative when Auto switched the method.
+    plan: dict[str, Any] = field(default_factory=dict)
+    evidence: Any = None
+    decision: str | None = None
+    #: What self-rewrite and augmentation did to the training rows.
+    data_notes: list[str] = field(default_factory=list)
+    data_stats: dict[str, Any] = field(default_factory=dict)
 
 
 def load_inputs(cfg: TrainerConfig) -> RunInputs:
@@ -149,6 +163,8 @@ def load_inputs(cfg: TrainerConfig) -> RunInputs:
     import torch
 
     from kubetune.data import DataError
+    from kubetune.remedies.dataprep import prepare_examples
+    from kubetune.remedies.train import choose_method_for_run
     from kubetune.trainer.data import TokenizedDataset, read_examples, split_holdout
     from kubetune.trainer.model import apply_method, load_model, load_tokenizer, model_location
 
@@ -171,6 +187,12 @@ def load_inputs(cfg: TrainerConfig) -> RunInputs:
     seq_len = int(
         hp.get("sequenceLength") or (cfg.spec.get("dataset") or {}).get("maxSeqLength") or 1024
     )
+    cuda = torch.cuda.is_available()
+    bf16 = bool(cuda and torch.cuda.is_bf16_supported())
+    low = load_in_bf16(plan, bf16)
+    model = load_model(location, revision, dtype=torch.bfloat16 if low else torch.float32)
+    prep = prepare_examples(cfg, model, tokenizer, train_examples, location)
+    train_examples = prep.examples
     train_ds = TokenizedDataset(train_examples, tokenizer, seq_len)
     val_ds = TokenizedDataset(val_examples, tokenizer, seq_len) if val_examples else None
     if len(train_ds) == 0:
@@ -178,12 +200,112 @@ def load_inputs(cfg: TrainerConfig) -> RunInputs:
             f"{cfg.dataset}: no example has a target token left after "
             f"truncation to {seq_len} tokens"
         )
-    cuda = torch.cuda.is_available()
-    bf16 = bool(cuda and torch.cuda.is_bf16_supported())
-    low = load_in_bf16(plan, bf16)
-    model = load_model(location, revision, dtype=torch.bfloat16 if low else torch.float32)
+    choice = choose_method_for_run(cfg, model, tokenizer, train_ds, seq_len)
+    plan = choice.plan
+    if low and not load_in_bf16(plan, bf16):  # switched to a method that keeps fp32 weights
+        model = model.to(torch.float32)
     model = apply_method(model, plan, cfg.spec)
-    return RunInputs(tokenizer, train_ds, val_ds, model, seq_len, cuda, bf16)
+    return RunInputs(
+        tokenizer,
+        train_ds,
+        val_ds,
+        model,
+        seq_len,
+        cuda,
+        bf16,
+        plan,
+        choice.evidence,
+        choice.decision,
+        prep.notes,
+        prep.stats,
+    )
+
+
+#: The parts of a plan a method switch changes (what status.plan shows of it).
+SWITCHED_PLAN_KEYS = (
+    "method",
+    "zeroStage",
+    "offload",
+    "trainableParameters",
+    "memory",
+    "hyperparameters",
+)
+
+
+def start_decisions(inputs: RunInputs, remedies: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """What Auto decided at training start, for GET /decisions, the termination message
+    and the report: the method (when the plan had an alternative) and each Auto remedy."""
+    out: list[dict[str, Any]] = []
+    if inputs.decision:
+        entry: dict[str, Any] = {"kind": "method", "step": 0, "text": inputs.decision}
+        if inputs.plan.get("switchedFrom"):
+            entry["plan"] = {k: inputs.plan.get(k) for k in SWITCHED_PLAN_KEYS}
+        out.append(entry)
+    for name, d in remedies.items():
+        if d.get("auto"):
+            state = "on" if d.get("on") else "off"
+            why = str(d.get("reason", "")).removeprefix("Auto: ")
+            text = f"Auto at training start: {name} {state}: {why}."
+            out.append(
+                {"kind": "remedy", "name": name, "on": bool(d.get("on")), "step": 0, "text": text}
+            )
+    return out
+
+
+def with_epochs(plan: dict[str, Any], epochs: int, spec: dict[str, Any]) -> dict[str, Any]:
+    """The plan trained for `epochs` epochs: steps, warm-up and (unless the user set it)
+    the evaluation interval follow."""
+    from kubetune.planning.plan import eval_steps_for, warmup_steps_for
+
+    hp = dict(plan.get("hyperparameters") or {})
+    total = max(1, int(hp.get("stepsPerEpoch") or 1) * epochs)
+    hp.update(epochs=epochs, totalSteps=total, warmupSteps=warmup_steps_for(total))
+    if not (spec.get("hyperparameters") or {}).get("evalSteps"):
+        hp["evalSteps"] = eval_steps_for(total)
+    return {**plan, "hyperparameters": hp}
+
+
+def _cross_validated(cfg: TrainerConfig) -> tuple[TrainerConfig, dict[str, Any] | None]:
+    """The epoch count chosen by k-fold cross-validation when the plan asks for it (once:
+    a resumed run reads the choice from the output directory)."""
+    cv = cfg.plan.get("crossValidation")
+    if not isinstance(cv, dict):
+        return cfg, None
+    from kubetune.remedies.kfold import cross_validate_epochs
+
+    record = cfg.output / "cross-validation.json"
+    if record.exists():
+        result = json.loads(record.read_text())
+    else:
+        result = cross_validate_epochs(
+            cfg,
+            folds=int(cv.get("folds") or 4),
+            max_epochs=int(cv.get("maxEpochs") or 2),
+            work_dir=cfg.output / "cross-validation",
+        )
+        if rank() == 0:
+            cfg.output.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps(result, indent=2))
+    planned = (cfg.plan.get("hyperparameters") or {}).get("epochs")
+    plan = with_epochs(cfg.plan, int(result["epochs"]), cfg.spec)
+    mean = ", ".join("-" if x is None else f"{x:.3f}" for x in result.get("meanCurve") or [])
+    text = (
+        f"Auto at training start: {result['epochs']} epoch(s) by {result['folds']}-fold "
+        f"cross-validation (planned {planned}; mean held-out loss by epoch: {mean}; "
+        f"{result.get('seconds', 0):.0f} s)."
+    )
+    plan["reasons"] = [*plan.get("reasons", []), text]
+    alternative = plan.get("alternative")
+    if isinstance(alternative, dict) and isinstance(alternative.get("plan"), dict):
+        chosen = with_epochs(alternative["plan"], int(result["epochs"]), cfg.spec)
+        plan["alternative"] = {**alternative, "plan": chosen}
+    decision = {
+        "kind": "epochs",
+        "step": 0,
+        "text": text,
+        "plan": {"hyperparameters": plan["hyperparameters"]},
+    }
+    return replace(cfg, plan=plan), decision
 
 
 def run(cfg: TrainerConfig) -> int:
@@ -199,9 +321,11 @@ def run(cfg: TrainerConfig) -> int:
     from kubetune.trainer.server import ControlServer, TrainerMetrics
 
     main_proc = rank() == 0
-    plan, hp = cfg.plan, cfg.hyperparameters
     set_seed(cfg.seed)
+    cfg, cv_decision = _cross_validated(cfg)
     inputs = load_inputs(cfg)
+    cfg = replace(cfg, plan=inputs.plan)
+    plan, hp = cfg.plan, cfg.hyperparameters
     tokenizer, train_ds, val_ds, model = (
         inputs.tokenizer,
         inputs.train_ds,
@@ -209,7 +333,7 @@ def run(cfg: TrainerConfig) -> int:
         inputs.model,
     )
     seq_len, cuda, bf16 = inputs.seq_len, inputs.cuda, inputs.bf16
-    remedy = prepare_for_run(cfg, model, tokenizer, train_ds, seq_len)
+    remedy = prepare_for_run(cfg, model, tokenizer, train_ds, seq_len, inputs.evidence)
     trainable, total = count_parameters(model)
     if main_proc:
         log.info("method %s: %d of %d parameters trainable", plan["method"], trainable, total)
@@ -240,6 +364,12 @@ def run(cfg: TrainerConfig) -> int:
             offload=str(plan.get("offload")),
         ).set(1)
         log.info("metrics on http://127.0.0.1:%d/metrics", control.port)
+    decisions = start_decisions(inputs, remedy.decisions)
+    if cv_decision is not None:
+        decisions.insert(0, cv_decision)
+    if metrics is not None:
+        for d in decisions:
+            metrics.add_decision(d)
     tokens_per_step = train_ds.token_count / max(len(train_ds), 1) * micro * accum * world_size()
     diagnostics = _diagnostics(cfg, train_ds, val_ds, tokenizer, seq_len, args)
     callback = KubetuneCallback(
@@ -251,6 +381,8 @@ def run(cfg: TrainerConfig) -> int:
         is_main=main_proc,
         diagnostics=diagnostics,
         policy_owner=cfg.stop_policy,
+        on_probes=remedy.on_probes,
+        decisions=decisions,
     )
     trainer = remedy.trainer_class(Trainer)(
         model=model,
@@ -284,6 +416,10 @@ def run(cfg: TrainerConfig) -> int:
         if callback.stopped:
             summary["earlyStop"] = callback.stopped
         summary["remedies"] = remedy.summary()
+        if inputs.data_notes:
+            summary["remedies"]["data"] = {"notes": inputs.data_notes, **inputs.data_stats}
+        if decisions:
+            summary["decisions"] = decisions
         warnings = [*callback.warnings, *filter(None, [remedy.sentence()])]
         if warnings:
             summary["warnings"] = warnings
@@ -297,7 +433,7 @@ def run(cfg: TrainerConfig) -> int:
             {
                 k: v
                 for k, v in summary.items()
-                if k in ("metrics", "progress", "earlyStop", "output", "warnings")
+                if k in ("metrics", "progress", "earlyStop", "output", "warnings", "decisions")
             },
         )
         if control:

@@ -81,12 +81,24 @@ class TrainerMetrics:
         self.evaluations = Counter(
             "kubetune_evaluations", "Evaluations done.", registry=self.registry
         )
+        self.auto_decisions = Counter(
+            "kubetune_auto_decisions",
+            "Decisions Auto made during the run (the method, remedies; GET /decisions).",
+            registry=self.registry,
+        )
         self.plan_info = g("plan_info", "The plan (always 1).", ("method", "zero_stage", "offload"))
         self.early_stop = g("early_stop", "1 for the reason the run stopped early.", ("reason",))
         #: The evaluation history (GET /evaluations): the operator runs the early-stop
         #: policy on it.
         self.history: list[dict[str, Any]] = []
+        #: What Auto decided (GET /decisions): the operator adds each to status.plan and
+        #: records an Event.
+        self.decisions: list[dict[str, Any]] = []
         self._probe_seen: dict[str, float] = {}
+
+    def add_decision(self, decision: dict[str, Any]) -> None:
+        self.decisions.append(decision)
+        self.auto_decisions.inc()
 
     def add_probe_seconds(self, totals: dict[str, float]) -> None:
         """Advance the probe counters to the given running totals."""
@@ -130,6 +142,9 @@ class ControlServer:
                     self._send(200, outer.metrics.exposition(), CONTENT_TYPE_LATEST)
                 elif self.path.split("?")[0] == "/evaluations":
                     body = json.dumps(list(outer.metrics.history)).encode()
+                    self._send(200, body, "application/json")
+                elif self.path.split("?")[0] == "/decisions":
+                    body = json.dumps(list(outer.metrics.decisions)).encode()
                     self._send(200, body, "application/json")
                 elif self.path == "/healthz":
                     self._send(200, b"ok")

@@ -75,6 +75,8 @@ def make_run(tiny_model: Path, tmp_path: Path) -> MakeRun:
                 k: {"mode": "Off"}
                 for k in ("replay", "ewc", "lowPerplexityTargets", "halfFineTuning")
             },
+            # Nor does cross-validation (Auto below 200 rows would train the folds first).
+            "hyperparameters": {"crossValidation": {"mode": "Off"}},
             **(spec_extra or {}),
         }
         spec = parse_job(

@@ -389,3 +389,203 @@ def test_auto_turns_replay_on_for_surprising_data_under_the_builtin_model() -> N
     assert calm.evidence is not None
     assert calm.evidence.ratio < 1.5
     assert not calm.decisions["replay"]["on"]
+
+
+def _auto_method_run(make_run: MakeRun, threshold: float, nproc: int) -> Any:
+    """A method-Auto run (LoRA by data size, Full as the plan's alternative) whose switch
+    threshold is set so that the tiny model's evidence falls on a chosen side."""
+    run = make_run(
+        method="Auto",
+        nproc=nproc,
+        rows=32,
+        hp={"epochs": 1, "evalSteps": 2, "learningRate": 1e-3},
+        spec_extra={"remedies": {"replay": {"mode": "Auto"}}},
+    )
+    assert run.plan["method"] == "LoRA"
+    alternative = run.plan["alternative"]
+    assert alternative["plan"]["method"] == "Full"
+    alternative["when"]["dataPerplexityRatio"] = threshold
+    alternative["plan"]["hyperparameters"].update({"epochs": 1, "evalSteps": 2})
+    arg = next(a for a in run.command if a.startswith("--config-dir="))
+    config_dir = Path(arg.split("=", 1)[1])
+    (config_dir / "plan.json").write_text(json.dumps(run.plan))
+    return run
+
+
+def test_method_auto_switches_to_full_fine_tuning_on_surprising_data(make_run: MakeRun) -> None:
+    """Two processes over gloo: rank 0 measures the evidence once and every rank takes its
+    decision (a rank that decided alone could train another method and hang the run)."""
+    run = _auto_method_run(make_run, threshold=0.01, nproc=2)
+    _train(run)
+    plan = json.loads((run.output / "plan.json").read_text())
+    assert plan["method"] == "Full"
+    assert plan["switchedFrom"] == "LoRA"
+    assert (run.output / "final" / "config.json").exists()
+    assert not (run.output / "final" / "adapter_config.json").exists()
+    decisions = run.termination()["decisions"]
+    method = [d for d in decisions if d["kind"] == "method"]
+    assert len(method) == 1
+    assert "method Full instead of LoRA" in method[0]["text"]
+    assert method[0]["plan"]["method"] == "Full"
+    replay = [d for d in decisions if d.get("name") == "replay"]
+    assert replay
+    assert replay[0]["text"].startswith("Auto at training start: replay")
+    assert plan["reasons"][-1] == method[0]["text"]
+
+
+def test_method_auto_keeps_its_adapter_on_familiar_data(make_run: MakeRun) -> None:
+    run = _auto_method_run(make_run, threshold=1e9, nproc=1)
+    _train(run)
+    plan = json.loads((run.output / "plan.json").read_text())
+    assert plan["method"] == "LoRA"
+    assert "switchedFrom" not in plan
+    assert (run.output / "final" / "adapter_config.json").exists()
+    method = [d for d in run.termination()["decisions"] if d["kind"] == "method"]
+    assert "method stays LoRA" in method[0]["text"]
+    assert "below 1e+09x" in method[0]["text"]
+
+
+def test_auto_arms_replay_and_turns_it_on_when_forgetting_passes_the_trigger(
+    tiny_model: Path,
+) -> None:
+    """Auto left replay off at the start (the data is not surprising): the run keeps it
+    armed, and an evaluation whose general-text perplexity ratio reaches the trigger turns
+    it on, serving general text in the stated share without changing the dataset length."""
+    from kubetune.remedies.plan import Evidence
+    from kubetune.remedies.train import ReplaySwitch, prepare
+
+    tok, ds = _tok_and_rows(tiny_model)
+    plan = _plan(replay={"mode": "Auto", "state": "Auto", "ratio": 0.25, "triggerRatio": 1.3})
+    run = prepare(
+        plan=plan,
+        model=_model(tiny_model),
+        tokenizer=tok,
+        train_ds=ds,
+        general_text=GENERAL,
+        evidence_text=GENERAL,
+        seq_len=64,
+        device="cpu",
+        seed=1,
+        evidence=Evidence(data_perplexity=100.0, general_perplexity=100.0),
+    )
+    assert not run.decisions["replay"]["on"]
+    switch = run.train_dataset
+    assert isinstance(switch, ReplaySwitch)
+    assert len(switch) == len(ds)
+    task_ids = {tuple(r["input_ids"]) for r in ds.rows}
+    assert all(tuple(switch[i]["input_ids"]) in task_ids for i in range(len(switch)))
+    assert run.on_probes({"general_perplexity_ratio": 1.29}, 4) is None
+    assert run.on_probes({}, 6) is None  # an evaluation that did not probe
+    made = run.on_probes({"general_perplexity_ratio": 1.31}, 8)
+    assert made is not None
+    assert made["step"] == 8
+    assert made["name"] == "replay"
+    assert made["text"].startswith("Auto at step 8: replay on")
+    assert run.decisions["replay"]["on"]
+    assert run.decisions["replay"]["atStep"] == 8
+    served = [switch[i % len(switch)] for i in range(400)]
+    general = sum(tuple(r["input_ids"]) not in task_ids for r in served)
+    assert general == 100  # exactly 25% of the rows served from now on
+    assert run.on_probes({"general_perplexity_ratio": 9.0}, 10) is None  # once
+
+
+def test_a_run_records_the_mid_run_replay_decision(make_run: MakeRun, tmp_path: Path) -> None:
+    """The general text is random numbers (more surprising to the tiny model than the
+    data's words, so Auto leaves replay off at the start); training on rows of words makes
+    numbers more surprising still, and the trigger turns replay on during the run."""
+    import random
+
+    from tests.tinymodel import random_rows
+
+    rng = random.Random(1)
+    general = tmp_path / "general.txt"
+    general.write_text(
+        "\n\n".join(" ".join(str(rng.randint(0, 99999)) for _ in range(14)) for _ in range(40))
+    )
+    words = [{**r, "prompt": "Define a term: "} for r in random_rows(48, seed=5)]
+    run = make_run(
+        method="Full",
+        data="\n".join(json.dumps(r) for r in words),
+        hp={"epochs": 3, "evalSteps": 3, "learningRate": 3e-3},
+        spec_extra={
+            "remedies": {
+                "replay": {"mode": "Auto", "triggerRatio": 1.01},
+                **{k: {"mode": "Off"} for k in ("ewc", "lowPerplexityTargets", "halfFineTuning")},
+            },
+            "diagnostics": {"maxOverhead": 1.0},
+        },
+    )
+    run.env["KUBETUNE_GENERAL_TEXT_PATH"] = str(general)  # as dataset.generalTextUri does
+    _train(run)
+    decisions = run.termination()["decisions"]
+    start = [d for d in decisions if d["step"] == 0 and d.get("name") == "replay"]
+    assert start
+    assert "replay off" in start[0]["text"]
+    later = [d for d in decisions if d["step"] > 0]
+    assert len(later) == 1, decisions
+    assert "replay on" in later[0]["text"]
+    ratios = [
+        r["general_perplexity_ratio"] for r in run.history() if "general_perplexity_ratio" in r
+    ]
+    assert ratios
+    assert max(ratios) >= 1.01
+
+
+def test_self_rewrite_and_augmentation_change_only_the_training_rows(make_run: MakeRun) -> None:
+    run = make_run(
+        method="Full",
+        rows=24,
+        hp={"epochs": 1, "evalSteps": 2},
+        spec_extra={
+            "remedies": {
+                "selfRewrite": {"mode": "On", "minOverlap": 0.0, "maxLengthRatio": 2.0},
+                **{
+                    k: {"mode": "Off"}
+                    for k in ("replay", "ewc", "lowPerplexityTargets", "halfFineTuning")
+                },
+            },
+            "augmentation": {"paraphrases": 1},
+        },
+    )
+    assert any(r.startswith("Self-rewrite of the targets: on") for r in run.plan["reasons"])
+    assert any(r.startswith("Augmentation: 1 paraphrase") for r in run.plan["reasons"])
+    _train(run)
+    report = json.loads((run.output / "report.json").read_text())
+    data = report["summary"]["remedies"]["data"]
+    assert data["selfRewrite"]["tried"] > 0
+    assert data["augmentation"]["asked"] > 0
+    cached = list((run.output / "data").glob("train-prepared-*.json"))
+    assert len(cached) == 1
+    rows = json.loads(cached[0].read_text())["examples"]
+    trained = data["selfRewrite"]["rewritten"] + data["selfRewrite"]["kept"]
+    assert len(rows) == trained + data["augmentation"]["produced"]
+    # A second run over the same output reads the cache instead of generating again.
+    before = cached[0].stat().st_mtime_ns
+    _train(run)
+    assert cached[0].stat().st_mtime_ns == before
+
+
+def test_cross_validation_chooses_the_epochs_before_the_run(make_run: MakeRun) -> None:
+    run = make_run(
+        method="Full",
+        rows=24,
+        hp={"learningRate": 3e-3},
+        spec_extra={"hyperparameters": {"crossValidation": {"mode": "On", "folds": 2}}},
+    )
+    assert run.plan["crossValidation"]["folds"] == 2
+    assert any(r.startswith("Cross-validation: on") for r in run.plan["reasons"])
+    _train(run)
+    chosen = json.loads((run.output / "cross-validation.json").read_text())
+    assert len(chosen["curves"]) == 2
+    assert 1 <= chosen["epochs"] <= chosen["maxEpochs"]
+    plan = json.loads((run.output / "plan.json").read_text())
+    assert plan["hyperparameters"]["epochs"] == chosen["epochs"]
+    assert plan["hyperparameters"]["totalSteps"] == (
+        plan["hyperparameters"]["stepsPerEpoch"] * chosen["epochs"]
+    )
+    decision = run.termination()["decisions"][0]
+    assert decision["kind"] == "epochs"
+    assert decision["plan"]["hyperparameters"]["epochs"] == chosen["epochs"]
+    assert not (run.output / "cross-validation").exists()
+    steps = [r["step"] for r in run.history() if "eval_loss" in r]
+    assert max(steps) <= plan["hyperparameters"]["totalSteps"]

@@ -754,3 +754,46 @@ def test_examples_build(example: str) -> None:
         json.dumps(manifest)  # JSON-ready
         names = [v["name"] for v in pod_spec(manifest)["volumes"]]
         assert all(DNS_LABEL.fullmatch(n) and len(n) <= 63 for n in names), names
+
+
+@pytest.mark.parametrize(
+    ("previous", "path", "volume"),
+    [
+        (
+            "pvc://runs/team/v1",
+            "/mnt/previous/runs/team/v1",
+            {
+                "name": "previous-runs",
+                "persistentVolumeClaim": {"claimName": "runs", "readOnly": True},
+            },
+        ),
+        (
+            "file:///var/kubetune/outputs/team/v1",
+            "/var/kubetune/outputs/team/v1",
+            {
+                "name": "previous-host",
+                "hostPath": {"path": "/var/kubetune/outputs/team/v1", "type": "Directory"},
+            },
+        ),
+    ],
+)
+def test_model_from_is_mounted_read_only_for_the_trainer(
+    previous: str, path: str, volume: dict[str, Any]
+) -> None:
+    """An incremental update reads the previous job's output: a claim or the hostPath the
+    default file:// output wrote, mounted read-only, its path in KUBETUNE_PREVIOUS_PATH."""
+    spec = make_spec(model={"uri": "hf://org/base", "from": previous})
+    job = b.training_job(REF, spec, PLAN, SETTINGS)
+    assert env_value(job, "KUBETUNE_PREVIOUS_PATH") == path
+    assert volume in pod_spec(job)["volumes"]
+    mount = next(m for m in container(job)["volumeMounts"] if m["name"] == volume["name"])
+    assert mount["readOnly"] is True
+
+
+def test_augmentation_model_is_mounted_for_the_trainer() -> None:
+    spec = make_spec(augmentation={"modelUri": "pvc://models/paraphraser", "paraphrases": 2})
+    job = b.training_job(REF, spec, PLAN, SETTINGS)
+    assert (
+        env_value(job, "KUBETUNE_AUGMENTATION_MODEL_PATH") == "/mnt/augmentation/models/paraphraser"
+    )
+    assert any(v["name"] == "augmentation-models" for v in pod_spec(job)["volumes"])

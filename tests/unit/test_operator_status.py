@@ -631,3 +631,37 @@ def test_the_evaluations_body_becomes_policy_input_skipping_bad_rows() -> None:
         EvalPoint(step=30, eval_loss=1.5),
     ]
     assert eval_points({"not": "a list"}) == []
+
+
+def test_auto_decisions_go_into_the_plan_once_with_the_switched_method() -> None:
+    from kubetune.operator.status import apply_decisions
+
+    plan = {
+        "method": "LoRA",
+        "zeroStage": 0,
+        "memory": {"perGpuGiB": 1.0},
+        "reasons": ["Method by data size: LoRA."],
+    }
+    decisions = [
+        {
+            "kind": "method",
+            "text": "Auto at training start: method Full instead of LoRA: surprising data.",
+            "plan": {"method": "Full", "zeroStage": 2, "memory": {"perGpuGiB": 9.5}},
+        },
+        {"kind": "remedy", "name": "replay", "text": "Auto at training start: replay on: x."},
+        {"kind": "remedy"},  # malformed entries are skipped
+        "junk",
+    ]
+    new, added = apply_decisions(plan, decisions)
+    assert new is not None
+    assert new["method"] == "Full"
+    assert new["zeroStage"] == 2
+    assert new["memory"] == {"perGpuGiB": 9.5}
+    assert new["reasons"][1:] == added
+    assert len(added) == 2
+    assert plan["method"] == "LoRA"  # the input is not changed
+    again, added_again = apply_decisions(new, decisions)
+    assert again == new
+    assert added_again == []
+    assert apply_decisions(None, decisions) == (None, [])
+    assert apply_decisions(plan, {"not": "a list"}) == (plan, [])

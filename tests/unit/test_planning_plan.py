@@ -406,3 +406,44 @@ def test_invalid_dataset_stats_raise(kwargs: dict[str, Any]) -> None:
 def test_invalid_resources_raise() -> None:
     with pytest.raises(ValueError, match="device"):
         Resources(gpus_per_node=0)
+
+
+# ---- method by evidence (the alternative Auto switches to at training start) ----------------
+
+
+def test_method_auto_with_an_adapter_carries_a_full_alternative_that_fits() -> None:
+    from kubetune.planning import SURPRISING_DATA_RATIO, method_alternative
+
+    dataset, model, request = data(300), arch("llama-2-7b"), PlanRequest()
+    plan = make_plan(dataset, model, BIG, request)
+    assert plan.method is Method.LORA
+    full, why = method_alternative(dataset, model, BIG, request, plan)
+    assert full is not None
+    assert full.method is Method.FULL
+    assert full.fits
+    assert full.offload is Offload.NONE
+    assert full.hyperparameters.learning_rate < plan.hyperparameters.learning_rate
+    assert why is not None
+    assert "switches to Full fine-tuning" in why
+    assert f"at least {SURPRISING_DATA_RATIO:g}x" in why
+
+
+def test_method_alternative_only_for_method_auto_and_only_when_full_fits() -> None:
+    from kubetune.planning import method_alternative
+
+    dataset, model = data(300), arch("llama-2-7b")
+    requested = PlanRequest(method=Method.LORA)
+    plan = make_plan(dataset, model, BIG, requested)
+    assert method_alternative(dataset, model, BIG, requested, plan) == (None, None)
+    small = Resources(gpus_per_node=1, gpu_memory_gib=24)
+    plan = make_plan(dataset, model, small, PlanRequest())
+    assert plan.method is Method.LORA
+    assert plan.fits
+    full, why = method_alternative(dataset, model, small, PlanRequest(), plan)
+    assert full is None
+    assert why is not None
+    assert why.startswith("Method by evidence: stays LoRA")
+    large = data(200_000)
+    plan = make_plan(large, model, BIG, PlanRequest())
+    assert plan.method is Method.FULL
+    assert method_alternative(large, model, BIG, PlanRequest(), plan) == (None, None)

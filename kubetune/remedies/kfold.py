@@ -1,0 +1,324 @@
+"""k-fold cross-validation that chooses the epoch count for tiny training sets.
+
+With fewer than a couple of hundred examples one held-out split is too small to say when
+training starts to memorise. Before the real run the training rows are split into k folds;
+each fold trains a fresh copy of the base model (method applied, as planned) on the other
+k-1 folds for `max_epochs` epochs and records its loss on the held-out fold after every
+epoch. The epoch with the lowest mean held-out loss over the folds is the epoch count of
+the real run.
+
+The decision, the folds, the choice and the cost sentence are pure (no torch);
+`cross_validate_epochs` runs the folds with the run's own HF TrainingArguments (DeepSpeed
+included: every rank runs the same folds in lockstep, as the main run does)."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import math
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kubetune.trainer.config import TrainerConfig
+    from kubetune.trainer.recipe import RunInputs
+
+log = logging.getLogger("kubetune.remedies")
+
+#: Auto cross-validates training sets with fewer examples than this.
+KFOLD_BELOW = 200
+#: The folds look this much further than the planned epoch count ...
+LOOK_AHEAD = 1.5
+#: ... and at least this many epochs (one epoch leaves nothing to choose) ...
+MIN_MAX_EPOCHS = 2
+#: ... and at most this many (a bound on the cost of an explicit `On` with many epochs).
+MAX_MAX_EPOCHS = 30
+
+Row = dict[str, list[int]]
+Fold = tuple[list[int], list[int]]
+
+
+# ---- pure: the decision, the folds, the choice, the cost --------------------------------------
+
+
+def mode_on(mode: str, examples: int, epochs_set: bool) -> tuple[bool, str]:
+    """Whether to cross-validate, and one sentence why. Auto: on for fewer than
+    KFOLD_BELOW training examples when spec.hyperparameters.epochs is unset; On: on (the
+    folds then choose the epoch count even if it is set); Off: off. Fewer than two examples
+    cannot be split into folds."""
+    if mode not in ("Auto", "On", "Off"):
+        raise ValueError(f"crossValidation.mode must be Auto, On or Off, not {mode!r}")
+    if mode == "Off":
+        return False, "Cross-validation: off, as crossValidation.mode says."
+    if examples < 2:
+        return False, (
+            f"Cross-validation: off, {examples} training example(s) cannot be split into folds."
+        )
+    if mode == "On":
+        override = ", in place of spec.hyperparameters.epochs" if epochs_set else ""
+        return True, (
+            f"Cross-validation: on, as crossValidation.mode says; the folds choose the "
+            f"epoch count for the {examples:,} training examples{override}."
+        )
+    if epochs_set:
+        return False, "Cross-validation: off, spec.hyperparameters.epochs is set."
+    if examples >= KFOLD_BELOW:
+        return False, (
+            f"Cross-validation: off, {examples:,} training examples are not fewer than "
+            f"{KFOLD_BELOW}, so the held-out split alone guides the run."
+        )
+    return True, (
+        f"Cross-validation: on, {examples:,} training examples are fewer than {KFOLD_BELOW} "
+        f"and spec.hyperparameters.epochs is unset, so the folds choose the epoch count."
+    )
+
+
+def fold_indices(n: int, k: int, seed: int) -> list[Fold]:
+    """k folds of range(n) as (training indices, held-out indices), both sorted: a
+    deterministic shuffle by `seed` dealt round-robin, so every index is held out exactly
+    once and the held-out sizes differ by at most one. k is clamped to n (no empty fold);
+    n == 0 gives no folds."""
+    if n < 0 or k < 1:
+        raise ValueError(f"fold_indices needs n >= 0 and k >= 1, not n={n}, k={k}")
+    k = min(k, n)
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    folds: list[Fold] = []
+    for i in range(k):
+        held = sorted(order[i::k])
+        held_set = set(held)
+        folds.append(([j for j in range(n) if j not in held_set], held))
+    return folds
+
+
+def choose_epoch(curves: Sequence[Sequence[float]]) -> tuple[int, list[float]]:
+    """The 1-based epoch with the lowest mean held-out loss, and the mean curve. Curves are
+    cut to the shortest one (a mean over different folds at different epochs would not
+    compare); a loss that is not finite (diverged) counts as infinite; ties go to fewer
+    epochs."""
+    if not curves or not all(curves):
+        raise ValueError("choose_epoch needs at least one non-empty curve")
+    length = min(len(c) for c in curves)
+    mean = [
+        math.fsum(float(c[e]) for c in curves) / len(curves)
+        if all(math.isfinite(float(c[e])) for c in curves)
+        else math.inf
+        for e in range(length)
+    ]
+    best = min(range(length), key=lambda e: (mean[e], e))
+    return best + 1, mean
+
+
+def max_epochs_for(planned_epochs: float) -> int:
+    """How many epochs the folds train: ceil(LOOK_AHEAD x planned), at least MIN_MAX_EPOCHS
+    and at most MAX_MAX_EPOCHS."""
+    if not planned_epochs > 0:
+        raise ValueError(f"planned epochs must be positive, not {planned_epochs}")
+    want = math.ceil(LOOK_AHEAD * planned_epochs - 1e-9)
+    return max(MIN_MAX_EPOCHS, min(MAX_MAX_EPOCHS, want))
+
+
+def cost_sentence(
+    folds: int, max_epochs: int, rows: int, planned_epochs: float | None = None
+) -> str:
+    """What the folds cost, in one sentence: each of the k folds trains max_epochs epochs on
+    (k-1)/k of the rows, (k-1) x max_epochs epochs over the whole set in all (about
+    (k-1) x LOOK_AHEAD times the planned training), plus one held-out evaluation pass over
+    the rows per epoch."""
+    k = min(folds, rows)
+    whole = (k - 1) * max_epochs
+    ratio = (
+        f", about {whole / planned_epochs:.1f} times the planned {planned_epochs:g} epochs"
+        if planned_epochs
+        else ""
+    )
+    return (
+        f"Cross-validation trains {k} folds x {max_epochs} epochs, each on {k - 1}/{k} of the "
+        f"{rows:,} rows: {whole} epochs over the whole set before the real run{ratio}, "
+        f"plus {max_epochs} evaluation passes over the rows."
+    )
+
+
+# ---- torch: the folds -------------------------------------------------------------------------
+
+
+class RowsDataset:
+    """A list-backed dataset of already tokenised rows (a fold's share of a
+    TokenizedDataset, without retokenising)."""
+
+    def __init__(self, rows: list[Row]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Row:
+        return self.rows[i]
+
+    @property
+    def token_count(self) -> int:
+        return sum(len(r["input_ids"]) for r in self.rows)
+
+
+def _fresh_inputs(cfg: TrainerConfig) -> RunInputs:
+    """The run's inputs with the base model freshly loaded and seeded as the run seeds it,
+    so that no fold starts from another fold's weights (or another rank's)."""
+    from transformers import set_seed
+
+    from kubetune.trainer.recipe import load_inputs
+
+    set_seed(cfg.seed)
+    return load_inputs(cfg)
+
+
+def _fold_arguments(cfg: TrainerConfig, inputs: RunInputs, out_dir: Path, max_epochs: int) -> Any:
+    """The run's TrainingArguments (DeepSpeed config included), changed to train
+    max_epochs epochs, evaluate after each, and save nothing."""
+    from kubetune.trainer.recipe import rank, training_arguments
+
+    base = training_arguments(
+        cfg,
+        out_dir,
+        has_eval=True,
+        cuda=inputs.cuda,
+        bf16=inputs.bf16,
+        main_proc=rank() == 0,
+    )
+    return dataclasses.replace(
+        base,
+        num_train_epochs=float(max_epochs),
+        eval_strategy="epoch",
+        save_strategy="no",
+        logging_strategy="epoch",
+        load_best_model_at_end=False,
+        metric_for_best_model=None,
+        prediction_loss_only=True,
+    )
+
+
+def _fold_curve(
+    cfg: TrainerConfig, inputs: RunInputs, fold: Fold, max_epochs: int, out_dir: Path
+) -> list[float]:
+    """Train one fold and return its held-out loss after each epoch."""
+    from transformers import Trainer
+    from transformers.trainer_callback import PrinterCallback
+
+    from kubetune.trainer.data import Collator
+
+    rows: list[Row] = inputs.train_ds.rows
+    train_idx, held_idx = fold
+    trainer = Trainer(
+        model=inputs.model,
+        args=_fold_arguments(cfg, inputs, out_dir, max_epochs),
+        train_dataset=RowsDataset([rows[j] for j in train_idx]),
+        eval_dataset=RowsDataset([rows[j] for j in held_idx]),
+        data_collator=Collator(pad_id=int(inputs.tokenizer.pad_token_id)),
+    )
+    trainer.remove_callback(PrinterCallback)
+    try:
+        trainer.train()
+        curve = [float(e["eval_loss"]) for e in trainer.state.log_history if "eval_loss" in e]
+    finally:
+        trainer.accelerator.free_memory()
+        del trainer
+    if len(curve) != max_epochs:
+        raise RuntimeError(f"expected {max_epochs} held-out losses from the fold, got {curve}")
+    return curve
+
+
+def _release(cuda: bool) -> None:
+    """Free what a fold left: the DeepSpeed config HF keeps for ZeRO-3 loading (the main
+    run loads its model without it), Python garbage and the CUDA cache."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()  # type: ignore[no-untyped-call]
+    gc.collect()
+    if cuda:
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def _rounded(xs: Sequence[float]) -> list[float | None]:
+    return [round(x, 6) if math.isfinite(x) else None for x in xs]
+
+
+def cross_validate_epochs(
+    cfg: TrainerConfig, *, folds: int, max_epochs: int, work_dir: Path
+) -> dict[str, Any]:
+    """Choose the epoch count by k-fold cross-validation over the run's training rows.
+
+    Each fold loads fresh inputs (`load_inputs`: base model, method applied), trains on
+    the other folds' rows with the run's TrainingArguments for max_epochs epochs (no
+    checkpoints, no early stopping, no best-model reload) under work_dir/fold-i, which is
+    deleted afterwards, and evaluates the held-out rows after every epoch. Every rank runs
+    the same folds (the split depends only on the seed). Returns {"folds", "maxEpochs",
+    "curves", "meanCurve", "epochs", "seconds"}; losses that are not finite read None."""
+    from transformers import set_seed
+
+    from kubetune.trainer.recipe import rank
+
+    if max_epochs < 1:
+        raise ValueError(f"max_epochs must be at least 1, not {max_epochs}")
+    start = time.monotonic()
+    main_proc = rank() == 0
+    created = not work_dir.exists()
+    first = _fresh_inputs(cfg)
+    splits = fold_indices(len(first.train_ds), folds, cfg.seed)
+    cuda = first.cuda
+    pending: RunInputs | None = first
+    del first
+    if len(splits) < 2:
+        raise ValueError(
+            f"cross-validation needs at least 2 training rows, the run has {len(splits)}"
+        )
+    curves: list[list[float]] = []
+    try:
+        for i, fold in enumerate(splits):
+            inputs = pending if pending is not None else _fresh_inputs(cfg)
+            pending = None
+            out_dir = work_dir / f"fold-{i}"
+            try:
+                curves.append(_fold_curve(cfg, inputs, fold, max_epochs, out_dir))
+            finally:
+                del inputs
+                shutil.rmtree(out_dir, ignore_errors=True)
+                _release(cuda)
+            if main_proc:
+                log.info(
+                    "cross-validation fold %d/%d (%d rows held out): held-out loss %s",
+                    i + 1,
+                    len(splits),
+                    len(fold[1]),
+                    ", ".join(f"{x:.4f}" for x in curves[-1]),
+                )
+    finally:
+        pending = None
+        _release(cuda)
+        # The main run then starts from the seeded state it would have had without folds.
+        set_seed(cfg.seed)
+        if created:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    best, mean = choose_epoch(curves)
+    seconds = round(time.monotonic() - start, 2)
+    if main_proc:
+        log.info(
+            "cross-validation chose %d epoch(s) of %d (mean held-out loss %s) in %.1f s",
+            best,
+            max_epochs,
+            ", ".join(f"{x:.4f}" for x in mean),
+            seconds,
+        )
+    return {
+        "folds": len(splits),
+        "maxEpochs": max_epochs,
+        "curves": [_rounded(c) for c in curves],
+        "meanCurve": _rounded(mean),
+        "epochs": best,
+        "seconds": seconds,
+    }
