@@ -108,9 +108,11 @@ spec:
     uri: configmap://quickstart-data/train.jsonl
     validationUri: configmap://quickstart-data/validation.jsonl
     format: PromptCompletion
-  # The planner decides the method (LoRA for 300 examples), batch, warmup and evaluation
-  # interval. A one-million-parameter model takes a much higher learning rate than the
-  # LoRA default for billion-parameter models, and three epochs keep the demo short.
+  # The planner decides the method (LoRA for 300 examples, with full fine-tuning as the
+  # alternative Auto takes at training start when the base model finds the data surprising:
+  # it does, 1.6x), batch, warmup and evaluation interval. A one-million-parameter model
+  # takes a much higher learning rate than the defaults for billion-parameter models, and
+  # three epochs keep the demo short.
   hyperparameters:
     learningRate: 0.003
     epochs: 3

@@ -213,9 +213,13 @@ def build_plan(
     plan = _finish(planned.to_dict(), spec, summary, stats, resources, gpu_memory[1])
     if alternative is not None:
         alt = _finish(alternative.to_dict(), spec, summary, stats, resources, gpu_memory[1])
-        alt["reasons"] = [
-            r for r in alt["reasons"] if not r.startswith("Method Full was requested explicitly")
-        ]
+        # Its method sentence is the planned one's and the evidence rule, not "requested".
+        method_reasons = [r for r in plan["reasons"] if r.startswith("Method by data size")]
+        method_reasons.append(why or "")
+        reasons: list[str] = []
+        for r in alt["reasons"]:
+            reasons += method_reasons if r.startswith("Method Full was requested") else [r]
+        alt["reasons"] = reasons
         plan["alternative"] = {
             "when": {"dataPerplexityRatio": SURPRISING_DATA_RATIO},
             "plan": alt,

@@ -554,10 +554,12 @@ def choose_method(
     device: Any,
     seed: int,
     token_budget: int,
+    recorded: Evidence | None = None,
 ) -> MethodChoice:
-    """Measure the evidence once (when a remedy or the method is Auto) and switch to the
-    plan's alternative (method Auto: full fine-tuning) when the data is surprising enough.
-    The model is the base model, before the method is applied."""
+    """Measure the evidence once (when a remedy or the method is Auto; `recorded` when an
+    earlier start of this run measured it) and switch to the plan's alternative (method
+    Auto: full fine-tuning) when the data is surprising enough. The model is the base
+    model, before the method is applied."""
     from kubetune.remedies.plan import RISK_RATIO
 
     remedies: dict[str, Any] = plan.get("remedies") or {}
@@ -566,7 +568,7 @@ def choose_method(
     can_score = int(plan.get("zeroStage") or 0) < 3 and str(plan.get("offload") or "None") == "None"
     if not (auto_remedy or alternative) or not can_score or remedies.get("from"):
         return MethodChoice(plan, None)
-    evidence = from_rank0(
+    evidence = recorded or from_rank0(
         lambda: measure_evidence(
             model, tokenizer, task_rows, evidence_text, seq_len, device, seed, token_budget
         )
@@ -752,7 +754,18 @@ def choose_method_for_run(
     cfg: Any, model: Any, tokenizer: Any, train_ds: Any, seq_len: int
 ) -> MethodChoice:
     """`choose_method` with the run's texts, device and budget."""
+    import json
+
+    from kubetune.trainer.recipe import rank
+
     _, evidence = run_texts(cfg)
+    # A resumed run (or a cross-validation fold) decides from the figures the first
+    # measurement recorded: the same method as the checkpoints it continues.
+    record = Path(cfg.output) / "auto-evidence.json"
+    recorded = None
+    if record.exists():
+        data = json.loads(record.read_text())
+        recorded = Evidence(float(data["dataPerplexity"]), float(data["generalPerplexity"]))
     choice = choose_method(
         cfg.plan,
         model,
@@ -763,7 +776,18 @@ def choose_method_for_run(
         run_device(),
         cfg.seed,
         evidence_budget(cfg),
+        recorded=recorded,
     )
+    if choice.evidence is not None and recorded is None and rank() == 0:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(
+            json.dumps(
+                {
+                    "dataPerplexity": choice.evidence.data_perplexity,
+                    "generalPerplexity": choice.evidence.general_perplexity,
+                }
+            )
+        )
     if choice.decision:
         log.info("%s", choice.decision)
     return choice

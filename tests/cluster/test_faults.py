@@ -591,7 +591,12 @@ def test_a_training_pod_killed_after_a_checkpoint_is_retried_and_resumes(
     op.start()
     out = tmp_path / "out"
     job = _real_trainer_job(
-        dev_cluster, tmp_path, "resumed", out, hyperparameters={"epochs": 6, "evalSteps": 4}
+        dev_cluster,
+        tmp_path,
+        "resumed",
+        out,
+        method={"type": "LoRA"},
+        hyperparameters={"epochs": 6, "evalSteps": 4},
     )
     _create(api, namespace, job, rows=None)
     ckpts = out / "checkpoints"

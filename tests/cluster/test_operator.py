@@ -675,14 +675,24 @@ def test_the_real_trainer_runs_a_job_end_to_end_on_the_local_runner(
     out = tmp_path / "out"
     job = _real_trainer_job(dev_cluster, tmp_path, "real", out, hyperparameters={"epochs": 2})
     _create(api, namespace, job, rows=None)
+    planned = _wait_cond(api, namespace, "real", "Planned", timeout=120)
+    assert planned["message"].startswith("LoRA")  # method Auto: LoRA by data size
     _wait_cond(api, namespace, "real", "Succeeded", timeout=420)
     status = _get(api, namespace, "real")["status"]
+    # The tiny model finds these rows ~3x as surprising as English: the trainer took the
+    # plan's alternative (Full) and Auto turned replay on; the operator put both decisions
+    # into status.plan (method and reasons) with an Event each.
+    assert status["plan"]["method"] == "Full"
+    auto = [r for r in status["plan"]["reasons"] if r.startswith("Auto at training start")]
+    assert any("method Full instead of LoRA" in r for r in auto), auto
+    assert any(r.startswith("Auto at training start: replay on") for r in auto), auto
+    assert "AutoDecision" in _events(api, namespace, "real")
     # Learnable data: the operator's policy (on by default) lets it run to the end.
     assert _cond(_get(api, namespace, "real"), "EarlyStopped") is None
     assert _cond(_get(api, namespace, "real"), "Succeeded")["reason"] == "Completed"  # type: ignore[index]
     assert status["metrics"]["evalLoss"] > 0
     assert status["progress"]["percentage"] == 100.0
-    assert (out / "final" / "adapter_config.json").exists()
+    assert (out / "final" / "model.safetensors").exists()
     assert (out / "report.md").exists()
     assert json.loads((out / "plan.json").read_text())["method"] == status["plan"]["method"]
 
@@ -720,6 +730,7 @@ def test_stop_requested_reaches_the_trainer_which_stops_early(
         tmp_path,
         "stopme",
         out,
+        method={"type": "LoRA"},
         hyperparameters={"epochs": 100},
         earlyStopping={"enabled": False},
     )
