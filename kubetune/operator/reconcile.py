@@ -440,11 +440,23 @@ class Reconciler:
 
     @staticmethod
     def _record_decisions(decisions: Any, draft: StatusDraft) -> None:
+        before = (draft.new.get("plan") or {}).get("method")
         plan, added = st.apply_decisions(draft.new.get("plan"), decisions)
         if plan is not None and added:
             draft.new["plan"] = plan
             for text in added:
                 draft.events.append(("Normal", "AutoDecision", text))
+            if plan.get("method") != before:
+                mem = plan.get("memory") or {}
+                draft.condition(
+                    "Planned",
+                    "True",
+                    "PlanReady",
+                    f"{plan['method']} with ZeRO-{plan.get('zeroStage')}, offload "
+                    f"{plan.get('offload')}: {mem.get('perGpuGiB', 0):.1f} GiB per GPU of "
+                    f"{mem.get('gpuMemoryGiB', 0):.0f} (Auto switched from {before} at "
+                    "training start)",
+                )
 
     def _apply_policy(
         self,

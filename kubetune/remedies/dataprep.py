@@ -12,35 +12,16 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from kubetune.data import Example
+from kubetune.remedies.dist import from_rank0
 
 log = logging.getLogger("kubetune.remedies")
 
 T = TypeVar("T")
-
-
-def from_rank0_object(compute: Callable[[], T]) -> T:
-    """`compute()` on rank 0, its (picklable) result on every rank."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return compute()
-    import torch
-    import torch.distributed as dist
-
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-    box: list[Any] = [compute() if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    result: T = box[0]
-    return result
 
 
 @dataclass
@@ -145,7 +126,7 @@ def prepare_examples(
         tmp.replace(cache)
         return result
 
-    done = from_rank0_object(compute)
+    done = from_rank0(compute)
     prep = DataPrep(_load(done["examples"]), list(done["notes"]), dict(done["stats"]))
     for note in prep.notes:
         log.info("%s", note)

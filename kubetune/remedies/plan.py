@@ -128,7 +128,7 @@ def _data_sentences(spec: Any, plan: dict[str, Any]) -> list[str]:
 
     out: list[str] = []
     raw = _get(spec, "augmentation", None)
-    aug = Augmentation.model_validate(raw) if isinstance(raw, dict) or raw is None else raw
+    aug = Augmentation.model_validate(raw or {}) if isinstance(raw, dict) or raw is None else raw
     if aug is not None and (aug.paraphrases or aug.back_translations):
         out.append(
             augmentation_sentence(

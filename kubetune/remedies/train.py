@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kubetune.remedies.dist import from_rank0
 from kubetune.remedies.plan import NAMES, Evidence, resolve
 
 log = logging.getLogger("kubetune.remedies")
@@ -147,20 +148,6 @@ class ReplaySwitch:
                 self.replayed += 1
                 return row
         return self.rows[i]
-
-
-def shared_flag(flag: bool) -> bool:
-    """Rank 0's flag on every rank (a no-op on one process)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.broadcast(t, 0)
-    return bool(t.item())
 
 
 # ---- low-perplexity targets --------------------------------------------------------------------
@@ -422,7 +409,7 @@ class RemedyRun:
         if self.switch is None or self.switch.active:
             return None
         ratio = probes.get("general_perplexity_ratio")
-        if not shared_flag(ratio is not None and ratio >= self.trigger_ratio):
+        if not from_rank0(lambda: ratio is not None and ratio >= self.trigger_ratio):
             return None
         self.switch.active = True
         shown = f"{ratio:.2f}x" if ratio is not None else "past the trigger on rank 0"
@@ -503,36 +490,6 @@ def measure_evidence(
     if not flat or not g:
         return None
     return Evidence(_mean_perplexity(flat), _mean_perplexity(g))
-
-
-def from_rank0(compute: Any) -> Evidence | None:
-    """`compute()` on rank 0, its result given to every rank (each rank deciding from its
-    own figures could turn a remedy or the method on in one process and not another: a
-    run whose ranks disagree hangs). Starts the process group early when there are
-    several processes (DeepSpeed and Accelerate use one that exists)."""
-    import os
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        result: Evidence | None = compute()
-        return result
-    import torch
-    import torch.distributed as dist
-
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-    values = [0.0, 0.0, 0.0]
-    if dist.get_rank() == 0:
-        ev = compute()
-        if ev is not None:
-            values = [1.0, ev.data_perplexity, ev.general_perplexity]
-    shared = torch.tensor(values, dtype=torch.float64, device="cuda" if cuda else "cpu")
-    dist.broadcast(shared, 0)
-    flag, data, general = (float(x) for x in shared.tolist())
-    return Evidence(data, general) if flag else None
 
 
 @dataclass

@@ -687,6 +687,10 @@ def test_the_real_trainer_runs_a_job_end_to_end_on_the_local_runner(
     assert any("method Full instead of LoRA" in r for r in auto), auto
     assert any(r.startswith("Auto at training start: replay on") for r in auto), auto
     assert "AutoDecision" in _events(api, namespace, "real")
+    switched = _cond(_get(api, namespace, "real"), "Planned")
+    assert switched is not None
+    assert switched["message"].startswith("Full with ZeRO-0")
+    assert switched["message"].endswith("(Auto switched from LoRA at training start)")
     # Learnable data: the operator's policy (on by default) lets it run to the end.
     assert _cond(_get(api, namespace, "real"), "EarlyStopped") is None
     assert _cond(_get(api, namespace, "real"), "Succeeded")["reason"] == "Completed"  # type: ignore[index]

@@ -4,6 +4,7 @@ learning-rate band."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -96,3 +97,86 @@ def test_model_from_keeps_a_learning_rate_the_user_set() -> None:
 def test_model_from_must_be_an_output_location() -> None:
     with pytest.raises(ValueError, match=r"model\.from must be"):
         _spec(model={"uri": "hf://kubetune/tiny-llama-en", "from": "hf://org/name"})
+
+
+def test_previous_output_is_read_where_the_operator_mounted_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kubetune.remedies.train import previous_output
+    from kubetune.trainer.config import TrainerConfigError
+
+    (tmp_path / "run-41" / "final").mkdir(parents=True)
+    monkeypatch.delenv("KUBETUNE_PREVIOUS_PATH", raising=False)
+    assert previous_output(f"file://{tmp_path}/run-41") == tmp_path / "run-41" / "final"
+    with pytest.raises(TrainerConfigError, match="mounted by the operator"):
+        previous_output("pvc://runs/run-41")
+    monkeypatch.setenv("KUBETUNE_PREVIOUS_PATH", str(tmp_path / "run-41"))
+    assert previous_output("pvc://runs/run-41") == tmp_path / "run-41" / "final"
+
+
+def test_sam_on_runs_on_one_process_without_zero_and_says_its_cost() -> None:
+    plan = _plan("Full")
+    plan_remedies(plan, _spec(remedies={"sam": {"mode": "On", "rho": 0.1}}))
+    assert plan["remedies"]["sam"]["state"] == "On"
+    reason = next(r for r in plan["reasons"] if r.startswith("Sharpness-aware"))
+    assert "rho 0.1" in reason
+    assert "two forward and backward passes" in reason
+    assert any(w.startswith("SAM keeps the weight perturbation") for w in plan["warnings"])
+    for zero, nodes in ((2, 1), (0, 2)):
+        plan = {**_plan("Full", zero=zero), "numNodes": nodes, "reasons": [], "warnings": []}
+        plan_remedies(plan, _spec(remedies={"sam": {"mode": "On"}}))
+        assert plan["remedies"]["sam"]["state"] == "Off"
+        reason = next(r for r in plan["reasons"] if r.startswith("Sharpness-aware"))
+        assert "one process without DeepSpeed" in reason
+
+
+def test_self_rewrite_and_augmentation_are_explained_in_the_plan() -> None:
+    plan = _plan("Full")
+    plan_remedies(
+        plan,
+        _spec(
+            remedies={"selfRewrite": {"mode": "On", "minOverlap": 0.5}},
+            augmentation={"paraphrases": 2, "backTranslations": 1, "pivotLanguage": "German"},
+        ),
+    )
+    assert plan["remedies"]["selfRewrite"]["state"] == "On"
+    text = "\n".join(plan["reasons"])
+    assert "Self-rewrite of the targets: on" in text
+    assert "keeps 50% of its words" in text
+    assert "2 paraphrases and 1 back-translation via German" in text
+    plan = _plan("Full")
+    plan_remedies(plan, _spec())
+    assert plan["remedies"]["selfRewrite"]["state"] == "Off"
+    assert not any(r.startswith("Augmentation") for r in plan["reasons"])
+
+
+@pytest.mark.parametrize(
+    ("examples", "hyperparameters", "on"),
+    [
+        (150, {}, True),
+        (150, {"epochs": 3}, False),
+        (250, {}, False),
+        (250, {"crossValidation": {"mode": "On", "folds": 3}}, True),
+        (150, {"crossValidation": {"mode": "Off"}}, False),
+    ],
+)
+def test_cross_validation_is_planned_for_tiny_sets(
+    examples: int, hyperparameters: dict[str, Any], on: bool
+) -> None:
+    plan = {**_plan("LoRA"), "exampleCount": examples}
+    plan["hyperparameters"]["epochs"] = 4
+    plan_remedies(plan, _spec(hyperparameters=hyperparameters))
+    assert ("crossValidation" in plan) is on
+    if on:
+        folds = (hyperparameters.get("crossValidation") or {}).get("folds", 4)
+        assert plan["crossValidation"] == {"folds": folds, "maxEpochs": 6}
+        assert any(r.startswith("Cross-validation: on") for r in plan["reasons"])
+
+
+def test_a_spec_as_a_camel_case_dict_without_the_new_sections_plans() -> None:
+    """plan.json's spec (a dict) from before augmentation and cross-validation existed."""
+    plan = {**_plan("Full"), "exampleCount": 500}
+    plan_remedies(plan, {"remedies": {"replay": {"mode": "On"}}, "hyperparameters": {}})
+    assert plan["remedies"]["replay"]["state"] == "On"
+    assert plan["remedies"]["sam"]["state"] == "Off"
+    assert "crossValidation" not in plan
