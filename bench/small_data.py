@@ -12,9 +12,11 @@ process, on the CPU), with the same data, seed set and epoch ceiling:
 
 - vanilla: Full fine-tuning, fixed epochs, no early stopping, the last weights kept.
 - lora: plain LoRA (rank 8 on every linear layer) with early stopping, no remedies.
-- full+replay / full+ewc / full+lowppl / full+hft: vanilla plus one remedy forced On.
-- auto: `method: Auto` and every remedy Auto, as a user who sets nothing would run it (the
-  planner picks LoRA for 300 examples, with early stopping).
+- full+replay / full+ewc / full+lowppl / full+hft / full+sam / full+rewrite: vanilla plus
+  one remedy forced On.
+- auto: `method: Auto` and every remedy Auto, with early stopping and the quickstart's
+  learning rate (the planner picks LoRA for 300 examples with Full as the alternative the
+  trainer switches to when the data is surprising for the base model).
 - full+auto: `method: Full`, fixed epochs, every remedy Auto (what Auto adds to vanilla).
 
 Measured on the final model, outside the trainer: held-out target perplexity (the 40

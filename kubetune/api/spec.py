@@ -250,13 +250,18 @@ class Augmentation(SpecModel):
     model_uri: Uri | None = None
     paraphrases: Annotated[int, Field(ge=0, le=8), WholeFloat] = 0
     back_translations: Annotated[int, Field(ge=0, le=8), WholeFloat] = 0
-    pivot_language: Str256 = "French"
+    pivot_language: Annotated[str, Field(min_length=1, max_length=256)] = "French"
 
     @field_validator("model_uri")
     @classmethod
     def _uri(cls, value: str | None) -> str | None:
         if value is None:
             return None
+        if value.startswith("configmap://"):
+            raise ValueError(
+                "augmentation.modelUri: a ConfigMap key cannot hold a model directory; use "
+                "hf://org/name, pvc://claim/path or file:///absolute/path"
+            )
         return check_uri(value, "augmentation.modelUri", MODEL_URI_PATTERN, MODEL_URI_SCHEMES)
 
 

@@ -157,6 +157,10 @@ class PlanStatus(StatusModel):
     token_count_estimated: bool | None = None
     memory: PlanMemory | None = None
     hyperparameters: PlanHyperparameters | None = None
+    alternative: dict[str, Any] | None = None
+    cross_validation: dict[str, Any] | None = None
+    remedies: dict[str, Any] | None = None
+    switched_from: str | None = None
 
 
 class Progress(StatusModel):

@@ -210,6 +210,9 @@ def build_plan(
     request = plan_request(spec)
     planned = make_plan(stats, arch, resources, request)
     alternative, why = method_alternative(stats, arch, resources, request, planned)
+    if spec.model.from_ and alternative is not None:
+        # An incremental update continues the previous output's method as it is.
+        alternative, why = None, None
     plan = _finish(planned.to_dict(), spec, summary, stats, resources, gpu_memory[1])
     if alternative is not None:
         alt = _finish(alternative.to_dict(), spec, summary, stats, resources, gpu_memory[1])

@@ -100,6 +100,8 @@ class Reconciler:
         self.states: dict[tuple[str, str], str] = {}
         # Per job: failed live scrapes in a row, and when the next may be tried.
         self.scrape_backoff: dict[tuple[str, str], tuple[int, float]] = {}
+        #: The Auto-decision count last read from each job's rank-0 pod (by its address).
+        self.decisions_seen: dict[tuple[str, str, str], int] = {}
 
     def reconcile(self, namespace: str, name: str) -> str:
         """Reconcile one FineTuneJob; returns a short result label for metrics."""
@@ -385,6 +387,8 @@ class Reconciler:
                 "spec.stopRequested is true: the trainer stops after this step",
             )
         if outcome.finished:
+            for seen in [k for k in self.decisions_seen if k[:2] == (ref.namespace, ref.name)]:
+                del self.decisions_seen[seen]
             draft.new["completionTime"] = view.completion_time or st.now_iso()
             if termination:
                 self._absorb_final_report(termination, draft)
@@ -427,8 +431,8 @@ class Reconciler:
         """When rank 0 counts more Auto decisions than status.plan's reasons hold, read
         them (GET /decisions) into status.plan, with an Event each."""
         count = int(scraped.get("kubetune_auto_decisions_total") or 0)
-        reasons = (draft.new.get("plan") or {}).get("reasons") or []
-        if count <= sum(1 for r in reasons if str(r).startswith("Auto at ")):
+        key = (draft.ref.namespace, draft.ref.name, ip)  # a restarted pod counts from 0
+        if count == 0 or self.decisions_seen.get(key) == count:
             return
         url = f"http://{ip}:{self.settings.trainer_metrics_port}/decisions"
         try:
@@ -437,6 +441,7 @@ class Reconciler:
         except (urllib.error.URLError, OSError, ValueError):
             return
         self._record_decisions(decisions, draft)
+        self.decisions_seen[key] = count
 
     @staticmethod
     def _record_decisions(decisions: Any, draft: StatusDraft) -> None:

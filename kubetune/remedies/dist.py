@@ -24,7 +24,15 @@ def from_rank0(compute: Callable[[], T]) -> T:
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend="nccl" if cuda else "gloo")
-    box: list[Any] = [compute() if dist.get_rank() == 0 else None]
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [("ok", compute())]
+        except Exception as exc:  # every rank raises it, instead of waiting for rank 0
+            box = [("error", exc)]
     dist.broadcast_object_list(box, src=0)
-    result: T = box[0]
+    status, value = box[0]
+    if status == "error":
+        raise value
+    result: T = value
     return result

@@ -96,6 +96,27 @@ def fold_indices(n: int, k: int, seed: int) -> list[Fold]:
     return folds
 
 
+def grouped_folds(lines: Sequence[int] | None, n: int, k: int, seed: int) -> list[Fold]:
+    """Folds over source examples rather than rows: rows that share a source line (an
+    example and its augmented copies) stay on one side, and a held-out fold keeps only
+    each source's first row (the original), so no paraphrase of a held-out example trains
+    the fold that judges it. Without lines, every row is its own source."""
+    if lines is None or len(lines) != n:
+        return fold_indices(n, k, seed)
+    sources = list(dict.fromkeys(lines))
+    out: list[Fold] = []
+    for train_src, held_src in fold_indices(len(sources), k, seed):
+        train_lines = {sources[i] for i in train_src}
+        held_lines = {sources[i] for i in held_src}
+        train = [i for i, line in enumerate(lines) if line in train_lines]
+        first: dict[int, int] = {}
+        for i, line in enumerate(lines):
+            if line in held_lines:
+                first.setdefault(line, i)
+        out.append((train, sorted(first.values())))
+    return out
+
+
 def choose_epoch(curves: Sequence[Sequence[float]]) -> tuple[int, list[float]]:
     """The 1-based epoch with the lowest mean held-out loss, and the mean curve. Curves are
     cut to the shortest one (a mean over different folds at different epochs would not
@@ -269,7 +290,9 @@ def cross_validate_epochs(
     main_proc = rank() == 0
     created = not work_dir.exists()
     first = _fresh_inputs(cfg)
-    splits = fold_indices(len(first.train_ds), folds, cfg.seed)
+    splits = grouped_folds(
+        getattr(first.train_ds, "lines", None), len(first.train_ds), folds, cfg.seed
+    )
     cuda = first.cuda
     pending: RunInputs | None = first
     del first

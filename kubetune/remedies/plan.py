@@ -19,6 +19,23 @@ LARGE_MODEL_PARAMS = 20_000_000_000
 #: fine-tuning cost more target perplexity for what they saved, so they stay explicit (On).
 AUTO_REMEDIES: tuple[str, ...] = ("replay",)
 
+#: Why Auto leaves each other remedy off: its row in docs/evidence.md.
+AUTO_OFF_WHY = {
+    "ewc": "in docs/evidence.md it cut forgetting but cost 35% held-out target perplexity",
+    "lowPerplexityTargets": (
+        "in docs/evidence.md it made held-out target perplexity 4.4x worse and forgetting worse"
+    ),
+    "halfFineTuning": (
+        "in docs/evidence.md it saved less forgetting than replay, varied by seed, and cost "
+        "41% held-out target perplexity"
+    ),
+    "sam": "in docs/evidence.md it did not reduce forgetting, at twice the compute per step",
+    "selfRewrite": (
+        "in docs/evidence.md the bench's base model could not paraphrase, so it changed "
+        "nothing; unmeasured with a model that can"
+    ),
+}
+
 NAMES = ("replay", "ewc", "lowPerplexityTargets", "halfFineTuning", "sam", "selfRewrite")
 LABELS = {
     "replay": "Replay of general text",
@@ -108,12 +125,21 @@ def plan_remedies(plan: dict[str, Any], spec: Any) -> None:
     if out["sam"]["state"] == "On":
         from kubetune.remedies.sam import sam_extra_bytes
 
-        extra = sam_extra_bytes(int(plan.get("trainableParameters") or 0))
+        accum = int((plan.get("hyperparameters") or {}).get("gradientAccumulationSteps") or 1)
+        extra = sam_extra_bytes(
+            int(plan.get("trainableParameters") or 0), gradient_accumulation_steps=accum
+        )
         plan.setdefault("warnings", []).append(
             f"SAM keeps the weight perturbation: {extra / 2**30:.2f} GiB per process more "
             "than the memory estimate above, and each step costs about twice the compute."
         )
     reasons.extend(_data_sentences(spec, plan))
+    for name in NAMES:  # a remedy forced On that cannot run here: a warning, not just a reason
+        if settings[name]["mode"] == "On" and out[name]["state"] == "Off":
+            plan.setdefault("warnings", []).append(
+                f"spec.remedies.{name}.mode is On but it cannot run with this plan: "
+                + next(r for r in reasons if r.startswith(LABELS[name]))
+            )
     plan["remedies"] = out
     plan.setdefault("reasons", []).extend(reasons)
 
@@ -159,7 +185,8 @@ def _data_sentences(spec: Any, plan: dict[str, Any]) -> list[str]:
         why += (
             f" {folds} folds train up to {longest} epochs each before the run, which then "
             f"trains for the epoch count with the lowest mean held-out loss (in place of "
-            f"{planned:g}). " + cost_sentence(folds, longest, examples, planned)
+            f"{planned:g}; the folds train the method without the remedies). "
+            + cost_sentence(folds, longest, examples, planned)
         )
     if cv.mode != "Off" and (on or examples < KFOLD_BELOW):
         out.append(why)
@@ -195,10 +222,7 @@ def _plan_state(
     if mode == "Off":
         return "Off", "off, set by spec.remedies"
     if name not in AUTO_REMEDIES:
-        return "Off", (
-            "off (Auto leaves it off: in docs/evidence.md it cost more held-out target "
-            "perplexity than replay for what it saved; set it On to use it)"
-        )
+        return "Off", f"off (Auto leaves it off: {AUTO_OFF_WHY[name]}; set it On to use it)"
     return "Auto", (
         "decided at training start: on when the base model's perplexity on the training "
         f"targets is at least {RISK_RATIO:g}x its perplexity on general text ({detail})"

@@ -97,13 +97,15 @@ def sam_trainer_class(base: Any, rho: float) -> Any:
                 )
             if self.args.n_gpu > 1:
                 loss = loss.mean()  # nn.DataParallel: one loss per device
-            if self.loss_is_scaled_for_ga is not None:
-                scaled = bool(self.loss_is_scaled_for_ga)
+            # Older transformers releases have no loss_is_scaled_for_ga: HF's rule then.
+            scaled_for_ga = getattr(self, "loss_is_scaled_for_ga", None)
+            if scaled_for_ga is not None:
+                scaled = bool(scaled_for_ga)
             else:
                 scaled = (
                     bool(getattr(self, "model_accepts_loss_kwargs", False))
                     and num_items_in_batch is not None
-                ) or self.compute_loss_func is not None
+                ) or getattr(self, "compute_loss_func", None) is not None
             if not scaled:
                 steps = getattr(self, "current_gradient_accumulation_steps", None)
                 loss = loss / (steps or self.args.gradient_accumulation_steps)

@@ -402,6 +402,8 @@ class RemedyRun:
     #: Replay that Auto left off at the start, armed to turn on during training.
     switch: ReplaySwitch | None = None
     trigger_ratio: float = 1.5
+    #: Where rank 0 records that the armed replay turned on (a resumed run keeps it on).
+    state_path: Path | None = None
 
     def on_probes(self, probes: dict[str, float], step: int) -> dict[str, Any] | None:
         """After an evaluation's probes (every rank): turn the armed replay on when the
@@ -419,7 +421,33 @@ class RemedyRun:
             f"{self.switch.ratio:.0%} of the rows for the rest of the run."
         )
         self.decisions["replay"].update({"on": True, "reason": text, "atStep": step})
+        if self.state_path is not None:
+            import json
+            import os
+
+            if int(os.environ.get("RANK", "0")) == 0:
+                self.state_path.parent.mkdir(parents=True, exist_ok=True)
+                self.state_path.write_text(json.dumps({"step": step, "text": text}))
         return {"kind": "remedy", "name": "replay", "on": True, "step": step, "text": text}
+
+    def restore_switch(self) -> None:
+        """A resumed run: the armed replay that turned on before the restart is on again
+        (rank 0 reads the record; its output may be invisible to other nodes)."""
+        if self.switch is None or self.state_path is None:
+            return
+        path = self.state_path
+
+        def read() -> dict[str, Any] | None:
+            import json
+
+            return json.loads(path.read_text()) if path.exists() else None
+
+        saved = from_rank0(read)
+        if saved:
+            self.switch.active = True
+            self.decisions["replay"].update(
+                {"on": True, "reason": str(saved["text"]), "atStep": int(saved["step"])}
+            )
 
     @property
     def needs_trainer(self) -> bool:
@@ -707,6 +735,25 @@ def evidence_budget(cfg: Any) -> int:
     return max(int((cfg.spec.get("diagnostics") or {}).get("tokenBudget") or 8192), 512)
 
 
+def record_key(cfg: Any, what: str) -> str:
+    """What a record in the output directory was made from: the data, the base model, the
+    seed, and the plan (its method, alternative, hyperparameters and remedies)."""
+    import hashlib
+    import json
+
+    keys = (
+        ("method", "remedies")  # the figures depend on the data and the base model only
+        if what == "evidence"
+        else ("method", "alternative", "hyperparameters", "remedies", "crossValidation")
+    )
+    plan = {k: cfg.plan.get(k) for k in keys}
+    h = hashlib.sha256(json.dumps([what, plan, cfg.seed, str(cfg.model)], sort_keys=True).encode())
+    for path in (cfg.dataset, cfg.validation, cfg.general_text):
+        if path and Path(path).is_file():
+            h.update(Path(path).read_bytes())
+    return h.hexdigest()[:16]
+
+
 def choose_method_for_run(
     cfg: Any, model: Any, tokenizer: Any, train_ds: Any, seq_len: int
 ) -> MethodChoice:
@@ -717,12 +764,21 @@ def choose_method_for_run(
 
     _, evidence = run_texts(cfg)
     # A resumed run (or a cross-validation fold) decides from the figures the first
-    # measurement recorded: the same method as the checkpoints it continues.
+    # measurement recorded: the same method as the checkpoints it continues. Rank 0 reads
+    # the record (other nodes may not see rank 0's output) and every rank takes its answer;
+    # a record of other data, another plan or seed is ignored.
     record = Path(cfg.output) / "auto-evidence.json"
-    recorded = None
-    if record.exists():
+    key = record_key(cfg, "evidence")
+
+    def read() -> Evidence | None:
+        if not record.exists():
+            return None
         data = json.loads(record.read_text())
-        recorded = Evidence(float(data["dataPerplexity"]), float(data["generalPerplexity"]))
+        if data.get("key") != key:
+            return None
+        return Evidence(float(data["dataPerplexity"]), float(data["generalPerplexity"]))
+
+    recorded = from_rank0(read)
     choice = choose_method(
         cfg.plan,
         model,
@@ -740,6 +796,7 @@ def choose_method_for_run(
         record.write_text(
             json.dumps(
                 {
+                    "key": key,
                     "dataPerplexity": choice.evidence.data_perplexity,
                     "generalPerplexity": choice.evidence.general_perplexity,
                 }
@@ -775,6 +832,8 @@ def prepare_for_run(
         and str(cfg.plan.get("offload") or "None") == "None",
         evidence=evidence,
     )
+    run.state_path = Path(cfg.output) / "replay-switch.json"
+    run.restore_switch()
     for name, d in run.decisions.items():
         log.info("remedy %s: %s (%s)", name, "on" if d["on"] else "off", d["reason"])
     for note in run.notes:

@@ -269,7 +269,6 @@ class KubetuneCallback(TrainerCallback):
             made = self.on_probes(probes, point.step)
             if made is not None:
                 self.decisions.append(made)
-                self.warnings.append(made["text"])
                 if self.metrics is not None:
                     self.metrics.add_decision(made)
         row["time"] = time.time()

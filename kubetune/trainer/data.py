@@ -79,8 +79,11 @@ class TokenizedDataset:
     """A list-backed dataset the HF Trainer can index."""
 
     def __init__(self, examples: list[Example], tokenizer: Any, max_length: int) -> None:
-        self.rows = [encode(ex, tokenizer, max_length) for ex in examples]
-        self.rows = [r for r in self.rows if any(x != IGNORE_INDEX for x in r["labels"])]
+        encoded = [(ex.line, encode(ex, tokenizer, max_length)) for ex in examples]
+        kept = [(line, r) for line, r in encoded if any(x != IGNORE_INDEX for x in r["labels"])]
+        self.rows = [r for _, r in kept]
+        #: The source line of each row (augmented rows share their source's line).
+        self.lines = [line for line, _ in kept]
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -202,8 +202,9 @@ def load_inputs(cfg: TrainerConfig) -> RunInputs:
         )
     choice = choose_method_for_run(cfg, model, tokenizer, train_ds, seq_len)
     plan = choice.plan
-    if low and not load_in_bf16(plan, bf16):  # switched to a method that keeps fp32 weights
-        model = model.to(torch.float32)
+    if low and not load_in_bf16(plan, bf16):  # switched to a method that keeps fp32 weights:
+        del model  # load them again in fp32 (a cast of the bf16 copy would lose precision)
+        model = load_model(location, revision, dtype=torch.float32)
     model = apply_method(model, plan, cfg.spec)
     return RunInputs(
         tokenizer,
@@ -271,18 +272,32 @@ def _cross_validated(cfg: TrainerConfig) -> tuple[TrainerConfig, dict[str, Any] 
     cv = cfg.plan.get("crossValidation")
     if not isinstance(cv, dict):
         return cfg, None
+    from kubetune.remedies.dist import from_rank0
     from kubetune.remedies.kfold import cross_validate_epochs
+    from kubetune.remedies.train import record_key
 
     record = cfg.output / "cross-validation.json"
-    if record.exists():
-        result = json.loads(record.read_text())
-    else:
-        result = cross_validate_epochs(
-            cfg,
-            folds=int(cv.get("folds") or 4),
-            max_epochs=int(cv.get("maxEpochs") or 2),
-            work_dir=cfg.output / "cross-validation",
-        )
+    key = record_key(cfg, "cross-validation")
+
+    def read() -> dict[str, Any] | None:  # rank 0's output: other nodes may not see it
+        if not record.exists():
+            return None
+        data: dict[str, Any] = json.loads(record.read_text())
+        return data if data.get("key") == key else None
+
+    result = from_rank0(read)
+    if result is None:
+        try:
+            result = cross_validate_epochs(
+                cfg,
+                folds=int(cv.get("folds") or 4),
+                max_epochs=int(cv.get("maxEpochs") or 2),
+                work_dir=cfg.output / "cross-validation",
+            )
+        except ValueError as exc:  # too few training rows to fold
+            text = f"Auto at training start: cross-validation skipped ({exc}); planned epochs kept."
+            return cfg, {"kind": "epochs", "step": 0, "text": text}
+        result["key"] = key
         if rank() == 0:
             cfg.output.mkdir(parents=True, exist_ok=True)
             record.write_text(json.dumps(result, indent=2))

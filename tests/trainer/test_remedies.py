@@ -446,7 +446,7 @@ def test_method_auto_keeps_its_adapter_on_familiar_data(make_run: MakeRun) -> No
 
 
 def test_auto_arms_replay_and_turns_it_on_when_forgetting_passes_the_trigger(
-    tiny_model: Path,
+    tiny_model: Path, tmp_path: Path
 ) -> None:
     """Auto left replay off at the start (the data is not surprising): the run keeps it
     armed, and an evaluation whose general-text perplexity ratio reaches the trigger turns
@@ -474,6 +474,7 @@ def test_auto_arms_replay_and_turns_it_on_when_forgetting_passes_the_trigger(
     assert len(switch) == len(ds)
     task_ids = {tuple(r["input_ids"]) for r in ds.rows}
     assert all(tuple(switch[i]["input_ids"]) in task_ids for i in range(len(switch)))
+    run.state_path = tmp_path / "replay-switch.json"
     assert run.on_probes({"general_perplexity_ratio": 1.29}, 4) is None
     assert run.on_probes({}, 6) is None  # an evaluation that did not probe
     made = run.on_probes({"general_perplexity_ratio": 1.31}, 8)
@@ -487,6 +488,25 @@ def test_auto_arms_replay_and_turns_it_on_when_forgetting_passes_the_trigger(
     general = sum(tuple(r["input_ids"]) not in task_ids for r in served)
     assert general == 100  # exactly 25% of the rows served from now on
     assert run.on_probes({"general_perplexity_ratio": 9.0}, 10) is None  # once
+    # A resumed run (the same output) has it on from the start.
+    again = prepare(
+        plan=plan,
+        model=_model(tiny_model),
+        tokenizer=tok,
+        train_ds=ds,
+        general_text=GENERAL,
+        evidence_text=GENERAL,
+        seq_len=64,
+        device="cpu",
+        seed=1,
+        evidence=Evidence(data_perplexity=100.0, general_perplexity=100.0),
+    )
+    assert again.switch is not None
+    assert not again.switch.active
+    again.state_path = run.state_path
+    again.restore_switch()
+    assert again.switch.active
+    assert again.decisions["replay"]["atStep"] == 8
 
 
 def test_a_run_records_the_mid_run_replay_decision(make_run: MakeRun, tmp_path: Path) -> None:

@@ -182,3 +182,21 @@ def test_the_cost_sentence_compares_with_the_planned_training() -> None:
 
 def test_the_cost_sentence_clamps_the_folds_to_the_rows() -> None:
     assert "trains 3 folds x 2 epochs, each on 2/3 of the 3 rows" in cost_sentence(10, 2, 3)
+
+
+def test_grouped_folds_keep_augmented_rows_with_their_source() -> None:
+    from kubetune.remedies.kfold import grouped_folds
+
+    # rows 0-3 are originals (lines 1-4), rows 4-7 their augmented copies, in that order
+    lines = [1, 2, 3, 4, 1, 2, 3, 4]
+    folds = grouped_folds(lines, len(lines), 2, seed=0)
+    assert len(folds) == 2
+    held_all: list[int] = []
+    for train, held in folds:
+        held_lines = {lines[i] for i in held}
+        assert not held_lines & {lines[i] for i in train}  # no copy of a held-out source
+        assert all(i < 4 for i in held)  # only the originals are judged
+        assert len(train) == 2 * (4 - len(held))
+        held_all += held
+    assert sorted(held_all) == [0, 1, 2, 3]
+    assert grouped_folds(None, 5, 2, seed=0) == fold_indices(5, 2, 0)
