@@ -68,3 +68,41 @@ def test_evaluations_and_probe_counters(server: ControlServer) -> None:
     text = server.metrics.exposition().decode()
     assert 'kubetune_probe_seconds_total{probe="memorization"} 3.5' in text
     assert 'kubetune_probe_seconds_total{probe="general_perplexity"} 1.0' in text
+
+
+def test_the_operator_reads_new_decisions_once_per_count_and_again_from_a_new_pod() -> None:
+    """GET /decisions is read when rank 0's decision counter differs from the count last
+    read from that pod: once per change, and again from a restarted pod (a new address)
+    whose counter starts from 0; the sentences go into status.plan once, with an Event."""
+    import dataclasses
+
+    from kubetune.operator import builders as b
+    from kubetune.operator.reconcile import Reconciler, StatusDraft
+    from kubetune.operator.settings import OperatorSettings
+    from kubetune.operator.status import scalar_samples
+
+    metrics = TrainerMetrics()
+    server = ControlServer(metrics, "tok", 0, host="127.0.0.1").start()
+    try:
+        settings = dataclasses.replace(OperatorSettings(), trainer_metrics_port=server.port)
+        rec = Reconciler(None, settings)  # type: ignore[arg-type]  # no API calls here
+        ref = b.JobRef(name="j", namespace="ns", uid="u")
+        draft = StatusDraft(ref, {"plan": {"method": "LoRA", "reasons": ["planned"]}})
+
+        def scrape() -> dict[str, float]:
+            return scalar_samples(metrics.exposition().decode())
+
+        rec._read_decisions("127.0.0.1", draft, scrape())  # nothing decided yet
+        assert draft.events == []
+        metrics.add_decision({"kind": "remedy", "step": 0, "text": "Auto at training start: x."})
+        rec._read_decisions("127.0.0.1", draft, scrape())
+        rec._read_decisions("127.0.0.1", draft, scrape())  # same count: not read again
+        assert draft.new["plan"]["reasons"] == ["planned", "Auto at training start: x."]
+        assert draft.events == [("Normal", "AutoDecision", "Auto at training start: x.")]
+        # A restarted pod: its first decision is new text at count 1 again.
+        metrics.decisions[:] = [{"kind": "remedy", "step": 30, "text": "Auto at step 30: y."}]
+        rec._read_decisions("localhost", draft, {"kubetune_auto_decisions_total": 1.0})
+        assert draft.new["plan"]["reasons"][-1] == "Auto at step 30: y."
+        assert len(draft.events) == 2
+    finally:
+        server.close()
