@@ -13,7 +13,8 @@ process, on the CPU), with the same data, seed set and epoch ceiling:
 - vanilla: Full fine-tuning, fixed epochs, no early stopping, the last weights kept.
 - lora: plain LoRA (rank 8 on every linear layer) with early stopping, no remedies.
 - full+replay / full+ewc / full+lowppl / full+hft / full+sam / full+rewrite: vanilla plus
-  one remedy forced On.
+  one remedy forced On; full+augment: vanilla plus one paraphrase per example written by the
+  base model; full+kfold: vanilla with the epoch count chosen by 4-fold cross-validation.
 - auto: `method: Auto` and every remedy Auto, with early stopping and the quickstart's
   learning rate (the planner picks LoRA for 300 examples with Full as the alternative the
   trainer switches to when the data is surprising for the base model).
@@ -75,6 +76,8 @@ class Config:
     early_stop: bool
     remedies: dict[str, Any]
     keep_last: bool = False
+    #: Other spec fields (augmentation, hyperparameters.crossValidation).
+    spec: dict[str, Any] = field(default_factory=dict)
 
 
 CONFIGS = [
@@ -99,6 +102,24 @@ CONFIGS = [
         False,
         {**ALL_OFF, "selfRewrite": {"mode": "On"}},
         True,
+    ),
+    Config(
+        "full+augment",
+        "Full",
+        FULL_LR,
+        False,
+        ALL_OFF,
+        True,
+        {"augmentation": {"paraphrases": 1}},
+    ),
+    Config(
+        "full+kfold",
+        "Full",
+        FULL_LR,
+        False,
+        ALL_OFF,
+        True,
+        {"hyperparameters": {"crossValidation": {"mode": "On", "folds": 4}}},
     ),
     Config("auto", "Auto", LORA_LR, True, {}),
     Config("full+auto", "Full", FULL_LR, False, {}, True),
@@ -163,11 +184,20 @@ def run_one(
             "format": "PromptCompletion",
         },
         "method": {"type": cfg.method},
-        "hyperparameters": {"learningRate": cfg.lr, "epochs": epochs, "seed": seed},
+        "hyperparameters": {
+            "learningRate": cfg.lr,
+            "epochs": epochs,
+            "seed": seed,
+            # No evaluation: no best checkpoint to go back to, the last weights (and an
+            # epoch count chosen by the folds keeps it so).
+            **({"evalSteps": 10**9} if cfg.keep_last else {}),
+            **(cfg.spec.get("hyperparameters") or {}),
+        },
         "resources": {"numNodes": 1, "gpusPerNode": 0},
         "earlyStopping": {"enabled": cfg.early_stop},
         "diagnostics": {"enabled": False},
         "remedies": cfg.remedies,
+        **{k: v for k, v in cfg.spec.items() if k != "hyperparameters"},
     }
     spec = parse_job(
         {
