@@ -302,15 +302,7 @@ def data_warning_from_metrics(values: dict[str, float], existing: list[str]) -> 
     )
 
 
-#: The plan keys a method switch replaces in status.plan (the trainer sends these).
-SWITCHED_PLAN_KEYS = (
-    "method",
-    "zeroStage",
-    "offload",
-    "trainableParameters",
-    "memory",
-    "hyperparameters",
-)
+from kubetune.remedies.plan import SWITCHED_PLAN_KEYS  # noqa: E402
 
 
 def apply_decisions(

@@ -57,17 +57,37 @@ def _argmax_logits(logits: Any, labels: Any) -> Any:
 def write_termination(cfg: TrainerConfig, payload: dict[str, Any]) -> None:
     """Rank 0's termination message (the kubelet keeps 4 KiB): valid JSON, dropping the
     least important keys if it would be too long."""
-    drops: tuple[tuple[str, ...], ...] = (
-        (),
-        ("output",),
-        ("output", "progress"),
-        ("output", "progress", "decisions"),
-        ("output", "progress", "decisions", "metrics"),
+    compact = (
+        payload
+        if "decisions" not in payload
+        else {
+            **payload,
+            "decisions": [
+                {
+                    **d,
+                    "plan": {
+                        k: v
+                        for k, v in (d.get("plan") or {}).items()
+                        if k in ("method", "zeroStage", "offload", "trainableParameters", "memory")
+                    },
+                }
+                if d.get("plan")
+                else d
+                for d in payload.get("decisions") or []
+            ],
+        }
     )
-    for drop in drops:
-        text = json.dumps(
-            {k: v for k, v in payload.items() if k not in drop}, separators=(",", ":")
-        )
+    tries: tuple[tuple[dict[str, Any], tuple[str, ...]], ...] = (
+        (payload, ()),
+        (payload, ("output",)),
+        (payload, ("output", "progress")),
+        (compact, ("output", "progress")),  # a switch's plan without its long parts
+        (compact, ("output", "progress", "warnings")),
+        (compact, ("output", "progress", "warnings", "decisions")),
+        (compact, ("output", "progress", "warnings", "decisions", "metrics")),
+    )
+    for body, drop in tries:
+        text = json.dumps({k: v for k, v in body.items() if k not in drop}, separators=(",", ":"))
         if len(text.encode()) <= 3800:
             break
     else:
@@ -222,20 +242,11 @@ def load_inputs(cfg: TrainerConfig) -> RunInputs:
     )
 
 
-#: The parts of a plan a method switch changes (what status.plan shows of it).
-SWITCHED_PLAN_KEYS = (
-    "method",
-    "zeroStage",
-    "offload",
-    "trainableParameters",
-    "memory",
-    "hyperparameters",
-)
-
-
 def start_decisions(inputs: RunInputs, remedies: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """What Auto decided at training start, for GET /decisions, the termination message
     and the report: the method (when the plan had an alternative) and each Auto remedy."""
+    from kubetune.remedies.plan import SWITCHED_PLAN_KEYS
+
     out: list[dict[str, Any]] = []
     if inputs.decision:
         entry: dict[str, Any] = {"kind": "method", "step": 0, "text": inputs.decision}
