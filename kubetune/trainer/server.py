@@ -6,6 +6,7 @@ from __future__ import annotations
 import hmac
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -124,6 +125,10 @@ class ControlServer:
         self.stop_requested = threading.Event()
         self.stop_reason = "StopRequested"
         self.stop_message = ""
+        #: When each scraper (by User-Agent) last read /metrics, and its last interval: at
+        #: the end of the run, close() waits for each to read the final figures once.
+        self.scrapes: dict[str, tuple[float, float]] = {}
+        self.scraped = threading.Condition()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -140,6 +145,7 @@ class ControlServer:
             def do_GET(self) -> None:
                 if self.path.split("?")[0] == "/metrics":
                     self._send(200, outer.metrics.exposition(), CONTENT_TYPE_LATEST)
+                    outer.note_scrape(self.headers.get("User-Agent") or "-")
                 elif self.path.split("?")[0] == "/evaluations":
                     body = json.dumps(list(outer.metrics.history)).encode()
                     self._send(200, body, "application/json")
@@ -184,6 +190,40 @@ class ControlServer:
         self.thread.start()
         return self
 
-    def close(self) -> None:
+    def note_scrape(self, agent: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self.scraped:
+            last, _ = self.scrapes.get(agent, (now, 0.0))
+            self.scrapes[agent] = (now, now - last)
+            self.scraped.notify_all()
+
+    def final_wait(self, limit: float, now: float | None = None) -> float:
+        """How long to keep serving so that every scraper seen at a steady interval (two
+        scrapes or more) reads the final figures once: up to one interval and a second
+        past its last read, at most `limit` seconds."""
+        now = time.monotonic() if now is None else now
+        waits = [
+            last + interval + 1.0 - now
+            for last, interval in self.scrapes.values()
+            if interval > 0 and now - last < 2 * interval + 1.0
+        ]
+        return max(0.0, min(limit, max(waits, default=0.0)))
+
+    def close(self, final_scrape_limit: float = 30.0) -> None:
+        """Stop serving, after every regular scraper has read the final figures once (at
+        most `final_scrape_limit` seconds: an early stop's gauge set just before the end
+        would otherwise be seen by no one)."""
+        started = time.monotonic()
+        deadline = started + self.final_wait(final_scrape_limit, started)
+        with self.scraped:
+            while time.monotonic() < deadline:
+                pending = [
+                    a
+                    for a, (last, interval) in self.scrapes.items()
+                    if interval > 0 and last < started and started - last < 2 * interval + 1.0
+                ]
+                if not pending:
+                    break
+                self.scraped.wait(timeout=max(0.0, deadline - time.monotonic()))
         self.httpd.shutdown()
         self.httpd.server_close()

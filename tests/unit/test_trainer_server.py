@@ -106,3 +106,34 @@ def test_the_operator_reads_new_decisions_once_per_count_and_again_from_a_new_po
         assert len(draft.events) == 2
     finally:
         server.close()
+
+
+def test_the_end_of_a_run_waits_for_each_regular_scraper_to_read_the_final_figures() -> None:
+    """An early stop's gauge is set just before the trainer exits: close() keeps serving
+    until every scraper seen at a steady interval has read /metrics once more (bounded)."""
+    import threading
+    import time
+
+    server = ControlServer(TrainerMetrics(), "tok", 0, host="127.0.0.1")
+    server.note_scrape("once", now=100.0)  # a single read: no interval, not waited for
+    assert server.final_wait(30.0, now=100.5) == 0.0
+    server.note_scrape("prom", now=100.0)
+    server.note_scrape("prom", now=102.0)  # every 2 s
+    assert server.final_wait(30.0, now=102.5) == pytest.approx(2.5)
+    assert server.final_wait(1.0, now=102.5) == 1.0  # the limit
+    assert server.final_wait(30.0, now=110.0) == 0.0  # it stopped scraping
+    server = ControlServer(TrainerMetrics(), "tok", 0, host="127.0.0.1").start()
+    url = f"http://127.0.0.1:{server.port}/metrics"
+
+    def scrape() -> None:
+        req = urllib.request.Request(url, headers={"User-Agent": "prom"})
+        urllib.request.urlopen(req, timeout=5).read()
+
+    scrape()
+    time.sleep(0.3)
+    scrape()
+    threading.Timer(0.6, scrape).start()
+    started = time.monotonic()
+    server.close()
+    waited = time.monotonic() - started
+    assert 0.4 < waited < 1.3  # until the next scrape, not the whole interval-plus-a-second
