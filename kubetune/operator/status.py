@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubetune.policy import EvalPoint
+from kubetune.remedies.plan import SWITCHED_PLAN_KEYS
 
 CONDITION_TYPES = ("Planned", "Running", "Suspended", "EarlyStopped", "Succeeded", "Failed")
 TERMINAL = ("Succeeded", "Failed")
@@ -300,9 +301,6 @@ def data_warning_from_metrics(values: dict[str, float], existing: list[str]) -> 
         "high-perplexity): the model must move far from what it knows, which raises "
         "forgetting and memorisation; rephrase responses in the model's own style"
     )
-
-
-from kubetune.remedies.plan import SWITCHED_PLAN_KEYS  # noqa: E402
 
 
 def apply_decisions(

@@ -4,8 +4,10 @@ not another, datasets of different lengths) and hang the run."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -36,3 +38,24 @@ def from_rank0(compute: Callable[[], T]) -> T:
         raise value
     result: T = value
     return result
+
+
+def read_record(path: Path, key: str | None = None) -> dict[str, Any] | None:
+    """A JSON record in the run's output, read by rank 0 (other nodes may not see rank 0's
+    output) and given to every rank; None when missing or made for another `key`."""
+
+    def read() -> dict[str, Any] | None:
+        if not path.exists():
+            return None
+        data: dict[str, Any] = json.loads(path.read_text())
+        return data if key is None or data.get("key") == key else None
+
+    return from_rank0(read)
+
+
+def write_record(path: Path, data: dict[str, Any], key: str | None = None) -> None:
+    """Rank 0 writes a record `read_record` returns (with its key) to a later start."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**data, **({"key": key} if key else {})}, indent=2))

@@ -12,12 +12,12 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kubetune.remedies.dist import from_rank0
+from kubetune.remedies.dist import from_rank0, read_record, write_record
 from kubetune.remedies.plan import NAMES, Evidence, resolve
 
 log = logging.getLogger("kubetune.remedies")
@@ -422,12 +422,7 @@ class RemedyRun:
         )
         self.decisions["replay"].update({"on": True, "reason": text, "atStep": step})
         if self.state_path is not None:
-            import json
-            import os
-
-            if int(os.environ.get("RANK", "0")) == 0:
-                self.state_path.parent.mkdir(parents=True, exist_ok=True)
-                self.state_path.write_text(json.dumps({"step": step, "text": text}))
+            write_record(self.state_path, {"step": step, "text": text})
         return {"kind": "remedy", "name": "replay", "on": True, "step": step, "text": text}
 
     def restore_switch(self) -> None:
@@ -435,14 +430,7 @@ class RemedyRun:
         (rank 0 reads the record; its output may be invisible to other nodes)."""
         if self.switch is None or self.state_path is None:
             return
-        path = self.state_path
-
-        def read() -> dict[str, Any] | None:
-            import json
-
-            return json.loads(path.read_text()) if path.exists() else None
-
-        saved = from_rank0(read)
+        saved = read_record(self.state_path)
         if saved:
             self.switch.active = True
             self.decisions["replay"].update(
@@ -531,20 +519,13 @@ class MethodChoice:
 
 def choose_method(
     plan: dict[str, Any],
-    model: Any,
-    tokenizer: Any,
-    task_rows: Sequence[Row],
-    evidence_text: str,
-    seq_len: int,
-    device: Any,
-    seed: int,
-    token_budget: int,
+    measure: Callable[[], Evidence | None],
     recorded: Evidence | None = None,
 ) -> MethodChoice:
-    """Measure the evidence once (when a remedy or the method is Auto; `recorded` when an
-    earlier start of this run measured it) and switch to the plan's alternative (method
-    Auto: full fine-tuning) when the data is surprising enough. The model is the base
-    model, before the method is applied."""
+    """Measure the evidence once (`measure`, on rank 0, when a remedy or the method is
+    Auto; `recorded` when an earlier start of this run measured it) and switch to the
+    plan's alternative (method Auto: full fine-tuning) when the data is surprising
+    enough. `measure` scores the base model, before the method is applied."""
     from kubetune.remedies.plan import RISK_RATIO
 
     remedies: dict[str, Any] = plan.get("remedies") or {}
@@ -553,11 +534,7 @@ def choose_method(
     can_score = int(plan.get("zeroStage") or 0) < 3 and str(plan.get("offload") or "None") == "None"
     if not (auto_remedy or alternative) or not can_score or remedies.get("from"):
         return MethodChoice(plan, None)
-    evidence = recorded or from_rank0(
-        lambda: measure_evidence(
-            model, tokenizer, task_rows, evidence_text, seq_len, device, seed, token_budget
-        )
-    )
+    evidence = recorded or from_rank0(measure)
     if not alternative or evidence is None:
         return MethodChoice(plan, evidence)
     threshold = float((alternative.get("when") or {}).get("dataPerplexityRatio", RISK_RATIO))
@@ -604,7 +581,6 @@ def prepare(
     EWC anchor and Fisher information. `general_text` is replayed and estimates the Fisher
     information; `evidence_text` (the forgetting probe's held-out text) is what Auto
     compares the training data with."""
-    from kubetune.diagnostics.probes import budget_rows, text_rows, token_nlls
     from kubetune.diagnostics.runner import base_model
 
     remedies: dict[str, Any] = plan.get("remedies") or {}
@@ -619,20 +595,16 @@ def prepare(
         needs_evidence = False
     if not can_score:  # the whole model on one device before training would not fit
         needs_evidence = every_row = False
-    if (needs_evidence or every_row) and task_rows:
-        scored = task_rows if every_row else budget_rows(task_rows, token_budget, seed)
+    if needs_evidence:
+        evidence = from_rank0(
+            lambda: measure_evidence(
+                model, tokenizer, task_rows, evidence_text, seq_len, device, seed, token_budget
+            )
+        )
+    if every_row and task_rows:
         model.to(device)
         with base_model(model):
-            scored_nlls = row_token_nlls(model, scored, device)
-            general_eval = (
-                text_rows(evidence_text, tokenizer, seq_len, token_budget) if needs_evidence else []
-            )
-            g = token_nlls(model, general_eval, device) if general_eval else []
-        if every_row:
-            nlls = scored_nlls
-        flat = [x for row in scored_nlls for x in row]
-        if flat and g:
-            evidence = from_rank0(lambda: Evidence(_mean_perplexity(flat), _mean_perplexity(g)))
+            nlls = row_token_nlls(model, task_rows, device)
     decisions = resolve(remedies, evidence)
     if not can_score:
         for name in ("lowPerplexityTargets", "ewc"):
@@ -758,9 +730,6 @@ def choose_method_for_run(
     cfg: Any, model: Any, tokenizer: Any, train_ds: Any, seq_len: int
 ) -> MethodChoice:
     """`choose_method` with the run's texts, device and budget."""
-    import json
-
-    from kubetune.trainer.recipe import rank
 
     _, evidence = run_texts(cfg)
     # A resumed run (or a cross-validation fold) decides from the figures the first
@@ -769,38 +738,34 @@ def choose_method_for_run(
     # a record of other data, another plan or seed is ignored.
     record = Path(cfg.output) / "auto-evidence.json"
     key = record_key(cfg, "evidence")
-
-    def read() -> Evidence | None:
-        if not record.exists():
-            return None
-        data = json.loads(record.read_text())
-        if data.get("key") != key:
-            return None
-        return Evidence(float(data["dataPerplexity"]), float(data["generalPerplexity"]))
-
-    recorded = from_rank0(read)
+    saved = read_record(record, key)
+    recorded = (
+        Evidence(float(saved["dataPerplexity"]), float(saved["generalPerplexity"]))
+        if saved
+        else None
+    )
     choice = choose_method(
         cfg.plan,
-        model,
-        tokenizer,
-        list(train_ds.rows),
-        evidence,
-        seq_len,
-        run_device(),
-        cfg.seed,
-        evidence_budget(cfg),
+        lambda: measure_evidence(
+            model,
+            tokenizer,
+            train_ds.rows,
+            evidence,
+            seq_len,
+            run_device(),
+            cfg.seed,
+            evidence_budget(cfg),
+        ),
         recorded=recorded,
     )
-    if choice.evidence is not None and recorded is None and rank() == 0:
-        record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(
-            json.dumps(
-                {
-                    "key": key,
-                    "dataPerplexity": choice.evidence.data_perplexity,
-                    "generalPerplexity": choice.evidence.general_perplexity,
-                }
-            )
+    if choice.evidence is not None and recorded is None:
+        write_record(
+            record,
+            {
+                "dataPerplexity": choice.evidence.data_perplexity,
+                "generalPerplexity": choice.evidence.general_perplexity,
+            },
+            key,
         )
     if choice.decision:
         log.info("%s", choice.decision)

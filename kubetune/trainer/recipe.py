@@ -283,20 +283,13 @@ def _cross_validated(cfg: TrainerConfig) -> tuple[TrainerConfig, dict[str, Any] 
     cv = cfg.plan.get("crossValidation")
     if not isinstance(cv, dict):
         return cfg, None
-    from kubetune.remedies.dist import from_rank0
+    from kubetune.remedies.dist import read_record, write_record
     from kubetune.remedies.kfold import cross_validate_epochs
     from kubetune.remedies.train import record_key
 
     record = cfg.output / "cross-validation.json"
     key = record_key(cfg, "cross-validation")
-
-    def read() -> dict[str, Any] | None:  # rank 0's output: other nodes may not see it
-        if not record.exists():
-            return None
-        data: dict[str, Any] = json.loads(record.read_text())
-        return data if data.get("key") == key else None
-
-    result = from_rank0(read)
+    result = read_record(record, key)
     if result is None:
         try:
             result = cross_validate_epochs(
@@ -308,10 +301,7 @@ def _cross_validated(cfg: TrainerConfig) -> tuple[TrainerConfig, dict[str, Any] 
         except ValueError as exc:  # too few training rows to fold
             text = f"Auto at training start: cross-validation skipped ({exc}); planned epochs kept."
             return cfg, {"kind": "epochs", "step": 0, "text": text}
-        result["key"] = key
-        if rank() == 0:
-            cfg.output.mkdir(parents=True, exist_ok=True)
-            record.write_text(json.dumps(result, indent=2))
+        write_record(record, result, key)
     planned = (cfg.plan.get("hyperparameters") or {}).get("epochs")
     plan = with_epochs(cfg.plan, int(result["epochs"]), cfg.spec)
     mean = ", ".join("-" if x is None else f"{x:.3f}" for x in result.get("meanCurve") or [])

@@ -58,7 +58,7 @@ def _plan(**states: dict[str, Any]) -> dict[str, Any]:
     return {"method": "Full", "remedies": base}
 
 
-def _prepare(tiny_model: Path, plan: dict[str, Any], model: Any = None) -> Any:
+def _prepare(tiny_model: Path, plan: dict[str, Any], model: Any = None, **kw: Any) -> Any:
     from kubetune.remedies.train import prepare
 
     tok, ds = _tok_and_rows(tiny_model)
@@ -72,6 +72,7 @@ def _prepare(tiny_model: Path, plan: dict[str, Any], model: Any = None) -> Any:
         seq_len=64,
         device="cpu",
         seed=1,
+        **kw,
     ), ds
 
 
@@ -452,22 +453,11 @@ def test_auto_arms_replay_and_turns_it_on_when_forgetting_passes_the_trigger(
     armed, and an evaluation whose general-text perplexity ratio reaches the trigger turns
     it on, serving general text in the stated share without changing the dataset length."""
     from kubetune.remedies.plan import Evidence
-    from kubetune.remedies.train import ReplaySwitch, prepare
+    from kubetune.remedies.train import ReplaySwitch
 
-    tok, ds = _tok_and_rows(tiny_model)
     plan = _plan(replay={"mode": "Auto", "state": "Auto", "ratio": 0.25, "triggerRatio": 1.3})
-    run = prepare(
-        plan=plan,
-        model=_model(tiny_model),
-        tokenizer=tok,
-        train_ds=ds,
-        general_text=GENERAL,
-        evidence_text=GENERAL,
-        seq_len=64,
-        device="cpu",
-        seed=1,
-        evidence=Evidence(data_perplexity=100.0, general_perplexity=100.0),
-    )
+    unsurprising = Evidence(data_perplexity=100.0, general_perplexity=100.0)
+    run, ds = _prepare(tiny_model, plan, evidence=unsurprising)
     assert not run.decisions["replay"]["on"]
     switch = run.train_dataset
     assert isinstance(switch, ReplaySwitch)
@@ -489,18 +479,7 @@ def test_auto_arms_replay_and_turns_it_on_when_forgetting_passes_the_trigger(
     assert general == 100  # exactly 25% of the rows served from now on
     assert run.on_probes({"general_perplexity_ratio": 9.0}, 10) is None  # once
     # A resumed run (the same output) has it on from the start.
-    again = prepare(
-        plan=plan,
-        model=_model(tiny_model),
-        tokenizer=tok,
-        train_ds=ds,
-        general_text=GENERAL,
-        evidence_text=GENERAL,
-        seq_len=64,
-        device="cpu",
-        seed=1,
-        evidence=Evidence(data_perplexity=100.0, general_perplexity=100.0),
-    )
+    again, _ = _prepare(tiny_model, plan, evidence=unsurprising)
     assert again.switch is not None
     assert not again.switch.active
     again.state_path = run.state_path
