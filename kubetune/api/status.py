@@ -53,6 +53,7 @@ ConditionReason = Literal[
     "ConfigError",
     "ChildConflict",
     "InputNotFound",
+    "PodCreationFailed",
     "Resumed",
     "EarlyStopped",
 ]

@@ -213,6 +213,25 @@ class Kube:
                     best = (finished, term.message)
         return best[1] if best else None
 
+    def pod_creation_failure(self, namespace: str, job_uid: str) -> str | None:
+        """The newest `FailedCreate` Event of a Job (its pods refused: Pod Security, a
+        quota, an admission webhook), or None; None too when RBAC hides Events."""
+        self._count()
+        try:
+            events = self.core.list_namespaced_event(
+                namespace, field_selector=f"involvedObject.uid={job_uid},reason=FailedCreate"
+            ).items
+        except ApiException as exc:
+            if exc.status == 403:
+                return None
+            raise
+        newest: tuple[str, str] | None = None
+        for e in events:
+            when = str(e.last_timestamp or e.event_time or e.metadata.creation_timestamp or "")
+            if e.message and (newest is None or when >= newest[0]):
+                newest = (when, str(e.message))
+        return newest[1] if newest else None
+
     def pod0_ip(self, namespace: str, job_name: str) -> str | None:
         self._count()
         pods = self.core.list_namespaced_pod(namespace, label_selector=f"job-name={job_name}")

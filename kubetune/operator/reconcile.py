@@ -306,6 +306,9 @@ class Reconciler:
                 str(result.get("reason") or "DataError"),
             )
         if not view.complete:
+            blocked = self._pods_blocked(ref, job, view, 1)
+            if blocked:
+                self._say_blocked(draft, "Planned", blocked)
             return None
         message = self.kube.termination_message(ref.namespace, b.prepare_name(ref), None)
         if not message:
@@ -368,6 +371,11 @@ class Reconciler:
             else None
         )
         outcome = st.training_outcome(view, int(spec.resources.num_nodes), termination)
+        blocked = (
+            None
+            if outcome.finished
+            else self._pods_blocked(ref, job, view, spec.resources.num_nodes)
+        )
         for ctype, cstatus, reason, message in outcome.conditions:
             if (
                 ctype == "EarlyStopped"
@@ -379,6 +387,8 @@ class Reconciler:
                 draft.fail(reason, message)
             else:
                 draft.condition(ctype, cstatus, reason, message)
+        if blocked:
+            self._say_blocked(draft, "Running", blocked)
         if spec.stop_requested and not outcome.finished:
             draft.condition(
                 "Running",
@@ -394,6 +404,25 @@ class Reconciler:
                 self._absorb_final_report(termination, draft)
             return "finished"
         return "training"
+
+    def _pods_blocked(
+        self, ref: b.JobRef, job: dict[str, Any], view: st.ChildJobView, pods: int
+    ) -> tuple[str, str] | None:
+        """(reason, message) when a running child Job has fewer pods than it needs and the
+        Job controller reported that the API server refuses to create them."""
+        if view.suspended or view.complete or view.failed_reason or view.active >= int(pods):
+            return None
+        meta = job.get("metadata") or {}
+        failure = self.kube.pod_creation_failure(ref.namespace, str(meta.get("uid") or ""))
+        return st.pod_creation_blocked(str(meta.get("name")), failure) if failure else None
+
+    @staticmethod
+    def _say_blocked(draft: StatusDraft, ctype: str, blocked: tuple[str, str]) -> None:
+        """The condition (kept current) and one Warning Event each time pods become blocked."""
+        before = st.get_condition(draft.old.get("conditions") or [], ctype) or {}
+        draft.condition(ctype, "False", *blocked)
+        if before.get("reason") != blocked[0]:
+            draft.events.append(("Warning", *blocked))
 
     def _copy_live_metrics(
         self, ref: b.JobRef, ip: str, draft: StatusDraft

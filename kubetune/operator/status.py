@@ -196,6 +196,24 @@ def training_outcome(view: ChildJobView, nodes: int, termination: str | None) ->
     return Outcome(conditions=[("Suspended", "False", "Resumed", "not suspended")])
 
 
+def pod_creation_blocked(job: str, event_message: str) -> tuple[str, str]:
+    """(reason, message) for a Job whose pods the API server refuses, with what to do."""
+    hint = "fix the cause; the Job controller keeps retrying and the run starts once it can"
+    text = event_message.lower()
+    if "hostpath" in text and "podsecurity" in text:
+        hint = (
+            "a file:// URI is mounted as a hostPath volume (the default spec.output.uri is "
+            "one), which this namespace's Pod Security level forbids: set spec.output.uri "
+            "(and any file:// spec.model.from or spec.augmentation.modelUri) to a pvc:// "
+            "claim, then delete and re-create the FineTuneJob"
+        )
+    elif "podsecurity" in text:
+        hint = "this namespace's Pod Security level refuses the pods; " + hint
+    elif "exceeded quota" in text:
+        hint = "the namespace's ResourceQuota is used up; free some or raise it: " + hint
+    return "PodCreationFailed", f"Job {job} cannot create its pods: {event_message} ({hint})"
+
+
 def _early_stop_from(termination: str | None) -> tuple[str, str] | None:
     """The trainer writes `{"earlyStop": {"reason": ..., "message": ...}}` when it stopped
     early; anything else means a normal finish."""

@@ -609,3 +609,45 @@ def test_a_model_that_cannot_fit_even_with_full_offload_fails_before_any_pod(
     _assert_settled(api, namespace, "huge")
     assert _job_or_none(api, namespace, "huge-train") is None
     assert not api["core"].list_namespaced_pod(namespace).items
+
+
+# ---- pods the API server refuses -------------------------------------------------------------
+
+
+def test_pods_refused_by_pod_security_are_named_with_the_field_to_change(
+    operator: OperatorProcess, api: dict[str, Any], namespace: str
+) -> None:
+    """A namespace at Pod Security `baseline` refuses the default file:// output (a hostPath):
+    the training Job exists but cannot create its pods. The FineTuneJob says so (Running
+    False, PodCreationFailed, the server's words and spec.output.uri), with one Warning
+    Event, and does not fail: the Job controller keeps retrying."""
+    api["core"].patch_namespace(
+        namespace,
+        {
+            "metadata": {
+                "labels": {
+                    "pod-security.kubernetes.io/enforce": "baseline",
+                    "pod-security.kubernetes.io/enforce-version": "latest",
+                }
+            }
+        },
+    )
+    _create(api, namespace, _ftj("pss"))
+
+    def blocked() -> dict[str, Any] | None:
+        c = _cond(_get(api, namespace, "pss"), "Running")
+        return c if c and c["reason"] == "PodCreationFailed" else None
+
+    cond = wait_for(blocked, 60, "Running=False/PodCreationFailed")
+    assert cond is not None
+    assert cond["status"] == "False"
+    assert cond["message"].startswith("Job pss-train cannot create its pods: ")
+    assert "violates PodSecurity" in cond["message"]
+    assert "hostPath" in cond["message"]
+    assert "set spec.output.uri" in cond["message"]
+    assert (
+        api["core"].list_namespaced_pod(namespace, label_selector="job-name=pss-train").items == []
+    )
+    time.sleep(6)  # three resync rounds: the condition stays, no failure, no repeated Event
+    assert _cond(_get(api, namespace, "pss"), "Failed") is None
+    assert _events(api, namespace, "pss").count("PodCreationFailed") == 1

@@ -665,3 +665,92 @@ def test_auto_decisions_go_into_the_plan_once_with_the_switched_method() -> None
     assert added_again == []
     assert apply_decisions(None, decisions) == (None, [])
     assert apply_decisions(plan, {"not": "a list"}) == (plan, [])
+
+
+PSS_REFUSAL = (
+    'Error creating: pods "j-train-0-x2x4k" is forbidden: violates PodSecurity '
+    '"baseline:latest": hostPath volumes (volume "output-host")'
+)
+
+
+@pytest.mark.parametrize(
+    ("event", "says"),
+    [
+        (PSS_REFUSAL, "set spec.output.uri (and any file:// spec.model.from"),
+        (
+            'Error creating: pods "p" is forbidden: violates PodSecurity "restricted:latest": '
+            "allowPrivilegeEscalation != false",
+            "this namespace's Pod Security level refuses the pods",
+        ),
+        (
+            'Error creating: pods "p" is forbidden: exceeded quota: gpus, requested: '
+            "requests.nvidia.com/gpu=8, used: requests.nvidia.com/gpu=8, limited: "
+            "requests.nvidia.com/gpu=8",
+            "the namespace's ResourceQuota is used up",
+        ),
+        ('Error creating: admission webhook "x" denied the request', "fix the cause"),
+    ],
+)
+def test_refused_pods_are_named_with_the_server_message_and_what_to_do(
+    event: str, says: str
+) -> None:
+    from kubetune.operator.status import pod_creation_blocked
+
+    reason, message = pod_creation_blocked("j-train", event)
+    assert reason == "PodCreationFailed"
+    assert message.startswith(f"Job j-train cannot create its pods: {event} (")
+    assert says in message
+    assert "keeps retrying" in message or "re-create the FineTuneJob" in message
+
+
+class _RefusingKube:
+    def __init__(self, failure: str | None) -> None:
+        self.failure, self.asked = failure, 0
+
+    def pod_creation_failure(self, namespace: str, job_uid: str) -> str | None:
+        assert (namespace, job_uid) == ("ns", "job-uid")
+        self.asked += 1
+        return self.failure
+
+
+@pytest.mark.parametrize(
+    ("active", "suspended", "failure", "blocked"),
+    [
+        (0, False, PSS_REFUSAL, True),
+        (1, False, PSS_REFUSAL, True),  # 1 of 2 pods: the run cannot rendezvous
+        (2, False, PSS_REFUSAL, False),  # every pod exists: an old Event is history
+        (0, True, PSS_REFUSAL, False),  # suspended: no pods are wanted
+        (0, False, None, False),  # the pods are merely not created yet
+    ],
+)
+def test_the_reconciler_reports_refused_pods_once_and_keeps_the_message_current(
+    active: int, suspended: bool, failure: str | None, blocked: bool
+) -> None:
+    from kubetune.operator import builders as b
+    from kubetune.operator.reconcile import Reconciler, StatusDraft
+    from kubetune.operator.settings import OperatorSettings
+
+    kube = _RefusingKube(failure)
+    rec = Reconciler(kube, OperatorSettings())  # type: ignore[arg-type]
+    ref = b.JobRef("j", "ns", "uid", 1)
+    job = {"metadata": {"name": "j-train", "uid": "job-uid"}}
+    view = ChildJobView(exists=True, active=active, suspended=suspended)
+    found = rec._pods_blocked(ref, job, view, 2)
+    assert (found is not None) is blocked
+    assert kube.asked == (0 if active >= 2 or suspended else 1)
+    if found is None:
+        return
+    draft = StatusDraft(ref=ref, old={})
+    rec._say_blocked(draft, "Running", found)
+    cond = get_condition(draft.conditions, "Running")
+    assert cond is not None
+    assert (cond["status"], cond["reason"]) == ("False", "PodCreationFailed")
+    assert draft.events == [("Warning", "PodCreationFailed", found[1])]
+    # The next reconcile (a retry names another pod): the message follows, no new Event.
+    again = StatusDraft(ref=ref, old=draft.new)
+    retry = (found[0], found[1].replace("x2x4k", "q7b9z"))
+    rec._say_blocked(again, "Running", retry)
+    cond = get_condition(again.conditions, "Running")
+    assert cond is not None
+    assert "q7b9z" in cond["message"]
+    assert again.events == []

@@ -435,13 +435,15 @@ def test_method_alternative_says_a_requested_learning_rate_trains_the_full_weigh
     request = PlanRequest(learning_rate=3e-3)
     plan = make_plan(dataset, model, BIG, request)
     full, why = method_alternative(dataset, model, BIG, request, plan)
-    assert full is not None and why is not None
+    assert full is not None
+    assert why is not None
     assert full.hyperparameters.learning_rate == plan.hyperparameters.learning_rate == 3e-3
     assert "requested learning rate (0.003) trains the full weights too" in why
     _, unset = method_alternative(
         dataset, model, BIG, PlanRequest(), make_plan(dataset, model, BIG, PlanRequest())
     )
-    assert unset is not None and "requested learning rate" not in unset
+    assert unset is not None
+    assert "requested learning rate" not in unset
 
 
 def test_method_alternative_only_for_method_auto_and_only_when_full_fits() -> None:

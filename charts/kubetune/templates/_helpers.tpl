@@ -64,10 +64,11 @@ calls (kubetune/operator/k8s.py). Kopf runs with --standalone: no peering object
 rights on kopf.dev peerings.
 */}}
 {{- define "kubetune.rules.framework.namespaced" -}}
-# Framework (Kopf and our reconciler): post Events on FineTuneJobs (kubectl describe ftj).
+# Framework (Kopf and our reconciler): post Events on FineTuneJobs (kubectl describe ftj);
+# list a child Job's FailedCreate Events to say why its pods are refused.
 - apiGroups: [""]
   resources: [events]
-  verbs: [create]
+  verbs: [create, list]
 {{- end -}}
 
 {{- define "kubetune.rules.application" -}}
