@@ -125,6 +125,13 @@ CONFIGS = [
     Config("full+auto", "Full", FULL_LR, False, {}, True),
 ]
 
+#: Run only when named in --only: the Auto switch's run (Full, remedies Auto, early stopping)
+#: at lower learning rates than the quickstart's 3e-3 (docs/evidence.md).
+EXTRA_CONFIGS = [
+    Config("switch@1e-3", "Full", 1e-3, True, {}),
+    Config("switch@3e-4", "Full", 3e-4, True, {}),
+]
+
 
 def quickstart_rows() -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     path = ROOT / "examples" / "data" / "make_quickstart.py"
@@ -335,7 +342,7 @@ def _mean_sd(values: list[float]) -> str:
 
 
 def table(results: list[Result], base: dict[str, Any]) -> tuple[str, dict[str, dict[str, float]]]:
-    names = [c.name for c in CONFIGS if any(r.config == c.name for r in results)]
+    names = [c.name for c in [*CONFIGS, *EXTRA_CONFIGS] if any(r.config == c.name for r in results)]
     means: dict[str, dict[str, float]] = {}
     lines = [
         "| configuration | method | held-out target ppl | general ppl ratio | "
@@ -409,7 +416,7 @@ def plot(results: list[Result], base: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, c in enumerate(CONFIGS):
+    for i, c in enumerate([*CONFIGS, *EXTRA_CONFIGS]):
         rs = [r for r in results if r.config == c.name and r.error is None]
         if not rs:
             continue
@@ -456,6 +463,7 @@ def main() -> int:
         train, val = train[:40], val[:8]
     only = {s for s in args.only.split(",") if s}
     configs = [c for c in CONFIGS if not only or c.name in only]
+    configs += [c for c in EXTRA_CONFIGS if c.name in only]
     with tempfile.TemporaryDirectory(prefix="kubetune-small-data-") as tmp:
         work = Path(tmp)
         train_path, val_path = work / "train.jsonl", work / "validation.jsonl"
