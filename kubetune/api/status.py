@@ -15,7 +15,15 @@ from pydantic import ConfigDict, Field
 from kubetune.api._types import StatusModel
 
 JobState = Literal[
-    "Pending", "Planning", "Planned", "Running", "Suspended", "Stopping", "Succeeded", "Failed"
+    "Pending",
+    "Planning",
+    "Planned",
+    "Blocked",
+    "Running",
+    "Suspended",
+    "Stopping",
+    "Succeeded",
+    "Failed",
 ]
 ConditionStatus = Literal["True", "False", "Unknown"]
 ResolvedMethod = Literal["Full", "Partial", "LoRA", "Prefix"]
@@ -54,6 +62,7 @@ ConditionReason = Literal[
     "ChildConflict",
     "InputNotFound",
     "PodCreationFailed",
+    "Preparing",
     "Resumed",
     "EarlyStopped",
 ]

@@ -37,6 +37,8 @@ class Kube:
         self.core = client.CoreV1Api(self.api)
         self.batch = client.BatchV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
+        #: (namespace, HTTP status) of Event reads already logged as failing.
+        self._event_errors: set[tuple[str, int]] = set()
         self.coordination = client.CoordinationV1Api(self.api)
         self.requests = 0
         self._lock = threading.Lock()
@@ -213,24 +215,59 @@ class Kube:
                     best = (finished, term.message)
         return best[1] if best else None
 
-    def pod_creation_failure(self, namespace: str, job_uid: str) -> str | None:
-        """The newest `FailedCreate` Event of a Job (its pods refused: Pod Security, a
-        quota, an admission webhook), or None; None too when RBAC hides Events."""
+    def pod_creation_failure(self, namespace: str, job: dict[str, Any]) -> str | None:
+        """The Job's current `FailedCreate` Event (its pods refused: Pod Security, a quota,
+        an admission webhook), or None. Events from before the Job's (re)start or its newest
+        pod are history. Best effort: an API error (403 when RBAC hides Events) is logged
+        and read as None, so it never stops the reconcile."""
+        from kubetune.operator.status import current_creation_failure, parse_time
+
+        meta, status = job.get("metadata") or {}, job.get("status") or {}
         self._count()
         try:
             events = self.core.list_namespaced_event(
-                namespace, field_selector=f"involvedObject.uid={job_uid},reason=FailedCreate"
+                namespace,
+                field_selector=f"involvedObject.uid={meta.get('uid')},reason=FailedCreate",
+            ).items
+            if not events:
+                return None
+            self._count()
+            pods = self.core.list_namespaced_pod(
+                namespace, label_selector=f"job-name={meta.get('name')}"
             ).items
         except ApiException as exc:
-            if exc.status == 403:
-                return None
-            raise
-        newest: tuple[str, str] | None = None
-        for e in events:
-            when = str(e.last_timestamp or e.event_time or e.metadata.creation_timestamp or "")
-            if e.message and (newest is None or when >= newest[0]):
-                newest = (when, str(e.message))
-        return newest[1] if newest else None
+            if (namespace, exc.status) not in self._event_errors:
+                self._event_errors.add((namespace, exc.status))
+                log.warning(
+                    "cannot read the FailedCreate Events of Job %s/%s (%s %s): refused pods "
+                    "will not be reported%s",
+                    namespace,
+                    meta.get("name"),
+                    exc.status,
+                    exc.reason,
+                    "; grant list on events" if exc.status == 403 else "",
+                )
+            return None
+        return current_creation_failure(
+            [
+                (
+                    max(
+                        t
+                        for t in (
+                            e.series.last_observed_time if e.series else None,
+                            e.last_timestamp,
+                            e.event_time,
+                            e.metadata.creation_timestamp,
+                        )
+                        if t is not None
+                    ),
+                    str(e.message or ""),
+                )
+                for e in events
+            ],
+            since=parse_time(status.get("startTime")),
+            newest_pod=max((p.metadata.creation_timestamp for p in pods), default=None),
+        )
 
     def pod0_ip(self, namespace: str, job_name: str) -> str | None:
         self._count()

@@ -11,10 +11,11 @@ import os
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any, cast, get_args
 
 import kopf
 
+from kubetune.api.status import JobState
 from kubetune.operator import metrics
 from kubetune.operator.builders import GROUP, JOB_LABEL, VERSION
 from kubetune.operator.k8s import PLURAL, Kube
@@ -114,16 +115,7 @@ def _run(namespace: str | None, name: str) -> None:
     counts: dict[str, int] = {}
     for state in _reconciler().states.values():
         counts[state] = counts.get(state, 0) + 1
-    for state in (
-        "Pending",
-        "Planning",
-        "Planned",
-        "Running",
-        "Suspended",
-        "Stopping",
-        "Succeeded",
-        "Failed",
-    ):
+    for state in get_args(JobState):
         metrics.JOBS.labels(state=state).set(counts.get(state, 0))
 
 

@@ -309,6 +309,15 @@ class Reconciler:
             blocked = self._pods_blocked(ref, job, view, 1)
             if blocked:
                 self._say_blocked(draft, "Planned", blocked)
+            elif (st.get_condition(draft.conditions, "Planned") or {}).get(
+                "reason"
+            ) == "PodCreationFailed" and (view.active or view.succeeded):
+                draft.condition(
+                    "Planned",
+                    "False",
+                    "Preparing",
+                    f"{b.prepare_name(ref)} reads the data and the model config and plans",
+                )
             return None
         message = self.kube.termination_message(ref.namespace, b.prepare_name(ref), None)
         if not message:
@@ -348,16 +357,29 @@ class Reconciler:
         view = st.view_job(job)
         applied = ((job.get("metadata") or {}).get("annotations") or {}).get(b.SUSPEND_ANNOTATION)
         wanted = str(bool(spec.suspend)).lower()
+        resumed_now = False
         if view.exists and applied != wanted and not (view.complete or view.failed_reason):
             # spec.suspend changed since we last applied it: apply it (and remember it).
             self.kube.set_job_suspend(ref.namespace, name, bool(spec.suspend), wanted)
             view = st.ChildJobView(**{**view.__dict__, "suspended": bool(spec.suspend)})
+            resumed_now = not spec.suspend
         if view.start_time and "startTime" not in draft.new:
             draft.new["startTime"] = view.start_time
         running = view.active > 0 and not (view.complete or view.failed_reason)
+        # Pods the API server refuses: the run cannot start (or rendezvous), so that is what
+        # `Running` says, set once per reconcile, and there is nothing to ask to stop.
+        # (Not in the reconcile that resumes the Job: its status.startTime, which dates the
+        # refusals that still hold, is the one from before the suspension.)
+        blocked = (
+            None
+            if resumed_now
+            else self._pods_blocked(
+                ref, job, view, int(spec.resources.num_nodes), bool(spec.stop_requested)
+            )
+        )
         # Rank 0's address, looked up once for the stop request and the live metrics.
         ip = self.kube.pod0_ip(ref.namespace, name) if running else None
-        if spec.stop_requested and not (view.complete or view.failed_reason):
+        if spec.stop_requested and not (view.complete or view.failed_reason or blocked):
             self._request_stop(ref, draft, ip)
         if ip:
             scraped = self._copy_live_metrics(ref, ip, draft)
@@ -371,12 +393,9 @@ class Reconciler:
             else None
         )
         outcome = st.training_outcome(view, int(spec.resources.num_nodes), termination)
-        blocked = (
-            None
-            if outcome.finished
-            else self._pods_blocked(ref, job, view, spec.resources.num_nodes)
-        )
         for ctype, cstatus, reason, message in outcome.conditions:
+            if blocked and ctype == "Running":
+                continue
             if (
                 ctype == "EarlyStopped"
                 and cstatus == "True"
@@ -389,7 +408,7 @@ class Reconciler:
                 draft.condition(ctype, cstatus, reason, message)
         if blocked:
             self._say_blocked(draft, "Running", blocked)
-        if spec.stop_requested and not outcome.finished:
+        elif spec.stop_requested and not outcome.finished:
             draft.condition(
                 "Running",
                 "True",
@@ -406,15 +425,24 @@ class Reconciler:
         return "training"
 
     def _pods_blocked(
-        self, ref: b.JobRef, job: dict[str, Any], view: st.ChildJobView, pods: int
+        self,
+        ref: b.JobRef,
+        job: dict[str, Any],
+        view: st.ChildJobView,
+        pods: int,
+        stop_requested: bool = False,
     ) -> tuple[str, str] | None:
-        """(reason, message) when a running child Job has fewer pods than it needs and the
-        Job controller reported that the API server refuses to create them."""
-        if view.suspended or view.complete or view.failed_reason or view.active >= int(pods):
+        """(reason, message) when an unfinished child Job has fewer pods than it needs
+        (running or done) and the Job controller reports that the API server refuses them."""
+        if view.suspended or view.complete or view.failed_reason:
             return None
-        meta = job.get("metadata") or {}
-        failure = self.kube.pod_creation_failure(ref.namespace, str(meta.get("uid") or ""))
-        return st.pod_creation_blocked(str(meta.get("name")), failure) if failure else None
+        if view.active + view.succeeded >= pods:
+            return None
+        failure = self.kube.pod_creation_failure(ref.namespace, job)
+        if not failure:
+            return None
+        name = str((job.get("metadata") or {}).get("name"))
+        return st.pod_creation_blocked(name, failure, stop_requested)
 
     @staticmethod
     def _say_blocked(draft: StatusDraft, ctype: str, blocked: tuple[str, str]) -> None:

@@ -66,6 +66,11 @@ def state_of(conditions: list[dict[str, Any]], has_plan: bool, planning: bool) -
         return "Succeeded"
     if is_true(conditions, "Suspended"):
         return "Suspended"
+    if any(
+        (get_condition(conditions, t) or {}).get("reason") == "PodCreationFailed"
+        for t in ("Running", "Planned")
+    ):
+        return "Blocked"
     if is_true(conditions, "Running"):
         running = get_condition(conditions, "Running") or {}
         return "Stopping" if running.get("reason") == "StopRequested" else "Running"
@@ -196,21 +201,51 @@ def training_outcome(view: ChildJobView, nodes: int, termination: str | None) ->
     return Outcome(conditions=[("Suspended", "False", "Resumed", "not suspended")])
 
 
-def pod_creation_blocked(job: str, event_message: str) -> tuple[str, str]:
+def parse_time(value: str | None) -> dt.datetime | None:
+    """An RFC 3339 time of the API (`2024-05-06T07:08:09Z`), or None."""
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
+
+
+def current_creation_failure(
+    events: list[tuple[dt.datetime, str]],
+    since: dt.datetime | None,
+    newest_pod: dt.datetime | None,
+) -> str | None:
+    """The newest FailedCreate message that still holds: not older than the Job's (re)start
+    (`since`, its status.startTime, which a resume resets) nor than its newest pod (a pod
+    created after a refusal means the refusal ended)."""
+    floor = max((t for t in (since, newest_pod) if t is not None), default=None)
+    current = [(t, m) for t, m in events if m and (floor is None or t >= floor)]
+    return max(current, key=lambda e: e[0])[1] if current else None
+
+
+#: The hostPath volumes a FineTuneJob's pods can have, by name (builders.storage_for).
+_HOST_VOLUMES = {
+    '"output-host"': "spec.output.uri (its default is a file:// URI)",
+    '"previous-host"': "spec.model.from",
+}
+
+
+def pod_creation_blocked(
+    job: str, event_message: str, stop_requested: bool = False
+) -> tuple[str, str]:
     """(reason, message) for a Job whose pods the API server refuses, with what to do."""
-    hint = "fix the cause; the Job controller keeps retrying and the run starts once it can"
+    hint = "the Job controller keeps retrying and the run starts once the cause is fixed"
     text = event_message.lower()
     if "hostpath" in text and "podsecurity" in text:
+        named = [f for volume, f in _HOST_VOLUMES.items() if volume in event_message]
+        fields = " and ".join(named or _HOST_VOLUMES.values())
         hint = (
-            "a file:// URI is mounted as a hostPath volume (the default spec.output.uri is "
-            "one), which this namespace's Pod Security level forbids: set spec.output.uri "
-            "(and any file:// spec.model.from or spec.augmentation.modelUri) to a pvc:// "
-            "claim, then delete and re-create the FineTuneJob"
+            "a file:// URI is mounted as a hostPath volume, which this namespace's Pod "
+            f"Security level forbids: set {fields} to a pvc:// claim, then delete and "
+            "re-create the FineTuneJob"
         )
     elif "podsecurity" in text:
         hint = "this namespace's Pod Security level refuses the pods; " + hint
     elif "exceeded quota" in text:
-        hint = "the namespace's ResourceQuota is used up; free some or raise it: " + hint
+        hint = "the namespace's ResourceQuota is used up: free some or raise it; " + hint
+    if stop_requested:
+        hint += "; spec.stopRequested is true but no pod runs to stop: delete the FineTuneJob"
     return "PodCreationFailed", f"Job {job} cannot create its pods: {event_message} ({hint})"
 
 

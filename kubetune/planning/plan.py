@@ -1059,7 +1059,8 @@ def method_alternative(
         if request.learning_rate is None
         else f" The requested learning rate ({request.learning_rate:g}) trains the full "
         "weights too; they usually want a lower one than an adapter (3x lower on kubetune's "
-        "benchmark model, about 10x in the literature): name the method to tune it for one."
+        "benchmark model, about 10x in the literature): set spec.method.type to tune a rate "
+        "for one method."
     )
     return full, (
         f"Method by evidence: switches to Full fine-tuning (ZeRO-{full.zero_stage}, "

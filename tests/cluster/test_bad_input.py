@@ -651,3 +651,59 @@ def test_pods_refused_by_pod_security_are_named_with_the_field_to_change(
     time.sleep(6)  # three resync rounds: the condition stays, no failure, no repeated Event
     assert _cond(_get(api, namespace, "pss"), "Failed") is None
     assert _events(api, namespace, "pss").count("PodCreationFailed") == 1
+
+
+def test_pods_refused_by_a_quota_are_reported_and_the_runs_start_once_it_is_gone(
+    operator: OperatorProcess, api: dict[str, Any], namespace: str
+) -> None:
+    """A ResourceQuota of zero pods refuses the prepare pod of one job (a pvc:// dataset is
+    read in a pod) and the training pods of another: both say so (state Blocked) and neither
+    fails. Once the quota is deleted the Job controller's retries create the pods and the
+    conditions move on (Planned=False/Preparing; Running=True)."""
+    api["core"].create_namespaced_resource_quota(
+        namespace, {"metadata": {"name": "no-pods"}, "spec": {"hard": {"pods": "0"}}}
+    )
+    _create(api, namespace, _ftj("quota-train"))
+    _create(
+        api,
+        namespace,
+        _ftj("quota-prep", dataset={"uri": "pvc://quota-data/train.jsonl"}),
+        rows=None,
+    )
+
+    def reason(name: str, ctype: str) -> str | None:
+        c = _cond(_get(api, namespace, name), ctype)
+        return c["reason"] if c else None
+
+    def both_blocked() -> bool:
+        return (
+            reason("quota-train", "Running")
+            == reason("quota-prep", "Planned")
+            == "PodCreationFailed"
+        )
+
+    wait_for(both_blocked, 60, "both jobs Blocked by the quota")
+    for name, ctype, job in (
+        ("quota-train", "Running", "quota-train-train"),
+        ("quota-prep", "Planned", "quota-prep-prepare"),
+    ):
+        obj = _get(api, namespace, name)
+        cond = _cond(obj, ctype)
+        assert cond is not None
+        assert obj["status"]["state"] == "Blocked"
+        assert cond["message"].startswith(f"Job {job} cannot create its pods: ")
+        assert "exceeded quota" in cond["message"]
+        assert "the namespace's ResourceQuota is used up" in cond["message"]
+        assert _cond(obj, "Failed") is None
+        assert _events(api, namespace, name).count("PodCreationFailed") == 1
+    api["core"].delete_namespaced_resource_quota("no-pods", namespace)
+    wait_for(
+        lambda: (
+            reason("quota-train", "Running") == "Training"
+            and reason("quota-prep", "Planned") != "PodCreationFailed"
+        ),
+        150,
+        "the pods created once the quota is gone",
+    )
+    assert _get(api, namespace, "quota-train")["status"]["state"] == "Running"
+    assert reason("quota-prep", "Planned") in ("Preparing", "PlanReady")

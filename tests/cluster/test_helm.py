@@ -347,8 +347,8 @@ def test_the_operator_account_can_do_what_it_needs_and_no_more(
         ("list", "customresourcedefinitions", "", "apiextensions.k8s.io", ""),
         ("watch", "customresourcedefinitions", "", "apiextensions.k8s.io", ""),
         ("create", "events", jobs_ns, "", ""),
-        ("list", "events", jobs_ns, "", ""),  # a child Job's FailedCreate
         # Application: watching and reconciling FineTuneJobs in every namespace.
+        ("list", "events", jobs_ns, "", ""),  # a child Job's FailedCreate
         ("list", "finetunejobs", "", "kubetune.dev", ""),
         ("watch", "finetunejobs", "", "kubetune.dev", ""),
         ("patch", "finetunejobs", other_ns, "kubetune.dev", ""),

@@ -676,7 +676,7 @@ PSS_REFUSAL = (
 @pytest.mark.parametrize(
     ("event", "says"),
     [
-        (PSS_REFUSAL, "set spec.output.uri (and any file:// spec.model.from"),
+        (PSS_REFUSAL, "set spec.output.uri (its default is a file:// URI) to a pvc:// claim"),
         (
             'Error creating: pods "p" is forbidden: violates PodSecurity "restricted:latest": '
             "allowPrivilegeEscalation != false",
@@ -688,7 +688,7 @@ PSS_REFUSAL = (
             "requests.nvidia.com/gpu=8",
             "the namespace's ResourceQuota is used up",
         ),
-        ('Error creating: admission webhook "x" denied the request', "fix the cause"),
+        ('Error creating: admission webhook "x" denied the request', "starts once the cause"),
     ],
 )
 def test_refused_pods_are_named_with_the_server_message_and_what_to_do(
@@ -704,13 +704,62 @@ def test_refused_pods_are_named_with_the_server_message_and_what_to_do(
 
 
 class _RefusingKube:
-    def __init__(self, failure: str | None) -> None:
-        self.failure, self.asked = failure, 0
+    """The calls `Reconciler._train` makes for an existing, owned training Job."""
 
-    def pod_creation_failure(self, namespace: str, job_uid: str) -> str | None:
-        assert (namespace, job_uid) == ("ns", "job-uid")
+    def __init__(self, failure: str | None, active: int = 0, suspend: bool = False) -> None:
+        self.failure, self.asked = failure, 0
+        self.job = {
+            "metadata": {
+                "name": "j-train",
+                "uid": "job-uid",
+                "ownerReferences": [{"uid": "uid"}],
+                "annotations": {"kubetune.dev/applied-suspend": str(suspend).lower()},
+            },
+            "spec": {"suspend": suspend},
+            "status": {"active": active, "startTime": "2024-05-06T07:08:09Z"},
+        }
+
+    def pod_creation_failure(self, namespace: str, job: dict[str, Any]) -> str | None:
+        assert (namespace, job["metadata"]["uid"]) == ("ns", "job-uid")
         self.asked += 1
         return self.failure
+
+    def get_job(self, namespace: str, name: str) -> dict[str, Any]:
+        return self.job
+
+    def pod0_ip(self, namespace: str, name: str) -> str | None:
+        return None  # rank 0 is not running yet (or has no address): no scrape
+
+    def termination_message(self, *args: Any) -> str | None:
+        raise AssertionError("the Job has not finished")
+
+
+def _train_once(
+    kube: _RefusingKube, old: dict[str, Any], stop: bool = False, suspend: bool = False
+) -> Any:
+    from kubetune.api import parse_job
+    from kubetune.operator import builders as b
+    from kubetune.operator.reconcile import Reconciler, StatusDraft
+    from kubetune.operator.settings import OperatorSettings
+
+    spec = parse_job(
+        {
+            "apiVersion": "kubetune.dev/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": "j", "namespace": "ns"},
+            "spec": {
+                "model": {"uri": "hf://gpt2"},
+                "dataset": {"uri": "pvc://d/t.jsonl"},
+                "resources": {"numNodes": 2, "gpusPerNode": 8},
+                "stopRequested": stop,
+                "suspend": suspend,
+            },
+        }
+    ).spec
+    rec = Reconciler(kube, OperatorSettings())  # type: ignore[arg-type]
+    draft = StatusDraft(ref=b.JobRef("j", "ns", "uid", 1), old=old)
+    assert rec._train(draft.ref, spec, {}, draft) == "training"
+    return draft
 
 
 @pytest.mark.parametrize(
@@ -718,7 +767,7 @@ class _RefusingKube:
     [
         (0, False, PSS_REFUSAL, True),
         (1, False, PSS_REFUSAL, True),  # 1 of 2 pods: the run cannot rendezvous
-        (2, False, PSS_REFUSAL, False),  # every pod exists: an old Event is history
+        (2, False, PSS_REFUSAL, False),  # every pod exists: the refusal is history
         (0, True, PSS_REFUSAL, False),  # suspended: no pods are wanted
         (0, False, None, False),  # the pods are merely not created yet
     ],
@@ -726,31 +775,83 @@ class _RefusingKube:
 def test_the_reconciler_reports_refused_pods_once_and_keeps_the_message_current(
     active: int, suspended: bool, failure: str | None, blocked: bool
 ) -> None:
-    from kubetune.operator import builders as b
-    from kubetune.operator.reconcile import Reconciler, StatusDraft
-    from kubetune.operator.settings import OperatorSettings
-
-    kube = _RefusingKube(failure)
-    rec = Reconciler(kube, OperatorSettings())  # type: ignore[arg-type]
-    ref = b.JobRef("j", "ns", "uid", 1)
-    job = {"metadata": {"name": "j-train", "uid": "job-uid"}}
-    view = ChildJobView(exists=True, active=active, suspended=suspended)
-    found = rec._pods_blocked(ref, job, view, 2)
-    assert (found is not None) is blocked
+    kube = _RefusingKube(failure, active, suspended)
+    draft = _train_once(kube, {}, suspend=suspended)
     assert kube.asked == (0 if active >= 2 or suspended else 1)
-    if found is None:
-        return
-    draft = StatusDraft(ref=ref, old={})
-    rec._say_blocked(draft, "Running", found)
     cond = get_condition(draft.conditions, "Running")
+    if not blocked:
+        assert cond is None or cond["reason"] != "PodCreationFailed"
+        assert not any(e[1] == "PodCreationFailed" for e in draft.events)
+        return
     assert cond is not None
     assert (cond["status"], cond["reason"]) == ("False", "PodCreationFailed")
-    assert draft.events == [("Warning", "PodCreationFailed", found[1])]
-    # The next reconcile (a retry names another pod): the message follows, no new Event.
-    again = StatusDraft(ref=ref, old=draft.new)
-    retry = (found[0], found[1].replace("x2x4k", "q7b9z"))
-    rec._say_blocked(again, "Running", retry)
+    assert cond["message"].startswith(f"Job j-train cannot create its pods: {failure} (")
+    assert draft.events == [("Warning", "PodCreationFailed", cond["message"])]
+    assert state_of(draft.conditions, True, False) == "Blocked"
+    # The next reconcile (a retry names another pod): one Running condition, the message
+    # follows, no Event, nothing else changes (no flip through Running=True/Training).
+    kube.failure = (failure or "").replace("x2x4k", "q7b9z")
+    again = _train_once(kube, draft.new)
+    assert again.events == []
     cond = get_condition(again.conditions, "Running")
     assert cond is not None
     assert "q7b9z" in cond["message"]
+    third = _train_once(kube, again.new)
+    assert third.events == []
+    assert not third.changed()
+
+
+def test_a_stop_request_while_pods_are_refused_says_there_is_nothing_to_stop() -> None:
+    kube = _RefusingKube(PSS_REFUSAL)
+    draft = _train_once(kube, {}, stop=True)
+    cond = get_condition(draft.conditions, "Running")
+    assert cond is not None
+    assert (cond["status"], cond["reason"]) == ("False", "PodCreationFailed")
+    assert "no pod runs to stop: delete the FineTuneJob" in cond["message"]
+    assert [e[1] for e in draft.events] == ["PodCreationFailed"]
+    again = _train_once(kube, draft.new, stop=True)
     assert again.events == []
+    assert not again.changed()
+
+
+def test_the_hostpath_hint_names_the_fields_whose_volumes_were_refused() -> None:
+    from kubetune.operator.status import pod_creation_blocked
+
+    both = PSS_REFUSAL.replace('(volume "output-host")', '(volumes "output-host", "previous-host")')
+    _, message = pod_creation_blocked("j-train", both)
+    assert "set spec.output.uri (its default is a file:// URI) and spec.model.from to a pvc://" in (
+        message
+    )
+    _, message = pod_creation_blocked(
+        "j-train", PSS_REFUSAL.replace("output-host", "previous-host")
+    )
+    assert "set spec.model.from to a pvc:// claim" in message
+
+
+T = dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=dt.UTC)
+
+
+@pytest.mark.parametrize(
+    ("events", "since", "newest_pod", "expected"),
+    [
+        ([], None, None, None),
+        ([(T, "a")], None, None, "a"),
+        ([(T, "a"), (T + dt.timedelta(seconds=5), "b")], None, None, "b"),
+        ([(T, "a")], T + dt.timedelta(seconds=1), None, None),  # before the (re)start
+        ([(T, "a")], T, None, "a"),  # the same second as the start still holds
+        ([(T, "a")], None, T + dt.timedelta(seconds=1), None),  # a pod came after it
+        ([(T + dt.timedelta(seconds=9), "a")], T, T + dt.timedelta(seconds=1), "a"),
+        ([(T, "")], None, None, None),
+    ],
+)
+def test_only_a_refusal_newer_than_the_start_and_the_newest_pod_holds(
+    events: list[tuple[dt.datetime, str]],
+    since: dt.datetime | None,
+    newest_pod: dt.datetime | None,
+    expected: str | None,
+) -> None:
+    from kubetune.operator.status import current_creation_failure, parse_time
+
+    assert current_creation_failure(events, since, newest_pod) == expected
+    assert parse_time("2024-05-06T07:08:09Z") == T
+    assert parse_time(None) is None

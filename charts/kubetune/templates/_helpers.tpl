@@ -64,11 +64,10 @@ calls (kubetune/operator/k8s.py). Kopf runs with --standalone: no peering object
 rights on kopf.dev peerings.
 */}}
 {{- define "kubetune.rules.framework.namespaced" -}}
-# Framework (Kopf and our reconciler): post Events on FineTuneJobs (kubectl describe ftj);
-# list a child Job's FailedCreate Events to say why its pods are refused.
+# Framework (Kopf and our reconciler): post Events on FineTuneJobs (kubectl describe ftj).
 - apiGroups: [""]
   resources: [events]
-  verbs: [create, list]
+  verbs: [create]
 {{- end -}}
 
 {{- define "kubetune.rules.application" -}}
@@ -86,6 +85,11 @@ rights on kopf.dev peerings.
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [get, list, watch, create, patch]
+# Application: a child Job's FailedCreate Events (why the API server refuses its pods). RBAC
+# cannot narrow a list to them: cluster-wide installs may list every namespace's Events.
+- apiGroups: [""]
+  resources: [events]
+  verbs: [list]
 # Application: rank 0's address and the pods' termination messages.
 - apiGroups: [""]
   resources: [pods]
