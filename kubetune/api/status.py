@@ -63,6 +63,7 @@ ConditionReason = Literal[
     "InputNotFound",
     "PodCreationFailed",
     "Preparing",
+    "Starting",
     "Resumed",
     "EarlyStopped",
 ]

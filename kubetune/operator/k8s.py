@@ -3,6 +3,7 @@ runs our sync handlers in its thread pool)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import threading
@@ -24,6 +25,11 @@ class ChildConflictError(RuntimeError):
 class ChildRejectedError(RuntimeError):
     """The API server refused a child as invalid (422): something in the spec that only the
     server checks, such as a label key or a service account name. Retrying cannot help."""
+
+
+def _utc(t: Any) -> Any:
+    """A client datetime, made aware (UTC) when it came naive."""
+    return t if t is None or t.tzinfo else t.replace(tzinfo=dt.UTC)
 
 
 def _plain(api: client.ApiClient, obj: Any) -> dict[str, Any]:
@@ -217,9 +223,10 @@ class Kube:
 
     def pod_creation_failure(self, namespace: str, job: dict[str, Any]) -> str | None:
         """The Job's current `FailedCreate` Event (its pods refused: Pod Security, a quota,
-        an admission webhook), or None. Events from before the Job's (re)start or its newest
-        pod are history. Best effort: an API error (403 when RBAC hides Events) is logged
-        and read as None, so it never stops the reconcile."""
+        an admission webhook), or None. Events from before the Job's (re)start, its last
+        suspension or resumption, or its newest pod are history. Best effort: an API error
+        (403 when RBAC hides Events) is logged once and read as None, so it never stops the
+        reconcile."""
         from kubetune.operator.status import current_creation_failure, parse_time
 
         meta, status = job.get("metadata") or {}, job.get("status") or {}
@@ -229,18 +236,19 @@ class Kube:
                 namespace,
                 field_selector=f"involvedObject.uid={meta.get('uid')},reason=FailedCreate",
             ).items
-            if not events:
-                return None
-            self._count()
-            pods = self.core.list_namespaced_pod(
-                namespace, label_selector=f"job-name={meta.get('name')}"
-            ).items
+            pods = []
+            if events:
+                self._count()
+                pods = self.core.list_namespaced_pod(
+                    namespace,
+                    label_selector=f"batch.kubernetes.io/controller-uid={meta.get('uid')}",
+                ).items
         except ApiException as exc:
             if (namespace, exc.status) not in self._event_errors:
                 self._event_errors.add((namespace, exc.status))
                 log.warning(
-                    "cannot read the FailedCreate Events of Job %s/%s (%s %s): refused pods "
-                    "will not be reported%s",
+                    "cannot read the FailedCreate Events or pods of Job %s/%s (%s %s): refused "
+                    "pods will not be reported%s",
                     namespace,
                     meta.get("name"),
                     exc.status,
@@ -248,26 +256,29 @@ class Kube:
                     "; grant list on events" if exc.status == 403 else "",
                 )
             return None
-        return current_creation_failure(
-            [
-                (
-                    max(
-                        t
-                        for t in (
-                            e.series.last_observed_time if e.series else None,
-                            e.last_timestamp,
-                            e.event_time,
-                            e.metadata.creation_timestamp,
-                        )
-                        if t is not None
-                    ),
-                    str(e.message or ""),
+        self._event_errors = {e for e in self._event_errors if e[0] != namespace}
+        suspensions = [
+            parse_time(c.get("lastTransitionTime"))
+            for c in status.get("conditions") or []
+            if c.get("type") == "Suspended"
+        ]
+        floor = [parse_time(status.get("startTime")), *suspensions]
+        floor += [_utc(p.metadata.creation_timestamp) for p in pods]
+        timed = []
+        for e in events:
+            times = [
+                _utc(t)
+                for t in (
+                    e.series.last_observed_time if e.series else None,
+                    e.last_timestamp,
+                    e.event_time,
+                    e.metadata.creation_timestamp if e.metadata else None,
                 )
-                for e in events
-            ],
-            since=parse_time(status.get("startTime")),
-            newest_pod=max((p.metadata.creation_timestamp for p in pods), default=None),
-        )
+                if t is not None
+            ]
+            if times and e.message:
+                timed.append((max(times), str(e.message)))
+        return current_creation_failure(timed, [t for t in floor if t is not None])
 
     def pod0_ip(self, namespace: str, job_name: str) -> str | None:
         self._count()

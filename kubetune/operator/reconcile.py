@@ -290,6 +290,17 @@ class Reconciler:
                 )
             )
         view = st.view_job(job)
+        planned = st.get_condition(draft.conditions, "Planned") or {}
+        if (
+            view.failed_reason == "DeadlineExceeded"
+            and planned.get("reason") == "PodCreationFailed"
+        ):
+            # Its deadline ran out while the API server refused the pod: say that, not DataError.
+            raise _InputMissingError(
+                f"{b.prepare_name(ref)} ran out of its deadline ({view.failed_message}) while "
+                f"its pod was refused; the last refusal: {planned.get('message')}",
+                "PodCreationFailed",
+            )
         if view.failed_reason:
             message = self.kube.termination_message(ref.namespace, b.prepare_name(ref), None)
             try:
@@ -309,9 +320,7 @@ class Reconciler:
             blocked = self._pods_blocked(ref, job, view, 1)
             if blocked:
                 self._say_blocked(draft, "Planned", blocked)
-            elif (st.get_condition(draft.conditions, "Planned") or {}).get(
-                "reason"
-            ) == "PodCreationFailed" and (view.active or view.succeeded):
+            elif planned.get("reason") == "PodCreationFailed" and (view.active or view.succeeded):
                 draft.condition(
                     "Planned",
                     "False",
@@ -357,25 +366,17 @@ class Reconciler:
         view = st.view_job(job)
         applied = ((job.get("metadata") or {}).get("annotations") or {}).get(b.SUSPEND_ANNOTATION)
         wanted = str(bool(spec.suspend)).lower()
-        resumed_now = False
         if view.exists and applied != wanted and not (view.complete or view.failed_reason):
             # spec.suspend changed since we last applied it: apply it (and remember it).
             self.kube.set_job_suspend(ref.namespace, name, bool(spec.suspend), wanted)
             view = st.ChildJobView(**{**view.__dict__, "suspended": bool(spec.suspend)})
-            resumed_now = not spec.suspend
         if view.start_time and "startTime" not in draft.new:
             draft.new["startTime"] = view.start_time
         running = view.active > 0 and not (view.complete or view.failed_reason)
         # Pods the API server refuses: the run cannot start (or rendezvous), so that is what
         # `Running` says, set once per reconcile, and there is nothing to ask to stop.
-        # (Not in the reconcile that resumes the Job: its status.startTime, which dates the
-        # refusals that still hold, is the one from before the suspension.)
-        blocked = (
-            None
-            if resumed_now
-            else self._pods_blocked(
-                ref, job, view, int(spec.resources.num_nodes), bool(spec.stop_requested)
-            )
+        blocked = self._pods_blocked(
+            ref, job, view, int(spec.resources.num_nodes), bool(spec.stop_requested)
         )
         # Rank 0's address, looked up once for the stop request and the live metrics.
         ip = self.kube.pod0_ip(ref.namespace, name) if running else None
@@ -385,7 +386,7 @@ class Reconciler:
             scraped = self._copy_live_metrics(ref, ip, draft)
             if scraped is not None:
                 self._read_decisions(ip, draft, scraped)
-            if scraped is not None and not spec.stop_requested:
+            if scraped is not None and not (spec.stop_requested or blocked):
                 self._apply_policy(ref, spec, draft, ip, scraped)
         termination = (
             self.kube.termination_message(ref.namespace, name)
@@ -408,7 +409,16 @@ class Reconciler:
                 draft.condition(ctype, cstatus, reason, message)
         if blocked:
             self._say_blocked(draft, "Running", blocked)
-        elif spec.stop_requested and not outcome.finished:
+        elif (
+            not outcome.finished
+            and (st.get_condition(draft.conditions, "Running") or {}).get("reason")
+            == "PodCreationFailed"
+        ):
+            # The refusal ended (a pod was created since) and no pod runs right now.
+            draft.condition(
+                "Running", "False", "Starting", f"{name}: the pods are being created or restarted"
+            )
+        if spec.stop_requested and not outcome.finished and not blocked:
             draft.condition(
                 "Running",
                 "True",

@@ -207,15 +207,13 @@ def parse_time(value: str | None) -> dt.datetime | None:
 
 
 def current_creation_failure(
-    events: list[tuple[dt.datetime, str]],
-    since: dt.datetime | None,
-    newest_pod: dt.datetime | None,
+    events: list[tuple[dt.datetime, str]], floor: list[dt.datetime]
 ) -> str | None:
-    """The newest FailedCreate message that still holds: not older than the Job's (re)start
-    (`since`, its status.startTime, which a resume resets) nor than its newest pod (a pod
-    created after a refusal means the refusal ended)."""
-    floor = max((t for t in (since, newest_pod) if t is not None), default=None)
-    current = [(t, m) for t, m in events if m and (floor is None or t >= floor)]
+    """The newest FailedCreate message that still holds: not older than any time in `floor`
+    (the Job's status.startTime, its Suspended condition's last transition, its pods'
+    creation: a refusal from before a (re)start, a suspension or a new pod has ended)."""
+    since = max(floor, default=None)
+    current = [(t, m) for t, m in events if m and (since is None or t >= since)]
     return max(current, key=lambda e: e[0])[1] if current else None
 
 
@@ -242,10 +240,13 @@ def pod_creation_blocked(
         )
     elif "podsecurity" in text:
         hint = "this namespace's Pod Security level refuses the pods; " + hint
-    elif "exceeded quota" in text:
+    elif "exceeded quota" in text or "for quota:" in text:
         hint = "the namespace's ResourceQuota is used up: free some or raise it; " + hint
     if stop_requested:
-        hint += "; spec.stopRequested is true but no pod runs to stop: delete the FineTuneJob"
+        hint += (
+            "; spec.stopRequested is true but the run cannot start, so there is nothing to "
+            "stop: delete the FineTuneJob to give it up"
+        )
     return "PodCreationFailed", f"Job {job} cannot create its pods: {event_message} ({hint})"
 
 

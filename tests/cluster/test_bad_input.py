@@ -663,6 +663,14 @@ def test_pods_refused_by_a_quota_are_reported_and_the_runs_start_once_it_is_gone
     api["core"].create_namespaced_resource_quota(
         namespace, {"metadata": {"name": "no-pods"}, "spec": {"hard": {"pods": "0"}}}
     )
+    # Until the quota controller fills its status, refusals say "status unknown for quota".
+    wait_for(
+        lambda: (
+            api["core"].read_namespaced_resource_quota("no-pods", namespace).status.hard or None
+        ),
+        30,
+        "the quota's status",
+    )
     _create(api, namespace, _ftj("quota-train"))
     _create(
         api,

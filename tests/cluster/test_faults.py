@@ -45,7 +45,7 @@ STATE_RANK = {
     "Pending": 0,
     "Planning": 1,
     "Planned": 2,
-    "Blocked": 2,
+    "Blocked": 1,
     "Running": 3,
     "Suspended": 3,
     "Stopping": 3,

@@ -80,7 +80,7 @@ def test_the_refusal_read_from_events_is_the_current_one_and_api_errors_are_no_r
             return SimpleNamespace(items=self.events)
 
         def list_namespaced_pod(self, namespace: str, label_selector: str) -> Any:
-            assert label_selector == "job-name=j-train"
+            assert label_selector == "batch.kubernetes.io/controller-uid=u1"
             return SimpleNamespace(items=self.pods)
 
     kube = Kube(client.ApiClient(client.Configuration()))

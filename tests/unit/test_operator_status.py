@@ -807,7 +807,7 @@ def test_a_stop_request_while_pods_are_refused_says_there_is_nothing_to_stop() -
     cond = get_condition(draft.conditions, "Running")
     assert cond is not None
     assert (cond["status"], cond["reason"]) == ("False", "PodCreationFailed")
-    assert "no pod runs to stop: delete the FineTuneJob" in cond["message"]
+    assert "nothing to stop: delete the FineTuneJob to give it up" in cond["message"]
     assert [e[1] for e in draft.events] == ["PodCreationFailed"]
     again = _train_once(kube, draft.new, stop=True)
     assert again.events == []
@@ -832,26 +832,144 @@ T = dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=dt.UTC)
 
 
 @pytest.mark.parametrize(
-    ("events", "since", "newest_pod", "expected"),
+    ("events", "floor", "expected"),
     [
-        ([], None, None, None),
-        ([(T, "a")], None, None, "a"),
-        ([(T, "a"), (T + dt.timedelta(seconds=5), "b")], None, None, "b"),
-        ([(T, "a")], T + dt.timedelta(seconds=1), None, None),  # before the (re)start
-        ([(T, "a")], T, None, "a"),  # the same second as the start still holds
-        ([(T, "a")], None, T + dt.timedelta(seconds=1), None),  # a pod came after it
-        ([(T + dt.timedelta(seconds=9), "a")], T, T + dt.timedelta(seconds=1), "a"),
-        ([(T, "")], None, None, None),
+        ([], [], None),
+        ([(T, "a")], [], "a"),
+        ([(T, "a"), (T + dt.timedelta(seconds=5), "b")], [], "b"),
+        ([(T, "a")], [T + dt.timedelta(seconds=1)], None),  # before a (re)start or a pod
+        ([(T, "a")], [T], "a"),  # the same second still holds
+        ([(T + dt.timedelta(seconds=9), "a")], [T, T + dt.timedelta(seconds=1)], "a"),
+        ([(T + dt.timedelta(seconds=9), "a")], [T, T + dt.timedelta(seconds=10)], None),
+        ([(T, "")], [], None),
     ],
 )
-def test_only_a_refusal_newer_than_the_start_and_the_newest_pod_holds(
-    events: list[tuple[dt.datetime, str]],
-    since: dt.datetime | None,
-    newest_pod: dt.datetime | None,
-    expected: str | None,
+def test_only_a_refusal_newer_than_every_restart_and_pod_holds(
+    events: list[tuple[dt.datetime, str]], floor: list[dt.datetime], expected: str | None
 ) -> None:
     from kubetune.operator.status import current_creation_failure, parse_time
 
-    assert current_creation_failure(events, since, newest_pod) == expected
+    assert current_creation_failure(events, floor) == expected
     assert parse_time("2024-05-06T07:08:09Z") == T
+    assert parse_time("2024-05-06T07:08:09+00:00") == T
     assert parse_time(None) is None
+
+
+@pytest.mark.parametrize(
+    ("conditions", "expected"),
+    [
+        ([cond("Running", "False", "PodCreationFailed")], "Blocked"),
+        ([cond("Planned", "False", "PodCreationFailed")], "Blocked"),
+        ([cond("Planned", "False", "Preparing")], "Planned"),
+        ([cond("Running", "False", "Starting")], "Planned"),
+        (
+            [cond("Planned", "False", "PodCreationFailed"), cond("Failed", "True", "X")],
+            "Failed",
+        ),
+        (
+            [cond("Running", "False", "PodCreationFailed"), cond("Suspended", "True", "S")],
+            "Suspended",
+        ),
+        (
+            [cond("Running", "False", "PodCreationFailed"), cond("Succeeded", "True", "S")],
+            "Succeeded",
+        ),
+    ],
+)
+def test_a_blocked_job_has_its_own_state_unless_a_final_or_suspended_one_wins(
+    conditions: list[dict[str, Any]], expected: str
+) -> None:
+    assert state_of(conditions, True, False) == expected
+
+
+def test_a_refusal_from_before_a_suspension_is_history_after_the_resume() -> None:
+    """Blocked, suspended (the pods deleted), the quota freed, resumed: until the Job
+    controller resets startTime, the Suspended condition's transition dates the old refusal."""
+    from types import SimpleNamespace
+
+    from kubernetes import client
+
+    from kubetune.operator.k8s import Kube
+
+    refused = client.CoreV1Event(
+        involved_object=client.V1ObjectReference(),
+        metadata=client.V1ObjectMeta(creation_timestamp=T),
+        message=PSS_REFUSAL,
+        last_timestamp=T + dt.timedelta(seconds=30),
+    )
+    core = SimpleNamespace(
+        list_namespaced_event=lambda *a, **k: SimpleNamespace(items=[refused]),
+        list_namespaced_pod=lambda *a, **k: SimpleNamespace(items=[]),
+    )
+    kube = Kube(client.ApiClient(client.Configuration()))
+    kube.core = core
+    job: dict[str, Any] = {
+        "metadata": {"name": "j-train", "uid": "u"},
+        "status": {"startTime": "2024-05-06T07:08:09Z"},
+    }
+    assert kube.pod_creation_failure("ns", job) == PSS_REFUSAL
+    for status in ("True", "False"):  # suspended, then resumed (startTime not yet reset)
+        job["status"]["conditions"] = [
+            {"type": "Suspended", "status": status, "lastTransitionTime": "2024-05-06T07:09:00Z"}
+        ]
+        assert kube.pod_creation_failure("ns", job) is None
+
+
+def test_a_refusal_that_ended_leaves_blocked_for_starting() -> None:
+    kube = _RefusingKube(PSS_REFUSAL)
+    draft = _train_once(kube, {})
+    kube.failure = None  # a pod was created since (and failed): no refusal holds
+    again = _train_once(kube, draft.new)
+    cond = get_condition(again.conditions, "Running")
+    assert cond is not None
+    assert (cond["status"], cond["reason"]) == ("False", "Starting")
+    assert state_of(again.conditions, True, False) == "Planned"
+    assert again.events == []
+
+
+def _prepare_draft(kube: Any, planned: dict[str, Any]) -> Any:
+    from kubetune.api import parse_job
+    from kubetune.operator import builders as b
+    from kubetune.operator.reconcile import Reconciler, StatusDraft
+    from kubetune.operator.settings import OperatorSettings
+
+    spec = parse_job(
+        {
+            "apiVersion": "kubetune.dev/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": "j", "namespace": "ns"},
+            "spec": {"model": {"uri": "hf://gpt2"}, "dataset": {"uri": "pvc://d/t.jsonl"}},
+        }
+    ).spec
+    rec = Reconciler(kube, OperatorSettings())
+    draft = StatusDraft(ref=b.JobRef("j", "ns", "uid", 1), old={"conditions": [planned]})
+    return rec, draft, spec
+
+
+def test_a_refused_prepare_pod_is_preparing_once_created_and_fails_at_its_deadline() -> None:
+    from kubetune.operator.reconcile import _InputMissingError
+
+    class Prepare(_RefusingKube):
+        def ensure(self, manifest: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+            return self.job, False
+
+    refused = cond("Planned", "False", "PodCreationFailed")
+    refused["message"] = "Job j-prepare cannot create its pods: quota"
+    kube = Prepare(None, active=1)
+    rec, draft, spec = _prepare_draft(kube, refused)
+    assert rec._plan_via_pod(draft.ref, spec, draft, 80) is None
+    planned = get_condition(draft.conditions, "Planned")
+    assert planned is not None
+    assert (planned["status"], planned["reason"]) == ("False", "Preparing")
+    kube = Prepare(None)
+    kube.job["status"] = {
+        "conditions": [
+            {"type": "Failed", "status": "True", "reason": "DeadlineExceeded", "message": "late"}
+        ]
+    }
+    rec, draft, spec = _prepare_draft(kube, refused)
+    with pytest.raises(_InputMissingError) as err:
+        rec._plan_via_pod(draft.ref, spec, draft, 80)
+    assert err.value.reason == "PodCreationFailed"
+    assert "j-prepare ran out of its deadline (late) while its pod was refused" in str(err.value)
+    assert "the last refusal: Job j-prepare cannot create its pods: quota" in str(err.value)
