@@ -6,8 +6,17 @@ from kubetune.data.stats import (
     DatasetSummary,
     Example,
     detect_format,
+    holdout_count,
     parse_jsonl,
     summarize,
 )
 
-__all__ = ["DataError", "DatasetSummary", "Example", "detect_format", "parse_jsonl", "summarize"]
+__all__ = [
+    "DataError",
+    "DatasetSummary",
+    "Example",
+    "detect_format",
+    "holdout_count",
+    "parse_jsonl",
+    "summarize",
+]

@@ -188,6 +188,15 @@ def parse_jsonl(
     return fmt, [_example(obj, fmt, source, n) for n, obj in rows]
 
 
+def holdout_count(examples: int, fraction: float) -> int:
+    """How many examples `spec.dataset.validationSplit` holds out: `round(n x fraction)`,
+    at least one and never all of them (none of a single example). The planner and the
+    trainer both use it, so the plan counts the steps the trainer runs."""
+    if examples < 2:
+        return 0
+    return min(examples - 1, max(1, round(examples * fraction)))
+
+
 def overlong_warning(source: str, count: int, max_seq_length: int, first_line: int) -> str:
     return (
         f"{source}: {count} examples are longer than maxSeqLength {max_seq_length} "

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from kubetune.data import DataError, parse_jsonl, summarize
+from kubetune.data import DataError, holdout_count, parse_jsonl, summarize
 from kubetune.data.stats import plan_warnings
 from kubetune.planning import (
     SURPRISING_DATA_RATIO,
@@ -179,7 +179,9 @@ def build_plan(
         else []
     )
     summary = summarize(train, train_source, fmt, validation, spec.dataset.max_seq_length)
-    held_out = 0 if validation else round(summary.example_count * spec.dataset.validation_split)
+    held_out = (
+        0 if validation else holdout_count(summary.example_count, spec.dataset.validation_split)
+    )
     train_count = summary.example_count - held_out
     if train_count < 1:
         raise DataError(

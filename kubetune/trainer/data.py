@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kubetune.data import Example, parse_jsonl
+from kubetune.data import Example, holdout_count, parse_jsonl
 
 IGNORE_INDEX = -100
 
@@ -42,12 +42,12 @@ def read_examples(location: str, fmt: str | None) -> tuple[str, list[Example]]:
 def split_holdout(
     examples: list[Example], fraction: float, seed: int
 ) -> tuple[list[Example], list[Example]]:
-    """A deterministic held-out split (at least one example each side)."""
-    if len(examples) < 2:
+    """A deterministic held-out split (`holdout_count`: at least one example each side)."""
+    n_val = holdout_count(len(examples), fraction)
+    if n_val == 0:
         return examples, []
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
-    n_val = min(len(examples) - 1, max(1, round(len(examples) * fraction)))
     val = sorted(order[:n_val])
     keep = sorted(order[n_val:])
     return [examples[i] for i in keep], [examples[i] for i in val]

@@ -313,7 +313,7 @@ def test_build_plan_shape() -> None:
 
 @pytest.mark.parametrize(
     ("rows", "split", "count"),
-    [(10, 0.1, 9), (10, 0.2, 8), (10, 0.5, 5), (100, 0.25, 75), (1, 0.1, 1), (3, 0.1, 3)],
+    [(10, 0.1, 9), (10, 0.2, 8), (10, 0.5, 5), (100, 0.25, 75), (1, 0.1, 1), (3, 0.1, 2)],
 )
 def test_validation_split_reduces_the_example_count(rows: int, split: float, count: int) -> None:
     assert QWEN is not None
@@ -336,6 +336,25 @@ def test_validation_text_is_used_instead_of_the_split() -> None:
         validation_source="val.jsonl",
     )
     assert plan["exampleCount"] == 10
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6, 14, 15, 16, 25, 300])
+@pytest.mark.parametrize("split", [0.01, 0.1, 0.2, 0.5])
+def test_the_plan_counts_the_examples_the_trainer_trains_on(n: int, split: float) -> None:
+    """The planner and the trainer hold out the same number (`holdout_count`): at least one
+    example of two or more, never all; before, a set of 2-4 examples was planned with none
+    held out while the trainer held one out."""
+    from kubetune.data import holdout_count, parse_jsonl
+    from kubetune.trainer.data import split_holdout
+
+    assert QWEN is not None
+    text = jsonl(pc_rows(n))
+    plan = build_plan(make_spec(dataset={"validationSplit": split}), text, "t", QWEN, "q", GPU)
+    train, held_out = split_holdout(parse_jsonl(text, "t", None)[1], split, seed=7)
+    assert plan["exampleCount"] == len(train) == n - holdout_count(n, split)
+    assert len(held_out) == holdout_count(n, split)
+    assert (len(held_out) >= 1) is (n >= 2)
+    assert len(train) >= 1
 
 
 def test_token_count_shrinks_with_the_split() -> None:
