@@ -21,6 +21,7 @@ from kubetune.operator.status import (
     training_outcome,
     view_job,
 )
+from tests.unit.specs import spec_from
 
 pytestmark = pytest.mark.unit
 
@@ -703,6 +704,9 @@ def test_refused_pods_are_named_with_the_server_message_and_what_to_do(
     assert "keeps retrying" in message or "re-create the FineTuneJob" in message
 
 
+SPEC: dict[str, Any] = {"model": {"uri": "hf://gpt2"}, "dataset": {"uri": "pvc://d/t.jsonl"}}
+
+
 class _RefusingKube:
     """The calls `Reconciler._train` makes for an existing, owned training Job."""
 
@@ -737,25 +741,18 @@ class _RefusingKube:
 def _train_once(
     kube: _RefusingKube, old: dict[str, Any], stop: bool = False, suspend: bool = False
 ) -> Any:
-    from kubetune.api import parse_job
     from kubetune.operator import builders as b
     from kubetune.operator.reconcile import Reconciler, StatusDraft
     from kubetune.operator.settings import OperatorSettings
 
-    spec = parse_job(
-        {
-            "apiVersion": "kubetune.dev/v1alpha1",
-            "kind": "FineTuneJob",
-            "metadata": {"name": "j", "namespace": "ns"},
-            "spec": {
-                "model": {"uri": "hf://gpt2"},
-                "dataset": {"uri": "pvc://d/t.jsonl"},
-                "resources": {"numNodes": 2, "gpusPerNode": 8},
-                "stopRequested": stop,
-                "suspend": suspend,
-            },
-        }
-    ).spec
+    spec = spec_from(
+        SPEC,
+        "j",
+        "ns",
+        resources={"numNodes": 2, "gpusPerNode": 8},
+        stopRequested=stop,
+        suspend=suspend,
+    )
     rec = Reconciler(kube, OperatorSettings())  # type: ignore[arg-type]
     draft = StatusDraft(ref=b.JobRef("j", "ns", "uid", 1), old=old)
     assert rec._train(draft.ref, spec, {}, draft) == "training"
@@ -928,19 +925,11 @@ def test_a_refusal_that_ended_leaves_blocked_for_starting() -> None:
 
 
 def _prepare_draft(kube: Any, planned: dict[str, Any]) -> Any:
-    from kubetune.api import parse_job
     from kubetune.operator import builders as b
     from kubetune.operator.reconcile import Reconciler, StatusDraft
     from kubetune.operator.settings import OperatorSettings
 
-    spec = parse_job(
-        {
-            "apiVersion": "kubetune.dev/v1alpha1",
-            "kind": "FineTuneJob",
-            "metadata": {"name": "j", "namespace": "ns"},
-            "spec": {"model": {"uri": "hf://gpt2"}, "dataset": {"uri": "pvc://d/t.jsonl"}},
-        }
-    ).spec
+    spec = spec_from(SPEC, "j", "ns")
     rec = Reconciler(kube, OperatorSettings())
     draft = StatusDraft(ref=b.JobRef("j", "ns", "uid", 1), old={"conditions": [planned]})
     return rec, draft, spec
