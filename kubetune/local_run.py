@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from kubetune.api.inputs import INPUT_FIELDS, trainer_input_uris
+from kubetune.contract import INPUT_ENV, Env
+
 
 @dataclass(frozen=True)
 class LocalRun:
@@ -61,10 +64,11 @@ def prepare_local_run(
             )
         }
     )
-    train_bytes, train_src = read_uri(spec.dataset.uri, "spec.dataset.uri", cms)
+    uris = trainer_input_uris(spec)
+    train_bytes, train_src = read_uri(uris["dataset"], INPUT_FIELDS["dataset"], cms)
     val = (
-        read_uri(spec.dataset.validation_uri, "spec.dataset.validationUri", cms)
-        if spec.dataset.validation_uri
+        read_uri(uris["validation"], INPUT_FIELDS["validation"], cms)
+        if "validation" in uris
         else None
     )
     memory = resolve_gpu_memory(local_spec, None, 80.0)
@@ -93,21 +97,29 @@ def prepare_local_run(
     (config_dir / "spec.json").write_text(json.dumps(resolved, indent=2))
     (config_dir / "plan.json").write_text(json.dumps(plan, indent=2))
     (data_dir / "train.jsonl").write_bytes(train_bytes)
-    env = {
-        **os.environ,
-        "KUBETUNE_JOB_NAME": name,
-        "KUBETUNE_CONFIG_DIR": str(config_dir),
-        "KUBETUNE_MODEL_PATH": model_path,
-        "KUBETUNE_DATASET_PATH": str(data_dir / "train.jsonl"),
-        "KUBETUNE_OUTPUT_PATH": str(out),
-        "KUBETUNE_TERMINATION_MESSAGE_PATH": str(out / "termination.json"),
-        "KUBETUNE_METRICS_PORT": str(metrics_port if metrics_port is not None else _free_port()),
-        "KUBETUNE_METRICS_HOST": "127.0.0.1",
-        "PYTHONUNBUFFERED": "1",
-    }
+    paths = {"model": model_path, "dataset": str(data_dir / "train.jsonl")}
     if val:
         (data_dir / "validation.jsonl").write_bytes(val[0])
-        env["KUBETUNE_VALIDATION_PATH"] = str(data_dir / "validation.jsonl")
+        paths["validation"] = str(data_dir / "validation.jsonl")
+    if "general" in uris:
+        general, _ = read_uri(uris["general"], INPUT_FIELDS["general"], cms)
+        (data_dir / "general.txt").write_bytes(general)
+        paths["general"] = str(data_dir / "general.txt")
+    if "previous" in uris:
+        paths["previous"] = _local_directory(uris["previous"], INPUT_FIELDS["previous"])
+    if "augmentation" in uris:
+        paths["augmentation"] = _local_model(uris["augmentation"], INPUT_FIELDS["augmentation"])
+    env = {
+        **os.environ,
+        **{INPUT_ENV[role]: path for role, path in paths.items()},
+        Env.JOB_NAME: name,
+        Env.CONFIG_DIR: str(config_dir),
+        Env.OUTPUT_PATH: str(out),
+        Env.TERMINATION_MESSAGE_PATH: str(out / "termination.json"),
+        Env.METRICS_PORT: str(metrics_port if metrics_port is not None else _free_port()),
+        Env.METRICS_HOST: "127.0.0.1",
+        "PYTHONUNBUFFERED": "1",
+    }
     if not gpus:
         env["DS_ACCELERATOR"] = "cpu"
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
@@ -144,7 +156,7 @@ def _cuda_devices() -> int:
     return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
 
 
-def _local_model(uri: str) -> str:
+def _local_model(uri: str, field: str = INPUT_FIELDS["model"]) -> str:
     from kubetune.local_inputs import InputError
 
     parsed = urlparse(uri)
@@ -157,8 +169,20 @@ def _local_model(uri: str) -> str:
     if parsed.scheme == "file":
         return parsed.path
     raise InputError(
-        f"spec.model.uri: {parsed.scheme}:// models cannot be used locally; use file:// or hf://"
+        f"{field}: {parsed.scheme}:// models cannot be used locally; use file:// or hf://"
     )
+
+
+def _local_directory(uri: str, field: str) -> str:
+    """A directory a local run reads as it is (a previous run's output)."""
+    from kubetune.local_inputs import InputError
+
+    parsed = urlparse(uri)
+    if parsed.scheme != "file":
+        raise InputError(
+            f"{field}: {parsed.scheme}:// outputs cannot be read locally; use a file:// copy"
+        )
+    return parsed.path
 
 
 def _known(uri: str) -> dict[str, Any]:

@@ -9,30 +9,27 @@ config errors exit with the configuration-error code so the Job fails without re
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import gzip
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from kubetune.trainer import EXIT_CONFIG_ERROR as CONFIG_ERROR_EXIT_CODE
-from kubetune.trainer import termination_path
+from kubetune.contract import (
+    EXIT_CONFIG_ERROR,
+    TERMINATION_LIMIT_BYTES,
+    Env,
+    encode_prepare_message,
+    termination_path,
+)
 
-MAX_MESSAGE = 3800
+MAX_MESSAGE = TERMINATION_LIMIT_BYTES
 
 
 def encode_message(result: dict[str, Any]) -> str:
     """Compact JSON, or gzip+base64 behind `gz:` when it would not fit the 4 KiB limit."""
-    text = json.dumps(result, separators=(",", ":"), sort_keys=True)
-    if len(text.encode()) <= MAX_MESSAGE:
-        return text
-    packed = "gz:" + base64.b64encode(gzip.compress(text.encode(), 9)).decode()
-    if len(packed) > MAX_MESSAGE:
-        raise ValueError(f"the plan is too large for a termination message ({len(packed)} B)")
-    return packed
+    return encode_prepare_message(result)
 
 
 def read_model_config(location: str, revision: str | None = None) -> tuple[dict[str, Any], str]:
@@ -89,11 +86,11 @@ def run(env: dict[str, str]) -> dict[str, Any]:
     from kubetune.api.spec import FineTuneJobSpec
     from kubetune.operator.planstep import build_plan
 
-    spec = FineTuneJobSpec.model_validate(json.loads(env["KUBETUNE_SPEC_JSON"]))
-    model, model_source = read_model_config(env["KUBETUNE_MODEL_PATH"], spec.model.revision)
-    train_path = env["KUBETUNE_DATASET_PATH"]
-    val_path = env.get("KUBETUNE_VALIDATION_PATH")
-    gpu_memory = float(env.get("KUBETUNE_GPU_MEMORY_GIB", "80"))
+    spec = FineTuneJobSpec.model_validate(json.loads(env[Env.SPEC_JSON]))
+    model, model_source = read_model_config(env[Env.MODEL_PATH], spec.model.revision)
+    train_path = env[Env.DATASET_PATH]
+    val_path = env.get(Env.VALIDATION_PATH)
+    gpu_memory = float(env.get(Env.GPU_MEMORY_GIB, "80"))
     plan = build_plan(
         spec,
         read_data(train_path),
@@ -117,7 +114,7 @@ def main() -> int:
 
         reason = "ModelConfigError" if isinstance(exc, ModelConfigError) else "DataError"
         result = {"error": str(exc), "reason": reason}
-        code = CONFIG_ERROR_EXIT_CODE
+        code = EXIT_CONFIG_ERROR
         message = encode_message(result)
     with contextlib.suppress(OSError):
         termination_path().write_text(message)

@@ -15,16 +15,29 @@ from pydantic_core import ErrorDetails
 
 from kubetune.api.spec import FineTuneJobSpec
 from kubetune.api.status import FineTuneJobStatus
+from kubetune.contract import (
+    API_VERSION,
+    CATEGORY,
+    CRD_NAME,
+    GROUP,
+    KIND,
+    PLURAL,
+    SHORT_NAME,
+    SINGULAR,
+    VERSION,
+)
 
-GROUP = "kubetune.dev"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
-KIND = "FineTuneJob"
-PLURAL = "finetunejobs"
-SINGULAR = "finetunejob"
-SHORT_NAME = "ftj"
-CATEGORY = "kubetune"
-CRD_NAME = f"{PLURAL}.{GROUP}"
+__all__ = [
+    "API_VERSION",
+    "CATEGORY",
+    "CRD_NAME",
+    "GROUP",
+    "KIND",
+    "PLURAL",
+    "SHORT_NAME",
+    "SINGULAR",
+    "VERSION",
+]
 
 
 class FineTuneJob(BaseModel):

@@ -36,9 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kubetune.contract import Env
+
 log = logging.getLogger("kubetune.podrunner")
 
-TERMINATION_ENV = "KUBETUNE_TERMINATION_MESSAGE_PATH"
+TERMINATION_ENV = Env.TERMINATION_MESSAGE_PATH
 MAX_TERMINATION_MESSAGE = 4096
 _FIELD_RE = re.compile(r"^metadata\.(labels|annotations)\['(.+)'\]$")
 _VAR_RE = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")

@@ -12,31 +12,33 @@ Children, all owned by the FineTuneJob and named deterministically:
 from __future__ import annotations
 
 import json
-import shlex
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
+from kubetune.api.inputs import trainer_input_uris
+from kubetune.api.spec import FineTuneJobSpec
+from kubetune.contract import (
+    COMPONENT_LABEL,
+    CONFIG_MOUNT,
+    EXIT_CONFIG_ERROR,
+    GROUP,
+    INPUT_ENV,
+    JOB_LABEL,
+    KIND,
+    MANAGED_BY,
+    PREPARE_CONTAINER,
+    STOP_POLICY_OPERATOR,
+    SUSPEND_ANNOTATION,
+    TRAINER_CONTAINER,
+    VERSION,
+    Env,
+)
 from kubetune.operator.settings import OperatorSettings
-from kubetune.trainer import EXIT_CONFIG_ERROR
 
-GROUP = "kubetune.dev"
-VERSION = "v1alpha1"
-KIND = "FineTuneJob"
-JOB_LABEL = "kubetune.dev/job"
-COMPONENT_LABEL = "kubetune.dev/component"
-MANAGED_BY = {
-    "app.kubernetes.io/managed-by": "kubetune-operator",
-    "app.kubernetes.io/name": "kubetune",
-}
-TRAINER_CONTAINER = "trainer"
-PREPARE_CONTAINER = "prepare"
-# Exit code of the trainer and the prepare step for configuration or data errors
-# (sysexits' EX_CONFIG): the Job fails at once instead of retrying.
+# Exit code of the trainer and the prepare step for configuration or data errors: the Job
+# fails at once instead of retrying.
 CONFIG_ERROR_EXIT_CODE = EXIT_CONFIG_ERROR
-CONFIG_MOUNT = "/etc/kubetune"
-SUSPEND_ANNOTATION = "kubetune.dev/applied-suspend"
-OUTPUT_MOUNT = "/output"
 
 
 @dataclass(frozen=True)
@@ -166,22 +168,18 @@ def storage_for(uri: str, role: str, read_only: bool = True, host: bool = False)
     raise ValueError(f"unsupported URI scheme in {uri!r}")
 
 
-def _storages(spec: Any, output_uri: str) -> dict[str, Storage]:
-    out: dict[str, Storage] = {
-        "model": storage_for(spec.model.uri, "model"),
-        "dataset": storage_for(spec.dataset.uri, "data"),
-        "output": storage_for(output_uri, "output", read_only=False),
-    }
-    if spec.dataset.validation_uri:
-        out["validation"] = storage_for(spec.dataset.validation_uri, "validation")
-    if spec.dataset.general_text_uri:
-        out["general"] = storage_for(spec.dataset.general_text_uri, "general")
-    if spec.model.from_:
-        out["previous"] = storage_for(spec.model.from_, "previous", host=True)
-    augmentation = getattr(spec, "augmentation", None)
-    if augmentation is not None and augmentation.model_uri:
-        out["augmentation"] = storage_for(augmentation.model_uri, "augmentation")
+def _storages(spec: FineTuneJobSpec, output_uri: str) -> dict[str, Storage]:
+    """Every input of `trainer_input_uris` (by role) and the output, as paths and volumes."""
+    out: dict[str, Storage] = {}
+    for role, uri in trainer_input_uris(spec).items():
+        # A previous run's output is a directory the node wrote (mounted read-only as is).
+        out[role] = storage_for(uri, _VOLUME_ROLE.get(role, role), host=role == "previous")
+    out["output"] = storage_for(output_uri, "output", read_only=False)
     return out
+
+
+# Volume names by role (kept short: `data-...` for the dataset).
+_VOLUME_ROLE = {"dataset": "data"}
 
 
 def _volumes_and_mounts(storages: dict[str, Storage]) -> tuple[list[Any], list[Any]]:
@@ -235,27 +233,23 @@ def _placement(spec: Any) -> dict[str, Any]:
     return out
 
 
-def _env(ref: JobRef, spec: Any, storages: dict[str, Storage]) -> list[dict[str, Any]]:
+def _env(ref: JobRef, spec: FineTuneJobSpec, storages: dict[str, Storage]) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
-        {"name": "KUBETUNE_JOB_NAME", "value": ref.name},
-        {"name": "KUBETUNE_JOB_NAMESPACE", "value": ref.namespace},
-        {"name": "KUBETUNE_CONFIG_DIR", "value": CONFIG_MOUNT},
-        {"name": "KUBETUNE_MODEL_PATH", "value": storages["model"].path},
-        {"name": "KUBETUNE_DATASET_PATH", "value": storages["dataset"].path},
-        {"name": "KUBETUNE_OUTPUT_PATH", "value": storages["output"].path},
+        {"name": Env.JOB_NAME, "value": ref.name},
+        {"name": Env.JOB_NAMESPACE, "value": ref.namespace},
+        {"name": Env.CONFIG_DIR, "value": CONFIG_MOUNT},
+    ]
+    env += [
+        {"name": INPUT_ENV[role], "value": storages[role].path}
+        for role in INPUT_ENV
+        if role in storages
+    ]
+    if "output" in storages:
+        env.append({"name": Env.OUTPUT_PATH, "value": storages["output"].path})
+    env += [
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
     ]
-    if "validation" in storages:
-        env.append({"name": "KUBETUNE_VALIDATION_PATH", "value": storages["validation"].path})
-    if "general" in storages:
-        env.append({"name": "KUBETUNE_GENERAL_TEXT_PATH", "value": storages["general"].path})
-    if "previous" in storages:
-        env.append({"name": "KUBETUNE_PREVIOUS_PATH", "value": storages["previous"].path})
-    if "augmentation" in storages:
-        env.append(
-            {"name": "KUBETUNE_AUGMENTATION_MODEL_PATH", "value": storages["augmentation"].path}
-        )
     if spec.model.secret_ref is not None:
         env.append(
             {
@@ -288,12 +282,11 @@ def prepare_job(
     storages = _storages(spec, output_uri(ref, spec, settings))
     storages.pop("output")
     volumes, mounts = _volumes_and_mounts(storages)
-    env = _env(ref, spec, {**storages, "output": Storage(path="")})
-    env = [e for e in env if e["name"] != "KUBETUNE_OUTPUT_PATH"]
-    env.append({"name": "KUBETUNE_GPU_MEMORY_GIB", "value": str(gpu_memory_gib)})
+    env = _env(ref, spec, storages)
+    env.append({"name": Env.GPU_MEMORY_GIB, "value": str(gpu_memory_gib)})
     env.append(
         {
-            "name": "KUBETUNE_SPEC_JSON",
+            "name": Env.SPEC_JSON,
             "value": json.dumps(
                 spec.model_dump(by_alias=True, exclude_none=True, mode="json"), sort_keys=True
             ),
@@ -433,20 +426,20 @@ def training_job(
     mounts = [cfg_mount, {"name": "dshm", "mountPath": "/dev/shm"}, *mounts]
     env = _env(ref, spec, storages)
     env += [
-        {"name": "KUBETUNE_NUM_NODES", "value": str(nodes)},
-        {"name": "KUBETUNE_METRICS_PORT", "value": str(settings.trainer_metrics_port)},
+        {"name": Env.NUM_NODES, "value": str(nodes)},
+        {"name": Env.METRICS_PORT, "value": str(settings.trainer_metrics_port)},
         # The operator runs the early-stop policy (GET /evaluations, POST /stop).
-        {"name": "KUBETUNE_STOP_POLICY", "value": "operator"},
+        {"name": Env.STOP_POLICY, "value": STOP_POLICY_OPERATOR},
         {
-            "name": "KUBETUNE_CONTROL_TOKEN",
+            "name": Env.CONTROL_TOKEN,
             "valueFrom": {"secretKeyRef": {"name": control_name(ref), "key": "token"}},
         },
         {
-            "name": "KUBETUNE_PLAN_JSON",
+            "name": Env.PLAN_JSON,
             "valueFrom": {"configMapKeyRef": {"name": config_name(ref), "key": "plan.json"}},
         },
         {
-            "name": "KUBETUNE_SPEC_JSON",
+            "name": Env.SPEC_JSON,
             "valueFrom": {"configMapKeyRef": {"name": config_name(ref), "key": "spec.json"}},
         },
     ]
@@ -545,7 +538,3 @@ def training_job(
         ),
         "spec": job_spec,
     }
-
-
-def describe_command(cmd: list[str]) -> str:
-    return " ".join(shlex.quote(a) for a in cmd)

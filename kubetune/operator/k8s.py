@@ -12,9 +12,8 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from kubetune.operator.builders import GROUP, VERSION
+from kubetune.contract import GROUP, PLURAL, SUSPEND_ANNOTATION, VERSION
 
-PLURAL = "finetunejobs"
 log = logging.getLogger("kubetune.operator.k8s")
 
 
@@ -164,14 +163,6 @@ class Kube:
             )
         return existing, False
 
-    def replace_config_map_data(self, manifest: dict[str, Any]) -> None:
-        self._count()
-        self.core.patch_namespaced_config_map(
-            manifest["metadata"]["name"],
-            manifest["metadata"]["namespace"],
-            {"data": manifest["data"]},
-        )
-
     def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         self._count()
         try:
@@ -182,8 +173,6 @@ class Kube:
             raise
 
     def set_job_suspend(self, namespace: str, name: str, suspend: bool, applied: str) -> None:
-        from kubetune.operator.builders import SUSPEND_ANNOTATION
-
         self._count()
         self.batch.patch_namespaced_job(
             name,
@@ -367,14 +356,3 @@ def _server_message(exc: ApiException) -> str:
         return str(json.loads(exc.body).get("message") or exc.reason)
     except (TypeError, ValueError):
         return str(exc.reason)
-
-
-def decode_termination_plan(message: str) -> dict[str, Any]:
-    """The prepare step writes its result as JSON, gzip+base64 behind `gz:` when large."""
-    import base64
-    import gzip
-
-    if message.startswith("gz:"):
-        message = gzip.decompress(base64.b64decode(message[3:])).decode()
-    data: dict[str, Any] = json.loads(message)
-    return data

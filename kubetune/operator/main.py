@@ -16,9 +16,9 @@ from typing import Any, cast, get_args
 import kopf
 
 from kubetune.api.status import JobState
+from kubetune.contract import GROUP, JOB_LABEL, PLURAL, VERSION
 from kubetune.operator import metrics
-from kubetune.operator.builders import GROUP, JOB_LABEL, VERSION
-from kubetune.operator.k8s import PLURAL, Kube
+from kubetune.operator.k8s import Kube
 from kubetune.operator.reconcile import Reconciler
 from kubetune.operator.settings import OperatorSettings
 

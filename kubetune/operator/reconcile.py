@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
+from kubetune import contract
+from kubetune.contract import decode_prepare_message
 from kubetune.operator import builders as b
 from kubetune.operator import metrics
 from kubetune.operator import status as st
@@ -26,7 +28,6 @@ from kubetune.operator.k8s import (
     ChildConflictError,
     ChildRejectedError,
     Kube,
-    decode_termination_plan,
 )
 from kubetune.operator.planstep import (
     PlanRequestError,
@@ -304,7 +305,7 @@ class Reconciler:
         if view.failed_reason:
             message = self.kube.termination_message(ref.namespace, b.prepare_name(ref), None)
             try:
-                result = decode_termination_plan(message or "")
+                result = decode_prepare_message(message or "")
             except ValueError:
                 result = {}
             raise _InputMissingError(
@@ -331,7 +332,7 @@ class Reconciler:
         message = self.kube.termination_message(ref.namespace, b.prepare_name(ref), None)
         if not message:
             raise _InputMissingError("the prepare step finished without writing a plan")
-        result = decode_termination_plan(message)
+        result = decode_prepare_message(message)
         if "plan" not in result:
             raise _InputMissingError(str(result.get("error", "the prepare step wrote no plan")))
         plan: dict[str, Any] = result["plan"]
@@ -364,7 +365,9 @@ class Reconciler:
             )
         draft.new["trainingJobName"] = name
         view = st.view_job(job)
-        applied = ((job.get("metadata") or {}).get("annotations") or {}).get(b.SUSPEND_ANNOTATION)
+        applied = ((job.get("metadata") or {}).get("annotations") or {}).get(
+            contract.SUSPEND_ANNOTATION
+        )
         wanted = str(bool(spec.suspend)).lower()
         if view.exists and applied != wanted and not (view.complete or view.failed_reason):
             # spec.suspend changed since we last applied it: apply it (and remember it).

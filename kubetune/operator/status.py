@@ -7,8 +7,8 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
+from kubetune.contract import SWITCHED_PLAN_KEYS
 from kubetune.policy import EvalPoint
-from kubetune.remedies.plan import SWITCHED_PLAN_KEYS
 
 CONDITION_TYPES = ("Planned", "Running", "Suspended", "EarlyStopped", "Succeeded", "Failed")
 TERMINAL = ("Succeeded", "Failed")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from kubetune.contract import Env
 from kubetune.data import Example
 from kubetune.remedies.dist import from_rank0
 
@@ -83,7 +84,7 @@ def augmentation_model_path(spec: dict[str, Any], base: str) -> str:
     augmentation.modelUri, a local file:// path, or the base model."""
     from kubetune.trainer.model import model_location
 
-    uri = os.environ.get("KUBETUNE_AUGMENTATION_MODEL_PATH") or str(
+    uri = os.environ.get(Env.AUGMENTATION_MODEL_PATH) or str(
         (spec.get("augmentation") or {}).get("modelUri") or ""
     )
     if not uri:

@@ -19,20 +19,6 @@ LARGE_MODEL_PARAMS = 20_000_000_000
 #: fine-tuning cost more target perplexity for what they saved, so they stay explicit (On).
 AUTO_REMEDIES: tuple[str, ...] = ("replay",)
 
-#: The plan keys a method switch replaces (the trainer sends them in its decision; the
-#: operator puts them into status.plan).
-SWITCHED_PLAN_KEYS = (
-    "method",
-    "zeroStage",
-    "offload",
-    "trainableParameters",
-    "memory",
-    "hyperparameters",
-    "warnings",
-    "remedies",
-    "switchedFrom",
-)
-
 #: Why Auto leaves each other remedy off: its row in docs/evidence.md.
 AUTO_OFF_WHY = {
     "ewc": "in docs/evidence.md it cut forgetting but cost 35% held-out target perplexity",

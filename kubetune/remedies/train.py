@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kubetune.contract import Env
 from kubetune.remedies.dist import from_rank0, read_record, write_record
 from kubetune.remedies.plan import NAMES, Evidence, resolve
 
@@ -39,7 +40,7 @@ def previous_output(uri: str) -> Path:
     it is."""
     import os
 
-    mounted = os.environ.get("KUBETUNE_PREVIOUS_PATH")
+    mounted = os.environ.get(Env.PREVIOUS_PATH)
     if mounted:
         path = Path(mounted)
     elif uri.startswith("pvc://"):

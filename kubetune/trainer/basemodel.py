@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kubetune.contract import Env
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
@@ -167,7 +169,7 @@ def recipe_hash(recipe: Recipe) -> str:
 
 def default_cache_dir() -> Path:
     """`$KUBETUNE_MODEL_CACHE`, else `$XDG_CACHE_HOME/kubetune/models` (`~/.cache/...`)."""
-    if env := os.environ.get("KUBETUNE_MODEL_CACHE"):
+    if env := os.environ.get(Env.MODEL_CACHE):
         return Path(env).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "kubetune" / "models"

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kubetune.trainer import termination_path
+from kubetune.contract import Env, termination_path
 
 
 class TrainerConfigError(ValueError):
@@ -69,11 +69,9 @@ def _json(path: Path | None, env_value: str | None, what: str) -> dict[str, Any]
 def load_config(config_dir: Path | None, env: dict[str, str] | None = None) -> TrainerConfig:
     """The run's configuration; environment variables win over mounted files."""
     env = dict(os.environ) if env is None else env
-    cdir = config_dir or (
-        Path(env["KUBETUNE_CONFIG_DIR"]) if env.get("KUBETUNE_CONFIG_DIR") else None
-    )
-    spec = _json(cdir / "spec.json" if cdir else None, env.get("KUBETUNE_SPEC_JSON"), "spec")
-    plan = _json(cdir / "plan.json" if cdir else None, env.get("KUBETUNE_PLAN_JSON"), "plan")
+    cdir = config_dir or (Path(env[Env.CONFIG_DIR]) if env.get(Env.CONFIG_DIR) else None)
+    spec = _json(cdir / "spec.json" if cdir else None, env.get(Env.SPEC_JSON), "spec")
+    plan = _json(cdir / "plan.json" if cdir else None, env.get(Env.PLAN_JSON), "plan")
     if not plan.get("fits", True):
         raise TrainerConfigError(f"the plan does not fit: {plan.get('error')}")
 
@@ -83,21 +81,21 @@ def load_config(config_dir: Path | None, env: dict[str, str] | None = None) -> T
             raise TrainerConfigError(f"environment variable {name} is not set")
         return value
 
-    output = env.get("KUBETUNE_OUTPUT_PATH") or (spec.get("output") or {}).get("uri", "")
+    output = env.get(Env.OUTPUT_PATH) or (spec.get("output") or {}).get("uri", "")
     output = output.removeprefix("file://")
     if not output:
         raise TrainerConfigError("no output location: set spec.output.uri")
     return TrainerConfig(
         spec=spec,
         plan=plan,
-        model=need("KUBETUNE_MODEL_PATH"),
-        dataset=need("KUBETUNE_DATASET_PATH"),
-        validation=env.get("KUBETUNE_VALIDATION_PATH") or None,
-        general_text=env.get("KUBETUNE_GENERAL_TEXT_PATH") or None,
+        model=need(Env.MODEL_PATH),
+        dataset=need(Env.DATASET_PATH),
+        validation=env.get(Env.VALIDATION_PATH) or None,
+        general_text=env.get(Env.GENERAL_TEXT_PATH) or None,
         output=Path(output),
-        metrics_port=int(env.get("KUBETUNE_METRICS_PORT") or 0),
-        control_token=env.get("KUBETUNE_CONTROL_TOKEN") or None,
+        metrics_port=int(env.get(Env.METRICS_PORT) or 0),
+        control_token=env.get(Env.CONTROL_TOKEN) or None,
         termination_path=termination_path(env),
-        job_name=env.get("KUBETUNE_JOB_NAME", "local"),
-        stop_policy=env.get("KUBETUNE_STOP_POLICY") or "trainer",
+        job_name=env.get(Env.JOB_NAME, "local"),
+        stop_policy=env.get(Env.STOP_POLICY) or "trainer",
     )

@@ -14,7 +14,7 @@ import json
 import subprocess
 import sys
 
-from kubetune.trainer import EXIT_CONFIG_ERROR, termination_path
+from kubetune.contract import EXIT_CONFIG_ERROR, termination_path
 
 
 def precheck() -> str | None:

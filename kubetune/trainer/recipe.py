@@ -13,7 +13,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from kubetune.trainer import EXIT_CONFIG_ERROR, EXIT_OK, termination_path
+from kubetune.contract import (
+    EXIT_CONFIG_ERROR,
+    EXIT_OK,
+    SHORT_PLAN_KEYS,
+    SWITCHED_PLAN_KEYS,
+    TERMINATION_LIMIT_BYTES,
+    TRAINER_MESSAGE_KEYS,
+    Env,
+    termination_path,
+)
 from kubetune.trainer.config import TrainerConfig, TrainerConfigError
 
 log = logging.getLogger("kubetune.trainer")
@@ -66,9 +75,7 @@ def write_termination(cfg: TrainerConfig, payload: dict[str, Any]) -> None:
                 {
                     **d,
                     "plan": {
-                        k: v
-                        for k, v in (d.get("plan") or {}).items()
-                        if k in ("method", "zeroStage", "offload", "trainableParameters", "memory")
+                        k: v for k, v in (d.get("plan") or {}).items() if k in SHORT_PLAN_KEYS
                     },
                 }
                 if d.get("plan")
@@ -88,7 +95,7 @@ def write_termination(cfg: TrainerConfig, payload: dict[str, Any]) -> None:
     )
     for body, drop in tries:
         text = json.dumps({k: v for k, v in body.items() if k not in drop}, separators=(",", ":"))
-        if len(text.encode()) <= 3800:
+        if len(text.encode()) <= TERMINATION_LIMIT_BYTES:
             break
     else:
         text = json.dumps({"error": "termination message too long"})
@@ -245,7 +252,6 @@ def load_inputs(cfg: TrainerConfig) -> RunInputs:
 def start_decisions(inputs: RunInputs, remedies: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """What Auto decided at training start, for GET /decisions, the termination message
     and the report: the method (when the plan had an alternative) and each Auto remedy."""
-    from kubetune.remedies.plan import SWITCHED_PLAN_KEYS
 
     out: list[dict[str, Any]] = []
     if inputs.decision:
@@ -372,7 +378,7 @@ def run(cfg: TrainerConfig) -> int:
             metrics,
             cfg.control_token,
             cfg.metrics_port,
-            host=os.environ.get("KUBETUNE_METRICS_HOST", "0.0.0.0"),
+            host=os.environ.get(Env.METRICS_HOST, "0.0.0.0"),
         ).start()
         metrics.plan_info.labels(
             method=plan["method"],
@@ -446,11 +452,7 @@ def run(cfg: TrainerConfig) -> int:
         write_report(out, plan, cfg.spec, callback.history, summary)
         write_termination(
             cfg,
-            {
-                k: v
-                for k, v in summary.items()
-                if k in ("metrics", "progress", "earlyStop", "output", "warnings", "decisions")
-            },
+            {k: v for k, v in summary.items() if k in TRAINER_MESSAGE_KEYS},
         )
         if control:
             control.close()

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
+from kubetune import contract
 from kubetune.devcluster.binaries import find_binaries, require
 from kubetune.operator import builders
 from kubetune.operator.settings import OperatorSettings
@@ -164,7 +165,7 @@ def test_the_pod_monitor_selects_training_pods_and_their_metrics_port() -> None:
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert endpoint["port"] in ports
     assert ports[endpoint["port"]] == OperatorSettings().trainer_metrics_port
-    label_key = "__meta_kubernetes_pod_label_" + builders.JOB_LABEL.replace(".", "_").replace(
+    label_key = "__meta_kubernetes_pod_label_" + contract.JOB_LABEL.replace(".", "_").replace(
         "/", "_"
     )
     assert any(r.get("sourceLabels") == [label_key] for r in endpoint["relabelings"])

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
+from kubetune import contract
 from kubetune.operator import builders
 from kubetune.operator.settings import OperatorSettings
 
@@ -316,7 +317,7 @@ def test_the_trainer_image_has_the_torch_stack_and_the_pods_uid() -> None:
     s = OperatorSettings()
     assert exposed == {s.trainer_metrics_port, s.rendezvous_port}
     cmd = json.loads(next(rest for w, rest in instr if w == "CMD"))
-    assert cmd == [f"--config-dir={builders.CONFIG_MOUNT}"]
+    assert cmd == [f"--config-dir={contract.CONFIG_MOUNT}"]
 
 
 def test_hadolint_passes_on_both_dockerfiles() -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from kubetune import contract
 from kubetune.api import FineTuneJobSpec, parse_job
 from kubetune.operator import builders as b
 from kubetune.operator.builders import JobRef, Storage, storage_for
@@ -321,7 +322,7 @@ def test_torchrun_arguments(nodes: int, gpus: int, master: str) -> None:
     assert arg(cmd, "--master-addr") == master
     assert arg(cmd, "--master-port") == "31234"
     assert cmd[len(cmd) - 1 - cmd[::-1].index("-m") + 1] == "kubetune.trainer"
-    assert arg(cmd, "--config-dir") == b.CONFIG_MOUNT
+    assert arg(cmd, "--config-dir") == contract.CONFIG_MOUNT
 
 
 def test_master_address_is_pod_zero_of_the_headless_service() -> None:
@@ -446,14 +447,14 @@ def test_annotations() -> None:
     job = b.training_job(REF, spec, {"method": "Full"}, SETTINGS)
     assert job["metadata"]["annotations"] == {
         "example.com/owner": "alice",
-        b.SUSPEND_ANNOTATION: "false",
+        contract.SUSPEND_ANNOTATION: "false",
     }
     assert job["spec"]["template"]["metadata"]["annotations"] == {
         "example.com/owner": "alice",
         "kubetune.dev/plan-method": "Full",
     }
     plain = b.training_job(REF, make_spec(suspend=True), {}, SETTINGS)
-    assert plain["metadata"]["annotations"] == {b.SUSPEND_ANNOTATION: "true"}
+    assert plain["metadata"]["annotations"] == {contract.SUSPEND_ANNOTATION: "true"}
     assert plain["spec"]["template"]["metadata"]["annotations"] == {"kubetune.dev/plan-method": ""}
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from kubetune import prepare
 from kubetune.api import FineTuneJobSpec, parse_job
-from kubetune.operator.k8s import decode_termination_plan
+from kubetune.contract import decode_prepare_message
 from kubetune.planning import bundled_architectures
 
 pytestmark = pytest.mark.unit
@@ -89,7 +89,7 @@ def test_small_message_is_plain_compact_json(result: dict[str, Any]) -> None:
     assert not message.startswith("gz:")
     assert json.loads(message) == result
     assert message == json.dumps(result, separators=(",", ":"), sort_keys=True)
-    assert decode_termination_plan(message) == result
+    assert decode_prepare_message(message) == result
 
 
 def test_message_at_the_limit_stays_plain() -> None:
@@ -105,7 +105,7 @@ def test_limit_counts_bytes_not_characters() -> None:
     result = {"x": "é" * 2000}
     message = prepare.encode_message(result)
     assert message.startswith("gz:")
-    assert decode_termination_plan(message) == result
+    assert decode_prepare_message(message) == result
 
 
 @pytest.mark.parametrize("size", [4000, 10_000, 20_000])
@@ -117,7 +117,7 @@ def test_large_message_is_compressed_and_decodes(size: int) -> None:
     assert message.startswith("gz:")
     assert len(message.encode()) <= prepare.MAX_MESSAGE
     assert message.isascii()
-    assert decode_termination_plan(message) == result
+    assert decode_prepare_message(message) == result
 
 
 def test_too_large_message_is_an_error() -> None:
@@ -141,7 +141,7 @@ def test_run_plans_from_files(model_dir: Path, dataset: Path) -> None:
     assert plan["reasons"][0] == "GPU memory 24 GiB as the operator resolved it"
     assert plan["fits"] is True
     # What main() would write decodes back to the same plan.
-    assert decode_termination_plan(prepare.encode_message(result)) == result
+    assert decode_prepare_message(prepare.encode_message(result)) == result
 
 
 def test_run_reads_a_config_json_path_too(model_dir: Path, dataset: Path) -> None:
@@ -244,7 +244,7 @@ def test_main_writes_the_plan(
     message = tmp_path / "termination-log"
     set_env(monkeypatch, base_env(model_dir, dataset), message)
     assert prepare.main() == 0
-    written = decode_termination_plan(message.read_text())
+    written = decode_prepare_message(message.read_text())
     assert written["plan"]["exampleCount"] == 18
     assert "error" not in written
     assert json.loads(capsys.readouterr().out) == written

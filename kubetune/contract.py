@@ -1,0 +1,150 @@
+"""The contract between the operator (and `kubetune run`) and the pods it starts: the API's
+names, the labels and annotations on child objects, the exit codes, the `KUBETUNE_*`
+environment, the termination messages and the plan keys a method switch replaces.
+
+Both sides import these names from here and nowhere else; this module imports nothing of
+kubetune, so the operator can use it without the trainer's stack (docs/design.md, layers).
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final
+
+# ---- the API ----------------------------------------------------------------------------------
+GROUP: Final = "kubetune.dev"
+VERSION: Final = "v1alpha1"
+API_VERSION: Final = f"{GROUP}/{VERSION}"
+KIND: Final = "FineTuneJob"
+PLURAL: Final = "finetunejobs"
+SINGULAR: Final = "finetunejob"
+SHORT_NAME: Final = "ftj"
+CATEGORY: Final = "kubetune"
+CRD_NAME: Final = f"{PLURAL}.{GROUP}"
+
+# ---- labels and annotations on the children ---------------------------------------------------
+JOB_LABEL: Final = f"{GROUP}/job"
+COMPONENT_LABEL: Final = f"{GROUP}/component"
+MANAGED_BY: Final[Mapping[str, str]] = {
+    "app.kubernetes.io/managed-by": "kubetune-operator",
+    "app.kubernetes.io/name": "kubetune",
+}
+#: The spec.suspend value the operator last applied to the training Job (so a queue's own
+#: suspension is told apart from the user's).
+SUSPEND_ANNOTATION: Final = f"{GROUP}/applied-suspend"
+TRAINER_CONTAINER: Final = "trainer"
+PREPARE_CONTAINER: Final = "prepare"
+#: Where the operator mounts the `<job>-config` ConfigMap (spec.json, plan.json).
+CONFIG_MOUNT: Final = "/etc/kubetune"
+
+# ---- exit codes -------------------------------------------------------------------------------
+EXIT_OK: Final = 0
+#: Configuration or data errors (sysexits' EX_CONFIG): the operator's podFailurePolicy fails
+#: the Job at once on it instead of retrying.
+EXIT_CONFIG_ERROR: Final = 78
+
+
+# ---- the environment --------------------------------------------------------------------------
+class Env:
+    """The `KUBETUNE_*` variables the trainer and the prepare step read."""
+
+    JOB_NAME: Final = "KUBETUNE_JOB_NAME"
+    JOB_NAMESPACE: Final = "KUBETUNE_JOB_NAMESPACE"
+    CONFIG_DIR: Final = "KUBETUNE_CONFIG_DIR"
+    SPEC_JSON: Final = "KUBETUNE_SPEC_JSON"
+    PLAN_JSON: Final = "KUBETUNE_PLAN_JSON"
+    MODEL_PATH: Final = "KUBETUNE_MODEL_PATH"
+    DATASET_PATH: Final = "KUBETUNE_DATASET_PATH"
+    VALIDATION_PATH: Final = "KUBETUNE_VALIDATION_PATH"
+    GENERAL_TEXT_PATH: Final = "KUBETUNE_GENERAL_TEXT_PATH"
+    PREVIOUS_PATH: Final = "KUBETUNE_PREVIOUS_PATH"
+    AUGMENTATION_MODEL_PATH: Final = "KUBETUNE_AUGMENTATION_MODEL_PATH"
+    OUTPUT_PATH: Final = "KUBETUNE_OUTPUT_PATH"
+    GPU_MEMORY_GIB: Final = "KUBETUNE_GPU_MEMORY_GIB"
+    NUM_NODES: Final = "KUBETUNE_NUM_NODES"
+    METRICS_PORT: Final = "KUBETUNE_METRICS_PORT"
+    METRICS_HOST: Final = "KUBETUNE_METRICS_HOST"
+    STOP_POLICY: Final = "KUBETUNE_STOP_POLICY"
+    CONTROL_TOKEN: Final = "KUBETUNE_CONTROL_TOKEN"
+    TERMINATION_MESSAGE_PATH: Final = "KUBETUNE_TERMINATION_MESSAGE_PATH"
+    MODEL_CACHE: Final = "KUBETUNE_MODEL_CACHE"
+
+
+#: Each input the trainer reads from a path, by role, and the variable that names the path.
+#: `kubetune.api.inputs.trainer_input_uris` maps a spec to the same roles; the operator
+#: (a path inside the pod) and `kubetune run` (a local path) both set every one present.
+INPUT_ENV: Final[Mapping[str, str]] = {
+    "model": Env.MODEL_PATH,
+    "dataset": Env.DATASET_PATH,
+    "validation": Env.VALIDATION_PATH,
+    "general": Env.GENERAL_TEXT_PATH,
+    "previous": Env.PREVIOUS_PATH,
+    "augmentation": Env.AUGMENTATION_MODEL_PATH,
+}
+
+#: Who runs the early-stop policy (`KUBETUNE_STOP_POLICY`): the trainer itself (local runs)
+#: or the operator, which reads /evaluations and sends /stop.
+STOP_POLICY_TRAINER: Final = "trainer"
+STOP_POLICY_OPERATOR: Final = "operator"
+
+# ---- termination messages ---------------------------------------------------------------------
+DEFAULT_TERMINATION_PATH: Final = "/dev/termination-log"
+#: The kubelet keeps 4 KiB of a termination message; both writers stay under this.
+TERMINATION_LIMIT_BYTES: Final = 3800
+#: The keys of the trainer's final message that the operator reads into status.
+TRAINER_MESSAGE_KEYS: Final = (
+    "metrics",
+    "progress",
+    "earlyStop",
+    "output",
+    "warnings",
+    "decisions",
+)
+#: A method switch's plan keeps these in a message that would be too long otherwise.
+SHORT_PLAN_KEYS: Final = ("method", "zeroStage", "offload", "trainableParameters", "memory")
+
+#: The plan keys a method switch replaces (the trainer sends them in its decision; the
+#: operator puts them into status.plan).
+SWITCHED_PLAN_KEYS: Final = (
+    "method",
+    "zeroStage",
+    "offload",
+    "trainableParameters",
+    "memory",
+    "hyperparameters",
+    "warnings",
+    "remedies",
+    "switchedFrom",
+)
+
+
+def termination_path(env: Mapping[str, str] | None = None) -> Path:
+    """Where a container writes its termination message: the kubelet reads the pod spec's
+    path; the local pod runner and `kubetune run` name another file in the environment."""
+    source = os.environ if env is None else env
+    return Path(source.get(Env.TERMINATION_MESSAGE_PATH) or DEFAULT_TERMINATION_PATH)
+
+
+def encode_prepare_message(result: Mapping[str, Any]) -> str:
+    """The prepare step's result: compact JSON, or gzip+base64 behind `gz:` when it would not
+    fit the kubelet's limit."""
+    text = json.dumps(result, separators=(",", ":"), sort_keys=True)
+    if len(text.encode()) <= TERMINATION_LIMIT_BYTES:
+        return text
+    packed = "gz:" + base64.b64encode(gzip.compress(text.encode(), 9)).decode()
+    if len(packed) > TERMINATION_LIMIT_BYTES:
+        raise ValueError(f"the plan is too large for a termination message ({len(packed)} B)")
+    return packed
+
+
+def decode_prepare_message(message: str) -> dict[str, Any]:
+    """The inverse of `encode_prepare_message`."""
+    if message.startswith("gz:"):
+        message = gzip.decompress(base64.b64decode(message[3:])).decode()
+    data: dict[str, Any] = json.loads(message)
+    return data
