@@ -1,5 +1,5 @@
 """A plain Hugging Face Trainer run with exactly the inputs and arguments kubetune's
-trainer would use (kubetune.trainer.recipe.load_inputs and training_arguments) but none of
+trainer would use (kubetune.trainer.setup.load_inputs and training_arguments) but none of
 kubetune's additions: no callback, metrics endpoint, probes, token accuracy or report.
 Run under torchrun by bench/trainer_overhead.py; prints one JSON line on rank 0."""
 
@@ -16,7 +16,7 @@ from transformers import Trainer, set_seed
 
 from kubetune.trainer.config import load_config
 from kubetune.trainer.data import Collator
-from kubetune.trainer.recipe import load_inputs, training_arguments
+from kubetune.trainer.setup import load_inputs, training_arguments
 
 
 def main() -> None:

@@ -208,7 +208,7 @@ def run_case(case: Case, plan: dict[str, Any], *, deepspeed_on_cpu: bool = False
     from kubetune.trainer.data import Collator
     from kubetune.trainer.dsconfig import deepspeed_config
     from kubetune.trainer.model import apply_method, count_parameters
-    from kubetune.trainer.recipe import load_in_bf16
+    from kubetune.trainer.setup import load_in_bf16
 
     result = RunResult()
     started = time.perf_counter()

@@ -3,7 +3,7 @@ same model, data, DeepSpeed config and steps (2 processes, DeepSpeed ZeRO-2 over
 CPU), with kubetune's probes on and off. Goals: at least 0.9 of plain HF with all probes on,
 0.97 with probes off.
 
-The plain run uses kubetune.trainer.recipe.load_inputs and training_arguments (the same
+The plain run uses kubetune.trainer.setup.load_inputs and training_arguments (the same
 inputs and TrainingArguments, evaluations included) with a bare Trainer: no callback,
 metrics endpoint, token accuracy, probes or report. The modes run interleaved, `--reps`
 times each, and the median train runtime of each is compared (the steps are the same).

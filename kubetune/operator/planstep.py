@@ -25,7 +25,7 @@ from kubetune.planning import (
     method_alternative,
     model_arch_from_config,
 )
-from kubetune.remedies.plan import plan_remedies
+from kubetune.planning.remedies import plan_remedies
 
 # A CPU "GPU" for local runs: the share of host memory one training process may use.
 CPU_PROCESS_MEMORY_GIB = 8.0

@@ -74,7 +74,7 @@ def apply_method(model: Any, plan: dict[str, Any], spec: dict[str, Any]) -> Any:
     """Wrap or freeze the model as the plan says; returns the model to train."""
     previous = (plan.get("remedies") or {}).get("from")
     if previous:  # an incremental update: a previous adapter keeps training as it is
-        from kubetune.remedies.train import load_previous
+        from kubetune.trainer.remedies.previous import load_previous
 
         model, is_adapter = load_previous(model, str(previous))
         if is_adapter:

@@ -92,7 +92,7 @@ def test_the_perplexity_probe_agrees_with_the_model_loss(tiny_model: Path) -> No
 
     from kubetune.diagnostics import perplexity_summary
     from kubetune.diagnostics.probes import text_rows, token_nlls
-    from kubetune.trainer.recipe import GENERAL_TEXT_DEFAULT
+    from kubetune.trainer.runtime import GENERAL_TEXT_DEFAULT
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     tok, rows = _rows(tiny_model, random_rows(6, seed=3))

@@ -57,7 +57,7 @@ def shared_answer_rows(n: int) -> list[dict[str, str]]:
 
 
 def _cross_validate(run: Run, work_dir: Path, folds: int, max_epochs: int) -> dict[str, Any]:
-    from kubetune.remedies.kfold import cross_validate_epochs
+    from kubetune.trainer.remedies.kfold import cross_validate_epochs
 
     return cross_validate_epochs(
         _config(run), folds=folds, max_epochs=max_epochs, work_dir=work_dir
@@ -129,9 +129,9 @@ DISTRIBUTED_SCRIPT = textwrap.dedent(
     import json, os, sys
     from pathlib import Path
 
-    from kubetune.remedies.kfold import cross_validate_epochs
+    from kubetune.trainer.remedies.kfold import cross_validate_epochs
     from kubetune.trainer.config import load_config
-    from kubetune.trainer.recipe import load_inputs, training_arguments
+    from kubetune.trainer.setup import load_inputs, training_arguments
 
     cfg = load_config(Path(sys.argv[1]))
     result = cross_validate_epochs(cfg, folds=2, max_epochs=2, work_dir=Path(sys.argv[2]))

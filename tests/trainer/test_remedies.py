@@ -59,7 +59,7 @@ def _plan(**states: dict[str, Any]) -> dict[str, Any]:
 
 
 def _prepare(tiny_model: Path, plan: dict[str, Any], model: Any = None, **kw: Any) -> Any:
-    from kubetune.remedies.train import prepare
+    from kubetune.trainer.remedies.run import prepare
 
     tok, ds = _tok_and_rows(tiny_model)
     return prepare(
@@ -175,8 +175,8 @@ def test_low_perplexity_targets_take_the_stated_tokens_out_of_the_loss(tiny_mode
     import torch.nn.functional as F
     from transformers import Trainer, TrainingArguments
 
-    from kubetune.remedies.train import row_token_nlls, weighted_rows
     from kubetune.trainer.data import Collator
+    from kubetune.trainer.remedies.loss import row_token_nlls, weighted_rows
 
     model = _model(tiny_model)
     _, ds = _tok_and_rows(tiny_model)
@@ -216,7 +216,7 @@ def test_low_perplexity_targets_take_the_stated_tokens_out_of_the_loss(tiny_mode
 
 
 def test_auto_turns_remedies_on_only_for_surprising_data() -> None:
-    from kubetune.remedies.plan import Evidence, resolve
+    from kubetune.planning.evidence import Evidence, resolve
 
     remedies = {
         "replay": {"state": "Auto"},
@@ -305,8 +305,8 @@ def test_half_fine_tuning_trains_the_chosen_half_each_epoch(
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from kubetune.remedies.train import choose_halves
     from kubetune.trainer.data import Collator
+    from kubetune.trainer.remedies.halfft import choose_halves
 
     run, _ = _prepare(tiny_model, _plan(halfFineTuning={"mode": "On", "state": "On"}))
     (hft,) = run.callbacks
@@ -349,11 +349,12 @@ def test_auto_turns_replay_on_for_surprising_data_under_the_builtin_model() -> N
     from transformers import AutoModelForCausalLM
 
     from kubetune.data import Example, parse_jsonl
-    from kubetune.remedies.plan import plan_remedies
-    from kubetune.remedies.train import REPLAY_TEXT_DEFAULT, MixedDataset, prepare
+    from kubetune.planning.remedies import plan_remedies
     from kubetune.trainer.data import TokenizedDataset
     from kubetune.trainer.model import load_tokenizer, model_location
-    from kubetune.trainer.recipe import GENERAL_TEXT_DEFAULT
+    from kubetune.trainer.remedies.replay import REPLAY_TEXT_DEFAULT, MixedDataset
+    from kubetune.trainer.remedies.run import prepare
+    from kubetune.trainer.runtime import GENERAL_TEXT_DEFAULT
 
     location = model_location("hf://kubetune/tiny-llama-en")[0]
     tok = load_tokenizer(location)
@@ -452,8 +453,8 @@ def test_auto_arms_replay_and_turns_it_on_when_forgetting_passes_the_trigger(
     """Auto left replay off at the start (the data is not surprising): the run keeps it
     armed, and an evaluation whose general-text perplexity ratio reaches the trigger turns
     it on, serving general text in the stated share without changing the dataset length."""
-    from kubetune.remedies.plan import Evidence
-    from kubetune.remedies.train import ReplaySwitch
+    from kubetune.planning.evidence import Evidence
+    from kubetune.trainer.remedies.replay import ReplaySwitch
 
     plan = _plan(replay={"mode": "Auto", "state": "Auto", "ratio": 0.25, "triggerRatio": 1.3})
     unsurprising = Evidence(data_perplexity=100.0, general_perplexity=100.0)

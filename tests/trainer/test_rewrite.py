@@ -25,7 +25,7 @@ SHARED = ["499 thing cedar juniper.", "Thing 499 brook heath.", "499, thing: amb
 
 
 def _load(path: Path) -> tuple[Any, Any]:
-    from kubetune.remedies.rewrite import load_augmentation_model
+    from kubetune.trainer.remedies.rewrite import load_augmentation_model
 
     return load_augmentation_model(f"file://{path}")
 
@@ -55,7 +55,7 @@ def _perplexity(model: Any, tok: Any, ex: Example) -> float:
 
 
 def test_rewrites_lower_the_base_models_perplexity(tiny_model: Path) -> None:
-    from kubetune.remedies.rewrite import rewrite_examples, word_overlap
+    from kubetune.trainer.remedies.rewrite import rewrite_examples, word_overlap
 
     model, tok = _load(tiny_model)
     examples = _examples()
@@ -89,7 +89,7 @@ def test_rewrites_lower_the_base_models_perplexity(tiny_model: Path) -> None:
 
 
 def test_a_strict_overlap_keeps_the_original(tiny_model: Path) -> None:
-    from kubetune.remedies.rewrite import rewrite_examples, word_overlap
+    from kubetune.trainer.remedies.rewrite import rewrite_examples, word_overlap
 
     model, tok = _load(tiny_model)
     examples = [Example(10 + i, f"Define term {i}: ", t) for i, t in enumerate(SHARED)]
@@ -111,7 +111,7 @@ def test_a_strict_overlap_keeps_the_original(tiny_model: Path) -> None:
 
 
 def test_max_examples_and_chat_rows(tiny_model: Path) -> None:
-    from kubetune.remedies.rewrite import rewrite_examples
+    from kubetune.trainer.remedies.rewrite import rewrite_examples
 
     model, tok = _load(tiny_model)
     chat = Example(
@@ -138,7 +138,7 @@ def test_max_examples_and_chat_rows(tiny_model: Path) -> None:
 
 
 def _augment(model: Any, tok: Any, examples: list[Example], seed: int, **kw: Any) -> Any:
-    from kubetune.remedies.rewrite import augment_examples
+    from kubetune.trainer.remedies.rewrite import augment_examples
 
     args: dict[str, Any] = {"paraphrases": 2, "back_translations": 1, "pivot_language": "French"}
     return augment_examples(model, tok, examples, "cpu", seed=seed, **{**args, **kw})
@@ -265,8 +265,8 @@ def test_augmentation_drops_copies_of_the_original_and_repeats(tiny_model: Path)
 
 
 def test_load_augmentation_model_needs_a_model_directory(tmp_path: Path) -> None:
-    from kubetune.remedies.rewrite import load_augmentation_model
     from kubetune.trainer.config import TrainerConfigError
+    from kubetune.trainer.remedies.rewrite import load_augmentation_model
 
     with pytest.raises(TrainerConfigError, match=r"config\.json"):
         load_augmentation_model(str(tmp_path))

@@ -97,7 +97,7 @@ def _sam_grad(model: Any, loss_fn: Callable[[Any], Any], rho: float) -> tuple[li
 def _trainer(base: Any, model: Any, tmp_path: Path, accum: int = 1, rho: float = RHO) -> Any:
     from transformers import TrainingArguments
 
-    from kubetune.remedies.sam import sam_trainer_class
+    from kubetune.trainer.remedies.sam import sam_trainer_class
 
     args = TrainingArguments(
         output_dir=str(tmp_path), use_cpu=True, report_to=[], remove_unused_columns=False,
@@ -125,7 +125,7 @@ def test_one_step_gives_the_gradient_at_the_perturbed_weights(
     import torch
     from transformers import Trainer
 
-    from kubetune.remedies.train import remedy_trainer_class
+    from kubetune.trainer.remedies.loss import remedy_trainer_class
 
     base = remedy_trainer_class(Trainer, None) if remedies else Trainer
     model = _tiny_llama()
@@ -210,8 +210,8 @@ def test_short_run_learns_with_two_passes_per_micro_batch(tiny_model: Path, tmp_
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
     from kubetune.data import Example
-    from kubetune.remedies.sam import sam_trainer_class
     from kubetune.trainer.data import Collator, TokenizedDataset
+    from kubetune.trainer.remedies.sam import sam_trainer_class
     from tests.tinymodel import random_rows
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
@@ -256,7 +256,7 @@ def test_deepspeed_is_refused(tmp_path: Path) -> None:
 def test_bad_rho_is_refused() -> None:
     from transformers import Trainer
 
-    from kubetune.remedies.sam import sam_trainer_class
+    from kubetune.trainer.remedies.sam import sam_trainer_class
 
     with pytest.raises(ValueError, match="rho"):
         sam_trainer_class(Trainer, 0.0)
@@ -266,7 +266,7 @@ DDP_SCRIPT = """
 import json, os, sys
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
-from kubetune.remedies.sam import sam_trainer_class
+from kubetune.trainer.remedies.sam import sam_trainer_class
 
 torch.manual_seed(0)
 cfg = LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=32, num_hidden_layers=1,

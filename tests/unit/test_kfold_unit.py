@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from kubetune.remedies.kfold import (
+from kubetune.planning.kfold import (
     KFOLD_BELOW,
     MAX_MAX_EPOCHS,
     choose_epoch,
@@ -185,7 +185,7 @@ def test_the_cost_sentence_clamps_the_folds_to_the_rows() -> None:
 
 
 def test_grouped_folds_keep_augmented_rows_with_their_source() -> None:
-    from kubetune.remedies.kfold import grouped_folds
+    from kubetune.planning.kfold import grouped_folds
 
     # rows 0-3 are originals (lines 1-4), rows 4-7 their augmented copies, in that order
     lines = [1, 2, 3, 4, 1, 2, 3, 4]

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from kubetune.api import parse_job
-from kubetune.remedies.plan import plan_remedies
+from kubetune.planning.remedies import plan_remedies
 
 
 def _spec(**extra: Any) -> Any:
@@ -102,8 +102,8 @@ def test_model_from_must_be_an_output_location() -> None:
 def test_previous_output_is_read_where_the_operator_mounted_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kubetune.remedies.train import previous_output
     from kubetune.trainer.config import TrainerConfigError
+    from kubetune.trainer.remedies.previous import previous_output
 
     (tmp_path / "run-41" / "final").mkdir(parents=True)
     monkeypatch.delenv("KUBETUNE_PREVIOUS_PATH", raising=False)

@@ -9,12 +9,11 @@ import math
 import pytest
 
 from kubetune.data import Example, parse_jsonl
-from kubetune.remedies.rewrite import (
+from kubetune.planning.remedies import augmentation_sentence, generations_per_example
+from kubetune.trainer.remedies.rewrite import (
     _clean,
     accept_rewrite,
-    augmentation_sentence,
     distinct_words,
-    generations_per_example,
     paraphrase_prompt,
     rewrite_prompt,
     translate_prompt,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from kubetune.remedies.sam import sam_cost_sentence, sam_extra_bytes
+from kubetune.planning.remedies import sam_cost_sentence, sam_extra_bytes
 
 pytestmark = pytest.mark.unit
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kubetune.trainer.config import TrainerConfig
-from kubetune.trainer.recipe import write_termination
+from kubetune.trainer.finish import write_termination
 
 pytestmark = pytest.mark.unit
 

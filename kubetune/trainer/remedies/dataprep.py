@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from kubetune.contract import Env
 from kubetune.data import Example
-from kubetune.remedies.dist import from_rank0
+from kubetune.trainer.dist import from_rank0
 
 log = logging.getLogger("kubetune.remedies")
 
@@ -144,8 +144,8 @@ def _generate(
     aug_path: str,
     model_path: str,
 ) -> dict[str, Any]:
-    from kubetune.remedies import rewrite as rw
-    from kubetune.remedies.train import run_device
+    from kubetune.trainer.remedies import rewrite as rw
+    from kubetune.trainer.runtime import run_device
 
     device = run_device()
     notes: list[str] = []

@@ -23,30 +23,6 @@ from typing import Any
 #: Guards the division by the gradient norm.
 NORM_EPSILON = 1e-12
 
-#: Bytes per trained weight for the copy of the weights SAM keeps while they are perturbed
-#: (an fp32 weight; bf16/fp16 weights need half).
-BYTES_PER_WEIGHT = 4
-
-
-def sam_extra_bytes(trainable_parameters: int, *, gradient_accumulation_steps: int = 1) -> int:
-    """The memory SAM adds per process: a copy of each trained weight (at most 4 bytes)
-    while it is perturbed, plus, when gradients are accumulated, one more gradient buffer
-    (the earlier micro-batches' sum is kept aside during the first pass)."""
-    copies = 2 if gradient_accumulation_steps > 1 else 1
-    return max(0, int(trainable_parameters)) * BYTES_PER_WEIGHT * copies
-
-
-def sam_cost_sentence(rho: float, trainable_parameters: int | None = None) -> str:
-    """One sentence for the plan: what SAM costs."""
-    memory = "one more copy of each trained weight (trainable parameters x 4 bytes"
-    if trainable_parameters is not None:
-        memory += f", {sam_extra_bytes(trainable_parameters) / 2**30:.2f} GiB per process"
-    memory += ")"
-    return (
-        f"Sharpness-aware minimisation (rho {rho:g}): each optimizer step costs two forward "
-        f"and backward passes per micro-batch (about 2x the compute of a step) and {memory}."
-    )
-
 
 def _check_supported(trainer: Any) -> None:
     if getattr(trainer, "is_deepspeed_enabled", False):

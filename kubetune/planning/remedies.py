@@ -7,8 +7,10 @@ The plan carries `plan["remedies"]` for the trainer and one sentence per remedy 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
+
+from kubetune.api.spec import Augmentation, CrossValidation, Remedies
+from kubetune.planning.kfold import KFOLD_BELOW, cost_sentence, max_epochs_for, mode_on
 
 #: Above this many parameters the planner uses the lower learning-rate bands.
 LARGE_MODEL_PARAMS = 20_000_000_000
@@ -18,6 +20,11 @@ LARGE_MODEL_PARAMS = 20_000_000_000
 #: cutting its general-text perplexity rise by ~85%; EWC, low-perplexity targets and half
 #: fine-tuning cost more target perplexity for what they saved, so they stay explicit (On).
 AUTO_REMEDIES: tuple[str, ...] = ("replay",)
+
+#: Auto's trigger: the training targets are this many times more surprising to the base
+#: model than general text. Lower than the diagnostics' 3x warning: the remedies Auto uses
+#: cost little, and the bench's glossary (docs/evidence.md), which forgets, is only 1.8x.
+RISK_RATIO = 1.5
 
 #: Why Auto leaves each other remedy off: its row in docs/evidence.md.
 AUTO_OFF_WHY = {
@@ -58,8 +65,6 @@ def _get(section: Any, key: str, default: Any) -> Any:
 def remedy_settings(spec: Any) -> dict[str, dict[str, Any]]:
     """spec.remedies (a pydantic spec or its camelCase dict) as camelCase dicts with the
     defaults filled in."""
-    from kubetune.api.spec import Remedies
-
     raw = _get(spec, "remedies", None)
     if raw is None:
         model = Remedies()
@@ -123,8 +128,6 @@ def plan_remedies(plan: dict[str, Any], spec: Any) -> None:
             "GiB per process more than the memory estimate above."
         )
     if out["sam"]["state"] == "On":
-        from kubetune.remedies.sam import sam_extra_bytes
-
         accum = int((plan.get("hyperparameters") or {}).get("gradientAccumulationSteps") or 1)
         extra = sam_extra_bytes(
             int(plan.get("trainableParameters") or 0), gradient_accumulation_steps=accum
@@ -144,13 +147,8 @@ def plan_remedies(plan: dict[str, Any], spec: Any) -> None:
     plan.setdefault("reasons", []).extend(reasons)
 
 
-from kubetune.remedies.kfold import KFOLD_BELOW  # noqa: E402
-
-
 def _data_sentences(spec: Any, plan: dict[str, Any]) -> list[str]:
     """Augmentation and the cross-validated epoch count, as reasons."""
-    from kubetune.api.spec import Augmentation, CrossValidation
-    from kubetune.remedies.rewrite import augmentation_sentence
 
     out: list[str] = []
     raw = _get(spec, "augmentation", None)
@@ -171,8 +169,6 @@ def _data_sentences(spec: Any, plan: dict[str, Any]) -> list[str]:
         if isinstance(raw_cv, dict) or raw_cv is None
         else raw_cv
     )
-    from kubetune.remedies.kfold import cost_sentence, max_epochs_for, mode_on
-
     epochs_set = _get(hp_spec, "epochs", None) is not None
     examples = int(plan.get("exampleCount") or 0)
     on, why = mode_on(cv.mode, examples, epochs_set)
@@ -241,8 +237,6 @@ def _detail(name: str, s: dict[str, Any]) -> str:
     if name == "halfFineTuning":
         return "each epoch trains a random half of every layer's weight tensors"
     if name == "sam":
-        from kubetune.remedies.sam import sam_cost_sentence
-
         return f"rho {s['rho']:g}; " + sam_cost_sentence(float(s["rho"]))
     if name == "selfRewrite":
         return (
@@ -257,56 +251,62 @@ def _detail(name: str, s: dict[str, Any]) -> str:
     )
 
 
-#: Auto's trigger: the training targets are this many times more surprising to the base
-#: model than general text. Lower than the diagnostics' 3x warning: the remedies Auto uses
-#: cost little, and the bench's glossary (docs/evidence.md), which forgets, is only 1.8x.
-RISK_RATIO = 1.5
+# ---- the augmentation sentence -------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Evidence:
-    """The base model's perplexity on the training targets and on general text."""
-
-    data_perplexity: float
-    general_perplexity: float
-    high_token_ratio: float = 0.0
-
-    @property
-    def ratio(self) -> float:
-        return self.data_perplexity / max(self.general_perplexity, 1e-9)
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def resolve(
-    remedies: dict[str, Any], evidence: Evidence | None, risk_ratio: float = RISK_RATIO
-) -> dict[str, dict[str, Any]]:
-    """At training start: each remedy on or off, with the reason (Auto decided here)."""
-    out: dict[str, dict[str, Any]] = {}
-    for name in NAMES:
-        s = remedies.get(name) or {}
-        state = s.get("state", "Off")
-        if state == "On":
-            out[name] = {"on": True, "reason": "set On"}
-        elif state == "Off":
-            out[name] = {"on": False, "reason": "off"}
-        elif evidence is None:
-            why = "no general text, or ZeRO-3 or offload"
-            out[name] = {"on": False, "reason": f"Auto: no evidence ({why})"}
-        elif evidence.ratio >= risk_ratio:
-            out[name] = {
-                "on": True,
-                "reason": (
-                    f"Auto: the training targets' perplexity under the base model "
-                    f"({evidence.data_perplexity:.1f}) is {evidence.ratio:.1f}x its general-text "
-                    f"perplexity ({evidence.general_perplexity:.1f}), at least {risk_ratio:g}x: "
-                    "the run is at risk of forgetting"
-                ),
-            }
-        else:
-            out[name] = {
-                "on": False,
-                "reason": (
-                    f"Auto: the training targets' perplexity under the base model is "
-                    f"{evidence.ratio:.1f}x its general-text perplexity, below {risk_ratio:g}x"
-                ),
-            }
-    return out
+def generations_per_example(paraphrases: int, back_translations: int) -> int:
+    """Generations per training example: one per paraphrase, two per back-translation."""
+    return paraphrases + 2 * back_translations
+
+
+def augmentation_sentence(
+    paraphrases: int, back_translations: int, pivot_language: str, model_label: str
+) -> str:
+    """One line for the plan's reasons: what augmentation adds, with which model, at what
+    cost."""
+    if paraphrases <= 0 and back_translations <= 0:
+        return "Augmentation off: no paraphrases or back-translations asked."
+    parts = []
+    if paraphrases > 0:
+        parts.append(_plural(paraphrases, "paraphrase"))
+    if back_translations > 0:
+        parts.append(f"{_plural(back_translations, 'back-translation')} via {pivot_language}")
+    rows = paraphrases + back_translations
+    cost = generations_per_example(paraphrases, back_translations)
+    return (
+        f"Augmentation: {' and '.join(parts)} per training example, written by "
+        f"{model_label}; up to {_plural(rows, 'new row')} per example, training data only "
+        f"(evaluation is not augmented). Cost: {_plural(cost, 'generation')} per example "
+        "(one per paraphrase, two per back-translation)."
+    )
+
+
+# ---- SAM's cost ----------------------------------------------------------------------------
+
+#: Bytes per trained weight for the copy of the weights SAM keeps while they are perturbed
+#: (an fp32 weight; bf16/fp16 weights need half).
+BYTES_PER_WEIGHT = 4
+
+
+def sam_extra_bytes(trainable_parameters: int, *, gradient_accumulation_steps: int = 1) -> int:
+    """The memory SAM adds per process: a copy of each trained weight (at most 4 bytes)
+    while it is perturbed, plus, when gradients are accumulated, one more gradient buffer
+    (the earlier micro-batches' sum is kept aside during the first pass)."""
+    copies = 2 if gradient_accumulation_steps > 1 else 1
+    return max(0, int(trainable_parameters)) * BYTES_PER_WEIGHT * copies
+
+
+def sam_cost_sentence(rho: float, trainable_parameters: int | None = None) -> str:
+    """One sentence for the plan: what SAM costs."""
+    memory = "one more copy of each trained weight (trainable parameters x 4 bytes"
+    if trainable_parameters is not None:
+        memory += f", {sam_extra_bytes(trainable_parameters) / 2**30:.2f} GiB per process"
+    memory += ")"
+    return (
+        f"Sharpness-aware minimisation (rho {rho:g}): each optimizer step costs two forward "
+        f"and backward passes per micro-batch (about 2x the compute of a step) and {memory}."
+    )

@@ -124,37 +124,6 @@ def accept_rewrite(
     return True, "accepted"
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
-
-
-def generations_per_example(paraphrases: int, back_translations: int) -> int:
-    """Generations per training example: one per paraphrase, two per back-translation."""
-    return paraphrases + 2 * back_translations
-
-
-def augmentation_sentence(
-    paraphrases: int, back_translations: int, pivot_language: str, model_label: str
-) -> str:
-    """One line for the plan's reasons: what augmentation adds, with which model, at what
-    cost."""
-    if paraphrases <= 0 and back_translations <= 0:
-        return "Augmentation off: no paraphrases or back-translations asked."
-    parts = []
-    if paraphrases > 0:
-        parts.append(_plural(paraphrases, "paraphrase"))
-    if back_translations > 0:
-        parts.append(f"{_plural(back_translations, 'back-translation')} via {pivot_language}")
-    rows = paraphrases + back_translations
-    cost = generations_per_example(paraphrases, back_translations)
-    return (
-        f"Augmentation: {' and '.join(parts)} per training example, written by "
-        f"{model_label}; up to {_plural(rows, 'new row')} per example, training data only "
-        f"(evaluation is not augmented). Cost: {_plural(cost, 'generation')} per example "
-        "(one per paraphrase, two per back-translation)."
-    )
-
-
 def _clean(text: str, original: str) -> str:
     """A generation without surrounding whitespace, cut at its first blank line unless the
     original has blank lines itself (base models ramble on past the answer)."""
@@ -294,8 +263,8 @@ def target_perplexities(
     """Per example, the base model's perplexity of its target given its own prompt: exp of
     the mean NLL over the target's tokens and EOS, exactly as the trainer's loss sees them
     (`kubetune.trainer.data.encode`); NaN when nothing of the target fits."""
-    from kubetune.remedies.train import row_token_nlls
     from kubetune.trainer.data import encode
+    from kubetune.trainer.remedies.loss import row_token_nlls
 
     max_length = _context_limit(model) or 1 << 20
     rows = [encode(ex, tokenizer, max_length) for ex in examples]

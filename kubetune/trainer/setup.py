@@ -1,0 +1,174 @@
+"""The setup phase of a run: its HF TrainingArguments and its inputs (data, tokenizer, the
+model with its method applied, and what Auto decided at training start). bench/ uses both to
+run a plain HF Trainer with exactly the same settings and inputs."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubetune.trainer.config import TrainerConfig, TrainerConfigError
+from kubetune.trainer.runtime import world_size
+
+
+def training_arguments(
+    cfg: TrainerConfig, ckpt_dir: Path, *, has_eval: bool, cuda: bool, bf16: bool, main_proc: bool
+) -> Any:
+    """The HF TrainingArguments of a run, from its plan (also used by bench/ to run a
+    plain HF Trainer with exactly the same settings)."""
+    from transformers import TrainingArguments
+
+    from kubetune.trainer.dsconfig import deepspeed_config
+
+    plan, hp = cfg.plan, cfg.hyperparameters
+    use_ds = world_size() > 1 or int(plan.get("zeroStage", 0)) > 0
+    micro = int(hp.get("microBatchSize") or 1)
+    accum = int(hp.get("gradientAccumulationSteps") or 1)
+    eval_steps = max(1, int(hp.get("evalSteps") or 10))
+    return TrainingArguments(
+        output_dir=str(ckpt_dir),
+        per_device_train_batch_size=micro,
+        per_device_eval_batch_size=micro,
+        gradient_accumulation_steps=accum,
+        learning_rate=float(hp.get("learningRate") or 2e-4),
+        num_train_epochs=float(hp.get("epochs") or 3),
+        warmup_steps=int(hp.get("warmupSteps") or 0),
+        weight_decay=float(hp.get("weightDecay") or 0.0),
+        max_grad_norm=float(hp.get("maxGradNorm") or 1.0),
+        lr_scheduler_type=str(hp.get("lrScheduler") or "cosine"),
+        gradient_checkpointing=bool(hp.get("gradientCheckpointing")) and cuda,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=eval_steps,
+        save_strategy="steps",
+        save_steps=eval_steps,
+        save_total_limit=2,
+        load_best_model_at_end=has_eval,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_steps=1,
+        report_to=[],
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=bf16,
+        use_cpu=not cuda,
+        ddp_backend="gloo" if (not cuda and world_size() > 1) else None,
+        deepspeed=deepspeed_config(plan, bf16=bf16) if use_ds else None,
+        disable_tqdm=not (main_proc and os.isatty(2)),
+        remove_unused_columns=False,
+        save_only_model=False,
+    )
+
+
+def load_in_bf16(plan: dict[str, Any], bf16: bool) -> bool:
+    """Whether the weights load in bf16. Mixed precision needs fp32 master weights:
+    DeepSpeed's bf16 optimizer keeps its own, so under DeepSpeed the model loads in bf16,
+    and a frozen base under LoRA or prefix tuning needs no master copy either. Plain HF
+    (ZeRO-0, one process) with trainable base weights loads fp32 and autocasts to bf16:
+    pure bf16 weights would round small updates away (and the planner counts the master
+    copy)."""
+    use_ds = world_size() > 1 or int(plan.get("zeroStage", 0)) > 0
+    return bf16 and (use_ds or plan.get("method") in ("LoRA", "Prefix"))
+
+
+@dataclass
+class RunInputs:
+    """What a run trains: tokenizer, datasets, and the model with its method applied."""
+
+    tokenizer: Any
+    train_ds: Any
+    val_ds: Any
+    model: Any
+    seq_len: int
+    cuda: bool
+    bf16: bool
+    #: The plan trained with: cfg.plan, or its alternative when Auto switched the method.
+    plan: dict[str, Any] = field(default_factory=dict)
+    evidence: Any = None
+    decision: str | None = None
+    #: What self-rewrite and augmentation did to the training rows.
+    data_notes: list[str] = field(default_factory=list)
+    data_stats: dict[str, Any] = field(default_factory=dict)
+
+
+def load_inputs(cfg: TrainerConfig) -> RunInputs:
+    """Read and tokenise the data, load the model and apply the planned method (also used
+    by bench/ to give a plain HF Trainer exactly the same inputs)."""
+    import torch
+
+    from kubetune.data import DataError
+    from kubetune.trainer.data import TokenizedDataset, read_examples, split_holdout
+    from kubetune.trainer.model import apply_method, load_model, load_tokenizer, model_location
+    from kubetune.trainer.remedies.dataprep import prepare_examples
+    from kubetune.trainer.startup import choose_method_for_run
+
+    plan, hp = cfg.plan, cfg.hyperparameters
+    forced = (cfg.spec.get("dataset") or {}).get("format", "Auto")
+    try:
+        fmt, examples = read_examples(cfg.dataset, None if forced == "Auto" else forced)
+        if cfg.validation:
+            _, val_examples = read_examples(cfg.validation, fmt)
+            train_examples = examples
+        else:
+            split = float((cfg.spec.get("dataset") or {}).get("validationSplit", 0.1))
+            train_examples, val_examples = split_holdout(examples, split, cfg.seed)
+    except (DataError, OSError, ValueError) as exc:
+        raise TrainerConfigError(str(exc)) from exc
+    location, revision = model_location(cfg.model)
+    if cfg.model.startswith("hf://") and not cfg.model.startswith("hf://kubetune/"):
+        revision = (cfg.spec.get("model") or {}).get("revision") or revision
+    tokenizer = load_tokenizer(location, revision)
+    seq_len = int(
+        hp.get("sequenceLength") or (cfg.spec.get("dataset") or {}).get("maxSeqLength") or 1024
+    )
+    cuda = torch.cuda.is_available()
+    bf16 = bool(cuda and torch.cuda.is_bf16_supported())
+    low = load_in_bf16(plan, bf16)
+    model = load_model(location, revision, dtype=torch.bfloat16 if low else torch.float32)
+    prep = prepare_examples(cfg, model, tokenizer, train_examples, location)
+    train_examples = prep.examples
+    train_ds = TokenizedDataset(train_examples, tokenizer, seq_len)
+    val_ds = TokenizedDataset(val_examples, tokenizer, seq_len) if val_examples else None
+    if len(train_ds) == 0:
+        raise TrainerConfigError(
+            f"{cfg.dataset}: no example has a target token left after "
+            f"truncation to {seq_len} tokens"
+        )
+    choice = choose_method_for_run(cfg, model, tokenizer, train_ds, seq_len)
+    plan = choice.plan
+    if low and not load_in_bf16(plan, bf16):  # switched to a method that keeps fp32 weights:
+        del model  # load them again in fp32 (a cast of the bf16 copy would lose precision)
+        model = load_model(location, revision, dtype=torch.float32)
+    model = apply_method(model, plan, cfg.spec)
+    return RunInputs(
+        tokenizer,
+        train_ds,
+        val_ds,
+        model,
+        seq_len,
+        cuda,
+        bf16,
+        plan,
+        choice.evidence,
+        choice.decision,
+        prep.notes,
+        prep.stats,
+    )
+
+
+def token_accuracy(eval_pred: Any) -> dict[str, float]:
+    """Next-token accuracy on the completion tokens (labels != -100)."""
+
+    preds, labels = eval_pred.predictions, eval_pred.label_ids
+    preds = preds[:, :-1]
+    labels = labels[:, 1:]
+    mask = labels != -100
+    total = int(mask.sum())
+    return {"token_accuracy": float((preds[mask] == labels[mask]).sum() / total) if total else 0.0}
+
+
+def argmax_logits(logits: Any, labels: Any) -> Any:
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return logits.argmax(dim=-1)
