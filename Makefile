@@ -26,6 +26,7 @@ test: venv ## the whole suite: lint, types, unit, cluster and trainer tiers (nee
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test-unit: venv ## unit tier only (no cluster, no torch)
@@ -43,6 +44,7 @@ bench-smoke: venv ## run every benchmark in its smoke size (proves they run; fig
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 typecheck: venv
 	$(VENV)/bin/mypy
