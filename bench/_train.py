@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubetune.api.plan import PlanDocument
 from kubetune.planning import (
     GIB,
     DatasetStats,
@@ -214,6 +215,7 @@ def run_case(case: Case, plan: dict[str, Any], *, deepspeed_on_cpu: bool = False
     started = time.perf_counter()
     cuda = torch.cuda.is_available()
     bf16 = bool(cuda and torch.cuda.is_bf16_supported())
+    document = PlanDocument.model_validate(plan)
     hp = plan["hyperparameters"]
     # As the recipe: DeepSpeed for a ZeRO stage above 0 (one process here).
     use_ds = int(plan["zeroStage"]) > 0 and (cuda or deepspeed_on_cpu)
@@ -231,12 +233,12 @@ def run_case(case: Case, plan: dict[str, Any], *, deepspeed_on_cpu: bool = False
     model: Any = None
     try:
         config = LlamaConfig(**{k: v for k, v in case.config.items() if k != "architectures"})
-        dtype = torch.bfloat16 if load_in_bf16(plan, bf16) else torch.float32
+        dtype = torch.bfloat16 if load_in_bf16(document, bf16) else torch.float32
         with torch.device("cuda" if cuda else "cpu"):
             model = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
                 config, dtype=dtype, attn_implementation="sdpa"
             )
-        model = apply_method(model, plan, {})
+        model = apply_method(model, document)
         result.trainable, result.total = count_parameters(model)
         if cuda:
             torch.cuda.synchronize()
@@ -262,7 +264,7 @@ def run_case(case: Case, plan: dict[str, Any], *, deepspeed_on_cpu: bool = False
                 bf16=bf16,
                 use_cpu=not cuda,
                 ddp_backend="gloo" if (use_ds and not cuda) else None,
-                deepspeed=deepspeed_config(plan, bf16=bf16) if use_ds else None,
+                deepspeed=deepspeed_config(document, bf16=bf16) if use_ds else None,
                 disable_tqdm=True,
                 remove_unused_columns=False,
                 dataloader_num_workers=0,

@@ -161,7 +161,8 @@ class Result:
 
 
 def _plan(spec: Any, train_path: Path, val_path: Path) -> dict[str, Any]:
-    from kubetune.operator.planstep import build_plan
+    """The planner's plan for the bench's base model, as JSON (the bench edits it)."""
+    from kubetune.planning.job import build_plan
     from kubetune.trainer.basemodel import builtin_model_config
 
     return build_plan(
@@ -173,13 +174,14 @@ def _plan(spec: Any, train_path: Path, val_path: Path) -> dict[str, Any]:
         (8.0, "bench"),
         validation_text=val_path.read_bytes(),
         validation_source=str(val_path),
-    )
+    ).to_json()
 
 
 def run_one(
     cfg: Config, seed: int, epochs: int, train_path: Path, val_path: Path, work: Path
 ) -> tuple[Result, Path]:
     from kubetune.api import parse_job
+    from kubetune.api.plan import PlanDocument
     from kubetune.trainer.config import TrainerConfig
     from kubetune.trainer.recipe import run
 
@@ -220,7 +222,7 @@ def run_one(
     out = work / f"{cfg.name}-{seed}"
     trainer_cfg = TrainerConfig(
         spec=spec.model_dump(by_alias=True, exclude_none=True, mode="json"),
-        plan=plan,
+        plan=PlanDocument.model_validate(plan),
         model=BASE,
         dataset=str(train_path),
         validation=str(val_path),

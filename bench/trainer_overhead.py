@@ -91,9 +91,9 @@ def one(mode: str, d: Path, *, epochs: float, rows: int | None, rep: int) -> dic
         "runtime": float(summary["trainRuntimeSeconds"]),
         "steps": int(summary["progress"]["step"]),
         "probe_seconds": sum((summary.get("probeSeconds") or {}).values()),
-        "tokens_per_step": run.plan["tokenCount"]
-        / run.plan["exampleCount"]
-        * int(run.plan["hyperparameters"]["effectiveBatchSize"]),
+        "tokens_per_step": run.plan.token_count
+        / run.plan.example_count
+        * run.plan.hyperparameters.effective_batch_size,
     }
 
 

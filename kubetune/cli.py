@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from kubetune import __version__
+from kubetune.api.plan import PlanDocument
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -55,7 +56,7 @@ def run(job: Path, nproc: int, output: Path | None, metrics_port: int | None) ->
     except (InputError, DataError, ModelConfigError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(_plan_table(local.plan))
-    if not local.plan.get("fits"):
+    if not local.plan.fits:
         raise click.ClickException("the plan does not fit on this machine")
     click.echo(
         f"\ntraining with {nproc} process(es); output in {local.output}; metrics on "
@@ -104,8 +105,8 @@ def plan(job: Path, output: str, gpu_memory_gib: float | None) -> None:
 
     from kubetune.data import DataError
     from kubetune.local_inputs import InputError, config_maps_in, read_model_config, read_uri
-    from kubetune.operator.planstep import build_plan, resolve_gpu_memory
     from kubetune.planning import ModelConfigError
+    from kubetune.planning.job import build_plan, resolve_gpu_memory
 
     spec = _load_job(job).spec
     cms = config_maps_in(job)
@@ -133,37 +134,36 @@ def plan(job: Path, output: str, gpu_memory_gib: float | None) -> None:
     except (InputError, DataError, ModelConfigError) as exc:
         raise click.ClickException(str(exc)) from exc
     if output == "json":
-        click.echo(json.dumps(result, indent=2))
+        click.echo(json.dumps(result.to_json(), indent=2))
     elif output == "yaml":
-        click.echo(yaml.safe_dump(result, sort_keys=False))
+        click.echo(yaml.safe_dump(result.to_json(), sort_keys=False))
     else:
         click.echo(_plan_table(result))
-    if not result.get("fits"):
+    if not result.fits:
         sys.exit(1)
 
 
-def _plan_table(p: dict[str, Any]) -> str:
-    mem = p.get("memory") or {}
-    hp = p.get("hyperparameters") or {}
+def _plan_table(p: PlanDocument) -> str:
+    mem, hp = p.memory, p.hyperparameters
     lines = [
-        f"method            {p['method']}" + ("" if p.get("fits") else "   (DOES NOT FIT)"),
-        f"deepspeed         ZeRO-{p['zeroStage']}, offload {p['offload']}",
-        f"parameters        {p['trainableParameters']:,} trainable of {p['totalParameters']:,}",
-        f"memory per GPU    {mem.get('perGpuGiB', 0):.1f} GiB of {mem.get('gpuMemoryGiB', 0):.1f}"
-        f" (model states {mem.get('modelStatesGiB', 0):.1f}, activations "
-        f"{mem.get('activationsGiB', 0):.1f}, overhead {mem.get('overheadGiB', 0):.1f})",
-        f"data              {p['exampleCount']:,} examples, {p['tokenCount']:,} tokens",
-        f"learning rate     {hp.get('learningRate')}",
-        f"epochs            {hp.get('epochs')}  (total steps {hp.get('totalSteps')}, warmup "
-        f"{hp.get('warmupSteps')}, eval every {hp.get('evalSteps')})",
-        f"batch             micro-batch {hp.get('microBatchSize')} x accumulation "
-        f"{hp.get('gradientAccumulationSteps')}",
+        f"method            {p.method}" + ("" if p.fits else "   (DOES NOT FIT)"),
+        f"deepspeed         ZeRO-{p.zero_stage}, offload {p.offload}",
+        f"parameters        {p.trainable_parameters:,} trainable of {p.total_parameters:,}",
+        f"memory per GPU    {mem.per_gpu_gib:.1f} GiB of {mem.gpu_memory_gib:.1f}"
+        f" (model states {mem.model_states_gib:.1f}, activations "
+        f"{mem.activations_gib:.1f}, overhead {mem.overhead_gib:.1f})",
+        f"data              {p.example_count:,} examples, {p.token_count:,} tokens",
+        f"learning rate     {hp.learning_rate}",
+        f"epochs            {hp.epochs}  (total steps {hp.total_steps}, warmup "
+        f"{hp.warmup_steps}, eval every {hp.eval_steps})",
+        f"batch             micro-batch {hp.micro_batch_size} x accumulation "
+        f"{hp.gradient_accumulation_steps}",
         "",
         "reasons:",
-        *(f"  - {r}" for r in p.get("reasons", [])),
+        *(f"  - {r}" for r in p.reasons),
     ]
-    if p.get("warnings"):
-        lines += ["", "warnings:", *(f"  - {w}" for w in p["warnings"])]
+    if p.warnings:
+        lines += ["", "warnings:", *(f"  - {w}" for w in p.warnings)]
     return "\n".join(lines)
 
 

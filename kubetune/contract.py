@@ -131,20 +131,25 @@ def termination_path(env: Mapping[str, str] | None = None) -> Path:
 
 
 def encode_prepare_message(result: Mapping[str, Any]) -> str:
-    """The prepare step's result: compact JSON, or gzip+base64 behind `gz:` when it would not
-    fit the kubelet's limit."""
+    """The prepare step's result: compact JSON, or gzip+base85 behind `gz:` when it would not
+    fit the kubelet's limit (base85 is a sixteenth shorter than base64)."""
     text = json.dumps(result, separators=(",", ":"), sort_keys=True)
     if len(text.encode()) <= TERMINATION_LIMIT_BYTES:
         return text
-    packed = "gz:" + base64.b64encode(gzip.compress(text.encode(), 9)).decode()
+    packed = "gz:" + base64.b85encode(gzip.compress(text.encode(), 9)).decode()
     if len(packed) > TERMINATION_LIMIT_BYTES:
         raise ValueError(f"the plan is too large for a termination message ({len(packed)} B)")
     return packed
 
 
 def decode_prepare_message(message: str) -> dict[str, Any]:
-    """The inverse of `encode_prepare_message`."""
+    """The inverse of `encode_prepare_message` (and of earlier versions' gzip+base64)."""
     if message.startswith("gz:"):
-        message = gzip.decompress(base64.b64decode(message[3:])).decode()
+        body = message[3:]
+        try:
+            raw = gzip.decompress(base64.b85decode(body))
+        except (ValueError, OSError, EOFError):
+            raw = gzip.decompress(base64.b64decode(body))
+        message = raw.decode()
     data: dict[str, Any] = json.loads(message)
     return data

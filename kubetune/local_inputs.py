@@ -53,7 +53,7 @@ def read_uri(uri: str, field: str, config_maps: dict[str, dict[str, str]]) -> tu
 
 
 def read_model_config(uri: str, config_maps: dict[str, dict[str, str]]) -> dict[str, Any]:
-    from kubetune.operator.planstep import known_model_config
+    from kubetune.planning.job import known_model_config
 
     parsed = urlparse(uri)
     if uri.startswith("hf://kubetune/"):

@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from kubetune.api.inputs import INPUT_FIELDS, trainer_input_uris
+from kubetune.api.plan import PlanDocument
 from kubetune.contract import INPUT_ENV, Env
 
 
@@ -24,7 +25,7 @@ class LocalRun:
     config_dir: Path
     env: dict[str, str]
     command: list[str]
-    plan: dict[str, Any]
+    plan: PlanDocument
 
 
 def _free_port() -> int:
@@ -42,7 +43,7 @@ def prepare_local_run(
     """Plan and lay out a local run; raises click-friendly errors with their messages."""
     from kubetune.api import job_from_yaml_file
     from kubetune.local_inputs import config_maps_in, read_uri
-    from kubetune.operator.planstep import build_plan, resolve_gpu_memory
+    from kubetune.planning.job import build_plan, resolve_gpu_memory
 
     job = job_from_yaml_file(job_path)
     spec = job.spec
@@ -95,7 +96,7 @@ def prepare_local_run(
     data_dir.mkdir(parents=True, exist_ok=True)
     resolved = local_spec.model_dump(by_alias=True, exclude_none=True, mode="json")
     (config_dir / "spec.json").write_text(json.dumps(resolved, indent=2))
-    (config_dir / "plan.json").write_text(json.dumps(plan, indent=2))
+    (config_dir / "plan.json").write_text(json.dumps(plan.to_json(), indent=2))
     (data_dir / "train.jsonl").write_bytes(train_bytes)
     paths = {"model": model_path, "dataset": str(data_dir / "train.jsonl")}
     if val:

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kubetune.api.plan import PlanDocument
 from kubetune.contract import (
     EXIT_CONFIG_ERROR,
     TERMINATION_LIMIT_BYTES,
@@ -34,7 +35,7 @@ def encode_message(result: dict[str, Any]) -> str:
 
 def read_model_config(location: str, revision: str | None = None) -> tuple[dict[str, Any], str]:
     """config.json from a local path/directory, a bundled well-known model, or the hub."""
-    from kubetune.operator.planstep import known_model_config
+    from kubetune.planning.job import known_model_config
 
     if location.startswith("hf://"):
         known = known_model_config(location)
@@ -84,7 +85,7 @@ def read_data(location: str) -> bytes:
 
 def run(env: dict[str, str]) -> dict[str, Any]:
     from kubetune.api.spec import FineTuneJobSpec
-    from kubetune.operator.planstep import build_plan
+    from kubetune.planning.job import build_plan
 
     spec = FineTuneJobSpec.model_validate(json.loads(env[Env.SPEC_JSON]))
     model, model_source = read_model_config(env[Env.MODEL_PATH], spec.model.revision)
@@ -101,14 +102,18 @@ def run(env: dict[str, str]) -> dict[str, Any]:
         read_data(val_path) if val_path else None,
         val_path or "",
     )
-    return {"plan": plan}
+    return {"plan": plan.to_json()}
 
 
 def main() -> int:
     try:
         result = run(dict(os.environ))
         code = 0
-        message = encode_message(result)
+        try:
+            message = encode_message(result)
+        except ValueError:  # over the kubelet's 4 KiB: without what reading it recomputes
+            compact = PlanDocument.model_validate(result["plan"]).to_compact_json()
+            message = encode_message({**result, "plan": compact})
     except (ValueError, KeyError) as exc:
         from kubetune.planning import ModelConfigError
 

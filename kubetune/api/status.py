@@ -2,7 +2,7 @@
 
 Every field is optional; `model_dump(by_alias=True, exclude_none=True)` gives the camelCase
 object to patch. Unknown fields are ignored when reading (a newer operator may write more);
-`plan.hyperparameters` keeps them, like the CRD's x-kubernetes-preserve-unknown-fields.
+`plan` is the plan document (`kubetune.api.plan.PlanDocument`).
 """
 
 from __future__ import annotations
@@ -10,9 +10,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field
-
 from kubetune.api._types import StatusModel
+from kubetune.api.plan import PlanDocument
 
 JobState = Literal[
     "Pending",
@@ -26,7 +25,6 @@ JobState = Literal[
     "Failed",
 ]
 ConditionStatus = Literal["True", "False", "Unknown"]
-ResolvedMethod = Literal["Full", "Partial", "LoRA", "Prefix"]
 
 ConditionType = Literal["Planned", "Running", "Suspended", "EarlyStopped", "Succeeded", "Failed"]
 CONDITION_TYPES: tuple[ConditionType, ...] = (
@@ -99,81 +97,6 @@ class Condition(StatusModel):
     observed_generation: int | None = None
 
 
-class PlanModel(StatusModel):
-    name: str | None = None
-    family: str | None = None
-
-
-class PlanMemory(StatusModel):
-    """Per-GPU memory estimate in GiB."""
-
-    per_gpu_gib: float | None = Field(default=None, alias="perGpuGiB")
-    model_states_gib: float | None = Field(default=None, alias="modelStatesGiB")
-    activations_gib: float | None = Field(default=None, alias="activationsGiB")
-    overhead_gib: float | None = Field(default=None, alias="overheadGiB")
-    gpu_memory_gib: float | None = Field(default=None, alias="gpuMemoryGiB")
-    usable_gib: float | None = Field(default=None, alias="usableGiB")
-    cpu_per_node_gib: float | None = Field(default=None, alias="cpuPerNodeGiB")
-    cpu_memory_gib: float | None = Field(default=None, alias="cpuMemoryGiB")
-
-
-class PlanHyperparameters(StatusModel):
-    """The resolved hyperparameters; unknown keys are kept (newer planners add some)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    learning_rate: float | None = None
-    epochs: float | None = None
-    micro_batch_size: int | None = None
-    gradient_accumulation_steps: int | None = None
-    effective_batch_size: int | None = None
-    steps_per_epoch: int | None = None
-    total_steps: int | None = None
-    warmup_steps: int | None = None
-    eval_steps: int | None = None
-    weight_decay: float | None = None
-    dropout: float | None = None
-    max_grad_norm: float | None = None
-    sequence_length: int | None = None
-    gradient_checkpointing: bool | None = None
-    lr_scheduler: str | None = None
-    lora_rank: int | None = None
-    lora_alpha: int | None = None
-    lora_dropout: float | None = None
-    lora_target_modules: list[str] | None = None
-    prefix_tokens: int | None = None
-    trainable_layers: int | None = None
-
-
-class PlanStatus(StatusModel):
-    """status.plan: what will be trained and how, and why (reasons).
-
-    `kubetune.planning.Plan.to_dict()` validates as this model as is.
-    """
-
-    method: ResolvedMethod | None = None
-    fits: bool | None = None
-    error: str | None = None
-    reasons: list[str] | None = None
-    warnings: list[str] | None = None
-    zero_stage: int | None = None
-    offload: str | None = None
-    model: PlanModel | None = None
-    num_nodes: int | None = None
-    gpus_per_node: int | None = None
-    trainable_parameters: int | None = None
-    total_parameters: int | None = None
-    example_count: int | None = None
-    token_count: int | None = None
-    token_count_estimated: bool | None = None
-    memory: PlanMemory | None = None
-    hyperparameters: PlanHyperparameters | None = None
-    alternative: dict[str, Any] | None = None
-    cross_validation: dict[str, Any] | None = None
-    remedies: dict[str, Any] | None = None
-    switched_from: str | None = None
-
-
 class Progress(StatusModel):
     step: int | None = None
     total_steps: int | None = None
@@ -212,7 +135,9 @@ class FineTuneJobStatus(StatusModel):
     observed_generation: int | None = None
     state: JobState | None = None
     conditions: list[Condition] | None = None
-    plan: PlanStatus | None = None
+    #: The plan document (`kubetune.api.plan`), as the planner made it and the trainer's
+    #: decisions at training start updated it.
+    plan: PlanDocument | None = None
     progress: Progress | None = None
     metrics: Metrics | None = None
     warnings: list[str] | None = None

@@ -30,13 +30,21 @@ _logged_in = threading.Event()
 def _reconciler() -> Reconciler:
     rec = _state.get("reconciler")
     if rec is None:
-        rec = Reconciler(Kube(), SETTINGS, events=_post_event)
+        rec = Reconciler(_kube(), SETTINGS, events=_post_event)
         _state["reconciler"] = rec
     return cast(Reconciler, rec)
 
 
+def _kube() -> Kube:
+    """The one API client: the reconciler's, the resync's, the Events' and the Lease's."""
+    kube = _state.get("kube")
+    if kube is None:
+        kube = _state["kube"] = Kube()
+    return cast(Kube, kube)
+
+
 def _post_event(body: dict[str, Any], etype: str, reason: str, message: str) -> None:
-    _reconciler().kube.post_event(body, etype, reason, message[:1000])
+    _kube().post_event(body, etype, reason, message[:1000])
 
 
 @kopf.on.startup()
@@ -136,7 +144,7 @@ def _resync_once() -> None:
     """Reconcile every unfinished job (and finished ones with a TTL): the safety net for
     missed events and the TTL clock. One list call per round, not one timer per job, so no
     Kopf finalizer is needed and deleting a job never waits on the operator."""
-    kube = _reconciler().kube
+    kube = _kube()
     jobs = (
         [ftj for ns in SETTINGS.watch_namespaces for ftj in kube.list_ftjs(ns)]
         if SETTINGS.watch_namespaces
@@ -181,7 +189,7 @@ def _elect(stop: threading.Event, wake: threading.Event) -> None:
     if stop.is_set():
         return
     elector = LeaderElector(
-        _reconciler().kube,
+        _kube(),
         SETTINGS.lease_namespace,
         duration_seconds=int(SETTINGS.lease_duration_seconds),
         on_elected=wake.set,  # a new leader catches up at once

@@ -4,11 +4,17 @@ what the training Job's status means for the FineTuneJob."""
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
+from kubetune.api.plan import Decision, PlanDocument, trainer_decision_key
 from kubetune.contract import SWITCHED_PLAN_KEYS
 from kubetune.policy import EvalPoint
+
+log = logging.getLogger("kubetune.operator")
 
 CONDITION_TYPES = ("Planned", "Running", "Suspended", "EarlyStopped", "Succeeded", "Failed")
 TERMINAL = ("Succeeded", "Failed")
@@ -361,30 +367,35 @@ def apply_decisions(
     plan: dict[str, Any] | None, decisions: Any
 ) -> tuple[dict[str, Any] | None, list[str]]:
     """status.plan with the trainer's Auto decisions in it (GET /decisions or the
-    termination message): each decision's sentence appended to the reasons once, a method
-    switch's plan fields replacing the planned ones. Returns (the new plan, the sentences
-    that are new: one Event each). Idempotent: a decision already in the reasons is not
-    applied again."""
+    termination message): each decision added once (keyed by its kind, its sentence in the
+    reasons), a method switch's plan fields (or the steps of an epoch or row count) replacing
+    the planned ones. Returns (the new plan, the sentences that are new: one Event each).
+    Idempotent: a decision already in the plan is not applied again."""
     if not isinstance(plan, dict) or not isinstance(decisions, list):
         return plan, []
-    reasons = list(plan.get("reasons") or [])
-    new_plan = dict(plan)
+    try:
+        document = PlanDocument.model_validate(plan)
+    except ValidationError:
+        log.warning("status.plan is not a plan document; the trainer's decisions are not added")
+        return plan, []
     added: list[str] = []
     for d in decisions:
         if not isinstance(d, dict) or not isinstance(d.get("text"), str):
             continue
         text = d["text"][:1000]
-        if text in reasons:
+        if text in document.reasons:
             continue
-        reasons.append(text)
-        added.append(text)
         switched = d.get("plan")
         if isinstance(switched, dict):  # a method switch, an epoch count by the folds
-            for key in SWITCHED_PLAN_KEYS:
-                if switched.get(key) is not None:
-                    new_plan[key] = switched[key]
-    new_plan["reasons"] = reasons
-    return new_plan, added
+            replaced = {k: switched[k] for k in SWITCHED_PLAN_KEYS if switched.get(k) is not None}
+            try:
+                document = PlanDocument.model_validate({**document.to_json(), **replaced})
+            except ValidationError:
+                log.warning("a decision's plan is not a plan's fields; kept the plan as it was")
+        key = trainer_decision_key(str(d.get("kind") or "decision"), d.get("name"))
+        document = document.with_decisions([Decision(key=key, sentence=text)])
+        added.append(text)
+    return document.to_json(), added
 
 
 def status_from_metrics(

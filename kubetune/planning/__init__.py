@@ -8,6 +8,8 @@ the sources of the memory formulas are in ``docs/planning.md``.
 from importlib.resources import files
 from pathlib import Path
 
+from kubetune.planning.hyperparameters import Hyperparameters
+from kubetune.planning.inputs import DatasetStats, PlanRequest, Resources
 from kubetune.planning.memory import (
     GIB,
     MemoryEstimate,
@@ -20,6 +22,13 @@ from kubetune.planning.memory import (
     model_state_bytes,
     overhead_bytes,
 )
+from kubetune.planning.methods import (
+    Method,
+    MethodChoice,
+    candidate_methods,
+    lora_parameters,
+    trainable_and_frozen,
+)
 from kubetune.planning.model import (
     SUPPORTED_FAMILIES,
     LinearShape,
@@ -28,22 +37,7 @@ from kubetune.planning.model import (
     load_model_arch,
     model_arch_from_config,
 )
-from kubetune.planning.plan import (
-    SURPRISING_DATA_RATIO,
-    DatasetStats,
-    Hyperparameters,
-    Method,
-    MethodChoice,
-    Plan,
-    PlanRequest,
-    Resources,
-    candidate_methods,
-    format_plan,
-    lora_parameters,
-    make_plan,
-    method_alternative,
-    trainable_and_frozen,
-)
+from kubetune.planning.plan import SURPRISING_DATA_RATIO, Plan, make_plan, method_alternative
 
 
 def architectures_dir() -> Path:
@@ -79,7 +73,6 @@ __all__ = [
     "candidate_methods",
     "deepspeed_comparable_model_states",
     "estimate_memory",
-    "format_plan",
     "layer_activation_bytes",
     "load_model_arch",
     "lora_parameters",

@@ -2,13 +2,14 @@
 Auto to be decided at training start, with a reason in the plan) and at training start (Auto
 resolved from the base model's perplexity on the training targets and on general text).
 
-The plan carries `plan["remedies"]` for the trainer and one sentence per remedy in
-`plan["reasons"]` (so `status.plan.reasons` says what was chosen and why)."""
+The plan document carries `remedies` for the trainer and one decision per remedy (keyed
+`remedy.<name>`, so `status.plan.reasons` says what was chosen and why)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from kubetune.api.plan import Decision, PlanDocument
 from kubetune.api.spec import Augmentation, CrossValidation, Remedies
 from kubetune.planning.kfold import KFOLD_BELOW, cost_sentence, max_epochs_for, mode_on
 
@@ -84,84 +85,89 @@ def incremental_learning_rate(method: str, planned: float, total_parameters: int
     return planned / 2
 
 
-def plan_remedies(plan: dict[str, Any], spec: Any) -> None:
-    """Add `plan["remedies"]` and one reason per remedy (and for model.from) to the plan."""
+def plan_remedies(plan: PlanDocument, spec: Any) -> PlanDocument:
+    """The plan with its remedies: `remedies` for the trainer, one decision per remedy (and
+    for model.from, augmentation and cross-validation), their warnings, and the lower
+    learning-rate band of an incremental update."""
     settings = remedy_settings(spec)
-    method = str(plan.get("method"))
-    zero = int(plan.get("zeroStage") or 0)
-    world = int(plan.get("numNodes") or 1) * int(plan.get("gpusPerNode") or 1)
-    reasons: list[str] = []
+    hp = plan.hyperparameters
+    decisions: list[Decision] = []
+    warnings = list(plan.warnings)
     out: dict[str, Any] = {}
     for name in NAMES:
         s = dict(settings[name])
-        mode = s["mode"]
-        label = LABELS[name]
-        state, why = _plan_state(name, mode, method, zero, s, world)
+        state, why = _plan_state(name, s["mode"], plan.method, plan.zero_stage, s, plan.world_size)
         s["state"] = state
         out[name] = s
-        reasons.append(f"{label}: {why}.")
+        decisions.append(
+            Decision(key=f"remedy.{name}", value=state, sentence=f"{LABELS[name]}: {why}.")
+        )
     model_spec = _get(spec, "model", None)
     previous = _get(model_spec, "from_", None) or _get(model_spec, "from", None)
-    hp = plan.get("hyperparameters")
     if previous:
         out["from"] = previous
         hp_spec = _get(spec, "hyperparameters", None)
         user_lr = _get(hp_spec, "learning_rate", None) or _get(hp_spec, "learningRate", None)
         already = bool(_get(hp_spec, "incremental", False))
-        if isinstance(hp, dict) and not user_lr and not already and hp.get("learningRate"):
-            lr = incremental_learning_rate(
-                method, float(hp["learningRate"]), int(plan.get("totalParameters") or 0)
-            )
-            hp["learningRate"] = lr
-            reasons.append(
+        if not user_lr and not already:
+            lr = incremental_learning_rate(plan.method, hp.learning_rate, plan.total_parameters)
+            hp = hp.model_copy(update={"learning_rate": lr})
+            sentence = (
                 f"Incremental update: continues from {previous} (its adapter or weights) with "
                 f"the lower learning-rate band, {lr:g}."
             )
         else:
-            reasons.append(
-                f"Incremental update: continues from {previous} (its adapter or weights)."
-            )
+            sentence = f"Incremental update: continues from {previous} (its adapter or weights)."
+        decisions.append(Decision(key="incremental", value=str(previous), sentence=sentence))
     if out["ewc"]["state"] == "On":
-        extra = 8 * int(plan.get("trainableParameters") or 0)
-        plan.setdefault("warnings", []).append(
+        extra = 8 * plan.trainable_parameters
+        warnings.append(
             f"EWC keeps an fp32 anchor and Fisher value per trained weight: {extra / 2**30:.2f} "
             "GiB per process more than the memory estimate above."
         )
     if out["sam"]["state"] == "On":
-        accum = int((plan.get("hyperparameters") or {}).get("gradientAccumulationSteps") or 1)
         extra = sam_extra_bytes(
-            int(plan.get("trainableParameters") or 0), gradient_accumulation_steps=accum
+            plan.trainable_parameters, gradient_accumulation_steps=hp.gradient_accumulation_steps
         )
-        plan.setdefault("warnings", []).append(
+        warnings.append(
             f"SAM keeps the weight perturbation: {extra / 2**30:.2f} GiB per process more "
             "than the memory estimate above, and each step costs about twice the compute."
         )
-    reasons.extend(_data_sentences(spec, plan))
+    data_decisions, cross_validation = _data_decisions(spec, plan.example_count, hp.epochs)
+    decisions.extend(data_decisions)
     for name in NAMES:  # a remedy forced On that cannot run here: a warning, not just a reason
         if settings[name]["mode"] == "On" and out[name]["state"] == "Off":
-            plan.setdefault("warnings", []).append(
-                f"spec.remedies.{name}.mode is On but it cannot run with this plan: "
-                + next(r for r in reasons if r.startswith(LABELS[name]))
+            why = next(d.sentence for d in decisions if d.key == f"remedy.{name}")
+            warnings.append(
+                f"spec.remedies.{name}.mode is On but it cannot run with this plan: " + why
             )
-    plan["remedies"] = out
-    plan.setdefault("reasons", []).extend(reasons)
+    return PlanDocument.model_validate(
+        {
+            **plan.to_json(),
+            "hyperparameters": hp.model_dump(by_alias=True),
+            "remedies": out,
+            "crossValidation": cross_validation,
+            "warnings": warnings,
+            "decisions": [d.model_dump(by_alias=True) for d in [*plan.decisions, *decisions]],
+        }
+    )
 
 
-def _data_sentences(spec: Any, plan: dict[str, Any]) -> list[str]:
-    """Augmentation and the cross-validated epoch count, as reasons."""
-
-    out: list[str] = []
+def _data_decisions(
+    spec: Any, examples: int, planned_epochs: float
+) -> tuple[list[Decision], dict[str, int] | None]:
+    """Augmentation and the cross-validated epoch count, as decisions (and the folds)."""
+    out: list[Decision] = []
     raw = _get(spec, "augmentation", None)
     aug = Augmentation.model_validate(raw or {}) if isinstance(raw, dict) or raw is None else raw
     if aug is not None and (aug.paraphrases or aug.back_translations):
-        out.append(
-            augmentation_sentence(
-                aug.paraphrases,
-                aug.back_translations,
-                aug.pivot_language,
-                aug.model_uri or "the base model",
-            )
+        sentence = augmentation_sentence(
+            aug.paraphrases,
+            aug.back_translations,
+            aug.pivot_language,
+            aug.model_uri or "the base model",
         )
+        out.append(Decision(key="augmentation", sentence=sentence))
     hp_spec = _get(spec, "hyperparameters", None)
     raw_cv = _get(hp_spec, "cross_validation", None) or _get(hp_spec, "crossValidation", None)
     cv = (
@@ -170,23 +176,21 @@ def _data_sentences(spec: Any, plan: dict[str, Any]) -> list[str]:
         else raw_cv
     )
     epochs_set = _get(hp_spec, "epochs", None) is not None
-    examples = int(plan.get("exampleCount") or 0)
     on, why = mode_on(cv.mode, examples, epochs_set)
-    hp = plan.get("hyperparameters")
-    if on and isinstance(hp, dict):
-        planned = float(hp.get("epochs") or 1)
+    folds_plan: dict[str, int] | None = None
+    if on:
         folds = min(cv.folds, examples)
-        longest = max_epochs_for(planned)
-        plan["crossValidation"] = {"folds": folds, "maxEpochs": longest}
+        longest = max_epochs_for(planned_epochs)
+        folds_plan = {"folds": folds, "maxEpochs": longest}
         why += (
             f" {folds} folds train up to {longest} epochs each before the run, which then "
             f"trains for the epoch count with the lowest mean held-out loss (in place of "
-            f"{planned:g}; the folds train the method without the remedies). "
-            + cost_sentence(folds, longest, examples, planned)
+            f"{planned_epochs:g}; the folds train the method without the remedies). "
+            + cost_sentence(folds, longest, examples, planned_epochs)
         )
     if cv.mode != "Off" and (on or examples < KFOLD_BELOW):
-        out.append(why)
-    return out
+        out.append(Decision(key="crossValidation", value="On" if on else "Off", sentence=why))
+    return out, folds_plan
 
 
 def _plan_state(

@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
+from kubetune.api.plan import HyperparametersPlan, PlanDocument
 from kubetune.contract import Env, termination_path
 
 
@@ -19,7 +22,7 @@ class TrainerConfigError(ValueError):
 @dataclass(frozen=True)
 class TrainerConfig:
     spec: dict[str, Any]
-    plan: dict[str, Any]
+    plan: PlanDocument
     model: str
     dataset: str
     output: Path
@@ -35,9 +38,8 @@ class TrainerConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def hyperparameters(self) -> dict[str, Any]:
-        hp: dict[str, Any] = self.plan.get("hyperparameters") or {}
-        return hp
+    def hyperparameters(self) -> HyperparametersPlan:
+        return self.plan.hyperparameters
 
     @property
     def early_stopping(self) -> dict[str, Any]:
@@ -71,9 +73,11 @@ def load_config(config_dir: Path | None, env: dict[str, str] | None = None) -> T
     env = dict(os.environ) if env is None else env
     cdir = config_dir or (Path(env[Env.CONFIG_DIR]) if env.get(Env.CONFIG_DIR) else None)
     spec = _json(cdir / "spec.json" if cdir else None, env.get(Env.SPEC_JSON), "spec")
-    plan = _json(cdir / "plan.json" if cdir else None, env.get(Env.PLAN_JSON), "plan")
-    if not plan.get("fits", True):
-        raise TrainerConfigError(f"the plan does not fit: {plan.get('error')}")
+    plan = plan_document(
+        _json(cdir / "plan.json" if cdir else None, env.get(Env.PLAN_JSON), "plan")
+    )
+    if not plan.fits:
+        raise TrainerConfigError(f"the plan does not fit: {plan.error}")
 
     def need(name: str) -> str:
         value = env.get(name)
@@ -99,3 +103,13 @@ def load_config(config_dir: Path | None, env: dict[str, str] | None = None) -> T
         job_name=env.get(Env.JOB_NAME, "local"),
         stop_policy=env.get(Env.STOP_POLICY) or "trainer",
     )
+
+
+def plan_document(data: dict[str, Any]) -> PlanDocument:
+    """plan.json as the typed plan; a configuration error that names the field if not."""
+    try:
+        return PlanDocument.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "plan"
+        raise TrainerConfigError(f"plan.json: {where}: {first['msg']}") from exc

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from kubetune.api.plan import PlanDocument
 
-def deepspeed_config(plan: dict[str, Any], *, bf16: bool) -> dict[str, Any]:
+
+def deepspeed_config(plan: PlanDocument, *, bf16: bool) -> dict[str, Any]:
     """ZeRO stage and offload as planned; batch sizes, clipping and precision from the plan.
 
     `bf16` is decided by the caller from the device (GPUs that support it); CPU runs train
     in fp32. Values that HF Trainer fills from its own arguments are left as "auto" so the
     two never disagree.
     """
-    stage = int(plan["zeroStage"])
-    offload = str(plan["offload"])
+    stage, offload = plan.zero_stage, plan.offload
     zero: dict[str, Any] = {"stage": stage}
     if stage >= 1:
         zero.update(

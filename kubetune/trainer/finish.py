@@ -63,8 +63,8 @@ def start_decisions(inputs: RunInputs, remedies: dict[str, dict[str, Any]]) -> l
     out: list[dict[str, Any]] = []
     if inputs.decision:
         entry: dict[str, Any] = {"kind": "method", "step": 0, "text": inputs.decision}
-        if inputs.plan.get("switchedFrom"):
-            entry["plan"] = {k: inputs.plan.get(k) for k in SWITCHED_PLAN_KEYS}
+        if inputs.plan.switched_from:
+            entry["plan"] = inputs.plan.to_short_json(SWITCHED_PLAN_KEYS)
         out.append(entry)
     for name, d in remedies.items():
         if d.get("auto"):

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from kubetune.api.plan import PlanDocument
 from kubetune.trainer.config import TrainerConfigError
 
 
@@ -70,18 +71,16 @@ def _decoder_layers(model: Any) -> list[Any]:
     )
 
 
-def apply_method(model: Any, plan: dict[str, Any], spec: dict[str, Any]) -> Any:
+def apply_method(model: Any, plan: PlanDocument) -> Any:
     """Wrap or freeze the model as the plan says; returns the model to train."""
-    previous = (plan.get("remedies") or {}).get("from")
+    previous = plan.remedies.from_ if plan.remedies is not None else None
     if previous:  # an incremental update: a previous adapter keeps training as it is
         from kubetune.trainer.remedies.previous import load_previous
 
         model, is_adapter = load_previous(model, str(previous))
         if is_adapter:
             return model
-    method = plan["method"]
-    hp = plan.get("hyperparameters") or {}
-    user = spec.get("method") or {}
+    method, hp = plan.method, plan.hyperparameters
     if method == "Full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -89,8 +88,7 @@ def apply_method(model: Any, plan: dict[str, Any], spec: dict[str, Any]) -> Any:
     if method == "LoRA":
         from peft import LoraConfig, TaskType, get_peft_model
 
-        lora = user.get("lora") or {}
-        wanted = lora.get("targetModules") or hp.get("loraTargetModules") or []
+        wanted = _planned(hp.lora_target_modules, "loraTargetModules")
         present = _linear_names(model)
         targets = [t for t in wanted if t in present]
         if not targets:
@@ -100,31 +98,42 @@ def apply_method(model: Any, plan: dict[str, Any], spec: dict[str, Any]) -> Any:
             )
         cfg = LoraConfig(
             task_type=TaskType.CAUSAL_LM,
-            r=int(lora.get("rank") or hp.get("loraRank") or 8),
-            lora_alpha=int(lora.get("alpha") or hp.get("loraAlpha") or 16),
-            lora_dropout=float(lora.get("dropout", hp.get("loraDropout", 0.1))),
+            r=_planned(hp.lora_rank, "loraRank"),
+            lora_alpha=_planned(hp.lora_alpha, "loraAlpha"),
+            lora_dropout=_planned(hp.lora_dropout, "loraDropout"),
             target_modules=targets,
         )
         return get_peft_model(model, cfg)
     if method == "Prefix":
         from peft import PrefixTuningConfig, TaskType, get_peft_model
 
-        tokens = int(
-            (user.get("prefix") or {}).get("numVirtualTokens") or hp.get("prefixTokens") or 20
-        )
+        tokens = _planned(hp.prefix_tokens, "prefixTokens")
         return get_peft_model(
             model, PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=tokens)
         )
-    if method == "Partial":
-        layers = _decoder_layers(model)
-        n = int(hp.get("trainableLayers") or max(1, len(layers) // 2))
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for layer in layers[-n:]:
-            for p in layer.parameters():
-                p.requires_grad_(True)
-        return model
-    raise TrainerConfigError(f"unknown method {method!r} in the plan")
+    layers = _decoder_layers(model)  # Partial
+    n = _planned(hp.trainable_layers, "trainableLayers")
+    if not 1 <= n <= len(layers):  # layers[-0:] or a longer slice would train every layer
+        raise TrainerConfigError(
+            f"plan.json: hyperparameters.trainableLayers is {n}, but the model has "
+            f"{len(layers)} decoder layers (spec.method.partial)"
+        )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in layers[-n:]:
+        for p in layer.parameters():
+            p.requires_grad_(True)
+    return model
+
+
+T = TypeVar("T")
+
+
+def _planned(value: T | None, key: str) -> T:
+    """A method setting the plan must carry (the planner sets it for its method)."""
+    if value is None:
+        raise TrainerConfigError(f"plan.json: hyperparameters.{key} is not set for this method")
+    return value
 
 
 def count_parameters(model: Any) -> tuple[int, int]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from kubetune.api.plan import EPOCHS_AT_START, STEPS_AT_START, Decision
 from kubetune.contract import (
     EXIT_CONFIG_ERROR,
     EXIT_OK,
@@ -21,6 +22,7 @@ from kubetune.contract import (
     Env,
     termination_path,
 )
+from kubetune.planning.replan import with_epochs, with_training_rows
 from kubetune.trainer.config import TrainerConfig, TrainerConfigError
 from kubetune.trainer.finish import start_decisions, write_termination
 from kubetune.trainer.remedies.run import RemedyRun
@@ -37,24 +39,11 @@ from kubetune.trainer.startup import prepare_for_run
 log = logging.getLogger("kubetune.trainer")
 
 
-def with_epochs(plan: dict[str, Any], epochs: int, spec: dict[str, Any]) -> dict[str, Any]:
-    """The plan trained for `epochs` epochs: steps, warm-up and (unless the user set it)
-    the evaluation interval follow."""
-    from kubetune.planning.plan import eval_steps_for, warmup_steps_for
-
-    hp = dict(plan.get("hyperparameters") or {})
-    total = max(1, int(hp.get("stepsPerEpoch") or 1) * epochs)
-    hp.update(epochs=epochs, totalSteps=total, warmupSteps=warmup_steps_for(total))
-    if not (spec.get("hyperparameters") or {}).get("evalSteps"):
-        hp["evalSteps"] = eval_steps_for(total)
-    return {**plan, "hyperparameters": hp}
-
-
 def _cross_validated(cfg: TrainerConfig) -> tuple[TrainerConfig, dict[str, Any] | None]:
     """The epoch count chosen by k-fold cross-validation when the plan asks for it (once:
     a resumed run reads the choice from the output directory)."""
-    cv = cfg.plan.get("crossValidation")
-    if not isinstance(cv, dict):
+    cv = cfg.plan.cross_validation
+    if cv is None:
         return cfg, None
     from kubetune.trainer.dist import read_record, write_record
     from kubetune.trainer.remedies.kfold import cross_validate_epochs
@@ -67,32 +56,51 @@ def _cross_validated(cfg: TrainerConfig) -> tuple[TrainerConfig, dict[str, Any] 
         try:
             result = cross_validate_epochs(
                 cfg,
-                folds=int(cv.get("folds") or 4),
-                max_epochs=int(cv.get("maxEpochs") or 2),
+                folds=cv.folds,
+                max_epochs=cv.max_epochs,
                 work_dir=cfg.output / "cross-validation",
             )
         except ValueError as exc:  # too few training rows to fold
             text = f"Auto at training start: cross-validation skipped ({exc}); planned epochs kept."
             return cfg, {"kind": "epochs", "step": 0, "text": text}
         write_record(record, result, key)
-    planned = (cfg.plan.get("hyperparameters") or {}).get("epochs")
-    plan = with_epochs(cfg.plan, int(result["epochs"]), cfg.spec)
+    planned = cfg.plan.hyperparameters.epochs
     mean = ", ".join("-" if x is None else f"{x:.3f}" for x in result.get("meanCurve") or [])
     text = (
         f"Auto at training start: {result['epochs']} epoch(s) by {result['folds']}-fold "
         f"cross-validation (planned {planned}; mean held-out loss by epoch: {mean}; "
         f"{result.get('seconds', 0):.0f} s)."
     )
-    plan["reasons"] = [*plan.get("reasons", []), text]
-    alternative = plan.get("alternative")
-    if isinstance(alternative, dict) and isinstance(alternative.get("plan"), dict):
-        chosen = with_epochs(alternative["plan"], int(result["epochs"]), cfg.spec)
-        plan["alternative"] = {**alternative, "plan": chosen}
+    plan = with_epochs(cfg.plan, int(result["epochs"]), eval_steps_set=_eval_steps_set(cfg))
+    plan = plan.with_decision(
+        Decision(key=EPOCHS_AT_START, value=str(result["epochs"]), sentence=text)
+    )
     decision = {
         "kind": "epochs",
         "step": 0,
         "text": text,
-        "plan": {"hyperparameters": plan["hyperparameters"]},
+        "plan": {"hyperparameters": plan.to_json()["hyperparameters"]},
+    }
+    return replace(cfg, plan=plan), decision
+
+
+def _eval_steps_set(cfg: TrainerConfig) -> bool:
+    return bool((cfg.spec.get("hyperparameters") or {}).get("evalSteps"))
+
+
+def _rows_decision(
+    cfg: TrainerConfig, remedy: RemedyRun, examples: int
+) -> tuple[TrainerConfig, dict[str, Any] | None]:
+    """The plan's steps for the rows the run trains on (replay adds general-text rows)."""
+    plan = with_training_rows(cfg.plan, len(remedy.train_dataset), examples)
+    added = plan.decision(STEPS_AT_START)
+    if added is None or added == cfg.plan.decision(STEPS_AT_START):
+        return cfg, None
+    decision = {
+        "kind": "steps",
+        "step": 0,
+        "text": added.sentence,
+        "plan": {"hyperparameters": plan.to_json()["hyperparameters"]},
     }
     return replace(cfg, plan=plan), decision
 
@@ -143,11 +151,13 @@ def setup(cfg: TrainerConfig) -> Session:
     remedy = prepare_for_run(
         cfg, inputs.model, inputs.tokenizer, inputs.train_ds, inputs.seq_len, inputs.evidence
     )
+    cfg, rows_decision = _rows_decision(cfg, remedy, len(inputs.train_ds))
+    plan, hp = cfg.plan, cfg.hyperparameters
     trainable, total = count_parameters(inputs.model)
     if main_proc:
-        log.info("method %s: %d of %d parameters trainable", plan["method"], trainable, total)
+        log.info("method %s: %d of %d parameters trainable", plan.method, trainable, total)
         cfg.output.mkdir(parents=True, exist_ok=True)
-        (cfg.output / "plan.json").write_text(json.dumps(plan, indent=2))
+        (cfg.output / "plan.json").write_text(json.dumps(plan.to_json(), indent=2))
         (cfg.output / "spec.json").write_text(json.dumps(cfg.spec, indent=2))
     val_ds = inputs.val_ds
     args = training_arguments(
@@ -168,19 +178,18 @@ def setup(cfg: TrainerConfig) -> Session:
             host=os.environ.get(Env.METRICS_HOST, "0.0.0.0"),
         ).start()
         metrics.plan_info.labels(
-            method=plan["method"],
-            zero_stage=str(plan.get("zeroStage")),
-            offload=str(plan.get("offload")),
+            method=plan.method, zero_stage=str(plan.zero_stage), offload=plan.offload
         ).set(1)
         log.info("metrics on http://127.0.0.1:%d/metrics", control.port)
     decisions = start_decisions(inputs, remedy.decisions)
     if cv_decision is not None:
         decisions.insert(0, cv_decision)
+    if rows_decision is not None:
+        decisions.append(rows_decision)
     if metrics is not None:
         for d in decisions:
             metrics.add_decision(d)
-    micro = int(hp.get("microBatchSize") or 1)
-    accum = int(hp.get("gradientAccumulationSteps") or 1)
+    micro, accum = hp.micro_batch_size, hp.gradient_accumulation_steps
     train_ds = inputs.train_ds
     tokens_per_step = train_ds.token_count / max(len(train_ds), 1) * micro * accum * world_size()
     diagnostics = _diagnostics(cfg, train_ds, val_ds, inputs.tokenizer, inputs.seq_len, args)
@@ -293,7 +302,7 @@ def _diagnostics(
         raise TrainerConfigError(
             f"dataset.generalTextUri: cannot read {general_path}: {exc}"
         ) from exc
-    epochs = float(cfg.hyperparameters.get("epochs") or 1)
+    epochs = float(cfg.hyperparameters.epochs)
     budget = probe_token_budget(settings, int(train_ds.token_count * epochs))
     general = text_rows(text, tokenizer, seq_len, budget)
     return DiagnosticsRunner(
@@ -306,7 +315,7 @@ def _diagnostics(
         device=args.device,
         output=cfg.output if rank() == 0 else None,
         seed=cfg.seed,
-        synced=world_size() > 1 and int(cfg.plan.get("zeroStage", 0)) == 3,
+        synced=world_size() > 1 and cfg.plan.zero_stage == 3,
     )
 
 

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from kubetune.api.plan import PlanDocument
+
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
@@ -13,18 +15,16 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
-def markdown(plan: dict[str, Any], summary: dict[str, Any]) -> str:
+def markdown(plan: PlanDocument, summary: dict[str, Any]) -> str:
     m = summary.get("metrics") or {}
-    mem = plan.get("memory") or {}
     stop = summary.get("earlyStop")
     lines = [
         "# kubetune run report",
         "",
-        f"- Method: **{plan.get('method')}**, ZeRO-{plan.get('zeroStage')}, "
-        f"offload {plan.get('offload')}",
+        f"- Method: **{plan.method}**, ZeRO-{plan.zero_stage}, offload {plan.offload}",
         f"- Trainable parameters: {summary.get('trainableParameters', 0):,} of "
         f"{summary.get('totalParameters', 0):,}",
-        f"- Planned memory per GPU: {mem.get('perGpuGiB', 0):.2f} GiB",
+        f"- Planned memory per GPU: {plan.memory.per_gpu_gib:.2f} GiB",
         f"- Steps: {(summary.get('progress') or {}).get('step')} of "
         f"{(summary.get('progress') or {}).get('totalSteps')}",
         f"- Ended: {'early, ' + stop['reason'] + ': ' + stop['message'] if stop else 'completed'}",
@@ -36,9 +36,9 @@ def markdown(plan: dict[str, Any], summary: dict[str, Any]) -> str:
         "",
         "## Why this plan",
         "",
-        *(f"- {r}" for r in plan.get("reasons", [])),
+        *(f"- {r}" for r in plan.reasons),
     ]
-    warnings = [*(plan.get("warnings") or []), *(summary.get("warnings") or [])]
+    warnings = [*plan.warnings, *(summary.get("warnings") or [])]
     if warnings:
         lines += ["", "## Warnings", "", *(f"- {w}" for w in warnings)]
     probes = summary.get("probeSeconds") or {}
@@ -106,13 +106,16 @@ def plot(history: list[dict[str, Any]], path: Path, stop_step: int | None = None
 
 def write_report(
     out: Path,
-    plan: dict[str, Any],
+    plan: PlanDocument,
     spec: dict[str, Any],
     history: list[dict[str, Any]],
     summary: dict[str, Any],
 ) -> None:
     (out / "report.json").write_text(
-        json.dumps({"summary": summary, "plan": plan, "spec": spec, "history": history}, indent=2)
+        json.dumps(
+            {"summary": summary, "plan": plan.to_json(), "spec": spec, "history": history},
+            indent=2,
+        )
     )
     (out / "report.md").write_text(markdown(plan, summary))
     stopped = summary.get("earlyStop")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kubetune.api.plan import PlanDocument
 from kubetune.trainer.config import TrainerConfig, TrainerConfigError
 from kubetune.trainer.runtime import world_size
 
@@ -23,22 +24,21 @@ def training_arguments(
     from kubetune.trainer.dsconfig import deepspeed_config
 
     plan, hp = cfg.plan, cfg.hyperparameters
-    use_ds = world_size() > 1 or int(plan.get("zeroStage", 0)) > 0
-    micro = int(hp.get("microBatchSize") or 1)
-    accum = int(hp.get("gradientAccumulationSteps") or 1)
-    eval_steps = max(1, int(hp.get("evalSteps") or 10))
+    use_ds = world_size() > 1 or plan.zero_stage > 0
+    micro, accum = hp.micro_batch_size, hp.gradient_accumulation_steps
+    eval_steps = max(1, hp.eval_steps)
     return TrainingArguments(
         output_dir=str(ckpt_dir),
         per_device_train_batch_size=micro,
         per_device_eval_batch_size=micro,
         gradient_accumulation_steps=accum,
-        learning_rate=float(hp.get("learningRate") or 2e-4),
-        num_train_epochs=float(hp.get("epochs") or 3),
-        warmup_steps=int(hp.get("warmupSteps") or 0),
-        weight_decay=float(hp.get("weightDecay") or 0.0),
-        max_grad_norm=float(hp.get("maxGradNorm") or 1.0),
-        lr_scheduler_type=str(hp.get("lrScheduler") or "cosine"),
-        gradient_checkpointing=bool(hp.get("gradientCheckpointing")) and cuda,
+        learning_rate=hp.learning_rate,
+        num_train_epochs=float(hp.epochs),
+        warmup_steps=hp.warmup_steps,
+        weight_decay=hp.weight_decay,
+        max_grad_norm=hp.max_grad_norm,
+        lr_scheduler_type=hp.lr_scheduler,
+        gradient_checkpointing=hp.gradient_checkpointing and cuda,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=eval_steps,
         save_strategy="steps",
@@ -61,15 +61,15 @@ def training_arguments(
     )
 
 
-def load_in_bf16(plan: dict[str, Any], bf16: bool) -> bool:
+def load_in_bf16(plan: PlanDocument, bf16: bool) -> bool:
     """Whether the weights load in bf16. Mixed precision needs fp32 master weights:
     DeepSpeed's bf16 optimizer keeps its own, so under DeepSpeed the model loads in bf16,
     and a frozen base under LoRA or prefix tuning needs no master copy either. Plain HF
     (ZeRO-0, one process) with trainable base weights loads fp32 and autocasts to bf16:
     pure bf16 weights would round small updates away (and the planner counts the master
     copy)."""
-    use_ds = world_size() > 1 or int(plan.get("zeroStage", 0)) > 0
-    return bf16 and (use_ds or plan.get("method") in ("LoRA", "Prefix"))
+    use_ds = world_size() > 1 or plan.zero_stage > 0
+    return bf16 and (use_ds or plan.method in ("LoRA", "Prefix"))
 
 
 @dataclass
@@ -84,7 +84,7 @@ class RunInputs:
     cuda: bool
     bf16: bool
     #: The plan trained with: cfg.plan, or its alternative when Auto switched the method.
-    plan: dict[str, Any] = field(default_factory=dict)
+    plan: PlanDocument
     evidence: Any = None
     decision: str | None = None
     #: What self-rewrite and augmentation did to the training rows.
@@ -104,9 +104,10 @@ def load_inputs(cfg: TrainerConfig) -> RunInputs:
     from kubetune.trainer.startup import choose_method_for_run
 
     plan, hp = cfg.plan, cfg.hyperparameters
-    forced = (cfg.spec.get("dataset") or {}).get("format", "Auto")
     try:
-        fmt, examples = read_examples(cfg.dataset, None if forced == "Auto" else forced)
+        # The format the planner read the data in (its detection when spec.dataset.format
+        # is Auto), so the plan's figures are for the rows trained on.
+        fmt, examples = read_examples(cfg.dataset, cfg.plan.dataset_format)
         if cfg.validation:
             _, val_examples = read_examples(cfg.validation, fmt)
             train_examples = examples
@@ -119,9 +120,7 @@ def load_inputs(cfg: TrainerConfig) -> RunInputs:
     if cfg.model.startswith("hf://") and not cfg.model.startswith("hf://kubetune/"):
         revision = (cfg.spec.get("model") or {}).get("revision") or revision
     tokenizer = load_tokenizer(location, revision)
-    seq_len = int(
-        hp.get("sequenceLength") or (cfg.spec.get("dataset") or {}).get("maxSeqLength") or 1024
-    )
+    seq_len = hp.sequence_length
     cuda = torch.cuda.is_available()
     bf16 = bool(cuda and torch.cuda.is_bf16_supported())
     low = load_in_bf16(plan, bf16)
@@ -140,7 +139,7 @@ def load_inputs(cfg: TrainerConfig) -> RunInputs:
     if low and not load_in_bf16(plan, bf16):  # switched to a method that keeps fp32 weights:
         del model  # load them again in fp32 (a cast of the bf16 copy would lose precision)
         model = load_model(location, revision, dtype=torch.float32)
-    model = apply_method(model, plan, cfg.spec)
+    model = apply_method(model, plan)
     return RunInputs(
         tokenizer,
         train_ds,

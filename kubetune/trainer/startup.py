@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kubetune.api.plan import METHOD_AT_START, Decision, PlanDocument
 from kubetune.planning.evidence import Evidence
-from kubetune.planning.remedies import NAMES
 from kubetune.trainer.dist import from_rank0, read_record, write_record
 from kubetune.trainer.evidence import measure_evidence
 from kubetune.trainer.remedies.replay import REPLAY_TEXT_DEFAULT
@@ -28,13 +28,13 @@ Row = dict[str, Any]
 class MethodChoice:
     """The plan the run trains with, and what Auto decided at training start."""
 
-    plan: dict[str, Any]
+    plan: PlanDocument
     evidence: Evidence | None
     decision: str | None = None
 
 
 def choose_method(
-    plan: dict[str, Any],
+    plan: PlanDocument,
     measure: Callable[[], Evidence | None],
     recorded: Evidence | None = None,
 ) -> MethodChoice:
@@ -42,18 +42,15 @@ def choose_method(
     Auto; `recorded` when an earlier start of this run measured it) and switch to the
     plan's alternative (method Auto: full fine-tuning) when the data is surprising
     enough. `measure` scores the base model, before the method is applied."""
-    from kubetune.planning.evidence import RISK_RATIO
-
-    remedies: dict[str, Any] = plan.get("remedies") or {}
-    alternative = plan.get("alternative") or {}
-    auto_remedy = any((remedies.get(n) or {}).get("state") == "Auto" for n in NAMES)
-    can_score = int(plan.get("zeroStage") or 0) < 3 and str(plan.get("offload") or "None") == "None"
-    if not (auto_remedy or alternative) or not can_score or remedies.get("from"):
+    remedies, alternative = plan.remedies, plan.alternative
+    auto_remedy = remedies is not None and "Auto" in remedies.states().values()
+    incremental = remedies is not None and remedies.from_
+    if not (auto_remedy or alternative) or not plan.model_on_one_device or incremental:
         return MethodChoice(plan, None)
     evidence = recorded or from_rank0(measure)
-    if not alternative or evidence is None:
+    if alternative is None or evidence is None:
         return MethodChoice(plan, evidence)
-    threshold = float((alternative.get("when") or {}).get("dataPerplexityRatio", RISK_RATIO))
+    threshold = alternative.when.data_perplexity_ratio
     figures = (
         f"the training targets' perplexity under the base model ({evidence.data_perplexity:.1f}) "
         f"is {evidence.ratio:.2f}x its general-text perplexity ({evidence.general_perplexity:.1f})"
@@ -62,19 +59,18 @@ def choose_method(
         return MethodChoice(
             plan,
             evidence,
-            f"Auto at training start: method stays {plan['method']}: {figures}, below "
-            f"{threshold:g}x.",
+            f"Auto at training start: method stays {plan.method}: {figures}, below {threshold:g}x.",
         )
-    chosen = dict(alternative["plan"])
-    per_gpu = float((chosen.get("memory") or {}).get("perGpuGiB") or 0)
+    chosen = alternative.plan
     decision = (
-        f"Auto at training start: method {chosen['method']} instead of {plan['method']}: "
+        f"Auto at training start: method {chosen.method} instead of {plan.method}: "
         f"{figures}, at least {threshold:g}x (the plan's alternative: "
-        f"ZeRO-{chosen.get('zeroStage')}, {per_gpu:.1f} GiB per GPU)."
+        f"ZeRO-{chosen.zero_stage}, {chosen.memory.per_gpu_gib:.1f} GiB per GPU)."
     )
-    chosen["reasons"] = [*chosen.get("reasons", []), decision]
-    chosen["switchedFrom"] = plan["method"]
-    return MethodChoice(chosen, evidence, decision)
+    switched = chosen.with_decision(
+        Decision(key=METHOD_AT_START, value=chosen.method, sentence=decision)
+    ).model_copy(update={"switched_from": plan.method})
+    return MethodChoice(switched, evidence, decision)
 
 
 def run_texts(cfg: Any) -> tuple[str, str]:
@@ -110,7 +106,8 @@ def record_key(cfg: Any, what: str) -> str:
         if what == "evidence"
         else ("method", "alternative", "hyperparameters", "remedies", "crossValidation")
     )
-    plan = {k: cfg.plan.get(k) for k in keys}
+    document = cfg.plan.to_json()
+    plan = {k: document.get(k) for k in keys}
     h = hashlib.sha256(json.dumps([what, plan, cfg.seed, str(cfg.model)], sort_keys=True).encode())
     for path in (cfg.dataset, cfg.validation, cfg.general_text):
         if path and Path(path).is_file():
@@ -185,8 +182,7 @@ def prepare_for_run(
         device=run_device(),
         seed=cfg.seed,
         token_budget=evidence_budget(cfg),
-        can_score=int(cfg.plan.get("zeroStage") or 0) < 3
-        and str(cfg.plan.get("offload") or "None") == "None",
+        can_score=cfg.plan.model_on_one_device,
         evidence=evidence,
     )
     run.state_path = Path(cfg.output) / "replay-switch.json"

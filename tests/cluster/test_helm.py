@@ -17,6 +17,7 @@ from kubetune import contract
 from kubetune.devcluster.binaries import find_binaries, require
 from kubetune.operator import builders
 from kubetune.operator.settings import OperatorSettings
+from tests.plans import plan_document
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
@@ -160,7 +161,7 @@ def test_the_pod_monitor_selects_training_pods_and_their_metrics_port() -> None:
             },
         }
     ).spec
-    job = builders.training_job(ref, spec, {"method": "LoRA"}, OperatorSettings())
+    job = builders.training_job(ref, spec, plan_document(), OperatorSettings())
     [container] = job["spec"]["template"]["spec"]["containers"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert endpoint["port"] in ports

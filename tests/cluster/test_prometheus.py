@@ -31,6 +31,7 @@ from kubetune.operator import builders
 from kubetune.operator.settings import OperatorSettings
 from tests.cluster.test_helm import by_kind, template
 from tests.cluster.test_operator import OperatorProcess, running_operator
+from tests.plans import plan_document
 from tests.trainer.conftest import MakeRun, make_run, tiny_model  # noqa: F401
 from tests.waiting import wait_for
 
@@ -150,7 +151,7 @@ def trainer_pod_targets(trainer_port: int, decoy_port: int) -> list[dict[str, An
             },
         }
     ).spec
-    job = builders.training_job(ref, spec, {"method": "LoRA"}, OperatorSettings())
+    job = builders.training_job(ref, spec, plan_document(), OperatorSettings())
     pod = job["spec"]["template"]
     [container] = pod["spec"]["containers"]
     out = []

@@ -22,6 +22,7 @@ from kubetune.operator import builders as b
 from kubetune.operator.settings import OperatorSettings
 from tests.cluster.test_faults import OperatorSubprocess
 from tests.cluster.test_operator import GROUP, PLURAL, VERSION, _create, _ftj, _get, _wait_cond
+from tests.plans import plan_document
 from tests.unit.specs import spec_from
 from tests.waiting import wait_for
 
@@ -56,7 +57,7 @@ def _train_spec(ns: str, **extra: Any) -> Any:
     return spec_from(base, "sec", ns, **extra)
 
 
-PLAN = {"method": "LoRA", "fits": True}
+PLAN = plan_document()
 
 
 def test_trainer_pods_get_no_token_and_their_account_no_api_rights(

@@ -46,7 +46,7 @@ def make_run(tiny_model: Path, tmp_path: Path) -> MakeRun:
     """Lay out a run as the operator would (config dir, env), planned by our planner, with
     hyperparameters overridden where a test needs a short, fast-learning run."""
     from kubetune.api import parse_job
-    from kubetune.operator.planstep import build_plan
+    from kubetune.planning.job import build_plan
 
     def make(
         *,
@@ -96,7 +96,7 @@ def make_run(tiny_model: Path, tmp_path: Path) -> MakeRun:
             str(tiny_model),
             (8.0, "test"),
             cpu_processes=nproc,
-        )
+        ).to_json()
         plan.setdefault("hyperparameters", {}).update(hp or {})
         out = tmp_path / "out"
         cfg = tmp_path / "config"

@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from kubetune.api.plan import PlanDocument
+from tests.plans import plan_document
 from tests.trainer.conftest import MakeRun
 from tests.trainer.test_trainer import _train
 
@@ -46,7 +48,7 @@ def _model(tiny_model: Path) -> Any:
     return AutoModelForCausalLM.from_pretrained(tiny_model)
 
 
-def _plan(**states: dict[str, Any]) -> dict[str, Any]:
+def _plan(**states: dict[str, Any]) -> PlanDocument:
     base: dict[str, Any] = {
         "replay": {"mode": "Off", "ratio": 0.25, "state": "Off"},
         "ewc": {"mode": "Off", "lambda": 1000.0, "fisherTokens": 512, "state": "Off"},
@@ -55,10 +57,10 @@ def _plan(**states: dict[str, Any]) -> dict[str, Any]:
     }
     for k, v in states.items():
         base[k] = {**base[k], **v}
-    return {"method": "Full", "remedies": base}
+    return plan_document(method="Full", remedies=base)
 
 
-def _prepare(tiny_model: Path, plan: dict[str, Any], model: Any = None, **kw: Any) -> Any:
+def _prepare(tiny_model: Path, plan: PlanDocument, model: Any = None, **kw: Any) -> Any:
     from kubetune.trainer.remedies.run import prepare
 
     tok, ds = _tok_and_rows(tiny_model)
@@ -251,8 +253,8 @@ def test_incremental_update_continues_the_previous_adapter_or_weights(
             if "lora_B" in n:
                 p.fill_(0.05)
     lora.save_pretrained(str(tmp_path / "prev-lora" / "final"))
-    plan = {"method": "LoRA", "remedies": {"from": f"file://{tmp_path / 'prev-lora'}"}}
-    model = apply_method(_model(tiny_model), plan, {})
+    plan = plan_document(remedies={"from": f"file://{tmp_path / 'prev-lora'}"})
+    model = apply_method(_model(tiny_model), plan)
     b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert b
     assert all(p.requires_grad and torch.all(p == 0.05) for p in b)
@@ -261,8 +263,8 @@ def test_incremental_update_continues_the_previous_adapter_or_weights(
     with torch.no_grad():
         full.model.embed_tokens.weight.add_(1.0)
     full.save_pretrained(tmp_path / "prev-full" / "final")
-    plan = {"method": "Full", "remedies": {"from": str(tmp_path / "prev-full")}}
-    model = apply_method(_model(tiny_model), plan, {})
+    plan = plan_document(method="Full", remedies={"from": str(tmp_path / "prev-full")})
+    model = apply_method(_model(tiny_model), plan)
     assert torch.equal(model.model.embed_tokens.weight, full.model.embed_tokens.weight)
 
 
@@ -365,10 +367,8 @@ def test_auto_turns_replay_on_for_surprising_data_under_the_builtin_model() -> N
     plain = [Example(line=i + 1, prompt="", target=t.strip()) for i, t in enumerate(english)]
 
     def run(exs: list[Any]) -> Any:
-        plan: dict[str, Any] = {"method": "Full", "zeroStage": 0, "hyperparameters": {}}
-        plan_remedies(plan, {})
         return prepare(
-            plan=plan,
+            plan=plan_remedies(plan_document(method="Full"), {}),
             model=model,
             tokenizer=tok,
             train_ds=TokenizedDataset(exs, tok, 256),

@@ -551,9 +551,16 @@ PLANNER_DICT: dict[str, Any] = {
         "microBatchSize": 4,
         "gradientAccumulationSteps": 2,
         "effectiveBatchSize": 128,
+        "stepsPerEpoch": 40,
         "totalSteps": 120,
         "warmupSteps": 6,
         "evalSteps": 10,
+        "weightDecay": 0.03,
+        "dropout": 0.15,
+        "maxGradNorm": 1.0,
+        "sequenceLength": 512,
+        "gradientCheckpointing": False,
+        "lrScheduler": "cosine",
         "loraRank": 16,
         "loraTargetModules": ["q_proj", "v_proj"],
         "prefixTokens": None,
@@ -576,6 +583,8 @@ def test_status_takes_a_planner_dict_and_dumps_it_back() -> None:
     expected = copy.deepcopy(PLANNER_DICT)
     del expected["error"], expected["memory"]["cpuMemoryGiB"]
     del expected["hyperparameters"]["prefixTokens"]
+    # A plan from before decisions were structured: each sentence becomes a decision.
+    expected["decisions"] = [{"key": "reason", "sentence": "800 examples: LoRA rank 8"}]
     assert dumped == expected  # unknown hyperparameters (aNewKnob) are kept
 
 

@@ -106,11 +106,11 @@ rows = "".join(
 )
 config = json.loads(bundled_architectures()["llama-2-7b"].read_text())
 plan = build_plan(job.spec, rows, "train.jsonl", config, "llama-2-7b", (80.0, "given"))
-encode_message({"plan": plan})
+encode_message({"plan": plan.to_compact_json()})
 ref = builders.JobRef(name="demo", namespace="team-a", uid="u-1")
 builders.training_job(ref, job.spec, plan, OperatorSettings())
 builders.prepare_job(ref, job.spec, OperatorSettings(), 80.0)
-print(json.dumps({"method": plan["method"], "loaded": sorted(
+print(json.dumps({"method": plan.method, "loaded": sorted(
     m for m in sys.modules if m.split(".")[0] in HEAVY)}))
 """
 

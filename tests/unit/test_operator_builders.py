@@ -15,6 +15,7 @@ from kubetune.api import FineTuneJobSpec, parse_job
 from kubetune.operator import builders as b
 from kubetune.operator.builders import JobRef, Storage, storage_for
 from kubetune.operator.settings import OperatorSettings
+from tests.plans import plan_document
 from tests.unit.specs import spec_from
 
 pytestmark = pytest.mark.unit
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.unit
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 REF = JobRef(name="demo", namespace="team-a", uid="0f1e2d3c-uid", generation=4)
 SETTINGS = OperatorSettings()
-PLAN: dict[str, Any] = {"method": "LoRA", "zeroStage": 2}
+PLAN = plan_document(zeroStage=2)
 DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
 BASE_SPEC: dict[str, Any] = {
@@ -444,7 +445,7 @@ def test_service_selects_exactly_the_training_pods() -> None:
 
 def test_annotations() -> None:
     spec = make_spec(annotations={"example.com/owner": "alice"})
-    job = b.training_job(REF, spec, {"method": "Full"}, SETTINGS)
+    job = b.training_job(REF, spec, plan_document(method="Full"), SETTINGS)
     assert job["metadata"]["annotations"] == {
         "example.com/owner": "alice",
         contract.SUSPEND_ANNOTATION: "false",
@@ -453,9 +454,9 @@ def test_annotations() -> None:
         "example.com/owner": "alice",
         "kubetune.dev/plan-method": "Full",
     }
-    plain = b.training_job(REF, make_spec(suspend=True), {}, SETTINGS)
+    # (A plan always has a method now: the old case of a plan without one cannot happen.)
+    plain = b.training_job(REF, make_spec(suspend=True), PLAN, SETTINGS)
     assert plain["metadata"]["annotations"] == {contract.SUSPEND_ANNOTATION: "true"}
-    assert plain["spec"]["template"]["metadata"]["annotations"] == {"kubetune.dev/plan-method": ""}
 
 
 @pytest.mark.parametrize(
@@ -710,7 +711,7 @@ def test_config_map_holds_the_resolved_spec_and_plan(
     extra: dict[str, Any], settings: OperatorSettings, uri: str
 ) -> None:
     spec = make_spec(**extra)
-    plan = {"method": "LoRA", "reasons": ["because"]}
+    plan = plan_document(decisions=[{"key": "why", "sentence": "because"}])
     cm = b.config_map(REF, spec, plan, settings)
     assert cm["kind"] == "ConfigMap"
     resolved = json.loads(cm["data"]["spec.json"])
@@ -718,7 +719,7 @@ def test_config_map_holds_the_resolved_spec_and_plan(
     assert resolved["model"] == {"uri": "hf://Qwen/Qwen2-0.5B"}
     assert resolved["dataset"]["uri"] == "pvc://training-data/support/train.jsonl"
     assert FineTuneJobSpec.model_validate(resolved).output is not None
-    assert json.loads(cm["data"]["plan.json"]) == plan
+    assert json.loads(cm["data"]["plan.json"]) == plan.to_json()
     # The caller's spec is not changed.
     assert spec == make_spec(**extra)
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from kubetune.operator.planstep import host_memory_gib, quantity_value
+from kubetune.planning.job import host_memory_gib, quantity_value
 from tests.unit.specs import spec_from
 
 pytestmark = pytest.mark.unit

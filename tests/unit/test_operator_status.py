@@ -21,7 +21,7 @@ from kubetune.operator.status import (
     training_outcome,
     view_job,
 )
-from tests.unit.specs import spec_from
+from tests.plans import plan_document
 
 pytestmark = pytest.mark.unit
 
@@ -637,17 +637,15 @@ def test_the_evaluations_body_becomes_policy_input_skipping_bad_rows() -> None:
 def test_auto_decisions_go_into_the_plan_once_with_the_switched_method() -> None:
     from kubetune.operator.status import apply_decisions
 
-    plan = {
-        "method": "LoRA",
-        "zeroStage": 0,
-        "memory": {"perGpuGiB": 1.0},
-        "reasons": ["Method by data size: LoRA."],
-    }
+    plan = plan_document(
+        decisions=[{"key": "method", "sentence": "Method by data size: LoRA."}]
+    ).to_json()
+    full = plan_document(method="Full", zeroStage=2, memory={"perGpuGiB": 9.5}).to_json()
     decisions = [
         {
             "kind": "method",
             "text": "Auto at training start: method Full instead of LoRA: surprising data.",
-            "plan": {"method": "Full", "zeroStage": 2, "memory": {"perGpuGiB": 9.5}},
+            "plan": {k: full[k] for k in ("method", "zeroStage", "memory")},
         },
         {"kind": "remedy", "name": "replay", "text": "Auto at training start: replay on: x."},
         {"kind": "remedy"},  # malformed entries are skipped
@@ -657,7 +655,7 @@ def test_auto_decisions_go_into_the_plan_once_with_the_switched_method() -> None
     assert new is not None
     assert new["method"] == "Full"
     assert new["zeroStage"] == 2
-    assert new["memory"] == {"perGpuGiB": 9.5}
+    assert new["memory"] == full["memory"]
     assert new["reasons"][1:] == added
     assert len(added) == 2
     assert plan["method"] == "LoRA"  # the input is not changed
@@ -702,113 +700,6 @@ def test_refused_pods_are_named_with_the_server_message_and_what_to_do(
     assert message.startswith(f"Job j-train cannot create its pods: {event} (")
     assert says in message
     assert "keeps retrying" in message or "re-create the FineTuneJob" in message
-
-
-SPEC: dict[str, Any] = {"model": {"uri": "hf://gpt2"}, "dataset": {"uri": "pvc://d/t.jsonl"}}
-
-
-class _RefusingKube:
-    """The calls `Reconciler._train` makes for an existing, owned training Job."""
-
-    def __init__(self, failure: str | None, active: int = 0, suspend: bool = False) -> None:
-        self.failure, self.asked = failure, 0
-        self.job = {
-            "metadata": {
-                "name": "j-train",
-                "uid": "job-uid",
-                "ownerReferences": [{"uid": "uid"}],
-                "annotations": {"kubetune.dev/applied-suspend": str(suspend).lower()},
-            },
-            "spec": {"suspend": suspend},
-            "status": {"active": active, "startTime": "2024-05-06T07:08:09Z"},
-        }
-
-    def pod_creation_failure(self, namespace: str, job: dict[str, Any]) -> str | None:
-        assert (namespace, job["metadata"]["uid"]) == ("ns", "job-uid")
-        self.asked += 1
-        return self.failure
-
-    def get_job(self, namespace: str, name: str) -> dict[str, Any]:
-        return self.job
-
-    def pod0_ip(self, namespace: str, name: str) -> str | None:
-        return None  # rank 0 is not running yet (or has no address): no scrape
-
-    def termination_message(self, *args: Any) -> str | None:
-        raise AssertionError("the Job has not finished")
-
-
-def _train_once(
-    kube: _RefusingKube, old: dict[str, Any], stop: bool = False, suspend: bool = False
-) -> Any:
-    from kubetune.operator import builders as b
-    from kubetune.operator.reconcile import Reconciler, StatusDraft
-    from kubetune.operator.settings import OperatorSettings
-
-    spec = spec_from(
-        SPEC,
-        "j",
-        "ns",
-        resources={"numNodes": 2, "gpusPerNode": 8},
-        stopRequested=stop,
-        suspend=suspend,
-    )
-    rec = Reconciler(kube, OperatorSettings())  # type: ignore[arg-type]
-    draft = StatusDraft(ref=b.JobRef("j", "ns", "uid", 1), old=old)
-    assert rec._train(draft.ref, spec, {}, draft) == "training"
-    return draft
-
-
-@pytest.mark.parametrize(
-    ("active", "suspended", "failure", "blocked"),
-    [
-        (0, False, PSS_REFUSAL, True),
-        (1, False, PSS_REFUSAL, True),  # 1 of 2 pods: the run cannot rendezvous
-        (2, False, PSS_REFUSAL, False),  # every pod exists: the refusal is history
-        (0, True, PSS_REFUSAL, False),  # suspended: no pods are wanted
-        (0, False, None, False),  # the pods are merely not created yet
-    ],
-)
-def test_the_reconciler_reports_refused_pods_once_and_keeps_the_message_current(
-    active: int, suspended: bool, failure: str | None, blocked: bool
-) -> None:
-    kube = _RefusingKube(failure, active, suspended)
-    draft = _train_once(kube, {}, suspend=suspended)
-    assert kube.asked == (0 if active >= 2 or suspended else 1)
-    cond = get_condition(draft.conditions, "Running")
-    if not blocked:
-        assert cond is None or cond["reason"] != "PodCreationFailed"
-        assert not any(e[1] == "PodCreationFailed" for e in draft.events)
-        return
-    assert cond is not None
-    assert (cond["status"], cond["reason"]) == ("False", "PodCreationFailed")
-    assert cond["message"].startswith(f"Job j-train cannot create its pods: {failure} (")
-    assert draft.events == [("Warning", "PodCreationFailed", cond["message"])]
-    assert state_of(draft.conditions, True, False) == "Blocked"
-    # The next reconcile (a retry names another pod): one Running condition, the message
-    # follows, no Event, nothing else changes (no flip through Running=True/Training).
-    kube.failure = (failure or "").replace("x2x4k", "q7b9z")
-    again = _train_once(kube, draft.new)
-    assert again.events == []
-    cond = get_condition(again.conditions, "Running")
-    assert cond is not None
-    assert "q7b9z" in cond["message"]
-    third = _train_once(kube, again.new)
-    assert third.events == []
-    assert not third.changed()
-
-
-def test_a_stop_request_while_pods_are_refused_says_there_is_nothing_to_stop() -> None:
-    kube = _RefusingKube(PSS_REFUSAL)
-    draft = _train_once(kube, {}, stop=True)
-    cond = get_condition(draft.conditions, "Running")
-    assert cond is not None
-    assert (cond["status"], cond["reason"]) == ("False", "PodCreationFailed")
-    assert "nothing to stop: delete the FineTuneJob to give it up" in cond["message"]
-    assert [e[1] for e in draft.events] == ["PodCreationFailed"]
-    again = _train_once(kube, draft.new, stop=True)
-    assert again.events == []
-    assert not again.changed()
 
 
 def test_the_hostpath_hint_names_the_fields_whose_volumes_were_refused() -> None:
@@ -910,55 +801,3 @@ def test_a_refusal_from_before_a_suspension_is_history_after_the_resume() -> Non
             {"type": "Suspended", "status": status, "lastTransitionTime": "2024-05-06T07:09:00Z"}
         ]
         assert kube.pod_creation_failure("ns", job) is None
-
-
-def test_a_refusal_that_ended_leaves_blocked_for_starting() -> None:
-    kube = _RefusingKube(PSS_REFUSAL)
-    draft = _train_once(kube, {})
-    kube.failure = None  # a pod was created since (and failed): no refusal holds
-    again = _train_once(kube, draft.new)
-    cond = get_condition(again.conditions, "Running")
-    assert cond is not None
-    assert (cond["status"], cond["reason"]) == ("False", "Starting")
-    assert state_of(again.conditions, True, False) == "Planned"
-    assert again.events == []
-
-
-def _prepare_draft(kube: Any, planned: dict[str, Any]) -> Any:
-    from kubetune.operator import builders as b
-    from kubetune.operator.reconcile import Reconciler, StatusDraft
-    from kubetune.operator.settings import OperatorSettings
-
-    spec = spec_from(SPEC, "j", "ns")
-    rec = Reconciler(kube, OperatorSettings())
-    draft = StatusDraft(ref=b.JobRef("j", "ns", "uid", 1), old={"conditions": [planned]})
-    return rec, draft, spec
-
-
-def test_a_refused_prepare_pod_is_preparing_once_created_and_fails_at_its_deadline() -> None:
-    from kubetune.operator.reconcile import _InputMissingError
-
-    class Prepare(_RefusingKube):
-        def ensure(self, manifest: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-            return self.job, False
-
-    refused = cond("Planned", "False", "PodCreationFailed")
-    refused["message"] = "Job j-prepare cannot create its pods: quota"
-    kube = Prepare(None, active=1)
-    rec, draft, spec = _prepare_draft(kube, refused)
-    assert rec._plan_via_pod(draft.ref, spec, draft, 80) is None
-    planned = get_condition(draft.conditions, "Planned")
-    assert planned is not None
-    assert (planned["status"], planned["reason"]) == ("False", "Preparing")
-    kube = Prepare(None)
-    kube.job["status"] = {
-        "conditions": [
-            {"type": "Failed", "status": "True", "reason": "DeadlineExceeded", "message": "late"}
-        ]
-    }
-    rec, draft, spec = _prepare_draft(kube, refused)
-    with pytest.raises(_InputMissingError) as err:
-        rec._plan_via_pod(draft.ref, spec, draft, 80)
-    assert err.value.reason == "PodCreationFailed"
-    assert "j-prepare ran out of its deadline (late) while its pod was refused" in str(err.value)
-    assert "the last refusal: Job j-prepare cannot create its pods: quota" in str(err.value)

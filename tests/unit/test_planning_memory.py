@@ -237,7 +237,7 @@ def test_host_memory_limit_is_checked() -> None:
 
 
 def test_lora_keeps_a_copy_of_every_adapted_layer_input() -> None:
-    from kubetune.planning.plan import lora_input_bytes
+    from kubetune.planning.methods import lora_input_bytes
 
     a = arch("llama-2-7b")
     h, i = a.hidden_size, a.intermediate_size

@@ -11,6 +11,7 @@ import pytest
 
 from kubetune.api import parse_job
 from kubetune.planning.remedies import plan_remedies
+from tests.plans import plan_document
 
 
 def _spec(**extra: Any) -> Any:
@@ -32,14 +33,19 @@ def _plan(method: str = "LoRA", zero: int = 0, lr: float = 2e-4) -> dict[str, An
         "totalParameters": 10**9,
         "hyperparameters": {"learningRate": lr},
         "trainableParameters": 10**9,
-        "reasons": [],
+        "decisions": [],
         "warnings": [],
     }
 
 
+def _planned(plan: dict[str, Any], spec: Any) -> dict[str, Any]:
+    """`plan_remedies` on the base plan document with `plan`'s fields, as JSON."""
+    return plan_remedies(plan_document(**plan), spec).to_json()
+
+
 def test_defaults_leave_auto_to_training_start_when_the_method_is_auto() -> None:
     plan = _plan("LoRA")
-    plan_remedies(plan, _spec())
+    plan = _planned(plan, _spec())
     r = plan["remedies"]
     assert r["replay"]["state"] == "Auto"
     assert r["ewc"]["state"] == "Off"  # LoRA
@@ -51,7 +57,7 @@ def test_defaults_leave_auto_to_training_start_when_the_method_is_auto() -> None
 
 def test_auto_applies_with_an_explicit_method_and_on_wins() -> None:
     plan = _plan("Full")
-    plan_remedies(
+    plan = _planned(
         plan,
         _spec(method={"type": "Full"}, remedies={"ewc": {"mode": "On", "lambda": 50}}),
     )
@@ -67,7 +73,7 @@ def test_auto_applies_with_an_explicit_method_and_on_wins() -> None:
 
 def test_ewc_is_off_under_zero3() -> None:
     plan = _plan("Full", zero=3)
-    plan_remedies(plan, _spec(remedies={"ewc": {"mode": "On"}}))
+    plan = _planned(plan, _spec(remedies={"ewc": {"mode": "On"}}))
     assert plan["remedies"]["ewc"]["state"] == "Off"
     assert any("ZeRO-3" in x for x in plan["reasons"])
 
@@ -78,7 +84,7 @@ def test_ewc_is_off_under_zero3() -> None:
 def test_model_from_uses_the_incremental_band(method: str, planned: float, want: float) -> None:
     plan = _plan(method, lr=planned)
     spec = _spec(model={"uri": "hf://kubetune/tiny-llama-en", "from": "pvc://models/run-1"})
-    plan_remedies(plan, spec)
+    plan = _planned(plan, spec)
     assert plan["hyperparameters"]["learningRate"] == pytest.approx(want)
     assert plan["remedies"]["from"] == "pvc://models/run-1"
     assert any("Incremental update" in x for x in plan["reasons"])
@@ -90,7 +96,7 @@ def test_model_from_keeps_a_learning_rate_the_user_set() -> None:
         model={"uri": "hf://kubetune/tiny-llama-en", "from": "file:///out/run-1"},
         hyperparameters={"learningRate": 1e-4},
     )
-    plan_remedies(plan, spec)
+    plan = _planned(plan, spec)
     assert plan["hyperparameters"]["learningRate"] == 1e-4
 
 
@@ -116,7 +122,7 @@ def test_previous_output_is_read_where_the_operator_mounted_it(
 
 def test_sam_on_runs_on_one_process_without_zero_and_says_its_cost() -> None:
     plan = _plan("Full")
-    plan_remedies(plan, _spec(remedies={"sam": {"mode": "On", "rho": 0.1}}))
+    plan = _planned(plan, _spec(remedies={"sam": {"mode": "On", "rho": 0.1}}))
     assert plan["remedies"]["sam"]["state"] == "On"
     reason = next(r for r in plan["reasons"] if r.startswith("Sharpness-aware"))
     assert "rho 0.1" in reason
@@ -124,7 +130,7 @@ def test_sam_on_runs_on_one_process_without_zero_and_says_its_cost() -> None:
     assert any(w.startswith("SAM keeps the weight perturbation") for w in plan["warnings"])
     for zero, nodes in ((2, 1), (0, 2)):
         plan = {**_plan("Full", zero=zero), "numNodes": nodes, "reasons": [], "warnings": []}
-        plan_remedies(plan, _spec(remedies={"sam": {"mode": "On"}}))
+        plan = _planned(plan, _spec(remedies={"sam": {"mode": "On"}}))
         assert plan["remedies"]["sam"]["state"] == "Off"
         reason = next(r for r in plan["reasons"] if r.startswith("Sharpness-aware"))
         assert "one process without DeepSpeed" in reason
@@ -132,7 +138,7 @@ def test_sam_on_runs_on_one_process_without_zero_and_says_its_cost() -> None:
 
 def test_self_rewrite_and_augmentation_are_explained_in_the_plan() -> None:
     plan = _plan("Full")
-    plan_remedies(
+    plan = _planned(
         plan,
         _spec(
             remedies={"selfRewrite": {"mode": "On", "minOverlap": 0.5}},
@@ -145,7 +151,7 @@ def test_self_rewrite_and_augmentation_are_explained_in_the_plan() -> None:
     assert "keeps 50% of its words" in text
     assert "2 paraphrases and 1 back-translation via German" in text
     plan = _plan("Full")
-    plan_remedies(plan, _spec())
+    plan = _planned(plan, _spec())
     assert plan["remedies"]["selfRewrite"]["state"] == "Off"
     assert not any(r.startswith("Augmentation") for r in plan["reasons"])
 
@@ -165,7 +171,7 @@ def test_cross_validation_is_planned_for_tiny_sets(
 ) -> None:
     plan = {**_plan("LoRA"), "exampleCount": examples}
     plan["hyperparameters"]["epochs"] = 4
-    plan_remedies(plan, _spec(hyperparameters=hyperparameters))
+    plan = _planned(plan, _spec(hyperparameters=hyperparameters))
     assert ("crossValidation" in plan) is on
     if on:
         folds = (hyperparameters.get("crossValidation") or {}).get("folds", 4)
@@ -176,7 +182,7 @@ def test_cross_validation_is_planned_for_tiny_sets(
 def test_a_spec_as_a_camel_case_dict_without_the_new_sections_plans() -> None:
     """plan.json's spec (a dict) from before augmentation and cross-validation existed."""
     plan = {**_plan("Full"), "exampleCount": 500}
-    plan_remedies(plan, {"remedies": {"replay": {"mode": "On"}}, "hyperparameters": {}})
+    plan = _planned(plan, {"remedies": {"replay": {"mode": "On"}}, "hyperparameters": {}})
     assert plan["remedies"]["replay"]["state"] == "On"
     assert plan["remedies"]["sam"]["state"] == "Off"
     assert "crossValidation" not in plan

@@ -10,6 +10,7 @@ import pytest
 
 from kubetune.trainer.config import TrainerConfig
 from kubetune.trainer.finish import write_termination
+from tests.plans import plan_document
 
 pytestmark = pytest.mark.unit
 
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.unit
 def _cfg(tmp_path: Path) -> TrainerConfig:
     return TrainerConfig(
         spec={},
-        plan={},
+        plan=plan_document(),
         model="m",
         dataset="d",
         output=tmp_path,

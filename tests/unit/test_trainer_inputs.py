@@ -18,6 +18,7 @@ from kubetune.operator import builders
 from kubetune.operator.settings import OperatorSettings
 from kubetune.planning import bundled_architectures
 from kubetune.trainer.config import load_config
+from tests.plans import plan_document
 from tests.unit.specs import spec_from
 
 pytestmark = pytest.mark.unit
@@ -69,7 +70,7 @@ def test_a_spec_with_every_input_names_every_role(tmp_path: Path) -> None:
 def test_every_input_reaches_the_training_pod_and_the_prepare_pod(tmp_path: Path) -> None:
     spec = spec_from(_every_input(tmp_path), "demo", "team-a")
     ref = builders.JobRef(name="demo", namespace="team-a", uid="u-1")
-    plan: dict[str, Any] = {"method": "LoRA", "zeroStage": 0}
+    plan = plan_document()
     for job in (
         builders.training_job(ref, spec, plan, OperatorSettings()),
         builders.prepare_job(ref, spec, OperatorSettings(), 80.0),

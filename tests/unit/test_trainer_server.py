@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from kubetune.trainer.server import ControlServer, TrainerMetrics
+from tests.plans import plan_document
 
 pytestmark = pytest.mark.unit
 
@@ -87,7 +88,8 @@ def test_the_operator_reads_new_decisions_once_per_count_and_again_from_a_new_po
         settings = dataclasses.replace(OperatorSettings(), trainer_metrics_port=server.port)
         rec = Reconciler(None, settings)  # type: ignore[arg-type]  # no API calls here
         ref = b.JobRef(name="j", namespace="ns", uid="u")
-        draft = StatusDraft(ref, {"plan": {"method": "LoRA", "reasons": ["planned"]}})
+        planned = plan_document(decisions=[{"key": "method", "sentence": "planned"}])
+        draft = StatusDraft(ref, {"plan": planned.to_json()})
 
         def scrape() -> dict[str, float]:
             return scalar_samples(metrics.exposition().decode())

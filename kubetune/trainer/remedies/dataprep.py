@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from kubetune.api.plan import PlanDocument
 from kubetune.contract import Env
 from kubetune.data import Example
 from kubetune.trainer.dist import from_rank0
@@ -46,8 +47,8 @@ def _settings(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     )
 
 
-def rewrite_on(plan: dict[str, Any]) -> bool:
-    state = ((plan.get("remedies") or {}).get("selfRewrite") or {}).get("state", "Off")
+def rewrite_on(plan: PlanDocument) -> bool:
+    state = plan.remedies.self_rewrite.state if plan.remedies is not None else "Off"
     return bool(state == "On")
 
 

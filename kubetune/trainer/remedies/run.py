@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kubetune.api.plan import PlanDocument
 from kubetune.planning.evidence import Evidence, resolve
 from kubetune.planning.remedies import NAMES
 from kubetune.trainer.dist import from_rank0, read_record, write_record
@@ -122,7 +123,7 @@ class RemedyRun:
 
 def prepare(
     *,
-    plan: dict[str, Any],
+    plan: PlanDocument,
     model: Any,
     tokenizer: Any,
     train_ds: Any,
@@ -142,7 +143,9 @@ def prepare(
     compares the training data with."""
     from kubetune.diagnostics.runner import base_model
 
-    remedies: dict[str, Any] = plan.get("remedies") or {}
+    remedies: dict[str, Any] = (
+        plan.remedies.model_dump(by_alias=True, exclude_none=True) if plan.remedies else {}
+    )
     task_rows: list[Row] = list(train_ds.rows)
     states = {n: (remedies.get(n) or {}).get("state", "Off") for n in NAMES}
     needs_evidence = "Auto" in states.values()

@@ -1,5 +1,6 @@
 """Turn a FineTuneJob's inputs into a plan: shared by the operator (in-process, when the
-data and the model config can be read through the API), the prepare pod and the CLI.
+data and the model config can be read through the API), the prepare pod, the CLI and
+``kubetune run``.
 
 Everything here is pure given the texts; fetching them is the caller's business.
 """
@@ -7,24 +8,23 @@ Everything here is pure given the texts; fetching them is the caller's business.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from kubetune.api.plan import Alternative, AlternativeWhen, Decision, PlanDocument
+from kubetune.api.spec import FineTuneJobSpec
 from kubetune.data import DataError, holdout_count, parse_jsonl, summarize
 from kubetune.data.stats import plan_warnings
-from kubetune.planning import (
-    SURPRISING_DATA_RATIO,
-    DatasetStats,
-    Offload,
-    PlanRequest,
-    Resources,
-    bundled_architectures,
-    make_plan,
-    method_alternative,
-    model_arch_from_config,
-)
+from kubetune.planning import bundled_architectures
+from kubetune.planning.hyperparameters import training_steps
+from kubetune.planning.inputs import DatasetStats, PlanRequest, Resources
+from kubetune.planning.memory import Offload
+from kubetune.planning.methods import Method, lora_targets, partial_layer_count
+from kubetune.planning.model import ModelArch, model_arch_from_config
+from kubetune.planning.plan import SURPRISING_DATA_RATIO, make_plan, method_alternative
 from kubetune.planning.remedies import plan_remedies
 
 # A CPU "GPU" for local runs: the share of host memory one training process may use.
@@ -72,7 +72,7 @@ def gpu_memory_from_nodes(
 
 
 def resolve_gpu_memory(
-    spec: Any, nodes: list[dict[str, Any]] | None, default_gib: float
+    spec: FineTuneJobSpec, nodes: list[dict[str, Any]] | None, default_gib: float
 ) -> tuple[float, str]:
     """GPU memory per device for planning, and where the figure came from."""
     gpus = int(spec.resources.gpus_per_node)
@@ -114,7 +114,7 @@ def quantity_value(value: int | str) -> float:
     return float(value)
 
 
-def host_memory_gib(spec: Any) -> float | None:
+def host_memory_gib(spec: FineTuneJobSpec) -> float | None:
     """Host memory per node for offload: the training pod's memory limit (else request)
     from spec.resources.resourcesPerNode; None when the spec does not say."""
     rpn = spec.resources.resources_per_node
@@ -132,16 +132,19 @@ class PlanRequestError(ValueError):
     without a ZeRO stage); the job fails with InvalidSpec."""
 
 
-def plan_request(spec: Any) -> PlanRequest:
+def plan_request(spec: FineTuneJobSpec) -> PlanRequest:
+    """The spec's choices as the planner takes them; raises PlanRequestError."""
     hp = spec.hyperparameters
     method = spec.method.type if spec.method and spec.method.type != "Auto" else None
     zero = spec.deepspeed.zero_stage if spec.deepspeed else "Auto"
     offload = spec.deepspeed.offload if spec.deepspeed else "Auto"
     lora = spec.method.lora if spec.method else None
+    prefix = spec.method.prefix if spec.method else None
+    partial = spec.method.partial if spec.method else None
     epochs = hp.epochs if hp and hp.epochs is not None else None
     try:
         return PlanRequest(
-            method=method,
+            method=None if method is None else Method(method),
             incremental=bool(hp.incremental) if hp else False,
             max_seq_length=spec.dataset.max_seq_length,
             zero_stage=None if zero == "Auto" else int(zero),
@@ -150,6 +153,14 @@ def plan_request(spec: Any) -> PlanRequest:
             epochs=None if epochs is None else max(1, round(float(epochs))),
             learning_rate=hp.learning_rate if hp else None,
             lora_rank=lora.rank if lora is not None else None,
+            lora_alpha=lora.alpha if lora is not None else None,
+            lora_dropout=lora.dropout if lora is not None else None,
+            lora_target_modules=(
+                tuple(lora.target_modules) if lora is not None and lora.target_modules else None
+            ),
+            prefix_tokens=prefix.num_virtual_tokens if prefix is not None else None,
+            partial_layers=partial.trainable_layers if partial is not None else None,
+            partial_fraction=partial.fraction if partial is not None else None,
         )
     except ValueError as exc:
         raise PlanRequestError(
@@ -157,8 +168,25 @@ def plan_request(spec: Any) -> PlanRequest:
         ) from exc
 
 
+def check_method_settings(request: PlanRequest, arch: ModelArch) -> None:
+    """The method settings the model cannot take (a LoRA target it does not have, more
+    trainable layers than it has), as a PlanRequestError naming the spec field."""
+    checks: tuple[tuple[str, Callable[[], object]], ...] = (
+        ("spec.method.lora.targetModules", lambda: lora_targets(arch, request.lora_target_modules)),
+        (
+            "spec.method.partial.trainableLayers",
+            lambda: partial_layer_count(arch, request.partial_layers, request.partial_fraction),
+        ),
+    )
+    for field, check in checks:
+        try:
+            check()
+        except ValueError as exc:
+            raise PlanRequestError(f"{field}: {exc}") from exc
+
+
 def build_plan(
-    spec: Any,
+    spec: FineTuneJobSpec,
     train_text: str | bytes,
     train_source: str,
     model_config: dict[str, Any],
@@ -167,7 +195,7 @@ def build_plan(
     validation_text: str | bytes | None = None,
     validation_source: str = "",
     cpu_processes: int = 1,
-) -> dict[str, Any]:
+) -> PlanDocument:
     """Validate the data, summarise it and plan. Raises DataError / ModelConfigError /
     ValueError with messages that name the source. `cpu_processes` is the number of
     training processes per node when `gpusPerNode` is 0 (local CPU runs)."""
@@ -210,82 +238,90 @@ def build_plan(
         accelerator="GPU" if gpus > 0 else "CPU",
     )
     request = plan_request(spec)
+    check_method_settings(request, arch)
     planned = make_plan(stats, arch, resources, request)
     alternative, why = method_alternative(stats, arch, resources, request, planned)
     if spec.model.from_ and alternative is not None:
         # An incremental update continues the previous output's method as it is.
         alternative, why = None, None
-    plan = _finish(planned.to_dict(), spec, summary, stats, resources, gpu_memory[1])
-    if alternative is not None:
-        alt = _finish(alternative.to_dict(), spec, summary, stats, resources, gpu_memory[1])
-        # Its method sentence is the planned one's and the evidence rule, not "requested".
-        method_reasons = [r for r in plan["reasons"] if r.startswith("Method by data size")]
-        method_reasons.append(why or "")
-        reasons: list[str] = []
-        for r in alt["reasons"]:
-            reasons += method_reasons if r.startswith("Method Full was requested") else [r]
-        alt["reasons"] = reasons
-        plan["alternative"] = {
-            "when": {"dataPerplexityRatio": SURPRISING_DATA_RATIO},
-            "plan": alt,
-        }
-    if why:
-        reasons = plan["reasons"]
-        at = next(
-            (i + 1 for i, r in enumerate(reasons) if r.startswith("Method by data size")),
-            len(reasons),
-        )
-        reasons.insert(at, why)
+    plan = _finish(planned.to_document(), spec, summary, stats, resources, gpu_memory[1])
+    if why is not None:
+        evidence = Decision(key="method.byEvidence", sentence=why)
+        if alternative is not None:
+            # The alternative's method decision is the planned one's and the evidence rule
+            # (not "Full was requested").
+            alt = _finish(alternative.to_document(), spec, summary, stats, resources, gpu_memory[1])
+            by_size = plan.decision("method")
+            if by_size is not None:
+                alt = alt.with_decision(by_size)
+            alt = alt.with_decision(evidence, after="method")
+            plan = plan.model_copy(
+                update={
+                    "alternative": Alternative(
+                        when=AlternativeWhen(data_perplexity_ratio=SURPRISING_DATA_RATIO),
+                        plan=alt,
+                    )
+                }
+            )
+        plan = plan.with_decision(evidence, after="method")
     return plan
 
 
 def _finish(
-    plan: dict[str, Any],
-    spec: Any,
+    plan: PlanDocument,
+    spec: FineTuneJobSpec,
     summary: Any,
     stats: DatasetStats,
     resources: Resources,
     gpu_reason: str,
-) -> dict[str, Any]:
-    """The reasons, warnings, overrides and remedies every plan carries."""
-    plan["reasons"] = [gpu_reason, *plan["reasons"]]
-    plan["warnings"] = [*plan["warnings"], *plan_warnings(summary)]
-    plan["datasetFormat"] = summary.format  # for plan.json; status.plan does not keep it
-    apply_overrides(plan, spec, stats.example_count, resources.world_size)
-    plan_remedies(plan, spec)
-    return plan
+) -> PlanDocument:
+    """The decisions, warnings, overrides and remedies every plan carries."""
+    plan = plan.model_copy(
+        update={
+            "warnings": [*plan.warnings, *plan_warnings(summary)],
+            "dataset_format": summary.format,
+        }
+    )
+    gpu = Decision(key="gpuMemory", value=f"{resources.gpu_memory_gib:g}", sentence=gpu_reason)
+    plan = plan.with_decision_list([gpu, *plan.decisions])
+    plan = apply_overrides(plan, spec, stats.example_count, resources.world_size)
+    return plan_remedies(plan, spec)
 
 
-def apply_overrides(plan: dict[str, Any], spec: Any, examples: int, world: int) -> None:
+def apply_overrides(
+    plan: PlanDocument, spec: FineTuneJobSpec, examples: int, world: int
+) -> PlanDocument:
     """Hyperparameters the user set that the planner does not take as inputs: applied to
-    the plan (steps recomputed where they depend on them), each with a reason."""
-    import math
-
+    the plan (steps recomputed where they depend on them), with one decision that says so."""
     hp_spec = spec.hyperparameters
-    hp = plan.get("hyperparameters")
-    if hp_spec is None or not isinstance(hp, dict):
-        return
+    hp = plan.hyperparameters
     said: list[str] = []
+    update: dict[str, Any] = {}
     if hp_spec.gradient_accumulation_steps is not None:
         accum = int(hp_spec.gradient_accumulation_steps)
-        micro = int(hp.get("microBatchSize") or 1)
-        per_epoch = max(1, math.ceil(examples / (micro * max(world, 1) * accum)))
-        hp["gradientAccumulationSteps"] = accum
-        hp["effectiveBatchSize"] = micro * max(world, 1) * accum
-        hp["stepsPerEpoch"] = per_epoch
-        hp["totalSteps"] = max(1, math.ceil(per_epoch * float(hp.get("epochs") or 1)))
-        said.append(f"gradient accumulation {accum} (so {hp['totalSteps']} steps in all)")
+        steps = training_steps(examples, hp.micro_batch_size, accum, world, hp.epochs)
+        update.update(
+            gradient_accumulation_steps=accum,
+            effective_batch_size=hp.micro_batch_size * max(world, 1) * accum,
+            steps_per_epoch=steps.steps_per_epoch,
+            total_steps=steps.total_steps,
+        )
+        said.append(f"gradient accumulation {accum} (so {steps.total_steps} steps in all)")
+    total = int(update.get("total_steps", hp.total_steps))
     if hp_spec.warmup_ratio is not None:
-        hp["warmupSteps"] = round(float(hp_spec.warmup_ratio) * int(hp.get("totalSteps") or 0))
-        said.append(f"warmup {hp['warmupSteps']} steps ({hp_spec.warmup_ratio:g} of the run)")
+        update["warmup_steps"] = round(float(hp_spec.warmup_ratio) * total)
+        said.append(f"warmup {update['warmup_steps']} steps ({hp_spec.warmup_ratio:g} of the run)")
     if hp_spec.weight_decay is not None:
-        hp["weightDecay"] = float(hp_spec.weight_decay)
+        update["weight_decay"] = float(hp_spec.weight_decay)
         said.append(f"weight decay {hp_spec.weight_decay:g}")
     if hp_spec.max_grad_norm is not None:
-        hp["maxGradNorm"] = float(hp_spec.max_grad_norm)
+        update["max_grad_norm"] = float(hp_spec.max_grad_norm)
         said.append(f"gradient clipping at {hp_spec.max_grad_norm:g}")
     if hp_spec.eval_steps is not None:
-        hp["evalSteps"] = int(hp_spec.eval_steps)
+        update["eval_steps"] = int(hp_spec.eval_steps)
         said.append(f"evaluation every {hp_spec.eval_steps} steps")
-    if said:
-        plan["reasons"].append("Set by spec.hyperparameters: " + ", ".join(said) + ".")
+    if not said:
+        return plan
+    plan = plan.model_copy(update={"hyperparameters": hp.model_copy(update=update)})
+    sentence = "Set by spec.hyperparameters: " + ", ".join(said) + "."
+    return plan.with_decisions([Decision(key="overrides", sentence=sentence)])

@@ -10,7 +10,8 @@ import pytest
 
 from kubetune.api import FineTuneJobSpec
 from kubetune.data import DataError
-from kubetune.operator.planstep import (
+from kubetune.planning import Method, Offload, bundled_architectures
+from kubetune.planning.job import (
     CPU_PROCESS_MEMORY_GIB,
     build_plan,
     gpu_memory_from_nodes,
@@ -18,7 +19,6 @@ from kubetune.operator.planstep import (
     plan_request,
     resolve_gpu_memory,
 )
-from kubetune.planning import Method, Offload, bundled_architectures
 from tests.unit.specs import spec_from
 
 pytestmark = pytest.mark.unit
@@ -296,7 +296,7 @@ def test_build_plan_shape() -> None:
         QWEN,
         "hf://Qwen/Qwen2-0.5B",
         GPU,
-    )
+    ).to_json()
     for key in ("method", "fits", "memory", "hyperparameters", "reasons", "warnings"):
         assert key in plan, key
     assert plan["reasons"][0] == GPU[1]
@@ -318,7 +318,7 @@ def test_build_plan_shape() -> None:
 def test_validation_split_reduces_the_example_count(rows: int, split: float, count: int) -> None:
     assert QWEN is not None
     spec = make_spec(dataset={"validationSplit": split})
-    plan = build_plan(spec, jsonl(pc_rows(rows)), "t", QWEN, "q", GPU)
+    plan = build_plan(spec, jsonl(pc_rows(rows)), "t", QWEN, "q", GPU).to_json()
     assert plan["exampleCount"] == count
 
 
@@ -334,7 +334,7 @@ def test_validation_text_is_used_instead_of_the_split() -> None:
         GPU,
         validation_text=jsonl(pc_rows(3, start=100)),
         validation_source="val.jsonl",
-    )
+    ).to_json()
     assert plan["exampleCount"] == 10
 
 
@@ -349,7 +349,9 @@ def test_the_plan_counts_the_examples_the_trainer_trains_on(n: int, split: float
 
     assert QWEN is not None
     text = jsonl(pc_rows(n))
-    plan = build_plan(make_spec(dataset={"validationSplit": split}), text, "t", QWEN, "q", GPU)
+    plan = build_plan(
+        make_spec(dataset={"validationSplit": split}), text, "t", QWEN, "q", GPU
+    ).to_json()
     train, held_out = split_holdout(parse_jsonl(text, "t", None)[1], split, seed=7)
     assert plan["exampleCount"] == len(train) == n - holdout_count(n, split)
     assert len(held_out) == holdout_count(n, split)
@@ -360,8 +362,10 @@ def test_the_plan_counts_the_examples_the_trainer_trains_on(n: int, split: float
 def test_token_count_shrinks_with_the_split() -> None:
     assert QWEN is not None
     text = jsonl(pc_rows(20))
-    whole = build_plan(make_spec(), text, "t", QWEN, "q", GPU, jsonl(pc_rows(2, 50)), "v")
-    half = build_plan(make_spec(dataset={"validationSplit": 0.5}), text, "t", QWEN, "q", GPU)
+    whole = build_plan(make_spec(), text, "t", QWEN, "q", GPU, jsonl(pc_rows(2, 50)), "v").to_json()
+    half = build_plan(
+        make_spec(dataset={"validationSplit": 0.5}), text, "t", QWEN, "q", GPU
+    ).to_json()
     assert half["tokenCount"] < whole["tokenCount"]
     assert half["tokenCount"] >= half["exampleCount"]
 
@@ -387,7 +391,7 @@ def test_token_count_shrinks_with_the_split() -> None:
 )
 def test_build_plan_reports_the_detected_format(rows: list[dict[str, Any]], fmt: str) -> None:
     assert QWEN is not None
-    plan = build_plan(make_spec(), jsonl(rows), "t", QWEN, "q", GPU)
+    plan = build_plan(make_spec(), jsonl(rows), "t", QWEN, "q", GPU).to_json()
     assert plan["datasetFormat"] == fmt
 
 
@@ -395,7 +399,7 @@ def test_build_plan_forced_format_must_match() -> None:
     assert QWEN is not None
     spec = make_spec(dataset={"format": "Chat"})
     with pytest.raises(DataError, match=r"train\.jsonl line 1: .*PromptCompletion.*Chat"):
-        build_plan(spec, jsonl(pc_rows(3)), "train.jsonl", QWEN, "q", GPU)
+        build_plan(spec, jsonl(pc_rows(3)), "train.jsonl", QWEN, "q", GPU).to_json()
 
 
 @pytest.mark.parametrize(
@@ -416,15 +420,17 @@ def test_build_plan_data_errors_name_source_and_line(
 ) -> None:
     assert QWEN is not None
     with pytest.raises(DataError, match=match):
-        build_plan(make_spec(), train, "train.jsonl", QWEN, "q", GPU, validation, "val.jsonl")
+        build_plan(
+            make_spec(), train, "train.jsonl", QWEN, "q", GPU, validation, "val.jsonl"
+        ).to_json()
 
 
 def test_build_plan_passes_data_problems_on_as_warnings() -> None:
     assert QWEN is not None
     rows = pc_rows(10) + pc_rows(2)  # two duplicates
-    plan = build_plan(make_spec(), jsonl(rows), "t", QWEN, "q", GPU)
+    plan = build_plan(make_spec(), jsonl(rows), "t", QWEN, "q", GPU).to_json()
     assert any("duplicate" in w for w in plan["warnings"])
-    clean = build_plan(make_spec(), jsonl(pc_rows(12)), "t", QWEN, "q", GPU)
+    clean = build_plan(make_spec(), jsonl(pc_rows(12)), "t", QWEN, "q", GPU).to_json()
     assert not any("duplicate" in w for w in clean["warnings"])
 
 
@@ -435,7 +441,9 @@ def test_build_plan_uses_the_spec_and_resources() -> None:
         resources={"numNodes": 2, "gpusPerNode": 4},
         hyperparameters={"epochs": 2, "learningRate": 3e-5},
     )
-    plan = build_plan(spec, jsonl(pc_rows(40)), "t", QWEN, "q", (80.0, "GPU memory 80 GiB"))
+    plan = build_plan(
+        spec, jsonl(pc_rows(40)), "t", QWEN, "q", (80.0, "GPU memory 80 GiB")
+    ).to_json()
     assert plan["method"] == "Full"
     assert plan["numNodes"] == 2
     assert plan["gpusPerNode"] == 4
@@ -447,7 +455,7 @@ def test_build_plan_on_cpu() -> None:
     assert QWEN is not None
     spec = make_spec(resources={"gpusPerNode": 0})
     gpu = resolve_gpu_memory(spec, [], 80.0)
-    plan = build_plan(spec, jsonl(pc_rows(10)), "t", QWEN, "q", gpu)
+    plan = build_plan(spec, jsonl(pc_rows(10)), "t", QWEN, "q", gpu).to_json()
     assert plan["gpusPerNode"] == 1  # one CPU process
     assert plan["reasons"][0].startswith("gpusPerNode is 0")
     assert plan["memory"]["gpuMemoryGiB"] == pytest.approx(CPU_PROCESS_MEMORY_GIB)
@@ -457,11 +465,13 @@ def test_build_plan_rejects_a_bad_model_config() -> None:
     from kubetune.planning import ModelConfigError
 
     with pytest.raises(ModelConfigError, match="model_type"):
-        build_plan(make_spec(), jsonl(pc_rows(3)), "t", {"hidden_size": 8}, "cfg.json", GPU)
+        build_plan(
+            make_spec(), jsonl(pc_rows(3)), "t", {"hidden_size": 8}, "cfg.json", GPU
+        ).to_json()
 
 
 def test_offload_without_a_zero_stage_is_an_invalid_spec_naming_the_fields() -> None:
-    from kubetune.operator.planstep import PlanRequestError
+    from kubetune.planning.job import PlanRequestError
 
     spec = make_spec(deepspeed={"zeroStage": 0, "offload": "Optimizer"})
     with pytest.raises(PlanRequestError, match=r"spec\.deepspeed"):
@@ -480,7 +490,7 @@ def test_hyperparameters_the_planner_does_not_take_are_applied_with_a_reason() -
     )
     text = "\n".join(json.dumps({"prompt": f"p{i}", "completion": f"c{i}"}) for i in range(200))
     config = json.loads(bundled_architectures()["gpt2"].read_text())
-    plan = build_plan(spec, text, "t.jsonl", config, "gpt2", (80.0, "r"))
+    plan = build_plan(spec, text, "t.jsonl", config, "gpt2", (80.0, "r")).to_json()
     hp = plan["hyperparameters"]
     assert hp["gradientAccumulationSteps"] == 4
     assert hp["weightDecay"] == 0.03

@@ -1,0 +1,120 @@
+"""One reconcile of one FineTuneJob: read it, run the phase it is in, write its status.
+
+The phases are the reconciler's bases, one module each: the plan phase (`plan.py`), the
+training phase (`train.py`) with stopping (`stopping.py`) and the HTTP link to the trainer
+(`trainer_link.py`), all on what they share (`base.py`: the API as `kubeapi.KubeApi`, the
+settings, what is remembered between reconciles). The status being built is a
+`draft.StatusDraft`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from typing import Any
+
+from kubetune.api import SpecError, parse_job
+from kubetune.api.plan import PlanDocument
+from kubetune.api.spec import FineTuneJobSpec
+from kubetune.operator import builders as b
+from kubetune.operator import status as st
+from kubetune.operator.k8s import ChildConflictError, ChildRejectedError
+from kubetune.operator.reconcile.draft import StatusDraft
+from kubetune.operator.reconcile.plan import PlanPhase
+from kubetune.operator.reconcile.train import TrainPhase
+
+_locks: dict[tuple[str, str], threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def _lock(ns: str, name: str) -> threading.Lock:
+    with _locks_guard:
+        return _locks.setdefault((ns, name), threading.Lock())
+
+
+class Reconciler(PlanPhase, TrainPhase):
+    def reconcile(self, namespace: str, name: str) -> str:
+        """Reconcile one FineTuneJob; returns a short result label for metrics."""
+        with _lock(namespace, name):
+            ftj = self.kube.get_ftj(namespace, name)
+            if ftj is None:
+                self.states.pop((namespace, name), None)
+                return "gone"
+            return self._reconcile(ftj)
+
+    def _reconcile(self, ftj: dict[str, Any]) -> str:
+        meta = ftj["metadata"]
+        if meta.get("deletionTimestamp"):
+            return "deleting"
+        ref = b.JobRef(
+            name=meta["name"],
+            namespace=meta["namespace"],
+            uid=meta["uid"],
+            generation=int(meta.get("generation") or 1),
+        )
+        draft = StatusDraft(ref=ref, old=ftj.get("status") or {})
+        result = "ok"
+        try:
+            if any(st.is_true(draft.conditions, t) for t in st.TERMINAL):
+                return self._finished(ftj, ref, draft)
+            try:
+                spec = parse_job(ftj).spec
+            except SpecError as exc:
+                draft.fail("InvalidSpec", str(exc))
+                return "invalid"
+            result = self._advance(ref, spec, draft)
+        except ChildConflictError as exc:
+            draft.fail("ChildConflict", str(exc))
+            result = "conflict"
+        except ChildRejectedError as exc:
+            draft.fail("InvalidSpec", f"the API server refused a child object: {exc}")
+            result = "invalid"
+        finally:
+            self._write(ftj, ref, draft)
+        return result
+
+    def _advance(self, ref: b.JobRef, spec: FineTuneJobSpec, draft: StatusDraft) -> str:
+        stored = draft.new.get("plan")
+        plan = PlanDocument.model_validate(stored) if stored else self._plan(ref, spec, draft)
+        if plan is None:
+            return "planning"
+        if not plan.fits:
+            draft.fail("DoesNotFit", plan.error or "the plan does not fit in memory")
+            return "failed"
+        if spec.plan_only:
+            draft.condition(
+                "Succeeded",
+                "True",
+                "PlanOnly",
+                "spec.planOnly is true: the plan is in status.plan; no GPU was used",
+            )
+            draft.new.setdefault("completionTime", st.now_iso())
+            return "planned"
+        return self._train(ref, spec, plan, draft)
+
+    def _finished(self, ftj: dict[str, Any], ref: b.JobRef, draft: StatusDraft) -> str:
+        """A finished job stays as it is; only ttlSecondsAfterFinished acts on it."""
+        ttl = (ftj.get("spec") or {}).get("ttlSecondsAfterFinished")
+        done = draft.new.get("completionTime")
+        if ttl is not None and done:
+            end = dt.datetime.fromisoformat(str(done).replace("Z", "+00:00"))
+            if end.tzinfo is None:
+                end = end.replace(tzinfo=dt.UTC)
+            if (dt.datetime.now(dt.UTC) - end).total_seconds() >= int(ttl):
+                self.kube.delete_ftj(ref.namespace, ref.name)
+                return "expired"
+        return "finished"
+
+    def _write(self, ftj: dict[str, Any], ref: b.JobRef, draft: StatusDraft) -> None:
+        """The one-word state and observedGeneration; the status and its Events written
+        only when something changed."""
+        conds = draft.conditions
+        planning = not draft.new.get("plan") and not st.is_true(conds, "Failed")
+        draft.new["state"] = st.state_of(conds, bool(draft.new.get("plan")), planning)
+        draft.new["observedGeneration"] = ref.generation
+        self.states[(ref.namespace, ref.name)] = draft.new["state"]
+        if not draft.changed():
+            return
+        self.kube.patch_ftj_status(ref.namespace, ref.name, draft.new)
+        for etype, reason, message in draft.events:
+            self.emit(ftj, etype, reason, message)

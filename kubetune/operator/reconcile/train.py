@@ -1,0 +1,135 @@
+"""The training phase: create the training Job and its siblings once, apply spec.suspend,
+follow the run (refused pods, live figures, Auto's decisions, stop requests and the
+early-stop policy) and read its outcome and final report when it ends."""
+
+from __future__ import annotations
+
+import json
+import secrets
+
+from kubetune import contract
+from kubetune.api.plan import PlanDocument
+from kubetune.api.spec import FineTuneJobSpec
+from kubetune.operator import builders as b
+from kubetune.operator import metrics
+from kubetune.operator import status as st
+from kubetune.operator.reconcile.draft import StatusDraft
+from kubetune.operator.reconcile.stopping import StopControl
+
+
+class TrainPhase(StopControl):
+    def _train(
+        self, ref: b.JobRef, spec: FineTuneJobSpec, plan: PlanDocument, draft: StatusDraft
+    ) -> str:
+        name = b.train_name(ref)
+        # The training Job is created last: once it exists (and is ours), the ConfigMap,
+        # Secret and Service exist too, and a running job's reconcile needs one read
+        # instead of four create attempts answered 409.
+        job = self.kube.get_job(ref.namespace, name)
+        owners = {
+            o.get("uid") for o in ((job or {}).get("metadata") or {}).get("ownerReferences") or []
+        }
+        created = False
+        if job is None or ref.uid not in owners:
+            self.kube.ensure(b.config_map(ref, spec, plan, self.settings))
+            self.kube.ensure(b.control_secret(ref, secrets.token_urlsafe(32)))
+            self.kube.ensure(b.headless_service(ref, self.settings))
+            job, created = self.kube.ensure(b.training_job(ref, spec, plan, self.settings))
+        if created:
+            draft.events.append(
+                (
+                    "Normal",
+                    "Created",
+                    f"created training Job {name} "
+                    f"({spec.resources.num_nodes} node(s) x "
+                    f"{spec.resources.gpus_per_node} GPU(s))",
+                )
+            )
+        draft.new["trainingJobName"] = name
+        view = st.view_job(job)
+        applied = ((job.get("metadata") or {}).get("annotations") or {}).get(
+            contract.SUSPEND_ANNOTATION
+        )
+        wanted = str(bool(spec.suspend)).lower()
+        if view.exists and applied != wanted and not (view.complete or view.failed_reason):
+            # spec.suspend changed since we last applied it: apply it (and remember it).
+            self.kube.set_job_suspend(ref.namespace, name, bool(spec.suspend), wanted)
+            view = st.ChildJobView(**{**view.__dict__, "suspended": bool(spec.suspend)})
+        if view.start_time and "startTime" not in draft.new:
+            draft.new["startTime"] = view.start_time
+        running = view.active > 0 and not (view.complete or view.failed_reason)
+        # Pods the API server refuses: the run cannot start (or rendezvous), so that is what
+        # `Running` says, set once per reconcile, and there is nothing to ask to stop.
+        blocked = self._pods_blocked(
+            ref, job, view, int(spec.resources.num_nodes), bool(spec.stop_requested)
+        )
+        # Rank 0's address, looked up once for the stop request and the live metrics.
+        ip = self.kube.pod0_ip(ref.namespace, name) if running else None
+        if spec.stop_requested and not (view.complete or view.failed_reason or blocked):
+            self._request_stop(ref, draft, ip)
+        if ip:
+            scraped = self._copy_live_metrics(ref, ip, draft)
+            if scraped is not None:
+                self._read_decisions(ip, draft, scraped)
+            if scraped is not None and not (spec.stop_requested or blocked):
+                self._apply_policy(ref, spec, draft, ip, scraped)
+        termination = (
+            self.kube.termination_message(ref.namespace, name)
+            if view.complete or view.failed_reason
+            else None
+        )
+        outcome = st.training_outcome(view, int(spec.resources.num_nodes), termination)
+        for ctype, cstatus, reason, message in outcome.conditions:
+            if blocked and ctype == "Running":
+                continue
+            if (
+                ctype == "EarlyStopped"
+                and cstatus == "True"
+                and not st.is_true(draft.conditions, "EarlyStopped")
+            ):
+                metrics.EARLY_STOPS.labels(reason=reason).inc()
+            if ctype == "Failed" and cstatus == "True":
+                draft.fail(reason, message)
+            else:
+                draft.condition(ctype, cstatus, reason, message)
+        if blocked:
+            draft.say_blocked("Running", blocked)
+        elif (
+            not outcome.finished
+            and (st.get_condition(draft.conditions, "Running") or {}).get("reason")
+            == "PodCreationFailed"
+        ):
+            # The refusal ended (a pod was created since) and no pod runs right now.
+            draft.condition(
+                "Running", "False", "Starting", f"{name}: the pods are being created or restarted"
+            )
+        if spec.stop_requested and not outcome.finished and not blocked:
+            draft.condition(
+                "Running",
+                "True",
+                "StopRequested",
+                "spec.stopRequested is true: the trainer stops after this step",
+            )
+        if outcome.finished:
+            self._forget_decisions(ref)
+            draft.new["completionTime"] = view.completion_time or st.now_iso()
+            if termination:
+                self._absorb_final_report(termination, draft)
+            return "finished"
+        return "training"
+
+    @classmethod
+    def _absorb_final_report(cls, termination: str, draft: StatusDraft) -> None:
+        """The trainer's termination message: its final figures, early stop and decisions."""
+        try:
+            data = json.loads(termination)
+        except ValueError:
+            return
+        if isinstance(data, dict):
+            for key in ("metrics", "progress"):
+                if isinstance(data.get(key), dict):
+                    draft.new[key] = data[key]
+            if isinstance(data.get("earlyStop"), dict):
+                draft.new["earlyStop"] = data["earlyStop"]
+            if "decisions" in data:
+                cls._record_decisions(data["decisions"], draft)
