@@ -225,7 +225,7 @@ class PlanDocument(PlanSection):
     token_count: int
     token_count_estimated: bool
     #: The format the planner read the training data in (spec.dataset.format, or detected
-    #: when Auto); the trainer reads the data in the same format.
+    #: when Auto), for people and tools reading status.plan.
     dataset_format: DataFormat | None = None
     remedies: Annotated[RemediesPlan | None, Schemaless] = None
     alternative: Annotated[Alternative | None, Schemaless] = None

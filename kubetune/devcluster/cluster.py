@@ -3,6 +3,9 @@ kube-controller-manager, kube-scheduler, kwok (simulated GPU nodes) and the loca
 runner, all on free 127.0.0.1 ports with their state in one directory.
 
 Used by `kubetune dev-cluster up|down|status` and by the test suite's session fixture.
+
+Why one module of ~500 lines: the lifecycle of one process group (start in order, health,
+state file, stop newest-first) reads best in one place; components.py holds the pure parts.
 """
 
 from __future__ import annotations

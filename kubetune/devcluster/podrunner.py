@@ -14,6 +14,10 @@ not mounted (a hostPath whose path equals its mountPath works because it is the 
 directory), no probes, no resource isolation, no `kubectl logs` (logs are files under
 the work directory). The container's termination message file is a per-pod file whose
 path is given to the process in KUBETUNE_TERMINATION_MESSAGE_PATH.
+
+Why one module of ~700 lines: it is one kubelet loop (node, Lease, pod watch, processes,
+status) whose parts share the pod table; it is test infrastructure that a real kubelet node
+replaces (the real-node issue), so it is not split further.
 """
 
 from __future__ import annotations

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-from kubetune.api.plan import Decision
+from kubetune.api.plan import Decision, HyperparametersPlan
 from kubetune.planning.inputs import DatasetStats, PlanRequest, Resources
 from kubetune.planning.methods import Method, MethodChoice, lora_target_modules
 from kubetune.planning.model import ModelArch
@@ -36,63 +36,8 @@ from kubetune.planning.thresholds import (
     WARMUP_FRACTION,
 )
 
-
-@dataclass(frozen=True)
-class Hyperparameters:
-    """The training hyperparameters of a plan (``plan.hyperparameters``)."""
-
-    learning_rate: float
-    epochs: int
-    micro_batch_size: int
-    gradient_accumulation_steps: int
-    effective_batch_size: int
-    steps_per_epoch: int
-    total_steps: int
-    warmup_steps: int
-    eval_steps: int
-    weight_decay: float
-    dropout: float
-    max_grad_norm: float
-    sequence_length: int
-    gradient_checkpointing: bool
-    lr_scheduler: str = "cosine"
-    lora_rank: int | None = None
-    lora_alpha: int | None = None
-    lora_dropout: float | None = None
-    lora_target_modules: tuple[str, ...] | None = None
-    prefix_tokens: int | None = None
-    trainable_layers: int | None = None
-
-    @property
-    def evaluations(self) -> int:
-        return self.total_steps // self.eval_steps
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "learningRate": self.learning_rate,
-            "epochs": self.epochs,
-            "microBatchSize": self.micro_batch_size,
-            "gradientAccumulationSteps": self.gradient_accumulation_steps,
-            "effectiveBatchSize": self.effective_batch_size,
-            "stepsPerEpoch": self.steps_per_epoch,
-            "totalSteps": self.total_steps,
-            "warmupSteps": self.warmup_steps,
-            "evalSteps": self.eval_steps,
-            "weightDecay": self.weight_decay,
-            "dropout": self.dropout,
-            "maxGradNorm": self.max_grad_norm,
-            "sequenceLength": self.sequence_length,
-            "gradientCheckpointing": self.gradient_checkpointing,
-            "lrScheduler": self.lr_scheduler,
-            "loraRank": self.lora_rank,
-            "loraAlpha": self.lora_alpha,
-            "loraDropout": self.lora_dropout,
-            "loraTargetModules": (
-                None if self.lora_target_modules is None else list(self.lora_target_modules)
-            ),
-            "prefixTokens": self.prefix_tokens,
-            "trainableLayers": self.trainable_layers,
-        }
+#: The training hyperparameters of a plan: the plan document's own section.
+Hyperparameters = HyperparametersPlan
 
 
 def sequence_length(dataset: DatasetStats, arch: ModelArch, request: PlanRequest) -> int:
@@ -329,10 +274,11 @@ def build_hyperparameters(
         max_grad_norm=MAX_GRAD_NORM,
         sequence_length=seq_len,
         gradient_checkpointing=checkpointing,
+        lr_scheduler="cosine",
         lora_rank=None if lora is None else lora.rank,
         lora_alpha=None if lora is None else lora.alpha,
         lora_dropout=None if lora is None else lora.dropout,
-        lora_target_modules=None if lora is None else lora.target_modules,
+        lora_target_modules=None if lora is None else list(lora.target_modules),
         prefix_tokens=choice.prefix_tokens if choice.method is Method.PREFIX else None,
         trainable_layers=choice.trainable_layers if choice.method is Method.PARTIAL else None,
     )

@@ -91,7 +91,7 @@ class Plan:
             "numNodes": self.num_nodes,
             "gpusPerNode": self.gpus_per_node,
             "memory": self.memory.to_dict(),
-            "hyperparameters": self.hyperparameters.to_dict(),
+            "hyperparameters": self.hyperparameters.model_dump(by_alias=True),
             "decisions": [d.model_dump(by_alias=True) for d in self.decisions],
             "warnings": list(self.warnings),
             "exampleCount": self.example_count,

@@ -44,10 +44,10 @@ def with_epochs(plan: PlanDocument, epochs: int, *, eval_steps_set: bool) -> Pla
     return out
 
 
-def with_training_rows(plan: PlanDocument, rows: int, examples: int) -> PlanDocument:
-    """The plan for `rows` training rows (the `examples` it was planned for, plus what the
-    remedies added): the same epochs, the steps recomputed, with a decision that says so.
-    The plan itself when the count of steps does not change."""
+def with_training_rows(plan: PlanDocument, rows: int) -> PlanDocument:
+    """The plan for the `rows` the run trains on (the examples it was planned for, with what
+    the remedies added, replay's general text): the same epochs, the steps recomputed, with a
+    decision that says so. The plan itself when the count of steps does not change."""
     hp = plan.hyperparameters
     per_epoch, total = training_steps(
         rows, hp.micro_batch_size, hp.gradient_accumulation_steps, plan.world_size, hp.epochs
@@ -63,10 +63,11 @@ def with_training_rows(plan: PlanDocument, rows: int, examples: int) -> PlanDocu
         }
     )
     sentence = (
-        f"Steps at training start: {rows} training rows ({examples} examples and "
-        f"{rows - examples} that the remedies added) make {per_epoch} steps per epoch, "
-        f"{total} in all (planned {hp.total_steps}); warm-up and evaluation interval as planned."
+        f"Steps at training start: the run trains on {rows:,} rows (the plan counted "
+        f"{plan.example_count:,} examples; replay and augmentation add rows), so {per_epoch} "
+        f"steps per epoch, {total} in all (planned {hp.total_steps}); warm-up and evaluation "
+        "interval as planned."
     )
-    return out.with_decision(
-        Decision(key=STEPS_AT_START, value=str(out.hyperparameters.total_steps), sentence=sentence)
-    )
+    # Beside the planner's batch decision, which gave the steps it counted.
+    steps = Decision(key=STEPS_AT_START, value=str(total), sentence=sentence)
+    return out.with_decision(steps, after="batch")

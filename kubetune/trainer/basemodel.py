@@ -12,6 +12,9 @@ directory (`config.json`, `model.safetensors`, `generation_config.json`, `tokeni
 corpus bytes, so any change builds a new model. Several processes (torchrun ranks) may ask
 at once: one builds under a file lock into a temporary directory and renames it into place,
 the others wait and reuse it.
+
+Why one module of ~450 lines: a built-in model's recipe, tokenizer, pretraining and cache
+key are one unit; the cache key hashes the recipe, so they change together.
 """
 
 from __future__ import annotations

@@ -89,10 +89,10 @@ def _eval_steps_set(cfg: TrainerConfig) -> bool:
 
 
 def _rows_decision(
-    cfg: TrainerConfig, remedy: RemedyRun, examples: int
+    cfg: TrainerConfig, remedy: RemedyRun
 ) -> tuple[TrainerConfig, dict[str, Any] | None]:
     """The plan's steps for the rows the run trains on (replay adds general-text rows)."""
-    plan = with_training_rows(cfg.plan, len(remedy.train_dataset), examples)
+    plan = with_training_rows(cfg.plan, len(remedy.train_dataset))
     added = plan.decision(STEPS_AT_START)
     if added is None or added == cfg.plan.decision(STEPS_AT_START):
         return cfg, None
@@ -151,7 +151,7 @@ def setup(cfg: TrainerConfig) -> Session:
     remedy = prepare_for_run(
         cfg, inputs.model, inputs.tokenizer, inputs.train_ds, inputs.seq_len, inputs.evidence
     )
-    cfg, rows_decision = _rows_decision(cfg, remedy, len(inputs.train_ds))
+    cfg, rows_decision = _rows_decision(cfg, remedy)
     plan, hp = cfg.plan, cfg.hyperparameters
     trainable, total = count_parameters(inputs.model)
     if main_proc:

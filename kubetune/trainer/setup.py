@@ -104,10 +104,11 @@ def load_inputs(cfg: TrainerConfig) -> RunInputs:
     from kubetune.trainer.startup import choose_method_for_run
 
     plan, hp = cfg.plan, cfg.hyperparameters
+    forced = (cfg.spec.get("dataset") or {}).get("format", "Auto")
     try:
-        # The format the planner read the data in (its detection when spec.dataset.format
-        # is Auto), so the plan's figures are for the rows trained on.
-        fmt, examples = read_examples(cfg.dataset, cfg.plan.dataset_format)
+        # Detected again when Auto (not taken from the plan's datasetFormat): data that
+        # changed since planning is then reported against its own first row.
+        fmt, examples = read_examples(cfg.dataset, None if forced == "Auto" else forced)
         if cfg.validation:
             _, val_examples = read_examples(cfg.validation, fmt)
             train_examples = examples

@@ -125,7 +125,7 @@ def test_prefix_when_asked() -> None:
     request = PlanRequest(method=Method.PREFIX)
     plan = make_plan(data(300), arch("qwen2-0.5b"), Resources(1, 24), request)
     assert plan.method is Method.PREFIX
-    hp = plan.hyperparameters.to_dict()
+    hp = plan.hyperparameters.model_dump(by_alias=True)
     assert hp["prefixTokens"] == 20
     assert hp["loraRank"] is None
     assert plan.trainable_parameters == 20 * 24 * 2 * 128

@@ -12,6 +12,9 @@
 
 The pure parts (word overlap, prompts, the acceptance rule, the plan's sentence) need no
 torch; the rest imports torch and transformers when called.
+
+Why one module of ~470 lines: self-rewrite and augmentation share the prompts, the
+generation loop and the scoring; split, each half would import the other's internals.
 """
 
 from __future__ import annotations
