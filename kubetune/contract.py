@@ -37,6 +37,8 @@ MANAGED_BY: Final[Mapping[str, str]] = {
 #: The spec.suspend value the operator last applied to the training Job (so a queue's own
 #: suspension is told apart from the user's).
 SUSPEND_ANNOTATION: Final = f"{GROUP}/applied-suspend"
+#: On the training pods: the method they train (for people and dashboards).
+PLAN_METHOD_ANNOTATION: Final = f"{GROUP}/plan-method"
 TRAINER_CONTAINER: Final = "trainer"
 PREPARE_CONTAINER: Final = "prepare"
 #: Where the operator mounts the `<job>-config` ConfigMap (spec.json, plan.json).

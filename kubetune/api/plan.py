@@ -176,12 +176,15 @@ METHOD_AT_START = "method.atTrainingStart"
 EPOCHS_AT_START = "epochs.atTrainingStart"
 STEPS_AT_START = "steps.atTrainingStart"
 _KEY_BY_KIND = {"method": METHOD_AT_START, "epochs": EPOCHS_AT_START, "steps": STEPS_AT_START}
+#: Where a decision taken at training start goes among the planner's (after the decision with
+#: this key), in plan.json and status.plan alike; the others go last.
+DECISION_ANCHORS = {STEPS_AT_START: "batch"}
 
 
 def trainer_decision_key(kind: str, name: str | None = None) -> str:
     """The decision key of one of the trainer's decisions (its `kind` and, for a remedy,
-    its `name`)."""
-    return _KEY_BY_KIND.get(kind) or ".".join(p for p in (kind, name) if p)
+    its `name`): never one of the planner's keys (`auto.remedy.replay`, not `remedy.replay`)."""
+    return _KEY_BY_KIND.get(kind) or ".".join(p for p in ("auto", kind, name) if p)
 
 
 class AlternativeWhen(PlanSection):
@@ -193,6 +196,18 @@ class Alternative(PlanSection):
 
     when: AlternativeWhen
     plan: PlanDocument
+
+
+def _packed(decision: Decision) -> list[str]:
+    out = [decision.key, decision.sentence]
+    return out if decision.value is None else [*out, decision.value]
+
+
+def _unpacked(item: Any) -> Any:
+    """A packed decision as its JSON object (anything else as it is, for validation)."""
+    if isinstance(item, list) and len(item) in (2, 3):
+        return dict(zip(("key", "sentence", "value"), item, strict=False))
+    return item
 
 
 #: What an alternative plan often shares with its plan (left out of a compact document).
@@ -298,17 +313,19 @@ class PlanDocument(PlanSection):
 
     def to_compact_json(self) -> dict[str, Any]:
         """The document for the prepare pod's termination message, which the kubelet keeps to
-        4 KiB: without what reading it recomputes (`reasons`), and with what the alternative
-        shares with the plan left out of it (each shared decision given as its index in the
-        plan's decisions; warnings and remedies named in `same`). `from_compact_json` reads it
-        back."""
+        4 KiB: without what reading it recomputes (`reasons`), each decision as a list
+        (`[key, sentence]` or `[key, sentence, value]`), and what the alternative shares with
+        the plan left out of it (a shared decision as its index in the plan's decisions;
+        warnings, remedies and the like named in `same`). `from_compact_json` reads it back."""
         data = self.to_json()
         data.pop("reasons", None)
+        mine = [_packed(d) for d in self.decisions]
+        data["decisions"] = mine
         if self.alternative is not None:
             alt = data["alternative"]["plan"]
             alt.pop("reasons", None)
-            mine = [d.model_dump(by_alias=True) for d in self.decisions]
-            alt["decisions"] = [mine.index(d) if d in mine else d for d in alt["decisions"]]
+            packed = [_packed(d) for d in self.alternative.plan.decisions]
+            alt["decisions"] = [mine.index(d) if d in mine else d for d in packed]
             same = [k for k in _SHAREABLE if k in alt and alt[k] == data.get(k)]
             for key in same:
                 del alt[key]
@@ -318,19 +335,19 @@ class PlanDocument(PlanSection):
     @classmethod
     def from_compact_json(cls, data: dict[str, Any]) -> PlanDocument:
         """A document written by `to_compact_json` (or `to_json`)."""
+        mine = [_unpacked(d) for d in data.get("decisions") or []]
+        data = {**data, "decisions": mine}
         alternative = data.get("alternative")
         if isinstance(alternative, dict) and isinstance(alternative.get("plan"), dict):
-            mine = data.get("decisions") or []
             alt = dict(alternative["plan"])
             alt["decisions"] = [
-                mine[d] if isinstance(d, int) and 0 <= d < len(mine) else d
+                mine[d] if isinstance(d, int) and 0 <= d < len(mine) else _unpacked(d)
                 for d in alt.get("decisions") or []
             ]
             for key in alternative.get("same") or []:
                 if key in _SHAREABLE and key in data:
                     alt[key] = data[key]
-            when = alternative.get("when")
-            data = {**data, "alternative": {"when": when, "plan": alt}}
+            data["alternative"] = {"when": alternative.get("when"), "plan": alt}
         return cls.model_validate(data)
 
     def to_short_json(self, keys: Iterable[str]) -> dict[str, Any]:

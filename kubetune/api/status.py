@@ -10,6 +10,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from pydantic import ValidationError, ValidatorFunctionWrapHandler, field_validator
+
 from kubetune.api._types import StatusModel
 from kubetune.api.plan import PlanDocument
 
@@ -145,6 +147,16 @@ class FineTuneJobStatus(StatusModel):
     completion_time: str | None = None
     training_job_name: str | None = None
     early_stop: EarlyStop | None = None
+
+    @field_validator("plan", mode="wrap")
+    @classmethod
+    def _readable_plan(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """A status.plan this version cannot read (written by an older operator, or by hand)
+        reads as no plan instead of failing the whole object: the operator plans again."""
+        try:
+            return handler(value)
+        except ValidationError:
+            return None
 
     def condition(self, type_: str) -> Condition | None:
         """The condition of this type, if there is one."""

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kubetune.api.plan import Decision, PlanDocument, trainer_decision_key
+from kubetune.api.plan import DECISION_ANCHORS, Decision, PlanDocument, trainer_decision_key
 from kubetune.contract import SWITCHED_PLAN_KEYS
 from kubetune.policy import EvalPoint
 
@@ -393,7 +393,12 @@ def apply_decisions(
             except ValidationError:
                 log.warning("a decision's plan is not a plan's fields; kept the plan as it was")
         key = trainer_decision_key(str(d.get("kind") or "decision"), d.get("name"))
-        document = document.with_decisions([Decision(key=key, sentence=text)])
+        decision = Decision(key=key, sentence=text)
+        document = (
+            document.with_decision(decision, after=DECISION_ANCHORS[key])
+            if key in DECISION_ANCHORS
+            else document.with_decisions([decision])
+        )
         added.append(text)
     return document.to_json(), added
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from kubetune.api.plan import METHOD_AT_START, Decision, PlanDocument
 from kubetune.planning.remedies import NAMES, RISK_RATIO
 
-__all__ = ["RISK_RATIO", "Evidence", "resolve"]
+__all__ = ["RISK_RATIO", "Evidence", "method_for_evidence", "needs_evidence", "resolve"]
 
 
 @dataclass(frozen=True)
@@ -60,3 +61,41 @@ def resolve(
                 ),
             }
     return out
+
+
+def needs_evidence(plan: PlanDocument) -> bool:
+    """Whether the base model is scored at training start: a remedy is Auto or the plan has
+    an alternative, the whole model fits one device, and it is not an incremental update."""
+    remedies = plan.remedies
+    auto_remedy = remedies is not None and "Auto" in remedies.states().values()
+    incremental = remedies is not None and bool(remedies.from_)
+    wanted = auto_remedy or plan.alternative is not None
+    return wanted and plan.model_on_one_device and not incremental
+
+
+def method_for_evidence(plan: PlanDocument, evidence: Evidence) -> tuple[PlanDocument, str | None]:
+    """Method Auto's rule at training start: the plan's alternative (full fine-tuning) when the
+    base model finds the training targets at least `when.dataPerplexityRatio` times as
+    surprising as general text, else the plan; with the sentence that says which (None
+    without an alternative)."""
+    alternative = plan.alternative
+    if alternative is None:
+        return plan, None
+    threshold = alternative.when.data_perplexity_ratio
+    figures = (
+        f"the training targets' perplexity under the base model ({evidence.data_perplexity:.1f}) "
+        f"is {evidence.ratio:.2f}x its general-text perplexity ({evidence.general_perplexity:.1f})"
+    )
+    if evidence.ratio < threshold:
+        stays = f"Auto at training start: method stays {plan.method}: {figures}, below "
+        return plan, stays + f"{threshold:g}x."
+    chosen = alternative.plan
+    decision = (
+        f"Auto at training start: method {chosen.method} instead of {plan.method}: "
+        f"{figures}, at least {threshold:g}x (the plan's alternative: "
+        f"ZeRO-{chosen.zero_stage}, {chosen.memory.per_gpu_gib:.1f} GiB per GPU)."
+    )
+    switched = chosen.with_decision(
+        Decision(key=METHOD_AT_START, value=chosen.method, sentence=decision)
+    ).model_copy(update={"switched_from": plan.method})
+    return switched, decision

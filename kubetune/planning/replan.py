@@ -5,7 +5,7 @@ steps come from the planner's own arithmetic."""
 
 from __future__ import annotations
 
-from kubetune.api.plan import STEPS_AT_START, Decision, PlanDocument
+from kubetune.api.plan import DECISION_ANCHORS, STEPS_AT_START, Decision, PlanDocument
 from kubetune.planning.hyperparameters import (
     eval_steps_for,
     total_steps_for,
@@ -63,11 +63,10 @@ def with_training_rows(plan: PlanDocument, rows: int) -> PlanDocument:
         }
     )
     sentence = (
-        f"Steps at training start: the run trains on {rows:,} rows (the plan counted "
-        f"{plan.example_count:,} examples; replay and augmentation add rows), so {per_epoch} "
-        f"steps per epoch, {total} in all (planned {hp.total_steps}); warm-up and evaluation "
-        "interval as planned."
+        f"Steps at training start: the run trains on {rows:,} rows where the plan counted "
+        f"{plan.example_count:,} examples (replay and augmentation add rows; an example with "
+        f"no target token left after truncation is dropped), so {per_epoch} steps per epoch, "
+        f"{total} in all (planned {hp.total_steps}); warm-up and evaluation interval as planned."
     )
-    # Beside the planner's batch decision, which gave the steps it counted.
     steps = Decision(key=STEPS_AT_START, value=str(total), sentence=sentence)
-    return out.with_decision(steps, after="batch")
+    return out.with_decision(steps, after=DECISION_ANCHORS[STEPS_AT_START])

@@ -11,6 +11,8 @@ from typing import Any
 from kubetune.data import Example, holdout_count, parse_jsonl
 
 IGNORE_INDEX = -100
+#: One tokenised row: input_ids, labels (and, for token weights, weights).
+Row = dict[str, Any]
 
 
 def hub_dataset_file(uri: str) -> Path:

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from kubetune.planning.evidence import Evidence
-from kubetune.trainer.remedies.loss import Row, row_token_nlls
+from kubetune.trainer.data import Row
+from kubetune.trainer.remedies.loss import row_token_nlls
 
 
 def _mean_perplexity(nlls: Sequence[float]) -> float:

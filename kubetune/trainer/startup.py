@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kubetune.api.plan import METHOD_AT_START, Decision, PlanDocument
-from kubetune.planning.evidence import Evidence
+from kubetune.api.plan import PlanDocument
+from kubetune.planning.evidence import Evidence, method_for_evidence, needs_evidence
 from kubetune.trainer.dist import from_rank0, read_record, write_record
 from kubetune.trainer.evidence import measure_evidence
 from kubetune.trainer.remedies.replay import REPLAY_TEXT_DEFAULT
@@ -19,9 +19,6 @@ from kubetune.trainer.remedies.run import RemedyRun, prepare
 from kubetune.trainer.runtime import GENERAL_TEXT_DEFAULT, run_device
 
 log = logging.getLogger("kubetune.remedies")
-
-IGNORE_INDEX = -100
-Row = dict[str, Any]
 
 
 @dataclass
@@ -39,38 +36,16 @@ def choose_method(
     recorded: Evidence | None = None,
 ) -> MethodChoice:
     """Measure the evidence once (`measure`, on rank 0, when a remedy or the method is
-    Auto; `recorded` when an earlier start of this run measured it) and switch to the
-    plan's alternative (method Auto: full fine-tuning) when the data is surprising
-    enough. `measure` scores the base model, before the method is applied."""
-    remedies, alternative = plan.remedies, plan.alternative
-    auto_remedy = remedies is not None and "Auto" in remedies.states().values()
-    incremental = remedies is not None and remedies.from_
-    if not (auto_remedy or alternative) or not plan.model_on_one_device or incremental:
+    Auto; `recorded` when an earlier start of this run measured it) and take the method the
+    evidence rule gives (`planning.evidence.method_for_evidence`). `measure` scores the base
+    model, before the method is applied."""
+    if not needs_evidence(plan):
         return MethodChoice(plan, None)
     evidence = recorded or from_rank0(measure)
-    if alternative is None or evidence is None:
-        return MethodChoice(plan, evidence)
-    threshold = alternative.when.data_perplexity_ratio
-    figures = (
-        f"the training targets' perplexity under the base model ({evidence.data_perplexity:.1f}) "
-        f"is {evidence.ratio:.2f}x its general-text perplexity ({evidence.general_perplexity:.1f})"
-    )
-    if evidence.ratio < threshold:
-        return MethodChoice(
-            plan,
-            evidence,
-            f"Auto at training start: method stays {plan.method}: {figures}, below {threshold:g}x.",
-        )
-    chosen = alternative.plan
-    decision = (
-        f"Auto at training start: method {chosen.method} instead of {plan.method}: "
-        f"{figures}, at least {threshold:g}x (the plan's alternative: "
-        f"ZeRO-{chosen.zero_stage}, {chosen.memory.per_gpu_gib:.1f} GiB per GPU)."
-    )
-    switched = chosen.with_decision(
-        Decision(key=METHOD_AT_START, value=chosen.method, sentence=decision)
-    ).model_copy(update={"switched_from": plan.method})
-    return MethodChoice(switched, evidence, decision)
+    if evidence is None:
+        return MethodChoice(plan, None)
+    chosen, decision = method_for_evidence(plan, evidence)
+    return MethodChoice(chosen, evidence, decision)
 
 
 def run_texts(cfg: Any) -> tuple[str, str]:

@@ -131,7 +131,7 @@ def test_the_prepare_message_of_a_large_auto_plan_fits_and_decodes() -> None:
 def test_trainer_decision_keys() -> None:
     assert trainer_decision_key("method") == "method.atTrainingStart"
     assert trainer_decision_key("steps") == STEPS_AT_START
-    assert trainer_decision_key("remedy", "replay") == "remedy.replay"
+    assert trainer_decision_key("remedy", "replay") == "auto.remedy.replay"
 
 
 # ---- the plan after decisions at training start -----------------------------------------------
@@ -168,3 +168,24 @@ def test_epochs_chosen_at_start_update_the_plan_and_its_alternative() -> None:
     assert after.alternative.plan.hyperparameters.epochs == 7
     kept = with_epochs(plan, 7, eval_steps_set=True)
     assert kept.hyperparameters.eval_steps == plan.hyperparameters.eval_steps
+
+
+def test_auto_switches_to_the_alternative_on_surprising_data_only() -> None:
+    from kubetune.planning.evidence import Evidence, method_for_evidence, needs_evidence
+
+    plan = _auto_plan()
+    assert needs_evidence(plan)
+    assert plan.alternative is not None
+    threshold = plan.alternative.when.data_perplexity_ratio
+    same, why = method_for_evidence(plan, Evidence(10.0, 10.0 / (threshold * 0.9)))
+    assert same == plan
+    assert why is not None
+    assert "method stays LoRA" in why
+    switched, why = method_for_evidence(plan, Evidence(10.0 * threshold, 10.0))
+    assert switched.method == "Full"
+    assert switched.switched_from == "LoRA"
+    assert switched.reasons[-1] == why
+    assert switched.decision("method.atTrainingStart") is not None
+    # No alternative and no Auto remedy: nothing to measure.
+    explicit = plan.model_copy(update={"alternative": None, "remedies": None})
+    assert not needs_evidence(explicit)

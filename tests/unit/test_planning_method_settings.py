@@ -142,7 +142,7 @@ def test_lora_settings_set_alpha_dropout_and_targets_and_the_counts_follow() -> 
     plan = make_plan(data(500), a, GPUS, request)
     hp = plan.hyperparameters
     assert (hp.lora_rank, hp.lora_alpha, hp.lora_dropout) == (8, 32, 0.05)
-    assert hp.lora_target_modules == ("q_proj", "v_proj")
+    assert hp.lora_target_modules == ["q_proj", "v_proj"]
     assert plan.trainable_parameters == lora_parameters(a, 8, ("q_proj", "v_proj")) == 4_194_304
     assert default.trainable_parameters == lora_parameters(a, 8)
     assert plan.memory.model_states < default.memory.model_states

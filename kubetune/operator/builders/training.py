@@ -11,6 +11,7 @@ from kubetune.contract import (
     COMPONENT_LABEL,
     CONFIG_MOUNT,
     JOB_LABEL,
+    PLAN_METHOD_ANNOTATION,
     STOP_POLICY_OPERATOR,
     SUSPEND_ANNOTATION,
     TRAINER_CONTAINER,
@@ -153,7 +154,7 @@ def training_job(
                 "labels": {**user_labels, **labels(ref, "train")},
                 "annotations": {
                     **user_annotations,
-                    "kubetune.dev/plan-method": plan.method,
+                    PLAN_METHOD_ANNOTATION: plan.method,
                 },
             },
             "spec": job_pod(spec, settings, container, volumes, subdomain=train_name(ref)),

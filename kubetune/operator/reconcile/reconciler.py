@@ -10,8 +10,11 @@ settings, what is remembered between reconciles). The status being built is a
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import threading
 from typing import Any
+
+from pydantic import ValidationError
 
 from kubetune.api import SpecError, parse_job
 from kubetune.api.plan import PlanDocument
@@ -30,6 +33,9 @@ _locks_guard = threading.Lock()
 def _lock(ns: str, name: str) -> threading.Lock:
     with _locks_guard:
         return _locks.setdefault((ns, name), threading.Lock())
+
+
+log = logging.getLogger("kubetune.operator")
 
 
 class Reconciler(PlanPhase, TrainPhase):
@@ -74,8 +80,9 @@ class Reconciler(PlanPhase, TrainPhase):
         return result
 
     def _advance(self, ref: b.JobRef, spec: FineTuneJobSpec, draft: StatusDraft) -> str:
-        stored = draft.new.get("plan")
-        plan = PlanDocument.model_validate(stored) if stored else self._plan(ref, spec, draft)
+        plan = _stored_plan(draft)
+        if plan is None:
+            plan = self._plan(ref, spec, draft)
         if plan is None:
             return "planning"
         if not plan.fits:
@@ -118,3 +125,21 @@ class Reconciler(PlanPhase, TrainPhase):
         self.kube.patch_ftj_status(ref.namespace, ref.name, draft.new)
         for etype, reason, message in draft.events:
             self.emit(ftj, etype, reason, message)
+
+
+def _stored_plan(draft: StatusDraft) -> PlanDocument | None:
+    """status.plan as a plan document; an older operator's plan (no decisions) is written
+    back in this version's form. None when there is none or it cannot be read (it is planned
+    again, with a log line)."""
+    stored = draft.new.get("plan")
+    if not stored:
+        return None
+    try:
+        plan = PlanDocument.model_validate(stored)
+    except ValidationError as exc:
+        log.warning("status.plan of %s cannot be read (%s); planning again", draft.ref.name, exc)
+        draft.new.pop("plan", None)
+        return None
+    if "decisions" not in stored:  # the CRD now requires them (a write per version, not per call)
+        draft.new["plan"] = plan.to_json()
+    return plan

@@ -1,5 +1,5 @@
 """The data-side remedies inside a run, before tokenising: self-rewrite of the training
-responses by the base model and augmentation by a named model (kubetune.remedies.rewrite).
+responses by the base model and augmentation by a named model (`kubetune.trainer.remedies.rewrite`).
 
 Rank 0 generates and every rank receives its examples (ranks generating on their own could
 end with different datasets and hang); the result is cached in the output directory, so a

@@ -6,10 +6,6 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-IGNORE_INDEX = -100
-Row = dict[str, Any]
-
-
 # ---- half fine-tuning ---------------------------------------------------------------------------
 
 

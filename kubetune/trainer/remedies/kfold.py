@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from kubetune.trainer.config import TrainerConfig
     from kubetune.trainer.setup import RunInputs
 
-from kubetune.trainer.remedies.loss import Row
+from kubetune.trainer.data import Row
 
 log = logging.getLogger("kubetune.remedies")
 

@@ -8,9 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-IGNORE_INDEX = -100
-Row = dict[str, Any]
-
+from kubetune.trainer.data import IGNORE_INDEX, Row
 
 # ---- low-perplexity targets --------------------------------------------------------------------
 

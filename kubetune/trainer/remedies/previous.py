@@ -7,10 +7,6 @@ from typing import Any
 
 from kubetune.contract import Env
 
-IGNORE_INDEX = -100
-Row = dict[str, Any]
-
-
 # ---- incremental updates ----------------------------------------------------------------------
 
 

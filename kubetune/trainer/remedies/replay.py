@@ -9,9 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-IGNORE_INDEX = -100
-Row = dict[str, Any]
-
+from kubetune.trainer.data import IGNORE_INDEX, Row
 
 #: The English text the built-in model was pretrained on: the default replay text.
 REPLAY_TEXT_DEFAULT = Path(__file__).resolve().parents[1] / "corpus" / "general-en.txt"

@@ -14,6 +14,8 @@ from typing import Any
 from kubetune.api.plan import PlanDocument
 from kubetune.planning.evidence import Evidence, resolve
 from kubetune.planning.remedies import NAMES
+from kubetune.trainer.config import TrainerConfigError
+from kubetune.trainer.data import Row
 from kubetune.trainer.dist import from_rank0, read_record, write_record
 from kubetune.trainer.evidence import measure_evidence
 from kubetune.trainer.remedies.halfft import half_fine_tuning_callback
@@ -27,9 +29,6 @@ from kubetune.trainer.remedies.loss import (
 from kubetune.trainer.remedies.replay import MixedDataset, ReplaySwitch, replay_count, replay_rows
 
 log = logging.getLogger("kubetune.remedies")
-
-IGNORE_INDEX = -100
-Row = dict[str, Any]
 
 
 # ---- the run -----------------------------------------------------------------------------------
@@ -97,7 +96,7 @@ class RemedyRun:
         if sam.get("on"):
             from kubetune.trainer.remedies.sam import sam_trainer_class
 
-            cls = sam_trainer_class(cls, float(sam.get("rho", 0.05)))
+            cls = sam_trainer_class(cls, setting(sam, "sam", "rho"))
         return cls
 
     def summary(self) -> dict[str, Any]:
@@ -147,7 +146,7 @@ def prepare(
         plan.remedies.model_dump(by_alias=True, exclude_none=True) if plan.remedies else {}
     )
     task_rows: list[Row] = list(train_ds.rows)
-    states = {n: (remedies.get(n) or {}).get("state", "Off") for n in NAMES}
+    states = {n: (remedies.get(n) or {}).get("state", "Off") for n in NAMES}  # no plan: Off
     needs_evidence = "Auto" in states.values()
     # Token weights need every training row scored; Auto's evidence needs a sample only
     # (the diagnostics' token budget), so a large dataset costs no extra pass.
@@ -183,7 +182,10 @@ def prepare(
     low = decisions["lowPerplexityTargets"]
     if low["on"] and nlls is not None:
         rows, n_low, n_total = weighted_rows(
-            task_rows, nlls, float(low.get("threshold", 1000.0)), float(low.get("weight", 0.0))
+            task_rows,
+            nlls,
+            setting(low, "lowPerplexityTargets", "threshold"),
+            setting(low, "lowPerplexityTargets", "weight"),
         )
         low["tokens"] = n_low
         low["share"] = round(n_low / max(n_total, 1), 4)
@@ -193,7 +195,7 @@ def prepare(
         )
     replay = decisions["replay"]
     mean_len = round(sum(len(r["input_ids"]) for r in task_rows) / max(len(task_rows), 1))
-    count = replay_count(len(task_rows), float(replay.get("ratio", 0.25))) if replay["on"] else 0
+    count = replay_count(len(task_rows), setting(replay, "replay", "ratio")) if replay["on"] else 0
     general = replay_rows(general_text, tokenizer, max(count, 64), max(mean_len, 16), seed)
     if replay["on"] and general:
         mixed = general[:count]
@@ -211,8 +213,8 @@ def prepare(
             if weighted
             else general
         )
-        run.switch = ReplaySwitch(rows, pool, float(replay.get("ratio", 0.25)))
-        run.trigger_ratio = float(replay.get("triggerRatio", 1.5))
+        run.switch = ReplaySwitch(rows, pool, setting(replay, "replay", "ratio"))
+        run.trigger_ratio = setting(replay, "replay", "triggerRatio")
         run.train_dataset = run.switch
         run.notes.append(
             f"replay: armed; Auto turns it on if the general-text perplexity rises "
@@ -222,9 +224,9 @@ def prepare(
         run.train_dataset = MixedDataset(rows, [])
     ewc_settings = decisions["ewc"]
     if ewc_settings["on"]:
-        ewc = EWC(float(ewc_settings.get("lambda", 5000.0)))
+        ewc = EWC(setting(ewc_settings, "ewc", "lambda"))
         model.to(device)
-        ewc.estimate(model, general, device, int(ewc_settings.get("fisherTokens") or 4096))
+        ewc.estimate(model, general, device, int(setting(ewc_settings, "ewc", "fisherTokens")))
         run.ewc = ewc
         run.notes.append(
             f"EWC: Fisher information from {ewc.tokens} general-text tokens over "
@@ -234,3 +236,12 @@ def prepare(
         run.callbacks.append(half_fine_tuning_callback(seed))
         run.notes.append("half fine-tuning: a fresh random half of each layer's tensors per epoch")
     return run
+
+
+def setting(decision: dict[str, Any], remedy: str, key: str) -> float:
+    """A remedy's setting as the plan gives it (the planner fills every one from the spec's
+    defaults); a configuration error naming it when plan.json lacks it."""
+    value = decision.get(key)
+    if value is None:
+        raise TrainerConfigError(f"plan.json: remedies.{remedy}.{key} is not set")
+    return float(value)
