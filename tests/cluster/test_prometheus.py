@@ -501,8 +501,11 @@ def test_every_dashboard_query_returns_data_from_a_real_run_and_the_operator(
         preview = os.environ.get("KUBETUNE_DASHBOARD_PREVIEW")
         # The CI run stops at its third evaluation: rate() panels need at least two
         # scrapes of a counter after it moved, which a run of two evaluations (about 6 s)
-        # did not always give.
-        epochs, eval_steps, patience = (100, 60, 15) if preview else (40, 15, 2)
+        # did not always give. Evaluations 200 steps apart: 15 apart, the tiny model (over
+        # 100 steps/s on this machine) reached its third evaluation 0.6 s after the
+        # trainer's start, within one 1 s scrape interval, and Prometheus scraped the
+        # trainer once or not at all; 600 steps take a few seconds.
+        epochs, eval_steps, patience = (100, 60, 15) if preview else (100, 200, 2)
         run = make_run(
             method="LoRA",
             hp={
