@@ -43,12 +43,9 @@ class PlanSection(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
 
 
-def _without_none(
-    section: BaseModel, handler: SerializerFunctionWrapHandler, keep: Iterable[str] = ()
-) -> dict[str, Any]:
+def _without_none(section: BaseModel, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
     data: dict[str, Any] = handler(section)
-    kept = set(keep)
-    return {k: v for k, v in data.items() if v is not None or k in kept}
+    return {k: v for k, v in data.items() if v is not None}
 
 
 class ModelIdentity(PlanSection):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubetune.api.plan import Decision, PlanDocument
+from kubetune.api.plan import REMEDY_NAMES, Decision, PlanDocument
 from kubetune.api.spec import Augmentation, CrossValidation, Remedies
 from kubetune.planning.kfold import KFOLD_BELOW, cost_sentence, max_epochs_for, mode_on
 
@@ -44,7 +44,8 @@ AUTO_OFF_WHY = {
     ),
 }
 
-NAMES = ("replay", "ewc", "lowPerplexityTargets", "halfFineTuning", "sam", "selfRewrite")
+#: The remedies, in the order the plan gives them (the plan document's own list).
+NAMES = REMEDY_NAMES
 LABELS = {
     "replay": "Replay of general text",
     "ewc": "Elastic weight consolidation",
