@@ -8,15 +8,6 @@ that `kubectl apply` rejects is rejected here too, with the same field path.
 
 from kubetune.api._types import QUANTITY_MESSAGE, ZERO_STAGE_MESSAGE
 from kubetune.api.job import (
-    API_VERSION,
-    CATEGORY,
-    CRD_NAME,
-    GROUP,
-    KIND,
-    PLURAL,
-    SHORT_NAME,
-    SINGULAR,
-    VERSION,
     FineTuneJob,
     SpecError,
     job_from_yaml_file,
@@ -67,6 +58,19 @@ from kubetune.api.status import (
     Metrics,
     Progress,
     format_time,
+)
+
+# The API's names, for callers that know the API package only (kubetune.contract has them).
+from kubetune.contract import (
+    API_VERSION,
+    CATEGORY,
+    CRD_NAME,
+    GROUP,
+    KIND,
+    PLURAL,
+    SHORT_NAME,
+    SINGULAR,
+    VERSION,
 )
 
 __all__ = [

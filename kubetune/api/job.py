@@ -15,29 +15,7 @@ from pydantic_core import ErrorDetails
 
 from kubetune.api.spec import FineTuneJobSpec
 from kubetune.api.status import FineTuneJobStatus
-from kubetune.contract import (
-    API_VERSION,
-    CATEGORY,
-    CRD_NAME,
-    GROUP,
-    KIND,
-    PLURAL,
-    SHORT_NAME,
-    SINGULAR,
-    VERSION,
-)
-
-__all__ = [
-    "API_VERSION",
-    "CATEGORY",
-    "CRD_NAME",
-    "GROUP",
-    "KIND",
-    "PLURAL",
-    "SHORT_NAME",
-    "SINGULAR",
-    "VERSION",
-]
+from kubetune.contract import GROUP, KIND
 
 
 class FineTuneJob(BaseModel):

@@ -93,10 +93,25 @@ def _batches(rows: Sequence[T], size: int) -> Iterator[Sequence[T]]:
         yield rows[i : i + size]
 
 
+def next_token_nll(logits: Any, labels: Any) -> tuple[Any, Any]:
+    """(the NLL in nats of each position's next token, its target): logits at position t
+    predict labels at t+1, in fp32; masked targets (IGNORE_INDEX) have an NLL of 0."""
+    import torch.nn.functional as F
+
+    shifted = logits[:, :-1].float()
+    target = labels[:, 1:]
+    nll = F.cross_entropy(
+        shifted.reshape(-1, shifted.shape[-1]),
+        target.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view(target.shape)
+    return nll, target
+
+
 def token_nlls(model: Any, rows: Sequence[Row], device: Any, batch_size: int = 32) -> list[float]:
     """Per-token NLL (nats) of every target token of `rows`, in order."""
     import torch
-    import torch.nn.functional as F
 
     out: list[float] = []
     with eval_mode(model):
@@ -111,14 +126,7 @@ def token_nlls(model: Any, rows: Sequence[Row], device: Any, batch_size: int = 3
                 labels[i, :n] = torch.tensor(r["labels"])
                 mask[i, :n] = 1
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            logits = logits[:, :-1].float()
-            target = labels[:, 1:].to(device)
-            nll = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]),
-                target.reshape(-1),
-                ignore_index=IGNORE_INDEX,
-                reduction="none",
-            ).view(target.shape)
+            nll, target = next_token_nll(logits, labels.to(device))
             keep = target != IGNORE_INDEX
             out.extend(nll[keep].tolist())
     return out

@@ -140,7 +140,8 @@ def remedy_trainer_class(base: Any, ewc: EWC | None) -> Any:
     penalty. Each micro-batch's loss is a mean, scaled for gradient accumulation by the
     Trainer (`loss_is_scaled_for_ga = False`)."""
     import torch
-    import torch.nn.functional as F
+
+    from kubetune.diagnostics.probes import next_token_nll
 
     class RemedyTrainer(base):  # type: ignore[misc]
         loss_is_scaled_for_ga = False
@@ -160,15 +161,8 @@ def remedy_trainer_class(base: Any, ewc: EWC | None) -> Any:
                 outputs = model(
                     input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")
                 )
-                logits = outputs.logits[:, :-1].float()
-                target = labels[:, 1:]
-                w = weights[:, 1:].to(logits.dtype) * (target != IGNORE_INDEX).to(logits.dtype)
-                nll = F.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]),
-                    target.reshape(-1),
-                    ignore_index=IGNORE_INDEX,
-                    reduction="none",
-                ).view(target.shape)
+                nll, target = next_token_nll(outputs.logits, labels)
+                w = weights[:, 1:].to(nll.dtype) * (target != IGNORE_INDEX).to(nll.dtype)
                 loss = (nll * w).sum() / torch.clamp(w.sum(), min=1.0)
             if ewc is not None and model.training:
                 loss = loss + ewc.penalty(model)
