@@ -134,6 +134,9 @@ class KubetuneCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self.started = time.monotonic()
         self.start_step = int(state.global_step)
+        # A resumed run with no step left (killed after its last checkpoint) still reports
+        # where it is; each step updates this.
+        self.summary["progress"] = self._progress(state)
         if self.start_step > 0:
             self._resume_history(state)
         if self.metrics:
