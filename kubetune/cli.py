@@ -40,33 +40,94 @@ def main() -> None:
     default=None,
     help="Port for rank 0's /metrics on 127.0.0.1 (default: a free one).",
 )
-def run(job: Path, nproc: int, output: Path | None, metrics_port: int | None) -> None:
+@click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help="Show everything the trainer's libraries print (and HF's per-step logs) here "
+    "instead of only in OUTPUT/logs/run.log.",
+)
+@click.option(
+    "-q",
+    "--quiet",
+    is_flag=True,
+    help="Print nothing but errors (for scripts); the exit code says how the run ended.",
+)
+def run(
+    job: Path,
+    nproc: int,
+    output: Path | None,
+    metrics_port: int | None,
+    verbose: bool,
+    quiet: bool,
+) -> None:
     """Run a FineTuneJob file on this machine: plan, train, report. The same file runs on
-    a cluster with `kubectl apply -f`."""
+    a cluster with `kubectl apply -f`.
+
+    In a terminal a progress bar shows the run, with one line per evaluation (eval loss,
+    gap, perplexity, token accuracy, memorisation, general-text ratio and the early-stop
+    policy's verdict) and Auto's decisions as they happen; without one, plain lines (a
+    progress line at most every 30 s). The libraries' output goes to OUTPUT/logs/run.log."""
     from kubetune.data import DataError
     from kubetune.local_inputs import InputError
-    from kubetune.local_run import execute, prepare_local_run
+    from kubetune.local_run import execute, log_tail, prepare_local_run
     from kubetune.planning import ModelConfigError
+    from kubetune.run_display import make_display
 
     _load_job(job)  # spec errors first, with the file name
     if nproc < 1:
         raise click.BadParameter("must be at least 1", param_hint="--nproc")
+    if verbose and quiet:
+        raise click.BadParameter("--verbose and --quiet exclude each other", param_hint="--quiet")
+    echo = (lambda _text: None) if quiet else click.echo
     try:
-        local = prepare_local_run(job, nproc, output, metrics_port)
+        local = prepare_local_run(
+            job, nproc, output, metrics_port, say=(lambda _t: None) if quiet else None
+        )
     except (InputError, DataError, ModelConfigError) as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(_plan_table(local.plan))
+    echo(_plan_table(local.plan))
     if not local.plan.fits:
         raise click.ClickException("the plan does not fit on this machine")
-    click.echo(
+    echo(
         f"\ntraining with {nproc} process(es); output in {local.output}; metrics on "
-        f"http://127.0.0.1:{local.env['KUBETUNE_METRICS_PORT']}/metrics\n"
+        f"http://127.0.0.1:{local.env['KUBETUNE_METRICS_PORT']}/metrics"
     )
-    code = execute(local)
+    echo(
+        f"library output: {local.log_path}"
+        + ("" if verbose else " (--verbose shows it here)")
+        + "\n"
+    )
+    display = make_display(
+        quiet=quiet, terminal=not verbose and sys.stdout.isatty(), stream=sys.stdout
+    )
+    errors: list[str] = []
+
+    def on_event(event: dict[str, Any]) -> None:
+        if event.get("kind") == "error":
+            errors.append(str(event.get("text") or ""))
+        display.event(event)
+
+    try:
+        code = execute(local, on_event, verbose=verbose)
+    finally:
+        display.close()
+    if code != 0:
+        if quiet:
+            for text in errors:
+                click.echo(f"error: {text}", err=True)
+        if not verbose:
+            tail = log_tail(local.log_path)
+            click.echo(
+                f"\nthe trainer exited with {code}; the last lines of {local.log_path}:\n{tail}",
+                err=True,
+            )
+        sys.exit(code)
     report = local.output / "report.md"
-    if code == 0 and report.exists():
-        click.echo("\n" + report.read_text())
-        click.echo(
+    if report.exists():
+        # Its summary and figures; the reasons and warnings were printed with the plan.
+        echo("\n" + report.read_text().split("\n## ", 1)[0].rstrip() + "\n")
+        echo(
             f"report: {report}  (JSON: {local.output / 'report.json'}, "
             f"curve: {local.output / 'loss.png'})"
         )

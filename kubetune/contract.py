@@ -75,6 +75,13 @@ class Env:
     CONTROL_TOKEN: Final = "KUBETUNE_CONTROL_TOKEN"
     TERMINATION_MESSAGE_PATH: Final = "KUBETUNE_TERMINATION_MESSAGE_PATH"
     MODEL_CACHE: Final = "KUBETUNE_MODEL_CACHE"
+    #: `kubetune run`: the file rank 0 appends its console events to (kubetune.console),
+    #: for the CLI to render; unset in a pod, where rank 0 writes plain lines to stdout.
+    EVENTS_PATH: Final = "KUBETUNE_EVENTS_PATH"
+    #: "1": the libraries' output (and HF's per-step logs) stay on the console.
+    VERBOSE: Final = "KUBETUNE_VERBOSE"
+    #: Plain output: seconds between two progress lines (default 30).
+    PROGRESS_SECONDS: Final = "KUBETUNE_PROGRESS_SECONDS"
 
 
 #: Each input the trainer reads from a path, by role, and the variable that names the path.

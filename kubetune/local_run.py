@@ -8,6 +8,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,16 @@ class LocalRun:
     command: list[str]
     plan: PlanDocument
 
+    @property
+    def log_path(self) -> Path:
+        """Everything the trainer's processes and their libraries print."""
+        return self.output / "logs" / "run.log"
+
+    @property
+    def events_path(self) -> Path:
+        """Rank 0's console events (kubetune.console), one JSON object per line."""
+        return self.output / "logs" / "events.jsonl"
+
 
 def _free_port() -> int:
     import socket
@@ -38,9 +50,14 @@ def _free_port() -> int:
 
 
 def prepare_local_run(
-    job_path: Path, nproc: int, output: Path | None, metrics_port: int | None
+    job_path: Path,
+    nproc: int,
+    output: Path | None,
+    metrics_port: int | None,
+    say: Callable[[str], None] | None = None,
 ) -> LocalRun:
-    """Plan and lay out a local run; raises click-friendly errors with their messages."""
+    """Plan and lay out a local run; raises click-friendly errors with their messages.
+    `say` gets the progress of a first build of the built-in base model (default: stderr)."""
     from kubetune.api import job_from_yaml_file
     from kubetune.local_inputs import config_maps_in, read_uri
     from kubetune.planning.job import build_plan, resolve_gpu_memory
@@ -50,7 +67,7 @@ def prepare_local_run(
     name = str((job.metadata or {}).get("name") or job_path.stem)
     cms = config_maps_in(job_path)
     model_uri = spec.model.uri
-    model_path = _local_model(model_uri)
+    model_path = _local_model(model_uri, say=say)
     model_config = (
         json.loads((Path(model_path) / "config.json").read_text())
         if Path(model_path).is_dir()
@@ -157,7 +174,9 @@ def _cuda_devices() -> int:
     return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
 
 
-def _local_model(uri: str, field: str = INPUT_FIELDS["model"]) -> str:
+def _local_model(
+    uri: str, field: str = INPUT_FIELDS["model"], say: Callable[[str], None] | None = None
+) -> str:
     from kubetune.local_inputs import InputError
 
     parsed = urlparse(uri)
@@ -165,7 +184,12 @@ def _local_model(uri: str, field: str = INPUT_FIELDS["model"]) -> str:
         from kubetune.trainer import basemodel
 
         if basemodel.is_builtin(uri):
-            return str(basemodel.resolve_model(uri))
+            if not _cuda_devices():
+                # DeepSpeed (imported with the Trainer) warns when it has to guess the CPU.
+                os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            if say is None:
+                return str(basemodel.resolve_model(uri))
+            return str(basemodel.resolve_model(uri, log=say))
         return uri
     if parsed.scheme == "file":
         return parsed.path
@@ -198,5 +222,75 @@ def _output_dir(spec: Any, name: str) -> Path:
     return Path.cwd() / "kubetune-output" / name
 
 
-def execute(run: LocalRun) -> int:
-    return subprocess.call(run.command, env=run.env)
+def execute(
+    run: LocalRun,
+    on_event: Callable[[dict[str, Any]], None],
+    *,
+    verbose: bool = False,
+    poll_seconds: float = 0.2,
+) -> int:
+    """Run the trainer: its processes' output to `run.log_path` (appended; left on the
+    console with `verbose`), each console event it writes passed to `on_event` as it
+    comes. Returns the exit code (130 after Ctrl-C, once the trainer has stopped)."""
+    run.log_path.parent.mkdir(parents=True, exist_ok=True)
+    run.events_path.write_text("")
+    env = {**run.env, Env.EVENTS_PATH: str(run.events_path)}
+    if verbose:
+        env[Env.VERBOSE] = "1"
+    with run.log_path.open("ab") as log:
+        out = None if verbose else log
+        proc = subprocess.Popen(run.command, env=env, stdout=out, stderr=out)
+        reader = EventReader(run.events_path)
+        try:
+            while True:
+                finished = proc.poll() is not None
+                for event in reader.read():
+                    on_event(event)
+                if finished:
+                    return int(proc.returncode)
+                time.sleep(poll_seconds)
+        except KeyboardInterrupt:
+            # The trainer got the same SIGINT (one process group): let it stop.
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            return 130
+
+
+class EventReader:
+    """The complete lines appended to an events file since the last read, as dicts (a
+    line the trainer is still writing waits for the next read)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+
+    def read(self) -> list[dict[str, Any]]:
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        end = data.rfind(b"\n") + 1
+        self.offset += end
+        out = []
+        for line in data[:end].splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict):
+                out.append(event)
+        return out
+
+
+def log_tail(path: Path, lines: int = 20) -> str:
+    """The last lines of a log, for a failed run's message."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.rstrip().splitlines()[-lines:])

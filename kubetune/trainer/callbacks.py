@@ -17,8 +17,10 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from kubetune import console as events
 from kubetune.diagnostics.runner import DiagnosticsRunner
 from kubetune.policy import EvalPoint, StopSettings, decide
+from kubetune.trainer.console import RunConsole
 from kubetune.trainer.server import ControlServer, TrainerMetrics
 
 #: Diagnostics keys -> status.metrics fields.
@@ -47,6 +49,7 @@ class KubetuneCallback(TrainerCallback):
         policy_owner: str = "trainer",
         on_probes: Callable[[dict[str, float], int], dict[str, Any] | None] | None = None,
         decisions: list[dict[str, Any]] | None = None,
+        console: RunConsole | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -60,6 +63,9 @@ class KubetuneCallback(TrainerCallback):
         #: recorded (GET /decisions, the report, the termination message).
         self.on_probes = on_probes
         self.decisions = decisions if decisions is not None else []
+        #: Rank 0's console (None on the other ranks): progress, evaluations, decisions.
+        self.console = console if is_main else None
+        self.best_eval_loss: float | None = None
         self.evals: list[EvalPoint] = []
         self.last_train_loss: float | None = None
         self.window_losses: list[float] = []
@@ -149,6 +155,11 @@ class KubetuneCallback(TrainerCallback):
                 self.warnings.append(warning)
             if self.start_step == 0 and base:
                 self._record({"step": 0, "phase": "base", **base, "time": time.time()})
+        if self.console is not None:
+            for d in self.decisions:
+                self.console.emit(events.DECISION, text=d.get("text", ""), step=d.get("step", 0))
+            if self.evals:
+                self.best_eval_loss = min(p.eval_loss for p in self.evals)
 
     def _diagnostics_out(self, values: dict[str, float]) -> None:
         self._set_metrics({_STATUS_FIELDS[k]: v for k, v in values.items() if k in _STATUS_FIELDS})
@@ -209,6 +220,13 @@ class KubetuneCallback(TrainerCallback):
             done = prog["step"] - self.start_step
             self.metrics.tokens_per_second.set(self.tokens_per_step * done / elapsed)
             _gpu_memory(self.metrics)
+        if self.console is not None:
+            self.console.emit(
+                events.PROGRESS,
+                **prog,
+                trainLoss=self.last_train_loss,
+                bestEvalLoss=self.best_eval_loss,
+            )
         requested = self.control is not None and self.control.stop_requested.is_set()
         if _any_rank(requested, args) and not self.stopped:
             reason = self.control.stop_reason if self.control is not None else "StopRequested"
@@ -274,6 +292,8 @@ class KubetuneCallback(TrainerCallback):
                 self.decisions.append(made)
                 if self.metrics is not None:
                     self.metrics.add_decision(made)
+                if self.console is not None:
+                    self.console.emit(events.DECISION, text=made.get("text", ""), step=point.step)
         row["time"] = time.time()
         self._record(row)
         self._set_metrics(
@@ -301,11 +321,33 @@ class KubetuneCallback(TrainerCallback):
                 self.metrics.best_eval_loss.set(decision.best_eval_loss)
                 self.metrics.best_step.set(decision.best_step or 0)
             self.metrics.evals_since_best.set(decision.evals_since_best)
+        self.best_eval_loss = decision.best_eval_loss
+        if self.console is not None:
+            self.console.emit(
+                events.EVALUATION,
+                **{k: v for k, v in row.items() if k != "time"},
+                verdict={
+                    "stop": decision.stop and not self.stopped,
+                    "acts": acts,
+                    "reason": decision.reason,
+                    "message": decision.message,
+                    "bestEvalLoss": decision.best_eval_loss,
+                    "bestStep": decision.best_step,
+                },
+            )
         if stopping:
             self.stopped = {"reason": decision.reason, "message": decision.message}
             if self.metrics:
                 self.metrics.early_stop.labels(reason=decision.reason).set(1)
             control.should_training_stop = True
+            if self.console is not None:
+                self.console.emit(
+                    events.STOP,
+                    step=point.step,
+                    reason=decision.reason,
+                    message=decision.message,
+                    bestStep=decision.best_step,
+                )
 
 
 def _eval_dict(p: EvalPoint) -> dict[str, Any]:

@@ -10,10 +10,12 @@ import json
 import logging
 import math
 import os
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from kubetune import console as events
 from kubetune.api.plan import EPOCHS_AT_START, STEPS_AT_START, Decision
 from kubetune.contract import (
     EXIT_CONFIG_ERROR,
@@ -24,6 +26,7 @@ from kubetune.contract import (
 )
 from kubetune.planning.replan import with_epochs, with_training_rows
 from kubetune.trainer.config import TrainerConfig, TrainerConfigError
+from kubetune.trainer.console import RunConsole, library_log_path, route_library_output, verbose
 from kubetune.trainer.finish import start_decisions, write_termination
 from kubetune.trainer.remedies.run import RemedyRun
 from kubetune.trainer.runtime import GENERAL_TEXT_DEFAULT, latest_checkpoint, rank, world_size
@@ -121,17 +124,18 @@ class Session:
     trainable: int
     total: int
     main_proc: bool
+    console: RunConsole | None = None
 
 
-def run(cfg: TrainerConfig) -> int:
+def run(cfg: TrainerConfig, console: RunConsole | None = None) -> int:
     """Train as planned: setup, train, finish. Returns the process exit code."""
-    session = setup(cfg)
+    session = setup(cfg, console)
     result, resume = train(session)
     finish(session, result, resume)
     return EXIT_OK
 
 
-def setup(cfg: TrainerConfig) -> Session:
+def setup(cfg: TrainerConfig, console: RunConsole | None = None) -> Session:
     """The epochs cross-validation chose, the inputs (the method Auto trains with), the
     remedies, the metrics and control server, the callback and the HF Trainer."""
     from transformers import Trainer, set_seed
@@ -204,6 +208,7 @@ def setup(cfg: TrainerConfig) -> Session:
         policy_owner=cfg.stop_policy,
         on_probes=remedy.on_probes,
         decisions=decisions,
+        console=console,
     )
     trainer = remedy.trainer_class(Trainer)(
         model=inputs.model,
@@ -215,6 +220,10 @@ def setup(cfg: TrainerConfig) -> Session:
         preprocess_logits_for_metrics=argmax_logits if val_ds is not None else None,
         callbacks=[callback, *remedy.callbacks],
     )
+    if not verbose():
+        from kubetune.trainer.console import quiet_trainer
+
+        quiet_trainer(trainer)
     return Session(
         cfg,
         inputs,
@@ -228,6 +237,7 @@ def setup(cfg: TrainerConfig) -> Session:
         trainable,
         total,
         main_proc,
+        console if main_proc else None,
     )
 
 
@@ -237,6 +247,16 @@ def train(session: Session) -> tuple[Any, Path | None]:
     resume = latest_checkpoint(ckpt_dir) if ckpt_dir.exists() else None
     if resume and session.main_proc:
         log.info("resuming from %s", resume)
+    if session.console is not None:
+        hp = session.cfg.hyperparameters
+        text = (
+            f"training {session.cfg.plan.method}: {session.trainable:,} of {session.total:,}"
+            f" parameters trainable, {hp.epochs:g} epoch(s), evaluation every"
+            f" {max(1, hp.eval_steps)} step(s)"
+        )
+        if resume:
+            text += f"; resuming from {resume.name}"
+        session.console.emit(events.START, text=text)
     result = session.trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     final = session.cfg.output / "final"
     session.trainer.save_model(str(final))
@@ -278,6 +298,16 @@ def finish(session: Session, result: Any, resume: Path | None) -> None:
     if not math.isfinite(float(result.training_loss or 0.0)):
         summary["earlyStop"] = {"reason": "Diverged", "message": "training loss not finite"}
     write_report(cfg.output, cfg.plan, cfg.spec, callback.history, summary)
+    if session.console is not None:
+        progress = summary["progress"]
+        session.console.emit(
+            events.DONE,
+            steps=progress.get("step", 0),
+            seconds=summary["trainRuntimeSeconds"],
+            output=summary["output"],
+            bestEvalLoss=summary["metrics"].get("bestEvalLoss"),
+            bestStep=summary["metrics"].get("bestStep"),
+        )
     write_termination(cfg, {k: v for k, v in summary.items() if k in TRAINER_MESSAGE_KEYS})
     if session.control:
         session.control.close()
@@ -319,19 +349,40 @@ def _diagnostics(
     )
 
 
+def _console_stream() -> tuple[Any, Path | None]:
+    """The stream for console lines and the file the libraries' output went to. In a pod
+    (no events file, not verbose) this process's stdout and stderr go to
+    `<output>/logs/trainer-rank-N.log` and the console lines to the former stdout; under
+    `kubetune run` the CLI already sends them to its run log."""
+    output = os.environ.get(Env.OUTPUT_PATH)
+    if verbose() or os.environ.get(Env.EVENTS_PATH) or not output:
+        return sys.stdout, None
+    path = library_log_path(Path(output), rank())
+    try:
+        return route_library_output(path), path
+    except OSError:  # an unwritable output folder fails later, with its own message
+        return sys.stdout, None
+
+
 def main_entry(cfg_loader: Any) -> int:
     """Run with clean exit codes: 78 for configuration or data errors."""
+    stream, library_log = _console_stream()
     logging.basicConfig(
         level=logging.INFO if rank() == 0 else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    console = RunConsole.from_env(stream)
+    if rank() == 0 and library_log is not None:
+        stream.write(f"kubetune trainer: library output in {library_log}\n")
+        stream.flush()
     cfg: TrainerConfig | None = None
     try:
         cfg = cfg_loader()
         assert cfg is not None
-        return run(cfg)
+        return run(cfg, console)
     except TrainerConfigError as exc:
         log.error("configuration error: %s", exc)
+        _say_error(console, stream, f"configuration error: {exc}")
         if cfg is not None and rank() == 0:
             write_termination(cfg, {"error": str(exc), "reason": "ConfigError"})
         else:
@@ -340,3 +391,19 @@ def main_entry(cfg_loader: Any) -> int:
                     json.dumps({"error": str(exc), "reason": "ConfigError"})
                 )
         return EXIT_CONFIG_ERROR
+    except BaseException as exc:
+        if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            log.exception("the trainer failed")
+            where = f"; the traceback is in {library_log}" if library_log else ""
+            _say_error(console, stream, f"rank {rank()} failed: {exc!r}{where}")
+        raise
+
+
+def _say_error(console: RunConsole, stream: Any, text: str) -> None:
+    """An error on the console: an event for `kubetune run` (rank 0), else a plain line
+    when the libraries' output (and so the traceback) went to a log file."""
+    if rank() == 0 and console.events_path is not None:
+        console.emit(events.ERROR, text=text)
+    elif stream is not sys.stdout:
+        stream.write(f"error: {text}\n")
+        stream.flush()

@@ -11,6 +11,7 @@ from typing import Any
 
 from kubetune.api.plan import PlanDocument
 from kubetune.trainer.config import TrainerConfig, TrainerConfigError
+from kubetune.trainer.console import verbose
 from kubetune.trainer.runtime import world_size
 
 
@@ -27,6 +28,9 @@ def training_arguments(
     use_ds = world_size() > 1 or plan.zero_stage > 0
     micro, accum = hp.micro_batch_size, hp.gradient_accumulation_steps
     eval_steps = max(1, hp.eval_steps)
+    checkpointing: dict[str, Any] = {
+        _checkpointing_argument(TrainingArguments): hp.gradient_checkpointing and cuda
+    }
     return TrainingArguments(
         output_dir=str(ckpt_dir),
         per_device_train_batch_size=micro,
@@ -38,7 +42,7 @@ def training_arguments(
         weight_decay=hp.weight_decay,
         max_grad_norm=hp.max_grad_norm,
         lr_scheduler_type=hp.lr_scheduler,
-        gradient_checkpointing=hp.gradient_checkpointing and cuda,
+        **checkpointing,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=eval_steps,
         save_strategy="steps",
@@ -55,9 +59,23 @@ def training_arguments(
         use_cpu=not cuda,
         ddp_backend="gloo" if (not cuda and world_size() > 1) else None,
         deepspeed=deepspeed_config(plan, bf16=bf16) if use_ds else None,
-        disable_tqdm=not (main_proc and os.isatty(2)),
+        disable_tqdm=not (main_proc and verbose() and os.isatty(2)),
         remove_unused_columns=False,
         save_only_model=False,
+    )
+
+
+def _checkpointing_argument(arguments: Any) -> str:
+    """The TrainingArguments field for activation (gradient) checkpointing: transformers
+    5.x renamed `gradient_checkpointing` to `activation_checkpointing` and warns on the
+    old name; older releases know only the old one."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(arguments)}
+    return (
+        "activation_checkpointing"
+        if "activation_checkpointing" in names
+        else "gradient_checkpointing"
     )
 
 

@@ -38,7 +38,10 @@ def _train(run: Run, timeout: float = 420) -> subprocess.CompletedProcess[str]:
         run.command, env=run.env, capture_output=True, text=True, timeout=timeout
     )
     if result.returncode != 0:
-        raise AssertionError(f"exit {result.returncode}\n{result.stderr[-4000:]}")
+        # In a pod the libraries' output (and the traceback) goes to the output's log.
+        log = run.output / "logs" / "trainer-rank-0.log"
+        detail = log.read_text()[-4000:] if log.exists() else result.stderr[-4000:]
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout[-2000:]}\n{detail}")
     return result
 
 
@@ -59,8 +62,17 @@ def _assert_learned(run: Run) -> None:
 
 def test_single_process_lora_learns_and_writes_every_output(make_run: MakeRun) -> None:
     run = make_run(method="LoRA", hp=FAST_LORA)
-    _train(run)
+    result = _train(run)
     _assert_learned(run)
+    # As in a pod (no `kubetune run` around it): plain lines on stdout, one per evaluation,
+    # and the libraries' output in the output folder's log, named in the first line.
+    log = run.output / "logs" / "trainer-rank-0.log"
+    assert result.stdout.splitlines()[0] == f"kubetune trainer: library output in {log}"
+    evals = [ln for ln in result.stdout.splitlines() if ln.startswith("eval @ step ")]
+    assert len(evals) == len(_losses(run)[1])
+    assert "training LoRA: " in result.stdout
+    assert "{'loss'" not in result.stdout + result.stderr
+    assert "INFO kubetune.trainer: method LoRA" in log.read_text()
     final = run.output / "final"
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json"):
         assert (final / name).exists(), name
