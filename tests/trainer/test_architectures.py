@@ -17,6 +17,7 @@ import pytest
 
 from kubetune.planning.job import model_arch_with_weights
 from kubetune.planning.methods import lora_target_modules
+from tests.trainer.conftest import MakeRun
 
 pytestmark = pytest.mark.trainer
 
@@ -221,3 +222,79 @@ def test_every_method_trains(family: Any, method: str, tmp_path: Path) -> None:
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert changed, (model_type, method)
     assert not changed & frozen
+
+
+def test_lora_with_targets_the_model_lacks_names_what_peft_finds() -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kubetune.trainer.config import TrainerConfigError
+    from kubetune.trainer.model import apply_method
+    from tests.plans import plan_document
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("gpt2", **TINY["gpt2"], **SPECIAL)
+    model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+    plan = plan_document(
+        method="LoRA",
+        hyperparameters={
+            "loraRank": 4,
+            "loraAlpha": 8,
+            "loraDropout": 0.0,
+            "loraTargetModules": ["q_proj", "v_proj"],
+        },
+    )
+    with pytest.raises(TrainerConfigError) as err:
+        apply_method(model, plan)
+    message = str(err.value)
+    assert "['q_proj', 'v_proj']" in message
+    assert "all-linear rule finds ['c_attn', 'c_fc', 'c_proj']" in message
+    assert "spec.method.lora.targetModules" in message
+
+
+def test_method_auto_trains_a_gpt2_architecture_end_to_end(
+    make_run: MakeRun, tiny_model: Path, tmp_path: Path
+) -> None:
+    """Issue 17: `method: Auto` on a GPT-2-architecture model (Conv1D blocks) stopped with
+    exit 78 because LoRA found none of its targets. A tiny GPT-2 with the tiny Llama's
+    tokenizer, through the real trainer process."""
+    import shutil
+    import subprocess
+
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    model_dir = tmp_path / "gpt2"
+    model_dir.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_model / name).exists():
+            shutil.copy(tiny_model / name, model_dir / name)
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    torch.manual_seed(0)
+    GPT2LMHeadModel(
+        GPT2Config(
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=128,
+            vocab_size=len(tok),
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+    ).save_pretrained(model_dir)
+    run = make_run(
+        method="Auto",
+        model=model_dir,
+        rows=48,
+        hp={"epochs": 1, "evalSteps": 3, "microBatchSize": 8, "gradientAccumulationSteps": 1},
+    )
+    assert run.plan["method"] == "LoRA"
+    assert run.plan["hyperparameters"]["loraTargetModules"] == ["c_attn", "c_proj", "c_fc"]
+    result = subprocess.run(run.command, env=run.env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert run.termination()["progress"]["percentage"] == 100.0
+    # Auto kept LoRA (the random base finds the data no more surprising than general text)
+    # and adapted the Conv1D blocks.
+    adapter = json.loads((run.output / "final" / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == ["c_attn", "c_fc", "c_proj"]
