@@ -352,7 +352,7 @@ _OUTSIDE_NOTE = (
 )
 _NO_HEADERS_NOTE = (
     "no safetensors headers were read (the model is not a local directory with "
-    "model.safetensors or its index), so its parameter count, largest layer and LoRA targets "
+    "model.safetensors or its index and shards), so its parameter count, largest layer and LoRA targets "
     "(q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) are Llama-like "
     "assumptions too"
 )

@@ -161,9 +161,11 @@ def weight_files(directory: Path) -> list[Path]:
 
 
 def read_weight_counts(directory: Path) -> WeightCounts | None:
-    """Counts from the safetensors headers of a model directory; None when it has none."""
+    """Counts from the safetensors headers of a model directory; None when it has none, or
+    when a shard of its index is not there (a hub cache holding the config and the index
+    only: the weights are not here to count)."""
     files = weight_files(directory)
-    if not files:
+    if not files or not all(path.is_file() for path in files):
         return None
     tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
     for path in files:

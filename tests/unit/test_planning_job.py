@@ -4,13 +4,15 @@ model configs, the spec -> PlanRequest mapping, and the whole plan from JSONL te
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kubetune.api import FineTuneJobSpec
 from kubetune.data import DataError
-from kubetune.planning import Method, Offload, bundled_architectures
+from kubetune.planning import Method, ModelConfigError, Offload, bundled_architectures
 from kubetune.planning.job import (
     CPU_PROCESS_MEMORY_GIB,
     build_plan,
@@ -502,3 +504,46 @@ def test_hyperparameters_the_planner_does_not_take_are_applied_with_a_reason() -
         r.startswith("Set by spec.hyperparameters: gradient accumulation 4")
         for r in plan["reasons"]
     )
+
+
+def test_a_family_outside_the_table_is_planned_from_its_safetensors_headers(
+    tmp_path: Path,
+) -> None:
+    """The whole plan for a model_type kubetune has no table entry for, in a local model
+    directory: the count and the LoRA targets are the headers', and the model.shapes
+    decision says what was read and what assumed."""
+    from tests.unit.test_planning_model import OUTSIDE, _olmo_like_block, _safetensors
+
+    config = {**OUTSIDE, "num_key_value_heads": 2}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    tensors = {
+        "model.embed_tokens.weight": [100, 64],
+        "model.norm.weight": [64],
+        "lm_head.weight": [100, 64],
+        **_olmo_like_block(0),
+        **_olmo_like_block(1),
+    }
+    _safetensors(tmp_path / "model.safetensors", tensors)
+    spec = make_spec(method={"type": "LoRA"})
+    plan = build_plan(spec, jsonl(pc_rows(20)), "t", config, f"file://{tmp_path}", GPU)
+    assert plan.total_parameters == sum(math.prod(shape) for shape in tensors.values())
+    targets = plan.hyperparameters.lora_target_modules
+    assert targets is not None
+    assert sorted(targets) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    shapes = plan.decision("model.shapes")
+    assert shapes is not None
+    assert "'newfamily' is not in kubetune's architecture table" in shapes.sentence
+    assert "counted from the safetensors headers of model.safetensors" in shapes.sentence
+    keys = [d.key for d in plan.decisions]
+    assert keys.index("model.shapes") == keys.index("gpuMemory") + 1
+    # Without the weights (a hub source): the same family on Llama-like assumptions, said so.
+    hub = build_plan(spec, jsonl(pc_rows(20)), "t", config, "hf://org/new", GPU)
+    hub_shapes = hub.decision("model.shapes")
+    assert hub_shapes is not None
+    assert "no safetensors headers were read" in hub_shapes.sentence
+    # A bad header stops planning naming the model source and the file.
+    (tmp_path / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00[]")
+    with pytest.raises(ModelConfigError, match=r"file://.*model\.safetensors.*not a JSON object"):
+        build_plan(spec, jsonl(pc_rows(20)), "t", config, f"file://{tmp_path}", GPU)

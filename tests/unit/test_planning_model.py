@@ -244,6 +244,9 @@ def test_safetensors_headers_give_the_exact_counts_and_layer_linears(tmp_path: P
     assert counts.largest_tensor == 128 * 64
     assert counts.first_layer == layer
     assert "consolidated.safetensors" not in counts.files
+    (tmp_path / "model-00002-of-00002.safetensors").rename(tmp_path / "moved")
+    assert read_weight_counts(tmp_path) is None  # an index without its shards: nothing to count
+    (tmp_path / "moved").rename(tmp_path / "model-00002-of-00002.safetensors")
     arch = with_weight_counts(model_arch_from_config(config, origin="test"), counts)
     assert arch.total_parameters == counts.parameters
     assert arch.layer_parameters == layer
