@@ -345,16 +345,15 @@ def _outside_table(config: Mapping[str, Any], family: str, origin: str, name: st
     return replace(arch, notes=(_OUTSIDE_NOTE.format(family=family), _NO_HEADERS_NOTE))
 
 
+# The notes are short on purpose: they travel in the prepare pod's termination message with
+# the rest of the plan (contract.TERMINATION_LIMIT_BYTES).
 _OUTSIDE_NOTE = (
-    "model_type {family!r} is not in kubetune's architecture table: its widths, layer and head "
-    "counts come from the config's standard fields, and the activation memory assumes a "
-    "Llama-like decoder layer (q/k/v/o attention, a gated MLP, RMSNorm)"
+    "model_type {family!r} is outside kubetune's architecture table: shapes from the config's "
+    "standard fields, activation memory as for a Llama-like layer"
 )
 _NO_HEADERS_NOTE = (
-    "no safetensors headers were read (the model is not a local directory with "
-    "model.safetensors or its index and shards), so its parameter count, largest layer and LoRA targets "
-    "(q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) are Llama-like "
-    "assumptions too"
+    "no safetensors headers were read (not a local model directory), so its parameter count, "
+    "largest layer and LoRA targets are Llama-like assumptions too"
 )
 
 
@@ -380,14 +379,12 @@ def with_weight_counts(arch: ModelArch, counts: WeightCounts) -> ModelArch:
     (any family) and, for a family outside the table, its largest tensor, its first decoder
     layer's parameters and linear layers (which LoRA targets). A quantized checkpoint's
     integer tensors are not parameter counts, so its headers are not used."""
-    files = ", ".join(counts.files)
     if counts.non_float:
-        example = ", ".join(counts.non_float[:3])
         return replace(
             arch,
             notes=(
                 *arch.notes,
-                f"the safetensors headers of {files} hold integer tensors ({example}: a "
+                f"the safetensors headers hold integer tensors ({counts.non_float[0]}...: a "
                 "quantized checkpoint), so the parameter count comes from the config's shapes",
             ),
         )
@@ -396,27 +393,18 @@ def with_weight_counts(arch: ModelArch, counts: WeightCounts) -> ModelArch:
         if counts.parameters == shaped:
             return arch
         note = (
-            f"{counts.parameters:,} parameters counted from the safetensors headers of "
-            f"{files}; the config's shapes give {shaped:,}, so the planner uses the headers' count"
+            f"{counts.parameters:,} parameters from the safetensors headers, which the plan "
+            f"uses; the config's shapes give {shaped:,}"
         )
         return replace(arch, counted_parameters=counts.parameters, notes=(*arch.notes, note))
     linears = linears_from_block(counts.first_layer_tensors)
     found = (
-        f"{counts.parameters:,} parameters counted from the safetensors headers of {files} "
-        f"(Llama-like shapes would give {shaped:,})"
+        f"{counts.parameters:,} parameters and block 0's {len(linears)} linear layers (the "
+        "LoRA targets) from the safetensors headers"
+        if linears
+        else f"{counts.parameters:,} parameters from the safetensors headers, but no decoder "
+        "block with 2-D weights in them: its layers and LoRA targets are Llama-like assumptions"
     )
-    if linears:
-        found += (
-            "; a decoder layer has "
-            f"{counts.first_layer:,} parameters and the linear layers "
-            + ", ".join(lin.name for lin in linears)
-            + " (its 2-D weights; LoRA targets them)"
-        )
-    else:
-        found += (
-            "; no numbered decoder layer with 2-D weights was found in them, so the layer "
-            "shapes and LoRA targets are Llama-like assumptions"
-        )
     notes = tuple(n for n in arch.notes if n != _NO_HEADERS_NOTE)
     return replace(
         arch,

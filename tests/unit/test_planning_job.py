@@ -534,8 +534,8 @@ def test_a_family_outside_the_table_is_planned_from_its_safetensors_headers(
     )
     shapes = plan.decision("model.shapes")
     assert shapes is not None
-    assert "'newfamily' is not in kubetune's architecture table" in shapes.sentence
-    assert "counted from the safetensors headers of model.safetensors" in shapes.sentence
+    assert "'newfamily' is outside kubetune's architecture table" in shapes.sentence
+    assert "7 linear layers (the LoRA targets) from the safetensors headers" in shapes.sentence
     keys = [d.key for d in plan.decisions]
     assert keys.index("model.shapes") == keys.index("gpuMemory") + 1
     # Without the weights (a hub source): the same family on Llama-like assumptions, said so.
@@ -547,3 +547,41 @@ def test_a_family_outside_the_table_is_planned_from_its_safetensors_headers(
     (tmp_path / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00[]")
     with pytest.raises(ModelConfigError, match=r"file://.*model\.safetensors.*not a JSON object"):
         build_plan(spec, jsonl(pc_rows(20)), "t", config, f"file://{tmp_path}", GPU)
+
+
+def test_a_large_auto_plan_of_a_family_outside_the_table_fits_the_prepare_message(
+    tmp_path: Path,
+) -> None:
+    """The model.shapes decision travels in the prepare pod's termination message with the
+    rest of the plan: a 2 x 8 GPU Auto plan of a 7B model outside the table (its alternative
+    included) still fits and reads back."""
+    from kubetune.api.plan import PlanDocument
+    from kubetune.contract import TERMINATION_LIMIT_BYTES, decode_prepare_message
+    from kubetune.prepare import encode_message
+    from tests.unit.test_planning_model import _safetensors
+
+    config = json.loads(bundled_architectures()["llama-2-7b"].read_text())
+    config["model_type"] = "a_family_with_a_long_name"
+    h, inner, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    tensors = {"model.embed_tokens.weight": [vocab, h], "model.norm.weight": [h]}
+    tensors["lm_head.weight"] = [vocab, h]
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        tensors.update({p + f"self_attn.{n}.weight": [h, h] for n in ("q_proj", "k_proj")})
+        tensors.update({p + f"self_attn.{n}.weight": [h, h] for n in ("v_proj", "o_proj")})
+        tensors.update({p + f"mlp.{n}.weight": [inner, h] for n in ("gate_proj", "up_proj")})
+        tensors[p + "mlp.down_proj.weight"] = [h, inner]
+        tensors.update(
+            {p + f"{n}.weight": [h] for n in ("input_layernorm", "post_attention_layernorm")}
+        )
+    _safetensors(tmp_path / "model.safetensors", tensors)
+    spec = make_spec(resources={"gpusPerNode": 8, "numNodes": 2})
+    rows = [
+        {"prompt": f"What is herb {i}?", "completion": f" Herb {i}: a plant."} for i in range(200)
+    ]
+    plan = build_plan(spec, jsonl(rows), "t", config, str(tmp_path), (80.0, "given"))
+    assert plan.alternative is not None
+    assert plan.decision("model.shapes") is not None
+    message = encode_message({"plan": plan.to_compact_json()})
+    assert len(message.encode()) <= TERMINATION_LIMIT_BYTES
+    assert PlanDocument.from_compact_json(decode_prepare_message(message)["plan"]) == plan

@@ -188,7 +188,7 @@ def test_a_family_outside_the_table_is_planned_from_standard_fields() -> None:
     arch = model_arch_from_config(OUTSIDE, origin="test")
     assert arch.family == "newfamily"
     assert arch.layer_linears[0].name == "q_proj"
-    assert "not in kubetune's architecture table" in arch.notes[0]
+    assert "outside kubetune's architecture table" in arch.notes[0]
     assert lora_target_modules(arch) == lora_target_modules(
         model_arch_from_config({**OUTSIDE, "model_type": "llama"}, origin="test")
     )
@@ -266,8 +266,10 @@ def test_safetensors_headers_give_the_exact_counts_and_layer_linears(tmp_path: P
     # The largest single module: the MLP's projections, 128 x 64 (the embedding is 100 x 64).
     assert arch.largest_layer_parameters == 128 * 64
     assert "no safetensors headers were read" not in " ".join(arch.notes)
-    assert "safetensors headers of model-00001-of-00002.safetensors" in arch.notes[-1]
-    assert "o_proj" in arch.notes[-1]
+    assert arch.notes[-1] == (
+        f"{counts.parameters:,} parameters and block 0's 7 linear layers (the LoRA targets) "
+        "from the safetensors headers"
+    )
 
 
 def test_a_family_outside_the_table_without_headers_says_what_it_assumed() -> None:
@@ -283,7 +285,7 @@ def test_a_known_family_keeps_its_shapes_when_the_headers_agree() -> None:
     counted = with_weight_counts(arch, more)
     assert counted.total_parameters == arch.total_parameters + 5
     assert counted.layer_linears == arch.layer_linears
-    assert "the planner uses the headers' count" in counted.notes[-1]
+    assert "from the safetensors headers, which the plan uses" in counted.notes[-1]
 
 
 def test_a_quantized_checkpoint_keeps_the_shapes_count(tmp_path: Path) -> None:
