@@ -298,3 +298,20 @@ def test_method_auto_trains_a_gpt2_architecture_end_to_end(
     # and adapted the Conv1D blocks.
     adapter = json.loads((run.output / "final" / "adapter_config.json").read_text())
     assert sorted(adapter["target_modules"]) == ["c_attn", "c_fc", "c_proj"]
+    # The Conv1D adapter merges into the base weights and gives the adapted model's outputs.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from kubetune.trainer.merge import merge_adapter
+
+    adapted = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(model_dir), str(run.output / "final")
+    )
+    merged: Any = AutoModelForCausalLM.from_pretrained(str(merge_adapter(run.output)))
+    adapted.eval()
+    merged.eval()
+    ids = torch.tensor([[1, 5, 9, 12, 20]])
+    with torch.no_grad():
+        assert torch.allclose(
+            adapted(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-4
+        )
