@@ -2,7 +2,9 @@
 data and the model config can be read through the API), the prepare pod, the CLI and
 ``kubetune run``.
 
-Everything here is pure given the texts; fetching them is the caller's business.
+Everything here is pure given the texts; fetching them is the caller's business. The one
+read of its own: when the model source is a local directory, the safetensors headers of its
+weights (``model_arch_with_weights``: a few kilobytes per file, never the weights).
 """
 
 from __future__ import annotations
@@ -23,9 +25,15 @@ from kubetune.planning.hyperparameters import training_steps
 from kubetune.planning.inputs import DatasetStats, PlanRequest, Resources
 from kubetune.planning.memory import Offload
 from kubetune.planning.methods import Method, lora_targets, partial_layer_count
-from kubetune.planning.model import ModelArch, model_arch_from_config
+from kubetune.planning.model import (
+    ModelArch,
+    ModelConfigError,
+    model_arch_from_config,
+    with_weight_counts,
+)
 from kubetune.planning.plan import SURPRISING_DATA_RATIO, make_plan, method_alternative
 from kubetune.planning.remedies import plan_remedies
+from kubetune.planning.weights import WeightsHeaderError, read_weight_counts
 
 # A CPU "GPU" for local runs: the share of host memory one training process may use.
 CPU_PROCESS_MEMORY_GIB = 8.0
@@ -185,6 +193,24 @@ def check_method_settings(request: PlanRequest, arch: ModelArch) -> None:
             raise PlanRequestError(f"{field}: {exc}") from exc
 
 
+def model_arch_with_weights(model_config: dict[str, Any], model_source: str) -> ModelArch:
+    """The architecture from the config; where the model is a local directory (``file://``
+    or a path) with ``model.safetensors`` or its index, what their headers say
+    (``with_weight_counts``). A hub or ConfigMap source has no headers to read here: a family
+    outside the table is then planned on Llama-like assumptions, and its notes say so."""
+    arch = model_arch_from_config(model_config, model_source)
+    directory = Path(model_source.removeprefix("file://"))
+    if directory.is_file():
+        directory = directory.parent
+    if not directory.is_dir():
+        return arch
+    try:
+        counts = read_weight_counts(directory)
+    except WeightsHeaderError as err:
+        raise ModelConfigError(f"{model_source}: {err}") from err
+    return arch if counts is None else with_weight_counts(arch, counts)
+
+
 def build_plan(
     spec: FineTuneJobSpec,
     train_text: str | bytes,
@@ -228,7 +254,7 @@ def build_plan(
         overlong_count=summary.overlong_count,
         tokens_estimated=summary.tokens_estimated,
     )
-    arch = model_arch_from_config(model_config, model_source)
+    arch = model_arch_with_weights(model_config, model_source)
     gpus = int(spec.resources.gpus_per_node)
     resources = Resources(
         gpus_per_node=gpus if gpus > 0 else max(1, cpu_processes),
@@ -245,6 +271,10 @@ def build_plan(
         # An incremental update continues the previous output's method as it is.
         alternative, why = None, None
     plan = _finish(planned.to_document(), spec, summary, stats, resources, gpu_memory[1])
+    if arch.notes:
+        plan = plan.with_decision(
+            Decision(key="model.shapes", sentence="; ".join(arch.notes) + "."), after="gpuMemory"
+        )
     if why is not None:
         evidence = Decision(key="method.byEvidence", sentence=why)
         if alternative is not None:

@@ -69,8 +69,10 @@ class MethodChoice:
 
 
 def lora_target_modules(arch: ModelArch) -> tuple[str, ...]:
-    """The family's default LoRA targets: every linear layer of the blocks."""
-    return LORA_TARGET_MODULES[arch.family]
+    """The family's default LoRA targets: every linear layer of the blocks. For a family
+    outside the table, the linear layers its safetensors headers name, else the Llama-like
+    names its shapes are assumed to have (``ModelArch.layer_linears`` either way)."""
+    return LORA_TARGET_MODULES.get(arch.family) or lora_module_names(arch)
 
 
 def lora_module_names(arch: ModelArch) -> tuple[str, ...]:
@@ -144,8 +146,7 @@ def partial_layer_count(
 
 def partial_parameters(arch: ModelArch, layers: int) -> int:
     """Partial fine-tuning trains the top ``layers`` decoder layers and the final norm."""
-    final_norm = arch.norm_parameters if arch.final_norm else 0
-    return layers * arch.layer_parameters + final_norm
+    return layers * arch.layer_parameters + arch.final_norm_parameters
 
 
 def trainable_and_frozen(arch: ModelArch, choice: MethodChoice) -> tuple[int, int]:

@@ -1,11 +1,19 @@
 """The model's architecture, read from a Hugging Face ``config.json`` (no weights, no torch).
 
-The parameter count is computed exactly from the shapes the ``transformers`` implementation
-of each family builds (embeddings, attention with grouped-query K/V, gated or plain MLP,
-norms, biases where the family has them, the LM head unless it is tied to the embedding).
-``largest_layer_parameters`` is the largest single module (one ``nn.Linear`` or
-``nn.Embedding``), which is what DeepSpeed's ``model_to_params`` measures for ZeRO-3: the
-largest block of weights that must be gathered on one GPU at once.
+For the families in the table (``SUPPORTED_FAMILIES``) the parameter count is computed exactly
+from the shapes the ``transformers`` implementation of each family builds (embeddings,
+attention with grouped-query K/V, gated or plain MLP, norms, biases where the family has them,
+the LM head unless it is tied to the embedding). ``largest_layer_parameters`` is the largest
+single module (one ``nn.Linear`` or ``nn.Embedding``), which is what DeepSpeed's
+``model_to_params`` measures for ZeRO-3: the largest block of weights that must be gathered
+on one GPU at once.
+
+Any other causal LM is read from its config's standard fields (``STANDARD_FIELDS``) with a
+Llama-like layer assumed; ``with_weight_counts`` then replaces what the assumption cannot know
+with what the model's safetensors headers say (``kubetune.planning.weights``): the exact
+parameter count, the first decoder layer's parameters and linear layers (the LoRA targets),
+the final norm and the largest tensor. ``ModelArch.notes`` says which was which, for the
+plan's reasons.
 """
 
 from __future__ import annotations
@@ -13,15 +21,39 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from kubetune.planning.weights import WeightCounts
+
 NormKind = Literal["rms", "layer"]
 
-#: Families whose layout this module knows. Others are rejected with a clear error rather
-#: than silently mis-counted.
-SUPPORTED_FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox", "opt")
+#: Families whose layout this module knows exactly (the table). Another family is planned
+#: from its config's standard fields with Llama-like shapes assumed, and what its safetensors
+#: headers say when the model directory has them (``with_weight_counts``); the plan's reasons
+#: say so (``ModelArch.notes``).
+SUPPORTED_FAMILIES: tuple[str, ...] = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "phi3",
+    "gpt2",
+    "gpt_neox",
+    "opt",
+)
+
+#: The standard config fields a family outside the table must have to be planned.
+STANDARD_FIELDS: tuple[str, ...] = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "vocab_size",
+    "max_position_embeddings",
+)
 
 
 class ModelConfigError(ValueError):
@@ -67,6 +99,26 @@ class ModelArch:
     embed_dim: int = 0
     """Width of the token embedding when it differs from ``hidden_size`` (OPT-350m); 0 = same."""
     final_norm: bool = True
+    qk_norm: bool = False
+    """Per-head RMSNorm on queries and keys (Qwen3): two ``head_dim`` weights per layer."""
+    counted_parameters: int = 0
+    """The exact count from the safetensors headers; 0 = computed from the shapes."""
+    largest_tensor: int = 0
+    """The largest tensor in the safetensors headers; 0 = computed from the shapes."""
+    counted_layer_parameters: int = 0
+    """One decoder layer's parameters from the safetensors headers; 0 = from the shapes."""
+    counted_final_norm: int = 0
+    """The final norm's parameters from the safetensors headers; 0 = from the shapes."""
+    header_linears: tuple[LinearShape, ...] = ()
+    """A family outside the table: the linear layers of its first decoder layer as the
+    safetensors headers name them (its 2-D weights); empty = from the shapes."""
+    notes: tuple[str, ...] = ()
+    """What could not be known from the config and was assumed (for the plan's reasons)."""
+
+    @property
+    def in_table(self) -> bool:
+        """Whether kubetune knows this family's layout exactly (``SUPPORTED_FAMILIES``)."""
+        return self.family in SUPPORTED_FAMILIES
 
     # ---- shapes -----------------------------------------------------------------------
 
@@ -85,6 +137,8 @@ class ModelArch:
     @property
     def layer_linears(self) -> tuple[LinearShape, ...]:
         """The linear projections of one decoder layer, named as the HF module names them."""
+        if self.header_linears:
+            return self.header_linears
         h, i = self.hidden_size, self.intermediate_size
         b_qkv, b_o, b_mlp = self.qkv_bias, self.output_bias, self.mlp_bias
         if self.family == "gpt2":
@@ -101,6 +155,13 @@ class ModelArch:
                 LinearShape("dense_h_to_4h", h, i, b_mlp),
                 LinearShape("dense_4h_to_h", i, h, b_mlp),
             )
+        if self.family == "phi3":  # fused q/k/v and gate/up projections, no biases
+            return (
+                LinearShape("qkv_proj", h, self.q_dim + 2 * self.kv_dim, b_qkv),
+                LinearShape("o_proj", self.q_dim, h, b_o),
+                LinearShape("gate_up_proj", h, 2 * i, b_mlp),
+                LinearShape("down_proj", i, h, b_mlp),
+            )
         if self.family == "opt":
             return (
                 LinearShape("q_proj", h, self.q_dim, b_qkv),
@@ -110,7 +171,7 @@ class ModelArch:
                 LinearShape("fc1", h, i, b_mlp),
                 LinearShape("fc2", i, h, b_mlp),
             )
-        # llama, mistral, qwen2: SwiGLU MLP
+        # llama, mistral, qwen2, qwen3, gemma and families outside the table: gated MLP
         return (
             LinearShape("q_proj", h, self.q_dim, b_qkv),
             LinearShape("k_proj", h, self.kv_dim, b_qkv),
@@ -130,8 +191,19 @@ class ModelArch:
 
     @property
     def layer_parameters(self) -> int:
-        """Parameters of one decoder layer (two norms plus the projections)."""
-        return 2 * self.norm_parameters + sum(lin.parameters for lin in self.layer_linears)
+        """Parameters of one decoder layer (two norms plus the projections), or the headers'
+        figure for a family outside the table."""
+        if self.counted_layer_parameters:
+            return self.counted_layer_parameters
+        qk = 2 * self.head_dim if self.qk_norm else 0
+        return 2 * self.norm_parameters + qk + sum(lin.parameters for lin in self.layer_linears)
+
+    @property
+    def final_norm_parameters(self) -> int:
+        """The norm after the last decoder layer (none when ``final_norm`` is false)."""
+        if self.counted_final_norm:
+            return self.counted_final_norm
+        return self.norm_parameters if self.final_norm else 0
 
     @property
     def embedding_parameters(self) -> int:
@@ -148,11 +220,14 @@ class ModelArch:
 
     @property
     def total_parameters(self) -> int:
-        """Exact parameter count; a tied LM head is counted once, as PyTorch stores it once."""
+        """Exact parameter count; a tied LM head is counted once, as PyTorch stores it once.
+        The safetensors headers' count wins when the directory had them."""
+        if self.counted_parameters:
+            return self.counted_parameters
         return (
             self.embedding_parameters
             + self.num_layers * self.layer_parameters
-            + (self.norm_parameters if self.final_norm else 0)
+            + self.final_norm_parameters
             + self.lm_head_parameters
         )
 
@@ -162,7 +237,7 @@ class ModelArch:
         candidates = [lin.parameters for lin in self.layer_linears]
         candidates.append(self.vocab_size * self.token_embed_dim)
         candidates.append(self.learned_positions * self.hidden_size)
-        return max(candidates)
+        return max(*candidates, self.largest_tensor)
 
 
 # ---- reading config.json -------------------------------------------------------------------
@@ -221,13 +296,10 @@ def model_arch_from_config(config: Mapping[str, Any], origin: str, name: str = "
     family = config.get("model_type")
     if not isinstance(family, str):
         raise ModelConfigError(f"{origin}: missing required key 'model_type'")
-    if family not in SUPPORTED_FAMILIES:
-        raise ModelConfigError(
-            f"{origin}: unsupported model_type {family!r}; supported: "
-            + ", ".join(SUPPORTED_FAMILIES)
-        )
     display = name or str(config.get("_name_or_path") or family)
-    if family == "gpt2":
+    if family not in SUPPORTED_FAMILIES:
+        arch = _outside_table(config, family, origin, display)
+    elif family == "gpt2":
         arch = _gpt2(config, origin, display)
     elif family == "gpt_neox":
         arch = _gpt_neox(config, origin, display)
@@ -253,10 +325,103 @@ def _head_dim(config: Mapping[str, Any], hidden: int, heads: int, origin: str) -
     return hidden // heads
 
 
+#: Families whose config leaves ``tie_word_embeddings`` out when it is true.
+_TIED_BY_DEFAULT = frozenset({"gemma"})
+
+
+def _outside_table(config: Mapping[str, Any], family: str, origin: str, name: str) -> ModelArch:
+    """A family kubetune has no table entry for: the standard fields, Llama-like shapes."""
+    missing = [key for key in STANDARD_FIELDS if config.get(key) is None]
+    if missing:
+        raise ModelConfigError(
+            f"{origin}: model_type {family!r} is not in kubetune's table ("
+            + ", ".join(SUPPORTED_FAMILIES)
+            + ") and its config lacks the standard field(s) "
+            + ", ".join(missing)
+            + ", so its shapes cannot be read; a causal LM outside the table needs "
+            + ", ".join(STANDARD_FIELDS)
+        )
+    arch = _llama_like(config, family, origin, name)
+    return replace(arch, notes=(_OUTSIDE_NOTE.format(family=family), _NO_HEADERS_NOTE))
+
+
+# The notes are short on purpose: they travel in the prepare pod's termination message with
+# the rest of the plan (contract.TERMINATION_LIMIT_BYTES).
+_OUTSIDE_NOTE = (
+    "model_type {family!r} is outside kubetune's architecture table: shapes from the config's "
+    "standard fields, activation memory as for a Llama-like layer"
+)
+_NO_HEADERS_NOTE = (
+    "no safetensors headers were read (not a local model directory), so its parameter count, "
+    "largest layer and LoRA targets are Llama-like assumptions too"
+)
+
+
+def linears_from_block(tensors: tuple[tuple[str, tuple[int, ...]], ...]) -> tuple[LinearShape, ...]:
+    """The linear layers of a decoder block from its tensors (name inside the block, shape):
+    every 2-D ``<module>.weight`` (``nn.Linear`` stores ``[out, in]``), with a bias where the
+    block has ``<module>.bias``."""
+    names = {name for name, _ in tensors}
+    return tuple(
+        LinearShape(
+            name=name.removesuffix(".weight"),
+            in_features=shape[1],
+            out_features=shape[0],
+            bias=name.removesuffix(".weight") + ".bias" in names,
+        )
+        for name, shape in tensors
+        if name.endswith(".weight") and len(shape) == 2
+    )
+
+
+def with_weight_counts(arch: ModelArch, counts: WeightCounts) -> ModelArch:
+    """The architecture with what the safetensors headers say: the exact parameter count
+    (any family) and, for a family outside the table, its largest tensor, its first decoder
+    layer's parameters and linear layers (which LoRA targets). A quantized checkpoint's
+    integer tensors are not parameter counts, so its headers are not used."""
+    if counts.non_float:
+        return replace(
+            arch,
+            notes=(
+                *arch.notes,
+                f"the safetensors headers hold integer tensors ({counts.non_float[0]}...: a "
+                "quantized checkpoint), so the parameter count comes from the config's shapes",
+            ),
+        )
+    shaped = arch.total_parameters
+    if arch.in_table:
+        if counts.parameters == shaped:
+            return arch
+        note = (
+            f"{counts.parameters:,} parameters from the safetensors headers, which the plan "
+            f"uses; the config's shapes give {shaped:,}"
+        )
+        return replace(arch, counted_parameters=counts.parameters, notes=(*arch.notes, note))
+    linears = linears_from_block(counts.first_layer_tensors)
+    found = (
+        f"{counts.parameters:,} parameters and block 0's {len(linears)} linear layers (the "
+        "LoRA targets) from the safetensors headers"
+        if linears
+        else f"{counts.parameters:,} parameters from the safetensors headers, but no decoder "
+        "block with 2-D weights in them: its layers and LoRA targets are Llama-like assumptions"
+    )
+    notes = tuple(n for n in arch.notes if n != _NO_HEADERS_NOTE)
+    return replace(
+        arch,
+        counted_parameters=counts.parameters,
+        largest_tensor=counts.largest_tensor,
+        counted_layer_parameters=counts.first_layer if linears else 0,
+        counted_final_norm=counts.final_norm if linears else 0,
+        header_linears=linears,
+        notes=(*notes, found),
+    )
+
+
 def _llama_like(config: Mapping[str, Any], family: str, origin: str, name: str) -> ModelArch:
     hidden = _require_int(config, "hidden_size", origin)
     heads = _require_int(config, "num_attention_heads", origin)
     attention_bias = _bool(config, "attention_bias", False, origin)
+    tied_default = family in _TIED_BY_DEFAULT
     return ModelArch(
         name=name,
         family=family,
@@ -268,13 +433,14 @@ def _llama_like(config: Mapping[str, Any], family: str, origin: str, name: str) 
         head_dim=_head_dim(config, hidden, heads, origin),
         vocab_size=_require_int(config, "vocab_size", origin),
         max_positions=_require_int(config, "max_position_embeddings", origin),
-        tie_word_embeddings=_bool(config, "tie_word_embeddings", False, origin),
+        tie_word_embeddings=_bool(config, "tie_word_embeddings", tied_default, origin),
         gated_mlp=True,
         norm="rms",
         # Qwen2 always has q/k/v biases and no output bias; Llama has attention_bias.
         qkv_bias=True if family == "qwen2" else attention_bias,
         output_bias=False if family == "qwen2" else attention_bias,
         mlp_bias=_bool(config, "mlp_bias", False, origin),
+        qk_norm=family == "qwen3",
     )
 
 

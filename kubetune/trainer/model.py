@@ -3,12 +3,15 @@ Partial)."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, TypeVar
 
 from kubetune.api.plan import PlanDocument
 from kubetune.trainer.config import TrainerConfigError
+
+log = logging.getLogger("kubetune.trainer")
 
 
 def model_location(uri: str) -> tuple[str, str | None]:
@@ -46,29 +49,103 @@ def load_model(location: str, revision: str | None = None, dtype: Any = None) ->
     )
 
 
-def _linear_names(model: Any) -> set[str]:
+def _lora_names(peft_model: Any) -> list[str]:
+    """The last names of the modules peft wrapped (``BaseTuner.targeted_module_names``)."""
+    names = peft_model.base_model.targeted_module_names
+    return sorted({str(name).rsplit(".", 1)[-1] for name in names})
+
+
+def _adaptable_names(model: Any) -> list[str]:
+    """The last names of the modules peft's own "all-linear" rule selects (``nn.Linear`` and
+    transformers' ``Conv1D``, without the LM head), for an error message: peft has no public
+    function for the rule, so the model is wrapped with ``target_modules="all-linear"`` and the
+    wrapped names are read back. Only called when the run stops anyway (it changes ``model``)."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    try:
+        wrapped = get_peft_model(
+            model, LoraConfig(task_type=TaskType.CAUSAL_LM, r=1, target_modules="all-linear")
+        )
+    except ValueError:  # peft's NoMatchingPeftModuleError: nothing linear at all
+        return []
+    return _lora_names(wrapped)
+
+
+def _apply_lora(model: Any, wanted: list[str], rank: int, alpha: int, dropout: float) -> Any:
+    """LoRA on the planned target modules, matched by peft's own rules (a module whose name
+    ends in a target; ``nn.Linear``, GPT-2's ``Conv1D`` and the other layer types peft
+    supports). Raises TrainerConfigError naming what the model has when none matches."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    cfg = LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=wanted,
+    )
+    try:
+        wrapped = get_peft_model(model, cfg)
+    except ValueError as err:  # NoMatchingPeftModuleError, or a module type LoRA cannot adapt
+        raise TrainerConfigError(
+            f"none of the LoRA target modules {wanted} can be adapted in this model ({err}); "
+            f"peft's all-linear rule finds {_adaptable_names(model)} "
+            "(set spec.method.lora.targetModules)"
+        ) from err
+    missing = sorted(set(wanted) - set(_lora_names(wrapped)))
+    if missing:
+        log.warning(
+            "LoRA target modules %s are not in this model; adapting %s only",
+            missing,
+            _lora_names(wrapped),
+        )
+    return wrapped
+
+
+#: Where transformers keeps the decoder layers of the families in the planner's table.
+DECODER_STACKS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers")
+#: The name of the norm after the last decoder layer, beside the stack.
+FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "norm_f")
+
+
+def _attribute(obj: Any, path: str) -> Any | None:
+    """``obj.a.b`` for the path ``"a.b"``; None where an attribute is missing."""
+    for part in path.split(".") if path else ():
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _decoder_stack(model: Any) -> tuple[list[Any], Any | None]:
+    """The decoder layers and the final norm (None when the model has none, as OPT-350m).
+    The layers are at one of ``DECODER_STACKS``, else (a family outside the table) the
+    longest ``nn.ModuleList`` of the model; the final norm sits beside them."""
+    for path in DECODER_STACKS:
+        parent_path, _, name = path.rpartition(".")
+        parent = _attribute(model, parent_path)
+        layers = getattr(parent, name, None) if parent is not None else None
+        if layers is not None:
+            return list(layers), _beside(parent)
     import torch
 
-    return {
-        name.rsplit(".", 1)[-1]
+    lists = {
+        name: mod
         for name, mod in model.named_modules()
-        if isinstance(mod, torch.nn.Linear)
+        if isinstance(mod, torch.nn.ModuleList) and len(mod)
     }
+    if not lists:
+        raise TrainerConfigError(
+            "cannot find the decoder layers of this architecture for "
+            "Partial fine-tuning; choose LoRA or Full"
+        )
+    stack = max(lists, key=lambda name: len(lists[name]))
+    return list(lists[stack]), _beside(model.get_submodule(stack.rpartition(".")[0]))
 
 
-def _decoder_layers(model: Any) -> list[Any]:
-    for attr in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
-        obj = model
-        try:
-            for part in attr.split("."):
-                obj = getattr(obj, part)
-        except AttributeError:
-            continue
-        return list(obj)
-    raise TrainerConfigError(
-        "cannot find the decoder layers of this architecture for "
-        "Partial fine-tuning; choose LoRA or Full"
-    )
+def _beside(parent: Any) -> Any | None:
+    """The final norm: the first of ``FINAL_NORMS`` the decoder stack's parent has."""
+    return next((n for a in FINAL_NORMS if (n := getattr(parent, a, None)) is not None), None)
 
 
 def apply_method(model: Any, plan: PlanDocument) -> Any:
@@ -86,24 +163,13 @@ def apply_method(model: Any, plan: PlanDocument) -> Any:
             p.requires_grad_(True)
         return model
     if method == "LoRA":
-        from peft import LoraConfig, TaskType, get_peft_model
-
-        wanted = _planned(hp.lora_target_modules, "loraTargetModules")
-        present = _linear_names(model)
-        targets = [t for t in wanted if t in present]
-        if not targets:
-            raise TrainerConfigError(
-                f"none of the LoRA target modules {wanted} exist in this model; it has "
-                f"{sorted(present)} (set spec.method.lora.targetModules)"
-            )
-        cfg = LoraConfig(
-            task_type=TaskType.CAUSAL_LM,
-            r=_planned(hp.lora_rank, "loraRank"),
-            lora_alpha=_planned(hp.lora_alpha, "loraAlpha"),
-            lora_dropout=_planned(hp.lora_dropout, "loraDropout"),
-            target_modules=targets,
+        return _apply_lora(
+            model,
+            list(_planned(hp.lora_target_modules, "loraTargetModules")),
+            _planned(hp.lora_rank, "loraRank"),
+            _planned(hp.lora_alpha, "loraAlpha"),
+            _planned(hp.lora_dropout, "loraDropout"),
         )
-        return get_peft_model(model, cfg)
     if method == "Prefix":
         from peft import PrefixTuningConfig, TaskType, get_peft_model
 
@@ -111,7 +177,7 @@ def apply_method(model: Any, plan: PlanDocument) -> Any:
         return get_peft_model(
             model, PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=tokens)
         )
-    layers = _decoder_layers(model)  # Partial
+    layers, final_norm = _decoder_stack(model)  # Partial: the top layers and the final norm
     n = _planned(hp.trainable_layers, "trainableLayers")
     if not 1 <= n <= len(layers):  # layers[-0:] or a longer slice would train every layer
         raise TrainerConfigError(
@@ -120,7 +186,7 @@ def apply_method(model: Any, plan: PlanDocument) -> Any:
         )
     for p in model.parameters():
         p.requires_grad_(False)
-    for layer in layers[-n:]:
+    for layer in [*layers[-n:], *([final_norm] if final_norm is not None else [])]:
         for p in layer.parameters():
             p.requires_grad_(True)
     return model

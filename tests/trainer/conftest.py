@@ -43,7 +43,8 @@ MakeRun = Callable[..., Run]
 
 @pytest.fixture
 def make_run(tiny_model: Path, tmp_path: Path) -> MakeRun:
-    """Lay out a run as the operator would (config dir, env), planned by our planner, with
+    """Lay out a run as the operator would (config dir, env), planned by our planner for the
+    tiny Llama (or the model directory `model`), with
     hyperparameters overridden where a test needs a short, fast-learning run."""
     from kubetune.api import parse_job
     from kubetune.planning.job import build_plan
@@ -57,13 +58,15 @@ def make_run(tiny_model: Path, tmp_path: Path) -> MakeRun:
         data: str | None = None,
         hp: dict[str, Any] | None = None,
         spec_extra: dict[str, Any] | None = None,
+        model: Path | None = None,
     ) -> Run:
+        model_dir = model or tiny_model
         train = tmp_path / "train.jsonl"
         train.write_text(
             data if data is not None else "\n".join(json.dumps(r) for r in tiny_rows(rows))
         )
         spec_dict: dict[str, Any] = {
-            "model": {"uri": f"file://{tiny_model}"},
+            "model": {"uri": f"file://{model_dir}"},
             "dataset": {"uri": f"file://{train}"},
             "method": {"type": method, **({"lora": {"dropout": 0.0}} if method == "LoRA" else {})},
             "resources": {"numNodes": 1, "gpusPerNode": 0},
@@ -87,13 +90,13 @@ def make_run(tiny_model: Path, tmp_path: Path) -> MakeRun:
                 "spec": spec_dict,
             }
         ).spec
-        config = json.loads((tiny_model / "config.json").read_text())
+        config = json.loads((model_dir / "config.json").read_text())
         plan = build_plan(
             spec,
             train.read_bytes(),
             str(train),
             config,
-            str(tiny_model),
+            str(model_dir),
             (8.0, "test"),
             cpu_processes=nproc,
         ).to_json()
@@ -107,7 +110,7 @@ def make_run(tiny_model: Path, tmp_path: Path) -> MakeRun:
         (cfg / "plan.json").write_text(json.dumps(plan))
         env = {
             **os.environ,
-            "KUBETUNE_MODEL_PATH": str(tiny_model),
+            "KUBETUNE_MODEL_PATH": str(model_dir),
             "KUBETUNE_DATASET_PATH": str(train),
             "KUBETUNE_OUTPUT_PATH": str(out),
             "KUBETUNE_TERMINATION_MESSAGE_PATH": str(tmp_path / "termination.json"),

@@ -106,3 +106,28 @@ def test_zero3_agrees_with_deepspeed(
     ours = deepspeed_comparable_model_states(p, largest, 3, offload, gpn, nodes, zero_init)
     assert _close(ours.gpu, ds_gpu), (ours.gpu, ds_gpu)
     assert _close(ours.cpu, ds_cpu), (ours.cpu, ds_cpu)
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_the_estimators_inputs_are_deepspeeds_measure_of_the_built_model(name: str) -> None:
+    """The two figures fed to the estimators above are what DeepSpeed's ``model_to_params``
+    measures on the model transformers builds from the same config (on the meta device, so
+    no weights are allocated; ``parameters()`` counts a tied weight once, as DeepSpeed's
+    ``data_ptr`` dedup does, which cannot run on meta tensors): the unique parameters and
+    the largest module's own parameters."""
+    import json
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = bundled_architectures()[name]
+    fields = json.loads(path.read_text())
+    config = AutoConfig.for_model(
+        **{k: v for k, v in fields.items() if k not in ("_name_or_path", "architectures")}
+    )
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+    total = sum(p.numel() for p in model.parameters())
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    arch = load_model_arch(path)
+    assert (arch.total_parameters, arch.largest_layer_parameters) == (total, largest)

@@ -4,13 +4,15 @@ model configs, the spec -> PlanRequest mapping, and the whole plan from JSONL te
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kubetune.api import FineTuneJobSpec
 from kubetune.data import DataError
-from kubetune.planning import Method, Offload, bundled_architectures
+from kubetune.planning import Method, ModelConfigError, Offload, bundled_architectures
 from kubetune.planning.job import (
     CPU_PROCESS_MEMORY_GIB,
     build_plan,
@@ -502,3 +504,84 @@ def test_hyperparameters_the_planner_does_not_take_are_applied_with_a_reason() -
         r.startswith("Set by spec.hyperparameters: gradient accumulation 4")
         for r in plan["reasons"]
     )
+
+
+def test_a_family_outside_the_table_is_planned_from_its_safetensors_headers(
+    tmp_path: Path,
+) -> None:
+    """The whole plan for a model_type kubetune has no table entry for, in a local model
+    directory: the count and the LoRA targets are the headers', and the model.shapes
+    decision says what was read and what assumed."""
+    from tests.unit.test_planning_model import OUTSIDE, _olmo_like_block, _safetensors
+
+    config = {**OUTSIDE, "num_key_value_heads": 2}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    tensors = {
+        "model.embed_tokens.weight": [100, 64],
+        "model.norm.weight": [64],
+        "lm_head.weight": [100, 64],
+        **_olmo_like_block(0),
+        **_olmo_like_block(1),
+    }
+    _safetensors(tmp_path / "model.safetensors", tensors)
+    spec = make_spec(method={"type": "LoRA"})
+    plan = build_plan(spec, jsonl(pc_rows(20)), "t", config, f"file://{tmp_path}", GPU)
+    assert plan.total_parameters == sum(math.prod(shape) for shape in tensors.values())
+    targets = plan.hyperparameters.lora_target_modules
+    assert targets is not None
+    assert sorted(targets) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    shapes = plan.decision("model.shapes")
+    assert shapes is not None
+    assert "'newfamily' is outside kubetune's architecture table" in shapes.sentence
+    assert "7 linear layers (the LoRA targets) from the safetensors headers" in shapes.sentence
+    keys = [d.key for d in plan.decisions]
+    assert keys.index("model.shapes") == keys.index("gpuMemory") + 1
+    # Without the weights (a hub source): the same family on Llama-like assumptions, said so.
+    hub = build_plan(spec, jsonl(pc_rows(20)), "t", config, "hf://org/new", GPU)
+    hub_shapes = hub.decision("model.shapes")
+    assert hub_shapes is not None
+    assert "no safetensors headers were read" in hub_shapes.sentence
+    # A bad header stops planning naming the model source and the file.
+    (tmp_path / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00[]")
+    with pytest.raises(ModelConfigError, match=r"file://.*model\.safetensors.*not a JSON object"):
+        build_plan(spec, jsonl(pc_rows(20)), "t", config, f"file://{tmp_path}", GPU)
+
+
+def test_a_large_auto_plan_of_a_family_outside_the_table_fits_the_prepare_message(
+    tmp_path: Path,
+) -> None:
+    """The model.shapes decision travels in the prepare pod's termination message with the
+    rest of the plan: a 2 x 8 GPU Auto plan of a 7B model outside the table (its alternative
+    included) still fits and reads back."""
+    from kubetune.api.plan import PlanDocument
+    from kubetune.contract import TERMINATION_LIMIT_BYTES, decode_prepare_message
+    from kubetune.prepare import encode_message
+    from tests.unit.test_planning_model import _safetensors
+
+    config = json.loads(bundled_architectures()["llama-2-7b"].read_text())
+    config["model_type"] = "a_family_with_a_long_name"
+    h, inner, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    tensors = {"model.embed_tokens.weight": [vocab, h], "model.norm.weight": [h]}
+    tensors["lm_head.weight"] = [vocab, h]
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        tensors.update({p + f"self_attn.{n}.weight": [h, h] for n in ("q_proj", "k_proj")})
+        tensors.update({p + f"self_attn.{n}.weight": [h, h] for n in ("v_proj", "o_proj")})
+        tensors.update({p + f"mlp.{n}.weight": [inner, h] for n in ("gate_proj", "up_proj")})
+        tensors[p + "mlp.down_proj.weight"] = [h, inner]
+        tensors.update(
+            {p + f"{n}.weight": [h] for n in ("input_layernorm", "post_attention_layernorm")}
+        )
+    _safetensors(tmp_path / "model.safetensors", tensors)
+    spec = make_spec(resources={"gpusPerNode": 8, "numNodes": 2})
+    rows = [
+        {"prompt": f"What is herb {i}?", "completion": f" Herb {i}: a plant."} for i in range(200)
+    ]
+    plan = build_plan(spec, jsonl(rows), "t", config, str(tmp_path), (80.0, "given"))
+    assert plan.alternative is not None
+    assert plan.decision("model.shapes") is not None
+    message = encode_message({"plan": plan.to_compact_json()})
+    assert len(message.encode()) <= TERMINATION_LIMIT_BYTES
+    assert PlanDocument.from_compact_json(decode_prepare_message(message)["plan"]) == plan

@@ -31,18 +31,27 @@ class Module:
 
 
 class Decoder:
-    def __init__(self, layers: list[Module]) -> None:
+    def __init__(self, layers: list[Module], norm: Module | None) -> None:
         self.layers = layers
+        if norm is not None:
+            self.norm = norm
 
 
 class CausalLM(Module):
-    """`model.layers` as Llama-style models name them, plus an embedding and a head."""
+    """`model.layers` as Llama-style models name them, the final `model.norm` (unless
+    `norm` is false), an embedding and a head."""
 
-    def __init__(self, num_layers: int) -> None:
-        self.embed, self.head = Param(), Param()
-        self.model = Decoder([Module(Param(), Param()) for _ in range(num_layers)])
+    def __init__(self, num_layers: int, norm: bool = True) -> None:
+        self.embed, self.head, self.norm = Param(), Param(), Param()
+        self.model = Decoder(
+            [Module(Param(), Param()) for _ in range(num_layers)],
+            Module(self.norm) if norm else None,
+        )
         super().__init__(
-            self.embed, *(p for layer in self.model.layers for p in layer.parameters()), self.head
+            self.embed,
+            *(p for layer in self.model.layers for p in layer.parameters()),
+            self.norm,
+            self.head,
         )
 
 
@@ -51,11 +60,17 @@ def trained_layers(model: CausalLM) -> list[bool]:
 
 
 @pytest.mark.parametrize("layers", [1, 3, 6])
-def test_partial_trains_exactly_the_planned_top_layers(layers: int) -> None:
-    model = CausalLM(6)
+@pytest.mark.parametrize("norm", [True, False])
+def test_partial_trains_exactly_the_planned_top_layers_and_the_final_norm(
+    layers: int, norm: bool
+) -> None:
+    """As the planner counts Partial (``partial_parameters``): the top layers and the norm
+    after them, which a model without one (OPT-350m) does not have."""
+    model = CausalLM(6, norm)
     plan = plan_document(method="Partial", hyperparameters={"trainableLayers": layers})
     assert apply_method(model, plan) is model
     assert trained_layers(model) == [False] * (6 - layers) + [True] * layers
+    assert model.norm.requires_grad is norm
     assert not model.embed.requires_grad
     assert not model.head.requires_grad
 
