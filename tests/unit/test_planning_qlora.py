@@ -61,7 +61,7 @@ def gib_figures(sentence: str) -> list[float]:
 
 def test_double_quantisation_costs_0_127_bits_per_weight_as_the_qlora_paper_says() -> None:
     # Dettmers et al. 2023, section 3: 8/64 + 32/(64*256) = 0.127 bits instead of 0.5.
-    assert CONSTANT_BITS == pytest.approx(0.127, abs=5e-4)
+    assert pytest.approx(0.127, abs=5e-4) == CONSTANT_BITS
 
 
 def test_llama_3_8b_quantises_its_decoder_linears_and_keeps_the_rest_in_fp32() -> None:
@@ -95,8 +95,10 @@ def test_an_8b_model_on_one_24_gib_gpu_plans_qlora_under_auto_and_states_its_est
     a = arch("llama-3-8b")
     plan = make_plan(long_data(), a, ONE_24)
     assert plan.method is Method.QLORA
-    assert plan.fits and plan.error is None
-    assert plan.zero_stage == 0 and plan.offload is Offload.NONE
+    assert plan.fits
+    assert plan.error is None
+    assert plan.zero_stage == 0
+    assert plan.offload is Offload.NONE
     mem = plan.memory
     assert mem.per_gpu <= mem.usable
     # The frozen base is the 4-bit one, the LoRA states come on top.
@@ -104,10 +106,12 @@ def test_an_8b_model_on_one_24_gib_gpu_plans_qlora_under_auto_and_states_its_est
     assert mem.model_states == quantised_base_bytes(a) + lora_states
     # The fallback says LoRA's need, the switch says both and the base's bytes.
     fallback = decision(plan, "memory.fallback")
-    assert fallback is not None and fallback.value == "LoRA"
+    assert fallback is not None
+    assert fallback.value == "LoRA"
     assert "Falling back to QLoRA (rank 16, 4-bit NF4 base)" in fallback.sentence
     switch = decision(plan, "method.quantised")
-    assert switch is not None and switch.value == "QLoRA"
+    assert switch is not None
+    assert switch.value == "QLoRA"
     lora_need, usable, _gpu, quantised, bf16, qlora_need = gib_figures(switch.sentence)
     assert lora_need > usable >= qlora_need
     assert usable == pytest.approx(mem.usable / GIB, abs=0.05)
@@ -119,13 +123,15 @@ def test_an_8b_model_on_one_24_gib_gpu_plans_qlora_under_auto_and_states_its_est
     assert stated.sentence.startswith("QLoRA (rank 16, 4-bit NF4 base) needs")
     hp = plan.hyperparameters
     assert (hp.quant_type, hp.double_quant, hp.compute_dtype) == ("nf4", True, "bfloat16")
-    assert hp.lora_rank == 16 and hp.lora_use_dora is False
+    assert hp.lora_rank == 16
+    assert hp.lora_use_dora is False
     assert decision(plan, "quantization") is not None
 
 
 def test_auto_keeps_lora_when_it_fits() -> None:
     plan = make_plan(long_data(longest=256), arch("llama-3-8b"), ONE_24)
-    assert plan.method is Method.LORA and plan.fits
+    assert plan.method is Method.LORA
+    assert plan.fits
     assert decision(plan, "method.quantised") is None
     assert plan.hyperparameters.quant_type is None
 
@@ -133,7 +139,8 @@ def test_auto_keeps_lora_when_it_fits() -> None:
 def test_when_qlora_does_not_fit_either_the_error_gives_its_need() -> None:
     plan = make_plan(long_data(), arch("llama-3-70b"), ONE_24)
     assert not plan.fits
-    assert plan.error is not None and plan.error.startswith("No method fits: QLoRA (rank 16")
+    assert plan.error is not None
+    assert plan.error.startswith("No method fits: QLoRA (rank 16")
     # 70B in 4 bits is still about 36 GiB.
     assert plan.memory.per_gpu > 30 * GIB
 
@@ -151,7 +158,9 @@ def test_explicit_qlora_on_gpus_of_any_size_plans_zero_0() -> None:
         Resources(gpus_per_node=4, gpu_memory_gib=80),
         PlanRequest(method=Method.QLORA),
     )
-    assert plan.method is Method.QLORA and plan.zero_stage == 0 and plan.fits
+    assert plan.method is Method.QLORA
+    assert plan.zero_stage == 0
+    assert plan.fits
     assert "requested explicitly" in decision(plan, "method").sentence
 
 
@@ -194,23 +203,27 @@ def plan_for(spec: FineTuneJobSpec, gpus: int = 1) -> dict[str, Any]:
 
 def test_the_spec_qlora_and_dora_settings_reach_the_plan() -> None:
     spec = make_spec(method={"type": "QLoRA", "lora": {"rank": 4, "useDora": True}})
-    assert spec.method.lora is not None and spec.method.lora.use_dora is True
+    assert spec.method.lora is not None
+    assert spec.method.lora.use_dora is True
     plan = plan_for(spec)
     assert plan["method"] == "QLoRA"
     hp = plan["hyperparameters"]
-    assert hp["loraRank"] == 4 and hp["loraUseDora"] is True
+    assert hp["loraRank"] == 4
+    assert hp["loraUseDora"] is True
     assert (hp["quantType"], hp["doubleQuant"], hp["computeDtype"]) == ("nf4", True, "bfloat16")
 
 
 def test_qlora_on_the_cpu_computes_in_fp32() -> None:
     spec = make_spec(method={"type": "QLoRA"}, resources={"gpusPerNode": 0})
     hp = plan_for(spec)["hyperparameters"]
-    assert hp["computeDtype"] == "float32" and hp["loraUseDora"] is False
+    assert hp["computeDtype"] == "float32"
+    assert hp["loraUseDora"] is False
 
 
 def test_dora_on_plain_lora_keeps_a_bf16_base() -> None:
     hp = plan_for(make_spec(method={"type": "LoRA", "lora": {"useDora": True}}))["hyperparameters"]
-    assert hp["loraUseDora"] is True and hp["quantType"] is None
+    assert hp["loraUseDora"] is True
+    assert hp["quantType"] is None
 
 
 @pytest.mark.parametrize(
@@ -263,7 +276,8 @@ def test_bitsandbytes_versions(version: str | None, accelerator: str, problem: s
     if problem is None:
         assert said is None
     else:
-        assert said is not None and problem in said
+        assert said is not None
+        assert problem in said
 
 
 def test_version_tuple() -> None:
