@@ -57,6 +57,7 @@ def make_run(tiny_model: Path, tmp_path: Path) -> MakeRun:
         data: str | None = None,
         hp: dict[str, Any] | None = None,
         spec_extra: dict[str, Any] | None = None,
+        lora: dict[str, Any] | None = None,
     ) -> Run:
         train = tmp_path / "train.jsonl"
         train.write_text(
@@ -65,7 +66,14 @@ def make_run(tiny_model: Path, tmp_path: Path) -> MakeRun:
         spec_dict: dict[str, Any] = {
             "model": {"uri": f"file://{tiny_model}"},
             "dataset": {"uri": f"file://{train}"},
-            "method": {"type": method, **({"lora": {"dropout": 0.0}} if method == "LoRA" else {})},
+            "method": {
+                "type": method,
+                **(
+                    {"lora": {"dropout": 0.0, **(lora or {})}}
+                    if method in ("LoRA", "QLoRA")
+                    else {}
+                ),
+            },
             "resources": {"numNodes": 1, "gpusPerNode": 0},
             "deepspeed": {"zeroStage": zero},
             "earlyStopping": {"enabled": False},

@@ -1,0 +1,140 @@
+"""QLoRA and DoRA on the CPU: a 4-bit NF4 base (bitsandbytes' CPU path) with LoRA, and DoRA
+adapters, train (the loss falls), save an adapter, load it back and merge it into the
+full-precision base; the diagnostics probe the quantised model."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from tests.trainer.conftest import MakeRun, Run
+from tests.trainer.test_trainer import FAST_LORA, _assert_learned, _train
+
+pytestmark = pytest.mark.trainer
+
+pytest.importorskip("bitsandbytes")
+
+IDS = [[1, 5, 9, 12, 20, 31, 7, 3]]
+
+
+def _probe_spec() -> dict[str, Any]:
+    return {"diagnostics": {"memorizationSamples": 8, "prefixTokens": 4, "maxOverhead": 0.5}}
+
+
+def _quantised_base(path: str) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    return AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=config, device_map={"": "cpu"}
+    )
+
+
+def _logits(model: Any) -> Any:
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(IDS)).logits
+
+
+def _loss(model: Any, run: Run) -> float:
+    """The mean loss on the completion tokens of the first training rows, as trained."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from kubetune.trainer.data import TokenizedDataset, read_examples
+
+    tok = AutoTokenizer.from_pretrained(run.env["KUBETUNE_MODEL_PATH"])
+    _, examples = read_examples(run.env["KUBETUNE_DATASET_PATH"], None)
+    rows = TokenizedDataset(examples[:16], tok, 128)
+    model.eval()
+    losses = []
+    with torch.no_grad():
+        for i in range(len(rows)):
+            row = rows[i]
+            ids, labels = torch.tensor([row["input_ids"]]), torch.tensor([row["labels"]])
+            losses.append(float(model(input_ids=ids, labels=labels).loss))
+    return sum(losses) / len(losses)
+
+
+def _probed(run: Run) -> None:
+    """The diagnostics ran on the quantised model: base figures and probes at evaluations."""
+    report = json.loads((run.output / "report.json").read_text())
+    assert report["history"][0]["phase"] == "base"
+    assert report["history"][0]["general_perplexity_base"] > 1
+    probed = [r for r in report["history"] if "memorization_rate_train" in r]
+    assert probed, "no evaluation ran the memorisation probe"
+
+
+def test_qlora_trains_saves_loads_and_merges_into_the_full_precision_base(
+    make_run: MakeRun,
+) -> None:
+    run = make_run(method="QLoRA", hp=FAST_LORA, spec_extra=_probe_spec())
+    hp = run.plan["hyperparameters"]
+    assert run.plan["method"] == "QLoRA"
+    assert (hp["quantType"], hp["doubleQuant"], hp["computeDtype"]) == ("nf4", True, "float32")
+    _train(run)
+    _assert_learned(run)
+    _probed(run)
+    final = run.output / "final"
+    adapter = json.loads((final / "adapter_config.json").read_text())
+    assert adapter["use_dora"] is False
+    assert (final / "adapter_model.safetensors").exists()
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from kubetune.trainer.merge import merge_adapter
+
+    base_path = run.env["KUBETUNE_MODEL_PATH"]
+    # Loaded back as it trained: the adapter on the 4-bit base.
+    qlora = PeftModel.from_pretrained(_quantised_base(base_path), str(final))
+    assert any(type(m).__name__ == "Linear4bit" for m in qlora.modules())
+    # Merged into the full-precision base, not into the 4-bit weights.
+    merged: Any = AutoModelForCausalLM.from_pretrained(str(merge_adapter(run.output)))
+    assert not any(type(m).__name__ == "Linear4bit" for m in merged.modules())
+    assert next(merged.parameters()).dtype.is_floating_point
+    full = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), str(final))
+    import torch
+
+    # The merge is exact against the adapter on the full-precision base ...
+    assert torch.allclose(_logits(full), _logits(merged), atol=1e-4)
+    # ... and within the 4-bit rounding of the model that trained: the same next tokens
+    # almost everywhere and a loss on the training rows within 10%.
+    agree = (_logits(qlora).argmax(-1) == _logits(merged).argmax(-1)).float().mean()
+    assert agree >= 0.75, f"merged and QLoRA models agree on {agree:.0%} of next tokens"
+    trained, merged_loss = _loss(qlora, run), _loss(merged, run)
+    assert merged_loss == pytest.approx(trained, rel=0.10)
+    assert merged_loss < 0.8 * _loss(AutoModelForCausalLM.from_pretrained(base_path), run)
+
+
+@pytest.mark.parametrize("method", ["LoRA", "QLoRA"])
+def test_dora_trains_saves_loads_and_merges(make_run: MakeRun, method: str) -> None:
+    run = make_run(method=method, hp=FAST_LORA, lora={"useDora": True})
+    assert run.plan["hyperparameters"]["loraUseDora"] is True
+    _train(run)
+    _assert_learned(run)
+    final = run.output / "final"
+    assert json.loads((final / "adapter_config.json").read_text())["use_dora"] is True
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from kubetune.trainer.merge import merge_adapter
+
+    base_path = run.env["KUBETUNE_MODEL_PATH"]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), str(final))
+    assert any("lora_magnitude_vector" in n for n, _ in model.named_parameters())
+    merged: Any = AutoModelForCausalLM.from_pretrained(str(merge_adapter(run.output)))
+    import torch
+
+    assert torch.allclose(_logits(model), _logits(merged), atol=1e-4)
