@@ -1,6 +1,7 @@
 """QLoRA and DoRA on the CPU: a 4-bit NF4 base (bitsandbytes' CPU path) with LoRA, and DoRA
 adapters, train (the loss falls), save an adapter, load it back and merge it into the
-full-precision base; the diagnostics probe the quantised model."""
+full-precision base; the diagnostics probe the quantised model; two processes train QLoRA
+with plain data parallelism (no DeepSpeed)."""
 
 from __future__ import annotations
 
@@ -138,3 +139,13 @@ def test_dora_trains_saves_loads_and_merges(make_run: MakeRun, method: str) -> N
     import torch
 
     assert torch.allclose(_logits(model), _logits(merged), atol=1e-4)
+
+
+def test_two_process_qlora_trains_with_plain_data_parallelism(make_run: MakeRun) -> None:
+    # Two processes double the batch and halve the steps: train twice the epochs.
+    run = make_run(method="QLoRA", nproc=2, hp={**FAST_LORA, "epochs": 10})
+    assert run.plan["zeroStage"] == 0
+    assert run.plan["gpusPerNode"] == 2
+    _train(run)
+    _assert_learned(run)
+    assert (run.output / "final" / "adapter_model.safetensors").exists()
