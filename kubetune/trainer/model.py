@@ -142,8 +142,15 @@ def apply_method(model: Any, plan: PlanDocument) -> Any:
     """Wrap or freeze the model as the plan says; returns the model to train."""
     previous = plan.remedies.from_ if plan.remedies is not None else None
     if previous:  # an incremental update: a previous adapter keeps training as it is
-        from kubetune.trainer.remedies.previous import load_previous
+        from kubetune.trainer.remedies.previous import load_previous, previous_output
 
+        if plan.method == "QLoRA":
+            if not (previous_output(str(previous)) / "adapter_config.json").exists():
+                raise TrainerConfigError(
+                    "spec.model.from: QLoRA continues a previous adapter only; this output "
+                    "holds full weights, which would load unquantised: choose LoRA or Full"
+                )
+            model = _prepare_quantised(model, [], plan.hyperparameters.gradient_checkpointing)
         model, is_adapter = load_previous(model, str(previous))
         if is_adapter:
             return model

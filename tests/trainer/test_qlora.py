@@ -6,6 +6,7 @@ with plain data parallelism (no DeepSpeed)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,7 +25,9 @@ def _probe_spec() -> dict[str, Any]:
     return {"diagnostics": {"memorizationSamples": 8, "prefixTokens": 4, "maxOverhead": 0.5}}
 
 
-def _quantised_base(path: str) -> Any:
+def _quantised_base(path: str, dtype: Any = None) -> Any:
+    """The base in 4 bits as the trainer loads it on the CPU (its other parameters in
+    `dtype`, default the checkpoint's)."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -35,7 +38,7 @@ def _quantised_base(path: str) -> Any:
         bnb_4bit_compute_dtype=torch.float32,
     )
     return AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=config, device_map={"": "cpu"}
+        path, quantization_config=config, device_map={"": "cpu"}, dtype=dtype
     )
 
 
@@ -149,3 +152,42 @@ def test_two_process_qlora_trains_with_plain_data_parallelism(make_run: MakeRun)
     _train(run)
     _assert_learned(run)
     assert (run.output / "final" / "adapter_model.safetensors").exists()
+
+
+def test_an_incremental_qlora_run_continues_the_previous_adapter_on_the_4_bit_base(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from kubetune.trainer.config import TrainerConfigError
+    from kubetune.trainer.model import apply_method
+    from tests.plans import plan_document
+
+    lora = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model),
+        LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, target_modules=["q_proj", "v_proj"]),
+    )
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_B" in n:
+                p.fill_(0.05)
+    lora.save_pretrained(str(tmp_path / "prev" / "final"))
+    plan = plan_document(method="QLoRA", remedies={"from": f"file://{tmp_path / 'prev'}"})
+    base = _quantised_base(str(tiny_model), dtype=torch.bfloat16)
+    assert base.get_input_embeddings().weight.dtype == torch.bfloat16
+    model = apply_method(base, plan)
+    b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert b
+    assert all(p.requires_grad and torch.all(p == 0.05) for p in b)
+    # prepare_model_for_kbit_training ran: what is not 4-bit is fp32 and frozen.
+    embed = model.get_input_embeddings().weight
+    assert embed.dtype == torch.float32
+    assert not embed.requires_grad
+    assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
+    # Full weights would load unquantised: refused, naming the field.
+    AutoModelForCausalLM.from_pretrained(tiny_model).save_pretrained(tmp_path / "full" / "final")
+    plan = plan_document(method="QLoRA", remedies={"from": str(tmp_path / "full")})
+    with pytest.raises(TrainerConfigError, match=r"spec\.model\.from: QLoRA continues"):
+        apply_method(_quantised_base(str(tiny_model)), plan)
