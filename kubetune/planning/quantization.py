@@ -44,8 +44,9 @@ QUANT_TYPE = "nf4"
 DOUBLE_QUANT = True
 #: The ZeRO stages kubetune runs QLoRA with (plain data parallelism over the GPUs).
 QLORA_ZERO_STAGES = (0,)
-#: The first bitsandbytes release with the native CPU 4-bit path (bitsandbytes PR #1628,
-#: "Enable CPU/XPU native and ipex path", May 2025); 0.50.2 measured here trains through it.
+#: The first bitsandbytes release with the native CPU 4-bit path (bitsandbytes PRs #1602,
+#: "Add simple op implementations for CPU", and #1628, "Enable CPU/XPU native and ipex path",
+#: April-May 2025, NF4 only); 0.50.2 is what the tests train through on the CPU.
 BITSANDBYTES_CPU_VERSION = (0, 46)
 #: The oldest bitsandbytes that kubetune's trainer uses for QLoRA on GPUs.
 BITSANDBYTES_MIN_VERSION = (0, 45)
