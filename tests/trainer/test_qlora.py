@@ -191,3 +191,43 @@ def test_an_incremental_qlora_run_continues_the_previous_adapter_on_the_4_bit_ba
     plan = plan_document(method="QLoRA", remedies={"from": str(tmp_path / "full")})
     with pytest.raises(TrainerConfigError, match=r"spec\.model\.from: QLoRA continues"):
         apply_method(_quantised_base(str(tiny_model)), plan)
+
+
+QUANTISED = {"quantType": "nf4", "doubleQuant": True, "computeDtype": "bfloat16"}
+
+
+def test_the_trainer_builds_the_planned_4_bit_config_or_refuses_naming_the_field(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+
+    from kubetune.trainer import model
+    from kubetune.trainer.config import TrainerConfigError
+    from tests.plans import plan_document
+
+    plan = plan_document(method="QLoRA", hyperparameters=QUANTISED)
+    config = model.quantization_config(plan, cuda=False)
+    assert config.load_in_4bit
+    assert config.bnb_4bit_quant_type == "nf4"
+    assert config.bnb_4bit_use_double_quant is True
+    assert config.bnb_4bit_compute_dtype == torch.bfloat16  # the plan's, not a default
+    assert model.quantization_config(plan_document(), cuda=False) is None  # LoRA
+    monkeypatch.setattr(model, "bitsandbytes_version", lambda: "0.45.2")
+    assert model.quantization_config(plan, cuda=True) is not None
+    with pytest.raises(TrainerConfigError, match=r"^spec\.method\.type: .* on the CPU needs"):
+        model.quantization_config(plan, cuda=False)
+    bad = plan_document(method="QLoRA", hyperparameters={**QUANTISED, "computeDtype": "int8"})
+    with pytest.raises(TrainerConfigError, match="computeDtype is 'int8'"):
+        model.compute_dtype(bad)
+
+
+def test_qlora_refuses_lora_targets_bitsandbytes_left_unquantised(tiny_model: Path) -> None:
+    from kubetune.trainer.config import TrainerConfigError
+    from kubetune.trainer.model import apply_method
+    from tests.plans import plan_document
+
+    # transformers keeps the LM head in full precision: not a 4-bit layer to adapt.
+    hp = {**QUANTISED, "loraTargetModules": ["q_proj", "lm_head"]}
+    plan = plan_document(method="QLoRA", hyperparameters=hp)
+    with pytest.raises(TrainerConfigError, match=r"spec\.method\.type: .*targets lm_head"):
+        apply_method(_quantised_base(str(tiny_model)), plan)
