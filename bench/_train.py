@@ -121,7 +121,7 @@ def plan_for(case: Case, gpu_memory_gib: float, accelerator: str = "GPU") -> Pla
             gradient_checkpointing=case.gradient_checkpointing,
             micro_batch_size=case.micro_batch,
             max_seq_length=case.seq_len,
-            lora_rank=case.lora_rank if case.method is Method.LORA else None,
+            lora_rank=case.lora_rank if case.method.is_lora else None,
         ),
     )
 
@@ -208,7 +208,7 @@ def run_case(case: Case, plan: dict[str, Any], *, deepspeed_on_cpu: bool = False
 
     from kubetune.trainer.data import Collator
     from kubetune.trainer.dsconfig import deepspeed_config
-    from kubetune.trainer.model import apply_method, count_parameters
+    from kubetune.trainer.model import apply_method, count_parameters, quantization_config
     from kubetune.trainer.setup import load_in_bf16
 
     result = RunResult()
@@ -234,10 +234,14 @@ def run_case(case: Case, plan: dict[str, Any], *, deepspeed_on_cpu: bool = False
     try:
         config = LlamaConfig(**{k: v for k, v in case.config.items() if k != "architectures"})
         dtype = torch.bfloat16 if load_in_bf16(document, bf16) else torch.float32
-        with torch.device("cuda" if cuda else "cpu"):
-            model = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
-                config, dtype=dtype, attn_implementation="sdpa"
-            )
+        quantised = quantization_config(document, cuda)
+        if quantised is not None:
+            model = _quantised_random_model(config, document, quantised, cuda)
+        else:
+            with torch.device("cuda" if cuda else "cpu"):
+                model = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
+                    config, dtype=dtype, attn_implementation="sdpa"
+                )
         model = apply_method(model, document)
         result.trainable, result.total = count_parameters(model)
         if cuda:
@@ -309,6 +313,28 @@ def run_case(case: Case, plan: dict[str, Any], *, deepspeed_on_cpu: bool = False
             torch.cuda.empty_cache()
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _quantised_random_model(config: Any, document: PlanDocument, quantised: Any, cuda: bool) -> Any:
+    """QLoRA's base as the trainer loads it: the random model saved as a bf16 checkpoint and
+    loaded back in 4 bits (``kubetune.trainer.model.load_model``); the full-precision copy is
+    freed before the peak counters are reset."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kubetune.trainer.model import compute_dtype, load_model
+
+    with tempfile.TemporaryDirectory(prefix="kubetune-bench-base-") as base:
+        with torch.device("cuda" if cuda else "cpu"):
+            full = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
+                config, dtype=torch.bfloat16, attn_implementation="sdpa"
+            )
+        full.save_pretrained(base)
+        del full
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        return load_model(base, dtype=compute_dtype(document), quantization=quantised)
 
 
 def predicted_bytes(plan: Plan) -> tuple[int, int]:

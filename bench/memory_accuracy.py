@@ -6,10 +6,10 @@ every bundled architecture, at 1, 8 and 16 (2 nodes x 8) GPUs and every offload 
 Goal: within 5%.
 
 GPU part (only with CUDA): Llama-shaped models of about 0.5B, 1.1B, 3.4B and 8B parameters
-with random weights, Full and LoRA at ZeRO 0/2/3 on one GPU, a few real training steps
-through the trainer's own pieces (bench/_train.py), peak memory measured with
-``torch.cuda.max_memory_allocated``/``max_memory_reserved`` against the plan for exactly
-that configuration. Goal: within 15%, and no plan that claims to fit runs out of memory.
+with random weights, Full and LoRA at ZeRO 0/2/3 and QLoRA (1.1B, 8B) at ZeRO-0 on one GPU, a
+few real training steps through the trainer's own pieces (bench/_train.py), peak memory
+measured with ``torch.cuda.max_memory_allocated``/``max_memory_reserved`` against the plan
+for exactly that configuration. Goal: within 15%, and no plan that claims to fit runs out of memory.
 
     .venv/bin/python bench/memory_accuracy.py            # CPU part, then the GPU part if any
     .venv/bin/python bench/memory_accuracy.py --smoke    # 2 architectures + a tiny CPU run
@@ -157,6 +157,9 @@ def gpu_cases(steps: int) -> list[Any]:
     # Gradient checkpointing (not chosen on a 141 GB GPU at this size), to check its model.
     cases.append(Case("llama-3.4b", LLAMA_SIZES["llama-3.4b"], Method.FULL, 0, seq, 4, True))
     cases.append(Case("llama-8b", LLAMA_SIZES["llama-8b"], Method.LORA, 0, seq, 4, True))
+    # QLoRA (issue 21): the 4-bit base's memory model, at ZeRO-0 as it is planned.
+    for model in ("llama-1.1b", "llama-8b"):
+        cases.append(Case(model, LLAMA_SIZES[model], Method.QLORA, 0, seq, mb, None, 16, steps))
     return cases
 
 
@@ -267,11 +270,12 @@ def gpu_part(budget_s: float, steps: int) -> tuple[str, bool]:
 
 
 def smoke_train() -> str:
-    """The GPU part's code path on CPU: a tiny Llama, 1 step of Full and LoRA, no DeepSpeed."""
+    """The GPU part's code path on CPU: a tiny Llama, 1 step of Full, LoRA and QLoRA (the
+    4-bit base through bitsandbytes' CPU path), no DeepSpeed."""
     from bench._train import TINY_LLAMA, Case, plan_for, run_case
 
     rows = []
-    for method in (Method.FULL, Method.LORA):
+    for method in (Method.FULL, Method.LORA, Method.QLORA):
         case = Case("tiny-llama", TINY_LLAMA, method, 0, 64, 2, None, 8, 1)
         plan = plan_for(case, 4.0, accelerator="CPU")
         r = run_case(case, plan.to_dict())

@@ -270,8 +270,8 @@ def validate(job: Path) -> None:
     help="Where to write the merged model (default: RUN_DIR/merged).",
 )
 def merge_adapter_cmd(run_dir: Path, into: Path | None) -> None:
-    """Merge the LoRA adapter of a finished run (its output directory) into the base
-    model's weights, so the result loads without peft."""
+    """Merge the LoRA, DoRA or QLoRA adapter of a finished run (its output directory) into
+    the base model's unquantised weights, so the result loads without peft."""
     from kubetune.trainer.config import TrainerConfigError
     from kubetune.trainer.merge import merge_adapter
 

@@ -101,6 +101,7 @@ def prepare_local_run(
         val[1] if val else "",
         cpu_processes=nproc,
     )
+    _check_quantisation(plan, "GPU" if gpus else "CPU")
     out = output or _output_dir(spec, name)
     if (out / "report.json").exists() and (out / "plan.json").exists():
         # A finished earlier run: start afresh (an unfinished one is resumed instead).
@@ -164,6 +165,20 @@ def trainer_command(config_dir: Path, nproc: int) -> list[str]:
             *trainer,
         ]
     return [sys.executable, *trainer]
+
+
+def _check_quantisation(plan: PlanDocument, accelerator: str) -> None:
+    """A QLoRA plan needs a bitsandbytes here that runs 4-bit on this machine's device (on
+    the CPU, its CPU path): said before any process starts, naming the field."""
+    if plan.method != "QLoRA":
+        return
+    from kubetune.local_inputs import InputError
+    from kubetune.planning.quantization import bitsandbytes_problem
+    from kubetune.trainer.model import bitsandbytes_version
+
+    problem = bitsandbytes_problem(bitsandbytes_version(), accelerator)
+    if problem is not None:
+        raise InputError(f"spec.method.type: {problem}")
 
 
 def _cuda_devices() -> int:

@@ -27,7 +27,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-ResolvedMethod = Literal["Full", "Partial", "LoRA", "Prefix"]
+ResolvedMethod = Literal["Full", "Partial", "LoRA", "QLoRA", "Prefix"]
 RemedyState = Literal["On", "Off", "Auto"]
 DataFormat = Literal["PromptCompletion", "Chat", "Text"]
 #: The remedies every plan carries, in the order its reasons give them.
@@ -90,6 +90,10 @@ class HyperparametersPlan(PlanSection):
     lora_alpha: int | None = None
     lora_dropout: float | None = None
     lora_target_modules: list[str] | None = None
+    lora_use_dora: bool | None = None
+    quant_type: str | None = None
+    double_quant: bool | None = None
+    compute_dtype: str | None = None
     prefix_tokens: int | None = None
     trainable_layers: int | None = None
 

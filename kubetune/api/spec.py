@@ -31,7 +31,7 @@ from kubetune.api._types import (
     check_uri,
 )
 
-MethodType = Literal["Auto", "Full", "Partial", "LoRA", "Prefix"]
+MethodType = Literal["Auto", "Full", "Partial", "LoRA", "QLoRA", "Prefix"]
 DatasetFormat = Literal["Auto", "Text", "PromptCompletion", "Chat"]
 OffloadType = Literal["Auto", "None", "Optimizer", "OptimizerAndParameters"]
 RemedyMode = Literal["Auto", "On", "Off"]
@@ -94,6 +94,7 @@ class LoRA(SpecModel):
     alpha: Annotated[int, Field(ge=1), WholeFloat] | None = None
     dropout: Annotated[float, Field(ge=0, le=0.9)] | None = None
     target_modules: Annotated[list[Str256], Field(max_length=64)] | None = None
+    use_dora: bool | None = None
 
 
 class Prefix(SpecModel):
@@ -121,10 +122,15 @@ class Method(SpecModel):
 
     @model_validator(mode="after")
     def _settings_match_type(self) -> Self:
-        for field, allowed in (("lora", "LoRA"), ("prefix", "Prefix"), ("partial", "Partial")):
-            if getattr(self, field) is not None and self.type not in (allowed, "Auto"):
+        for field, allowed in (
+            ("lora", ("LoRA", "QLoRA")),
+            ("prefix", ("Prefix",)),
+            ("partial", ("Partial",)),
+        ):
+            if getattr(self, field) is not None and self.type not in (*allowed, "Auto"):
                 raise cel_error(
-                    f"method.{field} can only be set when method.type is {allowed} or Auto",
+                    f"method.{field} can only be set when method.type is "
+                    f"{', '.join(allowed)} or Auto",
                     field_path=field,
                 )
         return self

@@ -15,6 +15,7 @@ from kubetune.api.plan import Decision, HyperparametersPlan
 from kubetune.planning.inputs import DatasetStats, PlanRequest, Resources
 from kubetune.planning.methods import Method, MethodChoice, lora_target_modules
 from kubetune.planning.model import ModelArch
+from kubetune.planning.quantization import DOUBLE_QUANT, QUANT_TYPE
 from kubetune.planning.thresholds import (
     DEFAULT_MAX_SEQ_LENGTH,
     EFFECTIVE_BATCH,
@@ -74,7 +75,7 @@ def learning_rate_for(method: Method, arch: ModelArch, incremental: bool) -> flo
         if incremental:
             return 2e-6 if large else 5e-6
         return 1e-5 if large else 2e-5
-    if method is Method.LORA:
+    if method.is_lora:
         base = 1e-4 if large else 2e-4  # QLoRA: 2e-4 for 7B/13B, 1e-4 for 33B/65B
         return base / 2 if incremental else base
     return 5e-3 if incremental else 1e-2  # prefix tuning (PEFT examples use 1e-2)
@@ -158,6 +159,7 @@ class LoraSettings:
     alpha: int
     dropout: float
     target_modules: tuple[str, ...]
+    use_dora: bool
 
 
 def lora_settings(
@@ -171,6 +173,7 @@ def lora_settings(
         alpha=request.lora_alpha or 2 * rank,
         dropout=dropout if request.lora_dropout is None else request.lora_dropout,
         target_modules=choice.lora_target_modules or lora_target_modules(arch),
+        use_dora=choice.use_dora,
     )
     asked = [
         name
@@ -178,12 +181,14 @@ def lora_settings(
             ("alpha", request.lora_alpha),
             ("dropout", request.lora_dropout),
             ("target modules", request.lora_target_modules),
+            ("DoRA", request.lora_use_dora or None),
         )
         if value is not None
     ]
     dropout_part = "" if request.lora_dropout is None else f", dropout {lora.dropout:g}"
     sentence = (
-        f"LoRA rank {lora.rank}, alpha {lora.alpha}{dropout_part} on "
+        f"{'DoRA' if lora.use_dora else 'LoRA'} rank {lora.rank}, alpha {lora.alpha}"
+        f"{dropout_part} on "
         f"{', '.join(lora.target_modules)} ({arch.family})"
     )
     if request.lora_target_modules is None:
@@ -256,9 +261,22 @@ def build_hyperparameters(
         )
     )
     lora: LoraSettings | None = None
-    if choice.method is Method.LORA:
+    if choice.method.is_lora:
         lora, lora_reason = lora_settings(choice, arch, request, dropout)
         reasons.append(Decision(key="lora", value=str(lora.rank), sentence=lora_reason))
+    quantised = choice.method is Method.QLORA
+    quantised_on_gpu = resources.accelerator == "GPU"
+    compute_dtype = "bfloat16" if quantised_on_gpu else "float32"
+    if quantised:
+        reasons.append(
+            Decision(
+                key="quantization",
+                value=QUANT_TYPE,
+                sentence=f"QLoRA base: 4-bit {QUANT_TYPE.upper()} weights with double "
+                f"quantisation (bitsandbytes), dequantised to {compute_dtype} for each matrix "
+                f"multiply ({'bf16 on GPUs' if quantised_on_gpu else 'the CPU trains in fp32'}).",
+            )
+        )
     hyper = Hyperparameters(
         learning_rate=lr,
         epochs=epochs,
@@ -279,6 +297,10 @@ def build_hyperparameters(
         lora_alpha=None if lora is None else lora.alpha,
         lora_dropout=None if lora is None else lora.dropout,
         lora_target_modules=None if lora is None else list(lora.target_modules),
+        lora_use_dora=None if lora is None else lora.use_dora,
+        quant_type=QUANT_TYPE if quantised else None,
+        double_quant=DOUBLE_QUANT if quantised else None,
+        compute_dtype=compute_dtype if quantised else None,
         prefix_tokens=choice.prefix_tokens if choice.method is Method.PREFIX else None,
         trainable_layers=choice.trainable_layers if choice.method is Method.PARTIAL else None,
     )

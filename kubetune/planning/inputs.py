@@ -7,6 +7,7 @@ from typing import Literal
 
 from kubetune.planning.memory import Offload, check_zero_config
 from kubetune.planning.methods import Method, MethodSettings
+from kubetune.planning.quantization import qlora_setting_problem
 from kubetune.planning.thresholds import DEFAULT_SAFETY_MARGIN
 
 
@@ -98,6 +99,8 @@ class PlanRequest:
     lora_dropout: float | None = None
     lora_target_modules: tuple[str, ...] | None = None
     """Module names to adapt; ``None`` (or empty) means every linear layer of the blocks."""
+    lora_use_dora: bool = False
+    """DoRA adapters (LoRA and QLoRA): a trained magnitude per output feature as well."""
     prefix_tokens: int | None = None
     partial_layers: int | None = None
     """Partial: the number of top decoder layers to train."""
@@ -113,6 +116,10 @@ class PlanRequest:
             object.__setattr__(self, "lora_target_modules", tuple(self.lora_target_modules) or None)
         if self.zero_stage is not None:
             check_zero_config(self.zero_stage, self.offload or Offload.NONE)
+        if self.method is Method.QLORA:
+            problem = qlora_setting_problem(self.zero_stage, self.offload)
+            if problem is not None:
+                raise ValueError(f"{problem[0]}: {problem[1]}")
         if self.micro_batch_size is not None and not 1 <= self.micro_batch_size <= 512:
             raise ValueError("micro-batch size must be between 1 and 512")
         for name in ("max_seq_length", "epochs", "lora_rank", "lora_alpha", "prefix_tokens"):
@@ -141,6 +148,7 @@ class PlanRequest:
         return MethodSettings(
             lora_rank=self.lora_rank,
             lora_target_modules=self.lora_target_modules,
+            lora_use_dora=self.lora_use_dora,
             prefix_tokens=self.prefix_tokens,
             partial_layers=self.partial_layers,
             partial_fraction=self.partial_fraction,

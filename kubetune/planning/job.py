@@ -32,6 +32,7 @@ from kubetune.planning.model import (
     with_weight_counts,
 )
 from kubetune.planning.plan import SURPRISING_DATA_RATIO, make_plan, method_alternative
+from kubetune.planning.quantization import qlora_setting_problem
 from kubetune.planning.remedies import plan_remedies
 from kubetune.planning.weights import WeightsHeaderError, read_weight_counts
 
@@ -150,6 +151,12 @@ def plan_request(spec: FineTuneJobSpec) -> PlanRequest:
     prefix = spec.method.prefix if spec.method else None
     partial = spec.method.partial if spec.method else None
     epochs = hp.epochs if hp and hp.epochs is not None else None
+    if method == "QLoRA":
+        problem = qlora_setting_problem(
+            None if zero == "Auto" else int(zero), None if offload == "Auto" else Offload(offload)
+        )
+        if problem is not None:
+            raise PlanRequestError(f"{problem[0]}: {problem[1]}")
     try:
         return PlanRequest(
             method=None if method is None else Method(method),
@@ -166,6 +173,7 @@ def plan_request(spec: FineTuneJobSpec) -> PlanRequest:
             lora_target_modules=(
                 tuple(lora.target_modules) if lora is not None and lora.target_modules else None
             ),
+            lora_use_dora=bool(lora.use_dora) if lora is not None else False,
             prefix_tokens=prefix.num_virtual_tokens if prefix is not None else None,
             partial_layers=partial.trainable_layers if partial is not None else None,
             partial_fraction=partial.fraction if partial is not None else None,

@@ -101,6 +101,7 @@ def model_state_bytes(
     num_nodes: int = 1,
     zero_init: bool = True,
     cpu_buffer_factor: float = CPU_BUFFER_FACTOR,
+    frozen_bytes: int | None = None,
 ) -> ModelStateBytes:
     """Model-state bytes per GPU and per node's host memory.
 
@@ -108,44 +109,52 @@ def model_state_bytes(
     weights; ``largest_layer`` is the largest module ZeRO-3 gathers at once; ``zero_init``
     means the model is built partitioned (``deepspeed.zero.Init``), which only matters at
     ZeRO-3 (it is what the Hugging Face integration does there).
+
+    ``frozen_bytes`` replaces the frozen weights' ``2 x frozen`` bytes when they are stored
+    otherwise (QLoRA's 4-bit base, ``planning.quantization.quantised_base_bytes``); such a
+    model is quantised tensor by tensor while it loads (transformers loads quantised models
+    with ``low_cpu_mem_usage``), so its host memory is one bf16 layer per local rank.
     """
     check_zero_config(stage, offload)
     if gpus_per_node < 1 or num_nodes < 1:
         raise ValueError("need at least one GPU on at least one node")
     n = gpus_per_node * num_nodes
     t, f = trainable, frozen
+    frozen_total = FROZEN_BYTES * f if frozen_bytes is None else frozen_bytes
     gathered = (BF16_WEIGHT_BYTES + BF16_GRAD_BYTES) * largest_layer
     partitioned_z3 = TRAINABLE_BYTES - BF16_GRAD_BYTES  # 18: no persistent bf16 grad copy
     optimizer_side = FP32_GRAD_BYTES + ADAM_STATE_BYTES  # 16: what optimizer offload moves
 
     if offload is Offload.NONE:
         if stage == 0:
-            gpu = TRAINABLE_BYTES * t + FROZEN_BYTES * f
+            gpu = TRAINABLE_BYTES * t + frozen_total
         elif stage == 1:
             gpu = (BF16_WEIGHT_BYTES + BF16_GRAD_BYTES) * t + int(optimizer_side * t / n)
-            gpu += FROZEN_BYTES * f
+            gpu += frozen_total
         elif stage == 2:
             gpu = BF16_WEIGHT_BYTES * t + int((TRAINABLE_BYTES - BF16_WEIGHT_BYTES) * t / n)
-            gpu += FROZEN_BYTES * f
+            gpu += frozen_total
         else:
-            gpu = gathered + int(partitioned_z3 * t / n) + int(FROZEN_BYTES * f / n)
+            gpu = gathered + int(partitioned_z3 * t / n) + int(frozen_total / n)
         host_steady = 0.0
     elif offload is Offload.OPTIMIZER:
         if stage == 1:
-            gpu = (BF16_WEIGHT_BYTES + BF16_GRAD_BYTES) * t + FROZEN_BYTES * f
+            gpu = (BF16_WEIGHT_BYTES + BF16_GRAD_BYTES) * t + frozen_total
         elif stage == 2:
-            gpu = BF16_WEIGHT_BYTES * t + FROZEN_BYTES * f
+            gpu = BF16_WEIGHT_BYTES * t + frozen_total
         else:
-            gpu = gathered + int(BF16_WEIGHT_BYTES * t / n) + int(FROZEN_BYTES * f / n)
+            gpu = gathered + int(BF16_WEIGHT_BYTES * t / n) + int(frozen_total / n)
         host_steady = optimizer_side * t / num_nodes
     else:
         gpu = gathered
-        host_steady = (partitioned_z3 * t + FROZEN_BYTES * f) / num_nodes
+        host_steady = (partitioned_z3 * t + frozen_total) / num_nodes
 
     # Host memory: every local rank materialises the fp32 model while loading it, unless
     # ZeRO-3's zero.Init builds it partitioned, when only one layer per rank is transient
     # and is freed before any offloaded state exists.
-    if stage == 3 and zero_init:
+    if frozen_bytes is not None:
+        host_load = float(BF16_WEIGHT_BYTES * largest_layer * gpus_per_node)
+    elif stage == 3 and zero_init:
         host_load = 0.0 if host_steady else float(FP32_LOAD_BYTES * largest_layer * gpus_per_node)
     else:
         host_load = float(FP32_LOAD_BYTES * (t + f) * gpus_per_node)

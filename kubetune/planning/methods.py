@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from kubetune.planning.model import ModelArch
+from kubetune.planning.quantization import dora_parameters
 from kubetune.planning.thresholds import (
     LARGE_DATA,
     LORA_RANK_HIGH,
@@ -29,7 +30,13 @@ class Method(StrEnum):
     FULL = "Full"
     PARTIAL = "Partial"
     LORA = "LoRA"
+    QLORA = "QLoRA"
     PREFIX = "Prefix"
+
+    @property
+    def is_lora(self) -> bool:
+        """LoRA adapters, on a bf16 (LoRA) or a 4-bit (QLoRA) base."""
+        return self in (Method.LORA, Method.QLORA)
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,7 @@ class MethodSettings:
 
     lora_rank: int | None = None
     lora_target_modules: tuple[str, ...] | None = None
+    lora_use_dora: bool = False
     prefix_tokens: int | None = None
     partial_layers: int | None = None
     partial_fraction: float | None = None
@@ -54,10 +62,14 @@ class MethodChoice:
     trainable_layers: int | None = None
     lora_target_modules: tuple[str, ...] | None = None
     """The LoRA targets; ``None`` means the family's default (every linear layer)."""
+    use_dora: bool = False
+    """DoRA: the LoRA adapters also train a magnitude per output feature."""
 
     def describe(self) -> str:
-        if self.method is Method.LORA:
-            return f"LoRA (rank {self.lora_rank})"
+        if self.method.is_lora:
+            dora = ", DoRA" if self.use_dora else ""
+            base = ", 4-bit NF4 base" if self.method is Method.QLORA else ""
+            return f"{self.method} (rank {self.lora_rank}{dora}{base})"
         if self.method is Method.PREFIX:
             return f"Prefix ({self.prefix_tokens} virtual tokens)"
         if self.method is Method.PARTIAL:
@@ -157,9 +169,14 @@ def trainable_and_frozen(arch: ModelArch, choice: MethodChoice) -> tuple[int, in
     if choice.method is Method.PARTIAL:
         trainable = partial_parameters(arch, choice.trainable_layers or 0)
         return trainable, total - trainable
-    if choice.method is Method.LORA:
+    if choice.method.is_lora:
         rank = choice.lora_rank or LORA_RANK_SMALL
-        return lora_parameters(arch, rank, choice.lora_target_modules), total
+        trainable = lora_parameters(arch, rank, choice.lora_target_modules)
+        if choice.use_dora:
+            trainable += dora_parameters(
+                arch, choice.lora_target_modules or lora_target_modules(arch)
+            )
+        return trainable, total
     return prefix_parameters(arch, choice.prefix_tokens or PREFIX_TOKENS), total
 
 
@@ -180,11 +197,12 @@ def method_choice(
 ) -> MethodChoice:
     """``method`` with its knobs: the user's settings, else the planner's defaults."""
     s = settings or MethodSettings()
-    if method is Method.LORA:
+    if method.is_lora:
         return MethodChoice(
             method,
             lora_rank=s.lora_rank or band_rank(examples),
             lora_target_modules=lora_targets(arch, s.lora_target_modules),
+            use_dora=s.lora_use_dora,
         )
     if method is Method.PREFIX:
         return MethodChoice(method, prefix_tokens=s.prefix_tokens or PREFIX_TOKENS)

@@ -30,6 +30,7 @@ from kubetune.planning.methods import (
     trainable_and_frozen,
 )
 from kubetune.planning.model import ModelArch
+from kubetune.planning.quantization import qlora_setting_problem
 from kubetune.planning.search import Attempt, SearchResult, gib, search_memory
 from kubetune.planning.sentences import (
     activation_sentences,
@@ -38,6 +39,7 @@ from kubetune.planning.sentences import (
     input_sentences,
     memory_sentence,
     no_fit_error,
+    quantised_sentence,
     zero_sentences,
 )
 
@@ -110,6 +112,13 @@ def _methods(
         sentence = f"Method {request.method} was requested explicitly and is honoured."
         return (choice,), Decision(key="method", value=str(request.method), sentence=sentence)
     candidates, why = candidate_methods(dataset.example_count, model, settings)
+    last = candidates[-1]
+    if (
+        last.method is Method.LORA
+        and qlora_setting_problem(request.zero_stage, request.offload) is None
+    ):
+        # The last resort before "add GPUs": the same adapters on a 4-bit base.
+        candidates = (*candidates, replace(last, method=Method.QLORA))
     return candidates, Decision(key="method", sentence=f"Method by data size: {why}.")
 
 
@@ -126,9 +135,14 @@ def _search(
     last: tuple[MethodChoice, SearchResult] | None = None
     for index, choice in enumerate(candidates):
         result = search_memory(model, choice, resources, request, seq_len, preferred)
-        last = (choice, result)
+        tried, last = last, (choice, result)
         if result.chosen is not None:
             chosen = result.chosen
+            if choice.method is Method.QLORA and tried is not None:
+                sentence = quantised_sentence(model, tried[0], tried[1], chosen, resources)
+                reasons.append(
+                    Decision(key="method.quantised", value=str(choice.method), sentence=sentence)
+                )
             reasons.append(
                 Decision(
                     key="memory",

@@ -13,8 +13,20 @@ from kubetune.planning.memory import (
     estimate_memory,
     model_state_bytes,
 )
-from kubetune.planning.methods import Method, MethodChoice, lora_input_bytes, trainable_and_frozen
+from kubetune.planning.methods import (
+    Method,
+    MethodChoice,
+    lora_input_bytes,
+    lora_target_modules,
+    trainable_and_frozen,
+)
 from kubetune.planning.model import ModelArch
+from kubetune.planning.quantization import (
+    QLORA_ZERO_STAGES,
+    dora_activation_bytes,
+    quantised_base_bytes,
+    transient_weight_bytes,
+)
 
 
 def gib(value: int) -> str:
@@ -144,6 +156,7 @@ def _attempt(
     checkpointing: bool,
 ) -> Attempt:
     trainable, frozen = trainable_and_frozen(arch, choice)
+    quantised = choice.method is Method.QLORA
     states = model_state_bytes(
         trainable=trainable,
         frozen=frozen,
@@ -153,8 +166,15 @@ def _attempt(
         gpus_per_node=resources.gpus_per_node,
         num_nodes=resources.num_nodes,
         zero_init=request.zero_init,
+        frozen_bytes=quantised_base_bytes(arch) if quantised else None,
     )
     layers = choice.trainable_layers if choice.method is Method.PARTIAL else None
+    adapter_bytes = 0
+    if choice.method.is_lora:
+        adapter_bytes = lora_input_bytes(arch, choice.lora_target_modules)
+        if choice.use_dora:
+            targets = choice.lora_target_modules or lora_target_modules(arch)
+            adapter_bytes += dora_activation_bytes(arch, targets)
     activations = activation_bytes(
         arch,
         seq_len,
@@ -162,12 +182,10 @@ def _attempt(
         checkpointing,
         layers_with_grad=layers,
         flash_attention=request.flash_attention,
-        adapter_input_bytes=(
-            lora_input_bytes(arch, choice.lora_target_modules)
-            if choice.method is Method.LORA
-            else 0
-        ),
+        adapter_input_bytes=adapter_bytes,
     )
+    if choice.method.is_lora:
+        activations += transient_weight_bytes(arch, quantised, choice.use_dora)
     cpu = None if resources.cpu_memory_gib is None else int(resources.cpu_memory_gib * GIB)
     memory = estimate_memory(
         states,
@@ -196,6 +214,8 @@ def search_memory(
     """
     offload_allowed = resources.cpu_memory_gib is not None
     ladder = zero_ladder(resources.world_size, request.zero_stage, request.offload, offload_allowed)
+    if choice.method is Method.QLORA:  # 4-bit weights: plain data parallelism only
+        ladder = tuple(z for z in ladder if z[0] in QLORA_ZERO_STAGES and z[1] is Offload.NONE)
     acts = activation_ladder(
         preferred_micro_batch, request.gradient_checkpointing, request.micro_batch_size
     )

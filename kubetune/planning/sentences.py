@@ -4,9 +4,10 @@ the fallback and failure, and the warnings about the data."""
 from __future__ import annotations
 
 from kubetune.planning.inputs import DatasetStats, PlanRequest, Resources
-from kubetune.planning.memory import Offload
-from kubetune.planning.methods import Method, MethodChoice
+from kubetune.planning.memory import FROZEN_BYTES, Offload
+from kubetune.planning.methods import MethodChoice
 from kubetune.planning.model import ModelArch
+from kubetune.planning.quantization import quantised_base_bytes
 from kubetune.planning.search import Attempt, SearchResult, gib
 from kubetune.planning.thresholds import DEFAULT_MAX_SEQ_LENGTH, SEQ_ALIGN, SMALL_DATA
 
@@ -78,6 +79,27 @@ def memory_sentence(choice: MethodChoice, attempt: Attempt, resources: Resources
         f"micro-batch {attempt.micro_batch}; {gib(mem.usable)} of "
         f"{resources.gpu_memory_gib:g} GiB is usable per {resources.accelerator} with a "
         f"{(mem.gpu_memory - mem.usable) / mem.gpu_memory:.0%} margin."
+    )
+
+
+def quantised_sentence(
+    model: ModelArch,
+    lora: MethodChoice,
+    lora_result: SearchResult,
+    attempt: Attempt,
+    resources: Resources,
+) -> str:
+    """Why Auto planned QLoRA: LoRA's smallest need against the usable memory, the base
+    model's bytes in 4 bits against bf16, and QLoRA's need."""
+    best = lora_result.smallest
+    return (
+        f"QLoRA because {lora.describe()} does not fit: its smallest setting needs "
+        f"{gib(best.memory.per_gpu)} per GPU and {gib(best.memory.usable)} is usable on each of "
+        f"{resources.world_size} x {resources.gpu_memory_gib:g} GiB; quantised to 4-bit NF4 "
+        "with double-quantised constants (the rest in fp32), the base model's weights take "
+        f"{gib(quantised_base_bytes(model))} instead of "
+        f"{gib(FROZEN_BYTES * model.total_parameters)} in bf16, and QLoRA needs "
+        f"{gib(attempt.memory.per_gpu)} per GPU, which fits."
     )
 
 
@@ -181,5 +203,5 @@ def no_fit_error(
         f"{resources.world_size} x {resources.gpu_memory_gib:g} GiB{host}"
         "; add GPUs, use larger GPUs, shorten the sequences"
         + (", give host memory for offload" if resources.cpu_memory_gib is None else "")
-        + (" or choose LoRA." if choice.method is not Method.LORA else ".")
+        + (" or choose LoRA." if not choice.method.is_lora else ".")
     )

@@ -1,5 +1,6 @@
 """Merge a trained LoRA adapter into its base model's weights (full weights, no peft
-needed to load them)."""
+needed to load them). A QLoRA adapter merges into the unquantised base (loaded as its
+checkpoint stores it), never into the 4-bit weights it trained on; DoRA adapters merge too."""
 
 from __future__ import annotations
 

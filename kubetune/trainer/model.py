@@ -1,5 +1,5 @@
-"""Load the base model and tokenizer, and apply the planned method (Full, LoRA, Prefix,
-Partial)."""
+"""Load the base model and tokenizer, and apply the planned method (Full, LoRA, QLoRA,
+Prefix, Partial; LoRA and QLoRA with DoRA when the plan says so)."""
 
 from __future__ import annotations
 
@@ -41,12 +41,79 @@ def load_tokenizer(location: str, revision: str | None = None) -> Any:
     return tok
 
 
-def load_model(location: str, revision: str | None = None, dtype: Any = None) -> Any:
+def load_model(
+    location: str, revision: str | None = None, dtype: Any = None, quantization: Any = None
+) -> Any:
+    """The causal LM; quantised as `quantization` (a BitsAndBytesConfig) says, on this
+    process's device (a quantised model is placed while it loads)."""
     from transformers import AutoModelForCausalLM
 
+    placement: dict[str, Any] = {}
+    if quantization is not None:
+        from kubetune.trainer.runtime import run_device
+
+        placement = {"quantization_config": quantization, "device_map": {"": run_device()}}
     return AutoModelForCausalLM.from_pretrained(
-        location, revision=revision, dtype=dtype, token=os.environ.get("HF_TOKEN") or None
+        location,
+        revision=revision,
+        dtype=dtype,
+        token=os.environ.get("HF_TOKEN") or None,
+        **placement,
     )
+
+
+def compute_dtype(plan: PlanDocument) -> Any:
+    """The planned QLoRA compute dtype as a torch dtype."""
+    import torch
+
+    name = _planned(plan.hyperparameters.compute_dtype, "computeDtype")
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TrainerConfigError(
+            f"plan.json: hyperparameters.computeDtype is {name!r}, not a torch float dtype"
+        )
+    return dtype
+
+
+def bitsandbytes_version() -> str | None:
+    """The installed bitsandbytes version, or None."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bitsandbytes")
+    except PackageNotFoundError:
+        return None
+
+
+def quantization_config(plan: PlanDocument, cuda: bool) -> Any:
+    """QLoRA's BitsAndBytesConfig (4-bit NF4, double quantisation, the planned compute
+    dtype); None for the other methods. Raises TrainerConfigError naming spec.method.type
+    when the installed bitsandbytes cannot run it on this device."""
+    if plan.method != "QLoRA":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    from kubetune.planning.quantization import bitsandbytes_problem
+
+    problem = bitsandbytes_problem(bitsandbytes_version(), "GPU" if cuda else "CPU")
+    if problem is not None:
+        raise TrainerConfigError(f"spec.method.type: {problem}")
+    hp = plan.hyperparameters
+    return BitsAndBytesConfig(  # type: ignore[no-untyped-call]
+        load_in_4bit=True,
+        bnb_4bit_quant_type=_planned(hp.quant_type, "quantType"),
+        bnb_4bit_use_double_quant=_planned(hp.double_quant, "doubleQuant"),
+        bnb_4bit_compute_dtype=compute_dtype(plan),
+    )
+
+
+def _quantised_names(model: Any) -> set[str]:
+    """The last module names of the linear layers bitsandbytes stores in 4 bits."""
+    return {
+        name.rsplit(".", 1)[-1]
+        for name, mod in model.named_modules()
+        if type(mod).__name__ == "Linear4bit"
+    }
 
 
 def _lora_names(peft_model: Any) -> list[str]:
@@ -71,7 +138,9 @@ def _adaptable_names(model: Any) -> list[str]:
     return _lora_names(wrapped)
 
 
-def _apply_lora(model: Any, wanted: list[str], rank: int, alpha: int, dropout: float) -> Any:
+def _apply_lora(
+    model: Any, wanted: list[str], rank: int, alpha: int, dropout: float, *, use_dora: bool
+) -> Any:
     """LoRA on the planned target modules, matched by peft's own rules (a module whose name
     ends in a target; ``nn.Linear``, GPT-2's ``Conv1D`` and the other layer types peft
     supports). Raises TrainerConfigError naming what the model has when none matches."""
@@ -83,6 +152,7 @@ def _apply_lora(model: Any, wanted: list[str], rank: int, alpha: int, dropout: f
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=wanted,
+        use_dora=use_dora,
     )
     try:
         wrapped = get_peft_model(model, cfg)
@@ -152,8 +222,15 @@ def apply_method(model: Any, plan: PlanDocument) -> Any:
     """Wrap or freeze the model as the plan says; returns the model to train."""
     previous = plan.remedies.from_ if plan.remedies is not None else None
     if previous:  # an incremental update: a previous adapter keeps training as it is
-        from kubetune.trainer.remedies.previous import load_previous
+        from kubetune.trainer.remedies.previous import load_previous, previous_output
 
+        if plan.method == "QLoRA":
+            if not (previous_output(str(previous)) / "adapter_config.json").exists():
+                raise TrainerConfigError(
+                    "spec.model.from: QLoRA continues a previous adapter only; this output "
+                    "holds full weights, which would load unquantised: choose LoRA or Full"
+                )
+            model = _prepare_quantised(model, [], plan.hyperparameters.gradient_checkpointing)
         model, is_adapter = load_previous(model, str(previous))
         if is_adapter:
             return model
@@ -162,13 +239,19 @@ def apply_method(model: Any, plan: PlanDocument) -> Any:
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    if method == "LoRA":
+    if method in ("LoRA", "QLoRA"):
+        wanted = list(_planned(hp.lora_target_modules, "loraTargetModules"))
+        if method == "QLoRA":
+            present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+            targets = [t for t in wanted if t in present]
+            model = _prepare_quantised(model, targets, hp.gradient_checkpointing)
         return _apply_lora(
             model,
-            list(_planned(hp.lora_target_modules, "loraTargetModules")),
+            wanted,
             _planned(hp.lora_rank, "loraRank"),
             _planned(hp.lora_alpha, "loraAlpha"),
             _planned(hp.lora_dropout, "loraDropout"),
+            use_dora=bool(hp.lora_use_dora),
         )
     if method == "Prefix":
         from peft import PrefixTuningConfig, TaskType, get_peft_model
@@ -206,3 +289,29 @@ def count_parameters(model: Any) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+def _prepare_quantised(model: Any, targets: list[str], checkpointing: bool) -> Any:
+    """peft's preparation of a 4-bit model for training (the base frozen, what is not 4-bit
+    in fp32, gradients into the checkpointed layers' inputs), once the LoRA targets are
+    known to be quantised."""
+    import torch
+    from peft import prepare_model_for_kbit_training
+
+    if not getattr(model, "is_loaded_in_4bit", False):
+        raise TrainerConfigError(
+            "plan.json: method QLoRA, but the base model was not loaded in 4 bits"
+        )
+    quantised = _quantised_names(model)
+    unquantised = [t for t in targets if t not in quantised]
+    if unquantised:
+        raise TrainerConfigError(
+            f"spec.method.type: bitsandbytes did not quantise the LoRA targets "
+            f"{', '.join(unquantised)} of this architecture (4-bit layers: "
+            f"{', '.join(sorted(quantised)) or 'none'}); choose LoRA or set "
+            "spec.method.lora.targetModules to 4-bit layers"
+        )
+    use_checkpointing = checkpointing and torch.cuda.is_available()
+    return prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
+        model, use_gradient_checkpointing=use_checkpointing
+    )

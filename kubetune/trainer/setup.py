@@ -25,7 +25,7 @@ def training_arguments(
     from kubetune.trainer.dsconfig import deepspeed_config
 
     plan, hp = cfg.plan, cfg.hyperparameters
-    use_ds = world_size() > 1 or plan.zero_stage > 0
+    use_ds = uses_deepspeed(plan)
     micro, accum = hp.micro_batch_size, hp.gradient_accumulation_steps
     eval_steps = max(1, hp.eval_steps)
     checkpointing: dict[str, Any] = {
@@ -79,6 +79,12 @@ def _checkpointing_argument(arguments: Any) -> str:
     )
 
 
+def uses_deepspeed(plan: PlanDocument) -> bool:
+    """Whether the run goes through DeepSpeed: several processes or a ZeRO stage, except for
+    QLoRA, whose 4-bit model trains with plain data parallelism (ZeRO-0, planned so)."""
+    return (world_size() > 1 or plan.zero_stage > 0) and plan.method != "QLoRA"
+
+
 def load_in_bf16(plan: PlanDocument, bf16: bool) -> bool:
     """Whether the weights load in bf16. Mixed precision needs fp32 master weights:
     DeepSpeed's bf16 optimizer keeps its own, so under DeepSpeed the model loads in bf16,
@@ -86,8 +92,7 @@ def load_in_bf16(plan: PlanDocument, bf16: bool) -> bool:
     (ZeRO-0, one process) with trainable base weights loads fp32 and autocasts to bf16:
     pure bf16 weights would round small updates away (and the planner counts the master
     copy)."""
-    use_ds = world_size() > 1 or plan.zero_stage > 0
-    return bf16 and (use_ds or plan.method in ("LoRA", "Prefix"))
+    return bf16 and (uses_deepspeed(plan) or plan.method in ("LoRA", "Prefix"))
 
 
 @dataclass
@@ -117,7 +122,14 @@ def load_inputs(cfg: TrainerConfig) -> RunInputs:
 
     from kubetune.data import DataError
     from kubetune.trainer.data import TokenizedDataset, read_examples, split_holdout
-    from kubetune.trainer.model import apply_method, load_model, load_tokenizer, model_location
+    from kubetune.trainer.model import (
+        apply_method,
+        compute_dtype,
+        load_model,
+        load_tokenizer,
+        model_location,
+        quantization_config,
+    )
     from kubetune.trainer.remedies.dataprep import prepare_examples
     from kubetune.trainer.startup import choose_method_for_run
 
@@ -143,7 +155,11 @@ def load_inputs(cfg: TrainerConfig) -> RunInputs:
     cuda = torch.cuda.is_available()
     bf16 = bool(cuda and torch.cuda.is_bf16_supported())
     low = load_in_bf16(plan, bf16)
-    model = load_model(location, revision, dtype=torch.bfloat16 if low else torch.float32)
+    quantised = quantization_config(plan, cuda)  # QLoRA: the base in 4 bits
+    if quantised is not None:
+        model = load_model(location, revision, dtype=compute_dtype(plan), quantization=quantised)
+    else:
+        model = load_model(location, revision, dtype=torch.bfloat16 if low else torch.float32)
     prep = prepare_examples(cfg, model, tokenizer, train_examples, location)
     train_examples = prep.examples
     train_ds = TokenizedDataset(train_examples, tokenizer, seq_len)

@@ -59,6 +59,7 @@ def make_run(tiny_model: Path, tmp_path: Path) -> MakeRun:
         hp: dict[str, Any] | None = None,
         spec_extra: dict[str, Any] | None = None,
         model: Path | None = None,
+        lora: dict[str, Any] | None = None,
     ) -> Run:
         model_dir = model or tiny_model
         train = tmp_path / "train.jsonl"
@@ -68,7 +69,14 @@ def make_run(tiny_model: Path, tmp_path: Path) -> MakeRun:
         spec_dict: dict[str, Any] = {
             "model": {"uri": f"file://{model_dir}"},
             "dataset": {"uri": f"file://{train}"},
-            "method": {"type": method, **({"lora": {"dropout": 0.0}} if method == "LoRA" else {})},
+            "method": {
+                "type": method,
+                **(
+                    {"lora": {"dropout": 0.0, **(lora or {})}}
+                    if method in ("LoRA", "QLoRA")
+                    else {}
+                ),
+            },
             "resources": {"numNodes": 1, "gpusPerNode": 0},
             "deepspeed": {"zeroStage": zero},
             "earlyStopping": {"enabled": False},

@@ -122,13 +122,13 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ),
     (
         "unknown method",
-        {"method": {"type": "QLoRA"}},
-        "spec.method.type: Input should be 'Auto', 'Full', 'Partial', 'LoRA' or 'Prefix'",
+        {"method": {"type": "DoRA"}},
+        "spec.method.type: Input should be 'Auto', 'Full', 'Partial', 'LoRA', 'QLoRA' or 'Prefix'",
     ),
     (
         "lora with Full",
         {"method": {"type": "Full", "lora": {"rank": 8}}},
-        "spec.method.lora: method.lora can only be set when method.type is LoRA or Auto",
+        "spec.method.lora: method.lora can only be set when method.type is LoRA, QLoRA or Auto",
     ),
     (
         "prefix with LoRA",
@@ -337,6 +337,7 @@ VALID: list[tuple[str, dict[str, Any]]] = [
     ("hf dataset", {"dataset": {"uri": "hf://tatsu-lab/alpaca"}}),
     ("configmap dataset", {"dataset": {"uri": "configmap://faq/train.jsonl"}}),
     ("lora with Auto", {"method": {"lora": {"rank": 8}}}),
+    ("qlora with dora", {"method": {"type": "QLoRA", "lora": {"useDora": True}}}),
     ("partial fraction", {"method": {"type": "Partial", "partial": {"fraction": 1}}}),
     ("zero stage 0", {"deepspeed": {"zeroStage": 0}}),
     ("whole float int", {"resources": {"numNodes": 2.0}}),

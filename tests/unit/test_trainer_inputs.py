@@ -105,3 +105,42 @@ def test_every_input_reaches_a_local_run_and_the_trainer_reads_it(tmp_path: Path
     assert Path(cfg.model) == tmp_path / "model"
     assert run.env[Env.PREVIOUS_PATH] == str(tmp_path / "previous")
     assert run.env[Env.AUGMENTATION_MODEL_PATH] == str(tmp_path / "writer")
+
+
+@pytest.mark.parametrize(
+    ("installed", "problem"),
+    [
+        (None, "bitsandbytes, which is not installed"),
+        ("0.45.1", "on the CPU needs bitsandbytes >= 0.46 (its CPU 4-bit path); 0.45.1"),
+        ("0.50.2", None),
+    ],
+)
+def test_a_local_qlora_run_needs_bitsandbytes_with_this_devices_4_bit_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, installed: str | None, problem: str | None
+) -> None:
+    from kubetune.local_inputs import InputError
+    from kubetune.trainer import model
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(bundled_architectures()["pythia-160m"].read_text())
+    (tmp_path / "train.jsonl").write_text(_rows(0, 40))
+    spec = {
+        "model": {"uri": f"file://{model_dir}"},
+        "dataset": {"uri": f"file://{tmp_path / 'train.jsonl'}"},
+        "method": {"type": "QLoRA"},
+    }
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        yaml.safe_dump({"apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneJob", "spec": spec})
+    )
+    monkeypatch.setattr(model, "bitsandbytes_version", lambda: installed)
+    monkeypatch.setattr("kubetune.local_run._cuda_devices", lambda: 0)
+    if problem is None:
+        run = prepare_local_run(job, nproc=1, output=tmp_path / "out", metrics_port=0)
+        assert run.plan.method == "QLoRA"
+        assert run.plan.hyperparameters.compute_dtype == "float32"
+    else:
+        with pytest.raises(InputError, match=r"^spec\.method\.type: ") as caught:
+            prepare_local_run(job, nproc=1, output=tmp_path / "out", metrics_port=0)
+        assert problem in str(caught.value)
