@@ -318,8 +318,8 @@ CASES: list[Case] = [
     # -- enums
     Case(
         "unknown-method",
-        {"method": {"type": "QLoRA"}},
-        'Unsupported value: "QLoRA"',
+        {"method": {"type": "DPO"}},
+        'Unsupported value: "DPO"',
         "spec.method.type",
     ),
     Case(
@@ -338,7 +338,7 @@ CASES: list[Case] = [
     Case(
         "lora-with-full",
         {"method": {"type": "Full", "lora": {"rank": 8}}},
-        "method.lora can only be set when method.type is LoRA or Auto",
+        "method.lora can only be set when method.type is LoRA, QLoRA or Auto",
         "spec.method.lora",
         cel=True,
     ),

@@ -443,7 +443,7 @@ def test_kubectl_apply_rejects_an_invalid_job_with_the_cel_message(
         timeout=60,
     )
     assert result.returncode != 0
-    assert "method.lora can only be set when method.type is LoRA or Auto" in result.stderr
+    assert "method.lora can only be set when method.type is LoRA, QLoRA or Auto" in result.stderr
 
 
 def test_prepare_pod_plans_from_files_on_the_local_runner(
