@@ -70,7 +70,7 @@ def run(
     progress line at most every 30 s). The libraries' output goes to OUTPUT/logs/run.log."""
     from kubetune.data import DataError
     from kubetune.local_inputs import InputError
-    from kubetune.local_run import execute, log_tail, prepare_local_run
+    from kubetune.local_run import EXIT_INTERRUPTED, execute, log_tail, prepare_local_run
     from kubetune.planning import ModelConfigError
     from kubetune.run_display import make_display
 
@@ -94,9 +94,9 @@ def run(
         f"http://127.0.0.1:{local.env['KUBETUNE_METRICS_PORT']}/metrics"
     )
     echo(
-        f"library output: {local.log_path}"
-        + ("" if verbose else " (--verbose shows it here)")
-        + "\n"
+        "library output: shown here (--verbose)\n"
+        if verbose
+        else f"library output: {local.log_path} (--verbose shows it here)\n"
     )
     display = make_display(
         quiet=quiet, terminal=not verbose and sys.stdout.isatty(), stream=sys.stdout
@@ -112,6 +112,13 @@ def run(
         code = execute(local, on_event, verbose=verbose)
     finally:
         display.close()
+    if code == EXIT_INTERRUPTED:
+        click.echo(
+            f"\ninterrupted; `kubetune run {job}` again resumes from the newest checkpoint "
+            f"in {local.output / 'checkpoints'}",
+            err=True,
+        )
+        sys.exit(code)
     if code != 0:
         if quiet:
             for text in errors:
@@ -125,13 +132,24 @@ def run(
         sys.exit(code)
     report = local.output / "report.md"
     if report.exists():
-        # Its summary and figures; the reasons and warnings were printed with the plan.
-        echo("\n" + report.read_text().split("\n## ", 1)[0].rstrip() + "\n")
+        # Its summary, figures and warnings (some come up only in training); the reasons
+        # were printed with the plan.
+        echo("\n" + _report_summary(report.read_text()) + "\n")
         echo(
             f"report: {report}  (JSON: {local.output / 'report.json'}, "
             f"curve: {local.output / 'loss.png'})"
         )
     sys.exit(code)
+
+
+def _report_summary(text: str) -> str:
+    """report.md without its "Why this plan" and cost sections: the head, the figures and
+    the warnings."""
+    head, *sections = text.split("\n## ")
+    kept = [head.rstrip()] + [
+        "## " + section.rstrip() for section in sections if section.startswith("Warnings")
+    ]
+    return "\n\n".join(kept)
 
 
 def _load_job(job: Path) -> Any:

@@ -11,8 +11,11 @@ Everything here is pure: the trainer and the CLI share it, and neither needs tor
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from kubetune.contract import Env
 
 #: The event kinds.
 START = "start"
@@ -26,6 +29,15 @@ ERROR = "error"
 #: Plain output (no terminal): at most one progress line per this many seconds, besides the
 #: first and the last step. A pod's log of a day-long run stays a few thousand lines.
 PLAIN_PROGRESS_SECONDS = 30.0
+
+
+def progress_seconds(env: Mapping[str, str]) -> float:
+    """The plain progress interval: `KUBETUNE_PROGRESS_SECONDS`, else the default."""
+    raw = env.get(Env.PROGRESS_SECONDS, "")
+    try:
+        return max(float(raw), 0.0) if raw else PLAIN_PROGRESS_SECONDS
+    except ValueError:
+        return PLAIN_PROGRESS_SECONDS
 
 
 @dataclass

@@ -237,6 +237,10 @@ def _output_dir(spec: Any, name: str) -> Path:
     return Path.cwd() / "kubetune-output" / name
 
 
+#: `kubetune run`'s exit code after Ctrl-C (128 + SIGINT, as a shell reports it).
+EXIT_INTERRUPTED = 130
+
+
 def execute(
     run: LocalRun,
     on_event: Callable[[dict[str, Any]], None],
@@ -265,13 +269,14 @@ def execute(
                     return int(proc.returncode)
                 time.sleep(poll_seconds)
         except KeyboardInterrupt:
-            # The trainer got the same SIGINT (one process group): let it stop.
+            # The trainer got the same SIGINT (one process group): let it stop for up to
+            # a minute; a second Ctrl-C, or the minute passing, kills it.
             try:
                 proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
+            except (subprocess.TimeoutExpired, KeyboardInterrupt):
                 proc.kill()
                 proc.wait()
-            return 130
+            return EXIT_INTERRUPTED
 
 
 class EventReader:

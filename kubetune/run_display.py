@@ -5,6 +5,7 @@ rate; with --quiet, nothing."""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Protocol, TextIO
 
@@ -106,4 +107,4 @@ def make_display(*, quiet: bool, terminal: bool, stream: TextIO) -> Display:
         return QuietDisplay()
     if terminal:
         return TerminalDisplay()
-    return PlainDisplay(stream)
+    return PlainDisplay(stream, events.progress_seconds(os.environ))

@@ -98,6 +98,10 @@ def lora_targets(arch: ModelArch, requested: Iterable[str] | None) -> tuple[str,
     wanted = tuple(dict.fromkeys(requested or ()))
     if not wanted:
         return lora_target_modules(arch)
+    if not arch.in_table and not arch.header_linears:
+        # A family outside the table with no safetensors headers read: its layer names are
+        # a guess, so the requested names go to the trainer, where peft matches them.
+        return wanted
     valid = lora_module_names(arch)
     unknown = [name for name in wanted if name not in valid]
     if unknown:

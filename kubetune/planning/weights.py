@@ -34,6 +34,9 @@ BLOCK = re.compile(r"^(?P<stack>(?:.*\.)?(?:layers|h|blocks))\.(?P<index>\d+)\.(
 FINAL_NORM = re.compile(r"(?:^|\.)(?:norm|ln_f|final_layer_norm|norm_f)\.(?:weight|bias)$")
 #: Floating-point dtypes; an integer tensor is packed (quantized) weights or a buffer, so its
 #: element count is not a parameter count.
+#: Buffers, not parameters, that older checkpoints store: GPT-2's causal mask
+#: (`h.N.attn.bias`, `h.N.attn.masked_bias`; not `attn.c_attn.bias`) and rotary tables.
+BUFFER = re.compile(r"(?:^|\.)(?:attn\.(?:bias|masked_bias)|rotary_emb\.inv_freq)$")
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 
 
@@ -103,6 +106,9 @@ def _first_block(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...
 def counts_from_tensors(
     tensors: dict[str, tuple[str, tuple[int, ...]]], files: tuple[str, ...]
 ) -> WeightCounts:
+    # Buffers some older checkpoints store beside the weights: GPT-2's causal-mask
+    # `attn.bias`/`attn.masked_bias` (4-D or scalar) and rotary `inv_freq` tables.
+    tensors = {name: t for name, t in tensors.items() if not BUFFER.search(name)}
     shapes = {name: shape for name, (_, shape) in tensors.items()}
     sizes = {name: math.prod(shape) for name, shape in shapes.items()}
     first = _first_block(shapes)

@@ -12,20 +12,12 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from kubetune.console import PLAIN_PROGRESS_SECONDS, PlainLines
+from kubetune.console import PLAIN_PROGRESS_SECONDS, PlainLines, progress_seconds
 from kubetune.contract import Env
 
 
 def verbose() -> bool:
     return os.environ.get(Env.VERBOSE, "") not in ("", "0", "false")
-
-
-def plain_progress_seconds() -> float:
-    raw = os.environ.get(Env.PROGRESS_SECONDS, "")
-    try:
-        return max(float(raw), 0.0) if raw else PLAIN_PROGRESS_SECONDS
-    except ValueError:
-        return PLAIN_PROGRESS_SECONDS
 
 
 def library_log_path(output: Path, rank: int) -> Path:
@@ -70,7 +62,7 @@ class RunConsole:
         return cls(
             events_path=Path(path) if path else None,
             stream=stream,
-            progress_seconds=plain_progress_seconds(),
+            progress_seconds=progress_seconds(os.environ),
         )
 
     def emit(self, kind: str, **fields: Any) -> None:

@@ -11,10 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
+from typing import TextIO
 
-from kubetune.contract import EXIT_CONFIG_ERROR, termination_path
+from kubetune.contract import EXIT_CONFIG_ERROR, Env, termination_path
+
+#: After a failure: this many lines of each rank's log are printed (at most this many logs).
+TAIL_LINES = 25
+TAIL_LOGS = 8
 
 
 def precheck() -> str | None:
@@ -44,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG_ERROR
     code = subprocess.call([sys.executable, "-m", "torch.distributed.run", *args])
     if code != 0:
+        print_rank_logs(sys.stderr)
         try:
             message = json.loads(termination_path().read_text())
         except (OSError, ValueError):
@@ -51,6 +59,24 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(message, dict) and message.get("reason") == "ConfigError":
             return EXIT_CONFIG_ERROR
     return code
+
+
+def print_rank_logs(stream: TextIO) -> None:
+    """The last lines of the ranks' logs (`<output>/logs/trainer-rank-N.log`, where the
+    trainer sends its libraries' output in a pod): after a failure they reach `kubectl logs`
+    and, through the pod's FallbackToLogsOnError, the job's condition, even when the crash
+    was no Python exception (a segfault, an NCCL or CUDA abort)."""
+    output = os.environ.get(Env.OUTPUT_PATH)
+    if not output:
+        return
+    logs = sorted((Path(output) / "logs").glob("trainer-rank-*.log"))[:TAIL_LOGS]
+    for log in logs:
+        try:
+            lines = log.read_text(encoding="utf-8", errors="replace").rstrip().splitlines()
+        except OSError:
+            continue
+        print(f"--- the last lines of {log}:", file=stream)
+        print("\n".join(lines[-TAIL_LINES:]), file=stream, flush=True)
 
 
 if __name__ == "__main__":

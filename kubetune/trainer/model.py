@@ -209,7 +209,11 @@ def _decoder_stack(model: Any) -> tuple[list[Any], Any | None]:
             "cannot find the decoder layers of this architecture for "
             "Partial fine-tuning; choose LoRA or Full"
         )
-    stack = max(lists, key=lambda name: len(lists[name]))
+    # The stack with one entry per decoder layer (num_hidden_layers), not a longer list
+    # such as a mixture-of-experts layer's experts; else the longest.
+    layer_count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    matching = [name for name in lists if len(lists[name]) == layer_count]
+    stack = min(matching, key=len) if matching else max(lists, key=lambda n: len(lists[n]))
     return list(lists[stack]), _beside(model.get_submodule(stack.rpartition(".")[0]))
 
 
@@ -285,9 +289,20 @@ def _planned(value: T | None, key: str) -> T:
     return value
 
 
+def _parameter_count(p: Any) -> int:
+    """A parameter's weights; bitsandbytes packs a 4-bit layer's weights into a uint8
+    tensor (two per byte, or more per element of a wider storage dtype), as peft counts."""
+    n = int(p.numel())
+    if type(p).__name__ == "Params4bit":
+        storage = getattr(p, "quant_storage", None)
+        n *= 2 * int(getattr(storage, "itemsize", 1) or 1)
+    return n
+
+
 def count_parameters(model: Any) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """(trainable, total) weights, a 4-bit base counted at its real size."""
+    trainable = sum(_parameter_count(p) for p in model.parameters() if p.requires_grad)
+    total = sum(_parameter_count(p) for p in model.parameters())
     return trainable, total
 
 

@@ -372,7 +372,7 @@ def main_entry(cfg_loader: Any) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     console = RunConsole.from_env(stream)
-    if rank() == 0 and library_log is not None:
+    if library_log is not None:
         stream.write(f"kubetune trainer: library output in {library_log}\n")
         stream.flush()
     cfg: TrainerConfig | None = None

@@ -168,3 +168,30 @@ def test_log_tail(tmp_path: Path) -> None:
     log.write_text("".join(f"line {i}\n" for i in range(50)))
     assert log_tail(log, 3) == "line 47\nline 48\nline 49"
     assert log_tail(tmp_path / "missing.log") == ""
+
+
+def test_the_progress_interval_comes_from_the_environment() -> None:
+    assert console.progress_seconds({}) == console.PLAIN_PROGRESS_SECONDS
+    assert console.progress_seconds({"KUBETUNE_PROGRESS_SECONDS": "2.5"}) == 2.5
+    assert console.progress_seconds({"KUBETUNE_PROGRESS_SECONDS": "-1"}) == 0.0
+    bad = {"KUBETUNE_PROGRESS_SECONDS": "soon"}
+    assert console.progress_seconds(bad) == console.PLAIN_PROGRESS_SECONDS
+
+
+def test_after_a_failure_the_pod_launcher_prints_the_ranks_log_tails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kubetune.trainer.launch import TAIL_LINES, print_rank_logs
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "trainer-rank-0.log").write_text("".join(f"r0 {i}\n" for i in range(100)))
+    (logs / "trainer-rank-1.log").write_text("Segmentation fault\n")
+    monkeypatch.setenv("KUBETUNE_OUTPUT_PATH", str(tmp_path))
+    out = io.StringIO()
+    print_rank_logs(out)
+    text = out.getvalue()
+    assert f"r0 {100 - TAIL_LINES}\n" in text
+    assert f"r0 {99 - TAIL_LINES}\n" not in text
+    assert "Segmentation fault" in text
+    assert text.index("trainer-rank-0.log") < text.index("trainer-rank-1.log")

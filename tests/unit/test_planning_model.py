@@ -323,3 +323,24 @@ def test_no_safetensors_is_no_counts_and_a_bad_header_names_the_file(tmp_path: P
     (tmp_path / "model.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw)
     with pytest.raises(WeightsHeaderError, match=r"model\.safetensors: tensor 't' has no shape"):
         read_weight_counts(tmp_path)
+
+
+def test_buffers_stored_in_old_checkpoints_are_not_counted(tmp_path: Path) -> None:
+    block = {
+        "h.0.attn.c_attn.weight": [64, 192],
+        "h.0.attn.c_attn.bias": [192],
+        "h.0.attn.bias": [1, 1, 128, 128],  # GPT-2's causal mask, a buffer
+        "h.0.attn.masked_bias": [],
+        "h.0.attn.rotary_emb.inv_freq": [16],
+    }
+    _safetensors(tmp_path / "model.safetensors", block)
+    counts = read_weight_counts(tmp_path)
+    assert counts is not None
+    assert counts.parameters == 64 * 192 + 192
+
+
+def test_a_guessed_layout_lets_the_trainer_match_the_requested_lora_targets() -> None:
+    from kubetune.planning.methods import lora_targets
+
+    arch = model_arch_from_config(OUTSIDE, origin="test")  # no headers: Llama-like guess
+    assert lora_targets(arch, ["c_fc", "c_proj"]) == ("c_fc", "c_proj")
