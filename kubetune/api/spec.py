@@ -183,6 +183,25 @@ class DeepSpeed(SpecModel):
     offload: OffloadType = "Auto"
 
 
+class MemorizationStop(SpecModel):
+    """earlyStopping.memorization: stop when the training sample's memorisation rate
+    exceeds the held-out baseline's by more than `margin` at `evaluations` probed
+    evaluations in a row (reason MemorizationExceeded)."""
+
+    enabled: bool = True
+    margin: Annotated[float, Field(ge=0, lt=1)] = 0.2
+    evaluations: Annotated[int, Field(ge=1, le=100), WholeFloat] = 2
+
+
+class ForgettingStop(SpecModel):
+    """earlyStopping.forgetting: stop when the general-text perplexity ratio (now / base)
+    exceeds `maxRatio` at `evaluations` probed evaluations in a row (ForgettingExceeded)."""
+
+    enabled: bool = True
+    max_ratio: Annotated[float, Field(gt=1, le=1000)] = 2.0
+    evaluations: Annotated[int, Field(ge=1, le=100), WholeFloat] = 2
+
+
 class EarlyStopping(SpecModel):
     enabled: bool = True
     patience: Annotated[int, Field(ge=1), WholeFloat] = 3
@@ -190,6 +209,8 @@ class EarlyStopping(SpecModel):
     max_loss_gap: Annotated[float, Field(gt=0)] | None = None
     max_eval_perplexity: Annotated[float, Field(gt=1)] | None = None
     over_memorization: bool = True
+    memorization: MemorizationStop = Field(default_factory=MemorizationStop)
+    forgetting: ForgettingStop = Field(default_factory=ForgettingStop)
 
 
 class Diagnostics(SpecModel):

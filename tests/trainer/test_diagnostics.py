@@ -141,7 +141,12 @@ def test_a_run_that_can_only_memorise_is_stopped_keeps_its_best_and_reports(
     _train(run)
     term = run.termination()
     stop = term["earlyStop"]
-    assert stop["reason"] in {"Overfitting", "OverMemorization", "NoImprovement"}, stop
+    assert stop["reason"] in {
+        "Overfitting",
+        "OverMemorization",
+        "NoImprovement",
+        "MemorizationExceeded",
+    }, stop
     assert str(stop["message"])
     assert term["progress"]["step"] < term["progress"]["totalSteps"]
     report = json.loads((run.output / "report.json").read_text())
@@ -167,3 +172,75 @@ def test_a_run_that_can_only_memorise_is_stopped_keeps_its_best_and_reports(
     assert f"Ended: early, {stop['reason']}" in markdown
     assert "## Diagnostics cost" in markdown
     assert (run.output / "loss.png").stat().st_size > 10_000
+
+
+def test_the_memorisation_rule_stops_a_run_that_recalls_its_rows_verbatim(
+    make_run: MakeRun,
+) -> None:
+    """Random completions (nothing to learn but the rows themselves) at a high learning
+    rate, the loss rules out of reach (patience 50) and a tight margin: the memorisation
+    probe's training rate pulls away from the held-out baseline and the policy stops the
+    run for it, with the figures in the termination message, the history and the report."""
+    from kubetune.operator.status import eval_points
+    from kubetune.policy import StopSettings, decide
+    from kubetune.trainer.callbacks import _eval_dict, with_probes
+
+    data = "\n".join(json.dumps(r) for r in random_rows(40, seed=5, words=6))
+    run = make_run(
+        method="Full",
+        data=data,
+        hp={
+            "epochs": 60,
+            "learningRate": 0.01,
+            "evalSteps": 5,
+            "warmupSteps": 0,
+            "microBatchSize": 12,
+            "gradientAccumulationSteps": 1,
+        },
+        spec_extra={
+            "earlyStopping": {
+                "enabled": True,
+                "patience": 50,
+                "overMemorization": False,
+                "memorization": {"margin": 0.1, "evaluations": 2},
+                "forgetting": {"enabled": False},
+            },
+            "diagnostics": {
+                "memorizationSamples": 12,
+                "prefixTokens": 3,
+                "continuationTokens": 6,
+                "maxOverhead": 1.0,
+            },
+        },
+    )
+    _train(run)
+    term = run.termination()
+    stop = term["earlyStop"]
+    assert stop["reason"] == "MemorizationExceeded", stop
+    assert "held-out baseline" in stop["message"]
+    assert term["progress"]["step"] < term["progress"]["totalSteps"]
+    evals = [r for r in run.history() if r.get("eval_loss") is not None]
+    last_two = [r for r in evals if "memorization_rate_train" in r][-2:]
+    assert len(last_two) == 2
+    for r in last_two:
+        assert r["memorization_rate_train"] - r["memorization_rate_heldout"] > 0.1, r
+    assert evals[-1]["step"] == term["progress"]["step"]
+    report = json.loads((run.output / "report.json").read_text())
+    best_step = report["summary"]["metrics"]["bestStep"]
+    assert report["summary"]["bestCheckpoint"].endswith(f"checkpoint-{best_step}")
+    # The operator's path decides the same from the rows GET /evaluations would serve.
+    settings = StopSettings.from_spec(
+        json.loads((run.output / "spec.json").read_text())["earlyStopping"]
+    )
+    from kubetune.policy import EvalPoint
+
+    points = [
+        with_probes(
+            EvalPoint(step=int(r["step"]), eval_loss=float(r["eval_loss"])),
+            r,
+        )
+        for r in evals
+    ]
+    served = eval_points([_eval_dict(p) for p in points])
+    assert served == points
+    assert decide(served, settings).reason == "MemorizationExceeded"
