@@ -33,6 +33,7 @@ from kubetune.api._types import (
 
 MethodType = Literal["Auto", "Full", "Partial", "LoRA", "QLoRA", "Prefix"]
 DatasetFormat = Literal["Auto", "Text", "PromptCompletion", "Chat"]
+GeneralTextSource = Literal["BaseModel", "Shipped"]
 OffloadType = Literal["Auto", "None", "Optimizer", "OptimizerAndParameters"]
 RemedyMode = Literal["Auto", "On", "Off"]
 TolerationOperator = Literal["Exists", "Equal"]
@@ -75,7 +76,17 @@ class Dataset(SpecModel):
     validation_split: Annotated[float, Field(gt=0, le=0.5)] = 0.1
     format: DatasetFormat = "Auto"
     general_text_uri: Uri | None = None
+    general_text: GeneralTextSource = "BaseModel"
     max_seq_length: Annotated[int, Field(ge=16, le=131072), WholeFloat] | None = None
+
+    @model_validator(mode="after")
+    def _one_general_text(self) -> Self:
+        if self.general_text_uri is not None and self.general_text == "Shipped":
+            raise cel_error(
+                "dataset: set generalTextUri or generalText: Shipped, not both",
+                field_path="generalText",
+            )
+        return self
 
     @field_validator("uri", "validation_uri", "general_text_uri")
     @classmethod

@@ -6,6 +6,8 @@ forwards stay in step); only rank 0 exports the results.
   tokens (the discoverable-extraction measure of Carlini et al., 2022).
 - `token_nlls`: per-token negative log-likelihood of the target tokens (labels != -100),
   for the general-text (forgetting) and training-data perplexity probes.
+- `sample_tokens`: seeded samples of the model's own text (ancestral sampling at
+  temperature 1), the forgetting probe's default text when drawn from the base model.
 """
 
 from __future__ import annotations
@@ -251,6 +253,47 @@ def memorization_split(
         memorization_result([p for p in pairs[:first] if p is not None], near_distance),
         memorization_result([p for p in pairs[first:] if p is not None], near_distance),
     )
+
+
+def sample_tokens(
+    model: Any,
+    *,
+    start_id: int,
+    eos_id: int | None,
+    samples: int,
+    length: int,
+    seed: int,
+    device: Any,
+    batch_size: int = 32,
+) -> list[list[int]]:
+    """`samples` sequences of at most `length` tokens drawn from the model after `start_id`:
+    each token from the full softmax at temperature 1 (no top-k, top-p or penalty, so that
+    the text is distributed as the model's own), a sequence ending at its first `eos_id`
+    (kept). A seeded generator of its own leaves the global random state alone. Every
+    batch runs exactly `length` forward passes, whatever the samples drawn: ranks that
+    sample together under ZeRO-3 stay in step."""
+    import torch
+
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    out: list[list[int]] = []
+    with eval_mode(model):
+        for first in range(0, samples, batch_size):
+            n = min(batch_size, samples - first)
+            ids = torch.full((n, 1), start_id, dtype=torch.long, device=device)
+            step_input, past = ids, None
+            drawn: list[Any] = []
+            for _ in range(length):
+                res = model(input_ids=step_input, past_key_values=past, use_cache=True)
+                past = res.past_key_values
+                probs = torch.softmax(res.logits[:, -1].float(), dim=-1)
+                step_input = torch.multinomial(probs, 1, generator=gen)
+                drawn.append(step_input)
+            for row in torch.cat(drawn, dim=1).tolist():
+                if eos_id is not None and eos_id in row:
+                    row = row[: row.index(eos_id) + 1]
+                out.append(row)
+    return out
 
 
 class Stopwatch:

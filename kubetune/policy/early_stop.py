@@ -1,6 +1,6 @@
 """Decide from the evaluation history whether a run should stop, and why.
 
-Reasons (CamelCase, as in the job's EarlyStopped condition):
+Reasons (CamelCase, as in the job's EarlyStopped condition), checked in this order:
 - Diverged: the train or eval loss is not finite, or eval loss exceeds 4x the best.
 - LossGapExceeded: eval minus train loss above `maxLossGap`.
 - PerplexityExceeded: eval perplexity above `maxEvalPerplexity`.
@@ -173,12 +173,6 @@ def decide(history: list[EvalPoint], settings: StopSettings) -> Decision:
             f"eval perplexity {last.perplexity:.2f} > maxEvalPerplexity "
             f"{settings.max_eval_perplexity:g} at step {last.step}",
         )
-    memorized = _memorization_exceeded(history, settings)
-    if memorized:
-        return stop("MemorizationExceeded", memorized)
-    forgotten = _forgetting_exceeded(history, settings)
-    if forgotten:
-        return stop("ForgettingExceeded", forgotten)
     n = settings.patience
     evals = [p.eval_loss for p in history]
     if settings.over_memorization and _rising(evals, n):
@@ -210,6 +204,14 @@ def decide(history: list[EvalPoint], settings: StopSettings) -> Decision:
             f"eval loss has not improved on {best.eval_loss:.4f} (step {best.step}) "
             f"by more than {settings.min_delta:g} for {since} evaluations",
         )
+    # The probe rules last: where a loss rule also holds (the evaluation a loss rule stops
+    # at always probes), its reason is the one reported.
+    memorized = _memorization_exceeded(history, settings)
+    if memorized:
+        return stop("MemorizationExceeded", memorized)
+    forgotten = _forgetting_exceeded(history, settings)
+    if forgotten:
+        return stop("ForgettingExceeded", forgotten)
     return Decision(stop=False, **base)  # type: ignore[arg-type]
 
 

@@ -806,6 +806,7 @@ def test_the_operator_stops_a_run_that_only_memorises_and_keeps_the_best(
         "OverMemorization",
         "NoImprovement",
         "MemorizationExceeded",
+        "ForgettingExceeded",
     }
     assert "eval" in stopped["message"]
     status = obj["status"]

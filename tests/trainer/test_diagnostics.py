@@ -146,6 +146,7 @@ def test_a_run_that_can_only_memorise_is_stopped_keeps_its_best_and_reports(
         "OverMemorization",
         "NoImprovement",
         "MemorizationExceeded",
+        "ForgettingExceeded",
     }, stop
     assert str(stop["message"])
     assert term["progress"]["step"] < term["progress"]["totalSteps"]
@@ -167,6 +168,7 @@ def test_a_run_that_can_only_memorise_is_stopped_keeps_its_best_and_reports(
         "general_perplexity",
         "data_perplexity",
         "memorization",
+        "base_samples",  # no generalTextUri: the base model's own samples, drawn once
     }
     markdown = (run.output / "report.md").read_text()
     assert f"Ended: early, {stop['reason']}" in markdown
@@ -244,3 +246,72 @@ def test_the_memorisation_rule_stops_a_run_that_recalls_its_rows_verbatim(
     served = eval_points([_eval_dict(p) for p in points])
     assert served == points
     assert decide(served, settings).reason == "MemorizationExceeded"
+
+
+def test_without_general_text_the_forgetting_probe_reads_the_base_models_own_samples(
+    make_run: MakeRun, tiny_model: Path
+) -> None:
+    """No dataset.generalTextUri: the trainer draws seeded samples from the base model
+    before training, caches them in the output with their cost, and the forgetting probe's
+    figures are those of that text (the base model's perplexity on the cached samples is
+    the probe's base figure); a second start reads the cache instead of sampling again."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kubetune.diagnostics import perplexity_summary
+    from kubetune.diagnostics.probes import token_nlls
+
+    run = make_run(
+        method="LoRA",
+        rows=48,
+        hp={"epochs": 2, "learningRate": 0.01, "evalSteps": 4, "microBatchSize": 8},
+        spec_extra={"diagnostics": {"memorizationSamples": 4, "maxOverhead": 1.0}},
+    )
+    _train(run)
+    cache = run.output / "base-model-samples.json"
+    assert cache.is_file()
+    data = json.loads(cache.read_text())
+    samples = data["samples"]
+    assert len(samples) >= 2
+    assert all(1 <= len(x) <= data["length"] for x in samples)
+    assert len(data["text"]) == len(samples)
+    assert all(isinstance(t, str) for t in data["text"])
+    report = json.loads((run.output / "report.json").read_text())
+    summary = report["summary"]
+    general = summary["generalText"]
+    assert general["source"] == "BaseModel"
+    assert general["cached"] is False
+    assert general["samples"] == len(samples)
+    assert general["tokens"] == sum(len(x) for x in samples) <= general["maxTokens"]
+    assert general["seconds"] > 0
+    assert summary["probeSeconds"]["base_samples"] > 0
+    assert "samples of the base model" in (run.output / "report.md").read_text()
+    base_row = report["history"][0]
+    assert base_row["phase"] == "base"
+    figures = [
+        r["general_perplexity_ratio"] for r in report["history"] if "general_perplexity_ratio" in r
+    ]
+    assert figures
+    assert all(math.isfinite(x) and x > 0 for x in figures)
+    assert math.isfinite(summary["metrics"]["generalPerplexity"])
+    # The probe's base figure is the base model's perplexity on exactly these samples.
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    start = json.loads((tiny_model / "config.json").read_text())["bos_token_id"]
+    rows = [{"input_ids": [start, *x], "labels": [-100, *x]} for x in samples]
+    with torch.no_grad():
+        expected = perplexity_summary(token_nlls(model, rows, "cpu"), 100.0).perplexity
+    assert base_row["general_perplexity_base"] == pytest.approx(expected, rel=1e-3)
+    # Not the shipped English text: the base model finds its own text far less surprising.
+    assert base_row["general_perplexity_base"] < 50, base_row
+
+    # A second run into the same output reads the cache (a resume, a restarted pod).
+    import shutil
+
+    shutil.rmtree(run.output / "checkpoints")
+    shutil.rmtree(run.output / "final")
+    _train(run)
+    again = json.loads((run.output / "report.json").read_text())["summary"]
+    assert again["generalText"]["cached"] is True
+    assert again["generalText"]["samples"] == len(samples)
+    assert "base_samples" not in again["probeSeconds"]
+    assert json.loads(cache.read_text())["samples"] == samples

@@ -152,7 +152,10 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(make_run: MakeRun) -> Non
     assert done, "no checkpoint was written before the kill"
     last = done[-1]
     result = _train(run)
-    assert f"resuming from {ckpts / f'checkpoint-{last}'}" in result.stderr
+    # As in a pod, the trainer's log lines go to the output's log (stderr when verbose).
+    log = run.output / "logs" / "trainer-rank-0.log"
+    logged = result.stderr + (log.read_text() if log.exists() else "")
+    assert f"resuming from {ckpts / f'checkpoint-{last}'}" in logged
     steps = [r["step"] for r in run.history() if r.get("train_loss") is not None]
     # Steps up to the checkpoint ran once; only those after it (at most one checkpoint
     # interval, done by the killed run before the kill) may have run twice.

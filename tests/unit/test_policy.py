@@ -275,3 +275,13 @@ def test_probe_settings_from_the_spec() -> None:
     assert StopSettings.from_spec(EarlyStopping().model_dump(by_alias=True)) == StopSettings()
     with pytest.raises(ValueError, match=r"earlyStopping\.forgetting"):
         StopSettings.from_spec({"forgetting": 2.0})
+
+
+def test_a_loss_rule_that_holds_too_gives_its_reason_before_the_probe_rules() -> None:
+    """The evaluation a loss rule stops at always probes: its reason stays the loss rule's."""
+    history = [
+        EvalPoint(step=10, eval_loss=1.5, memorization_train=0.9, memorization_heldout=0.0),
+        EvalPoint(step=20, eval_loss=1.6, memorization_train=0.9, memorization_heldout=0.0),
+    ]
+    assert decide(history, StopSettings(patience=1)).reason == "NoImprovement"
+    assert decide(history, StopSettings(patience=5)).reason == "MemorizationExceeded"
