@@ -170,7 +170,9 @@ class DiagnosticsRunner:
                     samples=bs.samples,
                     length=bs.length,
                     seed=bs.seed,
+                    pad_id=self.pad_id,
                     device=self.device,
+                    synced=self.synced,
                 )
             seqs = self.share(drawn)
             seconds = time.perf_counter() - start

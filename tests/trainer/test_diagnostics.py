@@ -315,3 +315,44 @@ def test_without_general_text_the_forgetting_probe_reads_the_base_models_own_sam
     assert again["generalText"]["samples"] == len(samples)
     assert "base_samples" not in again["probeSeconds"]
     assert json.loads(cache.read_text())["samples"] == samples
+
+
+def test_base_model_samples_are_seeded_untruncated_and_leave_the_random_state(
+    tiny_model: Path,
+) -> None:
+    """The sampler: the same seed gives the same samples, another seed others; a model
+    whose generation config would truncate the distribution (top-k 1: every sample the
+    same) is still sampled from its full softmax; the global random state is untouched."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kubetune.diagnostics.probes import sample_tokens
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model.generation_config.top_k = 1
+    model.generation_config.repetition_penalty = 5.0
+
+    def draw(seed: int) -> list[list[int]]:
+        return sample_tokens(
+            model,
+            start_id=int(tok.bos_token_id),
+            eos_id=int(tok.eos_token_id),
+            samples=6,
+            length=24,
+            seed=seed,
+            pad_id=int(tok.pad_token_id),
+            device="cpu",
+            batch_size=4,
+        )
+
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    first = draw(7)
+    assert torch.equal(torch.rand(3), expected)
+    assert draw(7) == first
+    assert draw(8) != first
+    assert len(first) == 6
+    assert all(1 <= len(x) <= 24 for x in first)
+    assert len({tuple(x) for x in first}) > 1  # not top-k 1's single greedy text
