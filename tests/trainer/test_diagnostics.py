@@ -264,10 +264,26 @@ def test_without_general_text_the_forgetting_probe_reads_the_base_models_own_sam
     run = make_run(
         method="LoRA",
         rows=48,
-        hp={"epochs": 2, "learningRate": 0.01, "evalSteps": 4, "microBatchSize": 8},
-        spec_extra={"diagnostics": {"memorizationSamples": 4, "maxOverhead": 1.0}},
+        hp={"epochs": 4, "learningRate": 0.01, "evalSteps": 4, "microBatchSize": 8},
+        spec_extra={
+            "diagnostics": {"memorizationSamples": 4, "maxOverhead": 1.0},
+            # Only the forgetting rule may stop it (the loss rules out of reach).
+            "earlyStopping": {
+                "enabled": True,
+                "patience": 50,
+                "overMemorization": False,
+                "memorization": {"enabled": False},
+                "forgetting": {"maxRatio": 2.0, "evaluations": 2},
+            },
+        },
     )
     _train(run)
+    # The base model's own text is forgotten fast at this learning rate: the forgetting
+    # rule stops the run, its figures in the message.
+    term = run.termination()
+    assert term["earlyStop"]["reason"] == "ForgettingExceeded", term.get("earlyStop")
+    assert "forgetting.maxRatio 2" in term["earlyStop"]["message"]
+    assert term["progress"]["step"] < term["progress"]["totalSteps"]
     cache = run.output / "base-model-samples.json"
     assert cache.is_file()
     data = json.loads(cache.read_text())
@@ -291,8 +307,10 @@ def test_without_general_text_the_forgetting_probe_reads_the_base_models_own_sam
     figures = [
         r["general_perplexity_ratio"] for r in report["history"] if "general_perplexity_ratio" in r
     ]
-    assert figures
+    assert len(figures) >= 2
     assert all(math.isfinite(x) and x > 0 for x in figures)
+    assert figures[-2] > 2.0
+    assert figures[-1] > 2.0
     assert math.isfinite(summary["metrics"]["generalPerplexity"])
     # The probe's base figure is the base model's perplexity on exactly these samples.
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
@@ -356,3 +374,27 @@ def test_base_model_samples_are_seeded_untruncated_and_leave_the_random_state(
     assert len(first) == 6
     assert all(1 <= len(x) <= 24 for x in first)
     assert len({tuple(x) for x in first}) > 1  # not top-k 1's single greedy text
+
+
+def test_general_text_shipped_keeps_the_english_text_and_draws_no_samples(
+    make_run: MakeRun, tmp_path: Path
+) -> None:
+    """dataset.generalText: Shipped: the forgetting probe reads kubetune's English text as
+    before; nothing is sampled or cached."""
+    run = make_run(
+        method="LoRA",
+        rows=24,
+        hp={"epochs": 1, "evalSteps": 2, "microBatchSize": 8},
+        spec_extra={
+            # make_run writes the training data there.
+            "dataset": {"uri": f"file://{tmp_path / 'train.jsonl'}", "generalText": "Shipped"},
+            "diagnostics": {"memorizationSamples": 2, "maxOverhead": 1.0},
+        },
+    )
+    _train(run)
+    assert not (run.output / "base-model-samples.json").exists()
+    summary = json.loads((run.output / "report.json").read_text())["summary"]
+    assert summary["generalText"]["source"] == "Shipped"
+    assert summary["generalText"]["tokens"] >= 256
+    assert "base_samples" not in summary["probeSeconds"]
+    assert "the shipped English text" in (run.output / "report.md").read_text()
