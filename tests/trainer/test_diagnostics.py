@@ -398,3 +398,48 @@ def test_general_text_shipped_keeps_the_english_text_and_draws_no_samples(
     assert summary["generalText"]["tokens"] >= 256
     assert "base_samples" not in summary["probeSeconds"]
     assert "the shipped English text" in (run.output / "report.md").read_text()
+
+
+def test_a_resumed_run_gives_the_policy_its_earlier_probe_figures(tmp_path: Path) -> None:
+    """After a resume the policy sees the whole run: the evaluations from the checkpoint's
+    log history with the probe figures of the history rows written before (which only rank
+    0 reads; the other ranks take its points)."""
+    from types import SimpleNamespace
+
+    from kubetune.policy import StopSettings, decide
+    from kubetune.trainer.callbacks import KubetuneCallback
+
+    history = tmp_path / "metrics.jsonl"
+    rows = [
+        {"step": 5, "eval_loss": 1.0, "memorization_rate_train": 0.6},
+        {"step": 5, "memorization_rate_heldout": 0.1},  # not an evaluation row: ignored
+        {"step": 10, "eval_loss": 0.9, "memorization_rate_train": 0.7},
+        {"step": 15, "eval_loss": 0.8, "memorization_rate_train": 0.9},  # after the checkpoint
+    ]
+    rows[0]["memorization_rate_heldout"] = 0.1
+    rows[2]["memorization_rate_heldout"] = 0.2
+    history.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    callback = KubetuneCallback(
+        settings=StopSettings(),
+        metrics=None,
+        control=None,
+        history_path=history,
+        tokens_per_step=1.0,
+        is_main=True,
+    )
+    state = SimpleNamespace(
+        global_step=10,
+        log_history=[
+            {"loss": 1.2, "step": 5},
+            {"eval_loss": 1.0, "step": 5},
+            {"loss": 1.1, "step": 10},
+            {"eval_loss": 0.9, "step": 10},
+        ],
+    )
+    callback._resume_history(state)
+    assert [(p.step, p.memorization_train, p.memorization_heldout) for p in callback.evals] == [
+        (5, 0.6, 0.1),
+        (10, 0.7, 0.2),
+    ]
+    assert decide(callback.evals, StopSettings()).reason == "MemorizationExceeded"
+    assert len(history.read_text().splitlines()) == 3  # the row after the checkpoint is redone
