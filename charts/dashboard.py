@@ -341,7 +341,8 @@ ROWS: list[Row] = [
                 [t(f"kubetune_early_stop{{{SEL}}} == 1", "{{finetunejob}}: {{reason}}")],
                 description="The reason rank 0 stopped the run early (NoImprovement, "
                 "Overfitting, OverMemorization, LossGapExceeded, PerplexityExceeded, "
-                "Diverged), while its last scrape is visible.",
+                "MemorizationExceeded, ForgettingExceeded, Diverged), while its last scrape "
+                "is visible.",
                 thresholds=steps((None, RED)),
                 width=12,
                 height=6,

@@ -33,6 +33,7 @@ from kubetune.api._types import (
 
 MethodType = Literal["Auto", "Full", "Partial", "LoRA", "QLoRA", "Prefix"]
 DatasetFormat = Literal["Auto", "Text", "PromptCompletion", "Chat"]
+GeneralTextSource = Literal["BaseModel", "Shipped"]
 OffloadType = Literal["Auto", "None", "Optimizer", "OptimizerAndParameters"]
 RemedyMode = Literal["Auto", "On", "Off"]
 TolerationOperator = Literal["Exists", "Equal"]
@@ -75,7 +76,17 @@ class Dataset(SpecModel):
     validation_split: Annotated[float, Field(gt=0, le=0.5)] = 0.1
     format: DatasetFormat = "Auto"
     general_text_uri: Uri | None = None
+    general_text: GeneralTextSource = "BaseModel"
     max_seq_length: Annotated[int, Field(ge=16, le=131072), WholeFloat] | None = None
+
+    @model_validator(mode="after")
+    def _one_general_text(self) -> Self:
+        if self.general_text_uri is not None and self.general_text == "Shipped":
+            raise cel_error(
+                "dataset: set generalTextUri or generalText: Shipped, not both",
+                field_path="generalText",
+            )
+        return self
 
     @field_validator("uri", "validation_uri", "general_text_uri")
     @classmethod
@@ -183,6 +194,25 @@ class DeepSpeed(SpecModel):
     offload: OffloadType = "Auto"
 
 
+class MemorizationStop(SpecModel):
+    """earlyStopping.memorization: stop when the training sample's memorisation rate
+    exceeds the held-out baseline's by more than `margin` at `evaluations` probed
+    evaluations in a row (reason MemorizationExceeded)."""
+
+    enabled: bool = True
+    margin: Annotated[float, Field(ge=0, lt=1)] = 0.2
+    evaluations: Annotated[int, Field(ge=1, le=100), WholeFloat] = 2
+
+
+class ForgettingStop(SpecModel):
+    """earlyStopping.forgetting: stop when the general-text perplexity ratio (now / base)
+    exceeds `maxRatio` at `evaluations` probed evaluations in a row (ForgettingExceeded)."""
+
+    enabled: bool = True
+    max_ratio: Annotated[float, Field(gt=1, le=1000)] = 2.0
+    evaluations: Annotated[int, Field(ge=1, le=100), WholeFloat] = 2
+
+
 class EarlyStopping(SpecModel):
     enabled: bool = True
     patience: Annotated[int, Field(ge=1), WholeFloat] = 3
@@ -190,6 +220,8 @@ class EarlyStopping(SpecModel):
     max_loss_gap: Annotated[float, Field(gt=0)] | None = None
     max_eval_perplexity: Annotated[float, Field(gt=1)] | None = None
     over_memorization: bool = True
+    memorization: MemorizationStop = Field(default_factory=MemorizationStop)
+    forgetting: ForgettingStop = Field(default_factory=ForgettingStop)
 
 
 class Diagnostics(SpecModel):

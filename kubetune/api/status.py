@@ -57,6 +57,8 @@ ConditionReason = Literal[
     "BackoffLimitExceeded",
     "DeadlineExceeded",
     "PerplexityExceeded",
+    "MemorizationExceeded",
+    "ForgettingExceeded",
     "ModelConfigError",
     "ConfigError",
     "ChildConflict",
@@ -74,6 +76,8 @@ EARLY_STOP_REASONS: tuple[ConditionReason, ...] = (
     "OverMemorization",
     "LossGapExceeded",
     "PerplexityExceeded",
+    "MemorizationExceeded",
+    "ForgettingExceeded",
     "Diverged",
     "StopRequested",
 )

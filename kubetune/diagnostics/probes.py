@@ -6,6 +6,8 @@ forwards stay in step); only rank 0 exports the results.
   tokens (the discoverable-extraction measure of Carlini et al., 2022).
 - `token_nlls`: per-token negative log-likelihood of the target tokens (labels != -100),
   for the general-text (forgetting) and training-data perplexity probes.
+- `sample_tokens`: seeded samples of the model's own text (ancestral sampling at
+  temperature 1), the forgetting probe's default text when drawn from the base model.
 """
 
 from __future__ import annotations
@@ -251,6 +253,67 @@ def memorization_split(
         memorization_result([p for p in pairs[:first] if p is not None], near_distance),
         memorization_result([p for p in pairs[first:] if p is not None], near_distance),
     )
+
+
+def sample_tokens(
+    model: Any,
+    *,
+    start_id: int,
+    eos_id: int | None,
+    samples: int,
+    length: int,
+    seed: int,
+    pad_id: int,
+    device: Any,
+    synced: bool = False,
+    batch_size: int = 32,
+) -> list[list[int]]:
+    """`samples` sequences of at most `length` tokens drawn from the model after `start_id`
+    (HF generate): each token from the full softmax at temperature 1, with no top-k, top-p,
+    min-p, typical or penalty setting of the model's generation config applied, so that the
+    text is distributed as the model's own; a sequence ends at its first `eos_id` (kept).
+    Seeded, with the global random state restored afterwards; `synced` keeps the ranks'
+    passes in step (ZeRO-3)."""
+    import torch
+
+    cuda = getattr(torch.device(device), "type", "cpu") == "cuda"
+    devices = [torch.device(device).index or 0] if cuda else []
+    neutral: dict[str, Any] = {
+        "do_sample": True,
+        "temperature": 1.0,
+        "top_k": 0,
+        "top_p": 1.0,
+        "min_p": 0.0,
+        "typical_p": 1.0,
+        "epsilon_cutoff": 0.0,
+        "eta_cutoff": 0.0,
+        "repetition_penalty": 1.0,
+        "no_repeat_ngram_size": 0,
+        "min_new_tokens": 0,
+        "num_beams": 1,
+    }
+    out: list[list[int]] = []
+    with eval_mode(model), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for first in range(0, samples, batch_size):
+            n = min(batch_size, samples - first)
+            ids = torch.full((n, 1), start_id, dtype=torch.long, device=device)
+            kwargs: dict[str, Any] = {
+                **neutral,
+                "input_ids": ids,
+                "attention_mask": torch.ones_like(ids),
+                "max_new_tokens": length,
+                "pad_token_id": pad_id,
+            }
+            if eos_id is not None:
+                kwargs["eos_token_id"] = eos_id
+            if synced:
+                kwargs["synced_gpus"] = True
+            for row in model.generate(**kwargs)[:, 1:].tolist():
+                if eos_id is not None and eos_id in row:
+                    row = row[: row.index(eos_id) + 1]
+                out.append(row[:length])
+    return out
 
 
 class Stopwatch:

@@ -324,17 +324,20 @@ def eval_points(rows: object) -> list[EvalPoint]:
     for r in rows:
         if not isinstance(r, dict):
             continue
+
+        def opt(key: str, r: dict[str, Any] = r) -> float | None:
+            return None if r.get(key) is None else float(r[key])
+
         try:
             out.append(
                 EvalPoint(
                     step=int(r["step"]),
                     eval_loss=float(r["evalLoss"]),
-                    train_loss=None if r.get("trainLoss") is None else float(r["trainLoss"]),
-                    eval_accuracy=(
-                        None
-                        if r.get("evalTokenAccuracy") is None
-                        else float(r["evalTokenAccuracy"])
-                    ),
+                    train_loss=opt("trainLoss"),
+                    eval_accuracy=opt("evalTokenAccuracy"),
+                    memorization_train=opt("memorizationRate"),
+                    memorization_heldout=opt("heldoutMemorizationRate"),
+                    general_ratio=opt("generalPerplexityRatio"),
                 )
             )
         except (KeyError, TypeError, ValueError):

@@ -1,6 +1,6 @@
 """Decide from the evaluation history whether a run should stop, and why.
 
-Reasons (CamelCase, as in the job's EarlyStopped condition):
+Reasons (CamelCase, as in the job's EarlyStopped condition), checked in this order:
 - Diverged: the train or eval loss is not finite, or eval loss exceeds 4x the best.
 - LossGapExceeded: eval minus train loss above `maxLossGap`.
 - PerplexityExceeded: eval perplexity above `maxEvalPerplexity`.
@@ -9,6 +9,14 @@ Reasons (CamelCase, as in the job's EarlyStopped condition):
 - Overfitting: the loss gap (eval minus train loss) widened `patience` evaluations in a
   row, ending positive, while eval loss is above its best.
 - NoImprovement: no eval loss better than the best by `minDelta` for `patience` evaluations.
+- MemorizationExceeded: the memorisation rate of the training sample exceeded the held-out
+  baseline's by more than `memorization.margin` at each of the last
+  `memorization.evaluations` evaluations that ran the probes.
+- ForgettingExceeded: the general-text perplexity ratio (now / base) exceeded
+  `forgetting.maxRatio` at each of the last `forgetting.evaluations` probed evaluations.
+
+The probe figures of an evaluation are None when the probes did not run at it (their
+overhead budget skips some): the two probe rules look at the evaluations that have them.
 """
 
 from __future__ import annotations
@@ -17,6 +25,11 @@ import itertools
 import math
 from dataclasses import dataclass
 
+#: Defaults of the probe rules (the CRD's; docs/metrics.md says why these values).
+MEMORIZATION_MARGIN = 0.2
+MAX_GENERAL_RATIO = 2.0
+PROBE_EVALUATIONS = 2
+
 
 @dataclass(frozen=True)
 class EvalPoint:
@@ -24,6 +37,11 @@ class EvalPoint:
     eval_loss: float
     train_loss: float | None = None
     eval_accuracy: float | None = None
+    #: The memorisation probe: exact rate on the training sample and on the held-out one.
+    memorization_train: float | None = None
+    memorization_heldout: float | None = None
+    #: The forgetting probe: general-text perplexity now / the base model's.
+    general_ratio: float | None = None
 
     @property
     def perplexity(self) -> float:
@@ -38,13 +56,31 @@ class StopSettings:
     max_loss_gap: float | None = None
     max_eval_perplexity: float | None = None
     over_memorization: bool = True
+    #: MemorizationExceeded: None turns the rule off.
+    memorization_margin: float | None = MEMORIZATION_MARGIN
+    memorization_evaluations: int = PROBE_EVALUATIONS
+    #: ForgettingExceeded: None turns the rule off.
+    max_general_ratio: float | None = MAX_GENERAL_RATIO
+    forgetting_evaluations: int = PROBE_EVALUATIONS
 
     @classmethod
     def from_spec(cls, es: dict[str, object]) -> StopSettings:
+        """The settings of `spec.earlyStopping` (camelCase, as the API server stores it;
+        a missing field takes the CRD's default)."""
+
         def num(key: str) -> float | None:
             v = es.get(key)
             return None if v is None else float(v)  # type: ignore[arg-type]
 
+        def group(key: str) -> dict[str, object]:
+            value = es.get(key)
+            if value is None:
+                return {}
+            if not isinstance(value, dict):
+                raise ValueError(f"earlyStopping.{key} must be an object, not {value!r}")
+            return value
+
+        mem, forget = group("memorization"), group("forgetting")
         return cls(
             enabled=bool(es.get("enabled", True)),
             patience=int(es.get("patience", 3)),  # type: ignore[call-overload]
@@ -52,6 +88,22 @@ class StopSettings:
             max_loss_gap=num("maxLossGap"),
             max_eval_perplexity=num("maxEvalPerplexity"),
             over_memorization=bool(es.get("overMemorization", True)),
+            memorization_margin=(
+                float(mem.get("margin", MEMORIZATION_MARGIN))  # type: ignore[arg-type]
+                if mem.get("enabled", True)
+                else None
+            ),
+            memorization_evaluations=int(
+                mem.get("evaluations", PROBE_EVALUATIONS)  # type: ignore[call-overload]
+            ),
+            max_general_ratio=(
+                float(forget.get("maxRatio", MAX_GENERAL_RATIO))  # type: ignore[arg-type]
+                if forget.get("enabled", True)
+                else None
+            ),
+            forgetting_evaluations=int(
+                forget.get("evaluations", PROBE_EVALUATIONS)  # type: ignore[call-overload]
+            ),
         )
 
 
@@ -152,4 +204,58 @@ def decide(history: list[EvalPoint], settings: StopSettings) -> Decision:
             f"eval loss has not improved on {best.eval_loss:.4f} (step {best.step}) "
             f"by more than {settings.min_delta:g} for {since} evaluations",
         )
+    # The probe rules last: where a loss rule also holds (the evaluation a loss rule stops
+    # at always probes), its reason is the one reported.
+    memorized = _memorization_exceeded(history, settings)
+    if memorized:
+        return stop("MemorizationExceeded", memorized)
+    forgotten = _forgetting_exceeded(history, settings)
+    if forgotten:
+        return stop("ForgettingExceeded", forgotten)
     return Decision(stop=False, **base)  # type: ignore[arg-type]
+
+
+def _memorization_exceeded(history: list[EvalPoint], settings: StopSettings) -> str:
+    """The message of MemorizationExceeded, or "" when it does not apply: the training
+    sample's exact memorisation rate above the held-out baseline's by more than the margin
+    at each of the last `memorization_evaluations` probed evaluations."""
+    margin, n = settings.memorization_margin, settings.memorization_evaluations
+    if margin is None:
+        return ""
+    probed = [
+        p
+        for p in history
+        if p.memorization_train is not None and p.memorization_heldout is not None
+    ][-n:]
+    if len(probed) < n:
+        return ""
+    excess = [(p.memorization_train or 0.0) - (p.memorization_heldout or 0.0) for p in probed]
+    if not all(x > margin for x in excess):
+        return ""
+    last = probed[-1]
+    return (
+        f"the training sample's memorisation rate {last.memorization_train:.2f} exceeded the "
+        f"held-out baseline {last.memorization_heldout:.2f} by more than the margin "
+        f"{margin:g} at {n} probed evaluation(s) in a row (excess "
+        f"{', '.join(f'{x:.2f}' for x in excess)}; steps {', '.join(str(p.step) for p in probed)})"
+    )
+
+
+def _forgetting_exceeded(history: list[EvalPoint], settings: StopSettings) -> str:
+    """The message of ForgettingExceeded, or "": the general-text perplexity ratio above
+    `max_general_ratio` at each of the last `forgetting_evaluations` probed evaluations."""
+    limit, n = settings.max_general_ratio, settings.forgetting_evaluations
+    if limit is None:
+        return ""
+    probed = [p for p in history if p.general_ratio is not None][-n:]
+    if len(probed) < n:
+        return ""
+    ratios = [p.general_ratio or 0.0 for p in probed]
+    if not all(r > limit for r in ratios):
+        return ""
+    return (
+        f"the general-text perplexity ratio (now / base) was above forgetting.maxRatio "
+        f"{limit:g} at {n} probed evaluation(s) in a row "
+        f"({', '.join(f'{r:.2f}' for r in ratios)}; steps "
+        f"{', '.join(str(p.step) for p in probed)})"
+    )

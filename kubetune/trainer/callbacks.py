@@ -12,6 +12,7 @@ import json
 import math
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from kubetune import console as events
 from kubetune.diagnostics.runner import DiagnosticsRunner
 from kubetune.policy import EvalPoint, StopSettings, decide
 from kubetune.trainer.console import RunConsole
+from kubetune.trainer.dist import from_rank0
 from kubetune.trainer.server import ControlServer, TrainerMetrics
 
 #: Diagnostics keys -> status.metrics fields.
@@ -133,6 +135,15 @@ class KubetuneCallback(TrainerCallback):
                     self.history.append(row)
             # Rows after the checkpoint are redone: rewrite the file without them.
             self.history_path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        # The probes' figures of those evaluations are in the history rows, which only rank
+        # 0 reads: every rank takes rank 0's points, so that the policy decides the same.
+        probed = {
+            int(r["step"]): r
+            for r in self.history
+            if r.get("eval_loss") is not None and "step" in r
+        }
+        evals = [with_probes(p, probed.get(p.step, {})) for p in self.evals]
+        self.evals = from_rank0(lambda: evals)
         if self.metrics is not None:
             self.metrics.history[:] = [_eval_dict(p) for p in self.evals]
 
@@ -262,8 +273,9 @@ class KubetuneCallback(TrainerCallback):
             eval_accuracy=metrics.get("eval_token_accuracy"),
         )
         self.window_losses = []
-        self.evals.append(point)
-        decision = decide(self.evals, self.settings)
+        # The losses' decision says whether this is the last evaluation (which probes); the
+        # probes' figures may then add a reason (they never remove one).
+        decision = decide([*self.evals, point], self.settings)
         gap = None if point.train_loss is None else point.eval_loss - point.train_loss
         row: dict[str, Any] = {
             "step": point.step,
@@ -286,6 +298,15 @@ class KubetuneCallback(TrainerCallback):
                 final=int(state.global_step) >= int(state.max_steps or 0) or stopping,
             )
             row.update(probes)
+        if self.diagnostics is not None:
+            # Rank 0's figures on every rank: the probes' decodes could differ in a last
+            # bit between devices, and every rank must take the same decision.
+            shared = from_rank0(lambda: probes)
+            point = with_probes(point, shared)
+            decision = decide([*self.evals, point], self.settings)
+            acts = self.policy_owner == "trainer" or decision.reason == "Diverged"
+            stopping = decision.stop and acts and not self.stopped
+        self.evals.append(point)
         if self.on_probes is not None and self.diagnostics is not None:
             made = self.on_probes(probes, point.step)
             if made is not None:
@@ -350,12 +371,31 @@ class KubetuneCallback(TrainerCallback):
                 )
 
 
+def with_probes(point: EvalPoint, probes: dict[str, Any]) -> EvalPoint:
+    """`point` with the probe figures the policy reads (None where a probe did not run)."""
+
+    def figure(key: str) -> float | None:
+        value = probes.get(key)
+        return None if value is None else float(value)
+
+    return replace(
+        point,
+        memorization_train=figure("memorization_rate_train"),
+        memorization_heldout=figure("memorization_rate_heldout"),
+        general_ratio=figure("general_perplexity_ratio"),
+    )
+
+
 def _eval_dict(p: EvalPoint) -> dict[str, Any]:
+    """One row of GET /evaluations (`operator.status.eval_points` reads it back)."""
     return {
         "step": p.step,
         "evalLoss": p.eval_loss,
         "trainLoss": p.train_loss,
         "evalTokenAccuracy": p.eval_accuracy,
+        "memorizationRate": p.memorization_train,
+        "heldoutMemorizationRate": p.memorization_heldout,
+        "generalPerplexityRatio": p.general_ratio,
     }
 
 

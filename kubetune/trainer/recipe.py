@@ -295,6 +295,7 @@ def finish(session: Session, result: Any, resume: Path | None) -> None:
     if session.diagnostics is not None:
         seconds = session.diagnostics.watch.seconds
         summary["probeSeconds"] = {k: round(v, 3) for k, v in seconds.items()}
+        summary["generalText"] = session.diagnostics.general_text
     if not math.isfinite(float(result.training_loss or 0.0)):
         summary["earlyStop"] = {"reason": "Diverged", "message": "training loss not finite"}
     write_report(cfg.output, cfg.plan, cfg.spec, callback.history, summary)
@@ -317,24 +318,53 @@ def _diagnostics(
     cfg: TrainerConfig, train_ds: Any, val_ds: Any, tokenizer: Any, seq_len: int, args: Any
 ) -> Any:
     """The diagnostics runner (None when spec.diagnostics.enabled is false). The general
-    text is dataset.generalTextUri, or the held-out English text that ships with kubetune."""
+    text is dataset.generalTextUri; else, by dataset.generalText, seeded samples of the base
+    model itself (BaseModel, the default: drawn before training, cached in the output) or
+    the held-out English text that ships with kubetune (Shipped)."""
     from kubetune.diagnostics import DiagnosticsSettings, probe_token_budget
     from kubetune.diagnostics.probes import text_rows
-    from kubetune.diagnostics.runner import DiagnosticsRunner
+    from kubetune.diagnostics.runner import BaseSamples, DiagnosticsRunner
+    from kubetune.trainer.dist import from_rank0
+    from kubetune.trainer.startup import base_samples_key, general_text_source, sample_plan
 
     settings = DiagnosticsSettings.from_spec(cfg.spec.get("diagnostics"))
     if not settings.enabled:
         return None
-    general_path = Path(cfg.general_text) if cfg.general_text else GENERAL_TEXT_DEFAULT
-    try:
-        text = general_path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TrainerConfigError(
-            f"dataset.generalTextUri: cannot read {general_path}: {exc}"
-        ) from exc
     epochs = float(cfg.hyperparameters.epochs)
     budget = probe_token_budget(settings, int(train_ds.token_count * epochs))
-    general = text_rows(text, tokenizer, seq_len, budget)
+    source = general_text_source(cfg)
+    general: list[Any] = []
+    base: BaseSamples | None = None
+    if source == "BaseModel":
+        samples, length = sample_plan(budget, seq_len)
+        start = tokenizer.bos_token_id
+        if start is None:
+            start = tokenizer.eos_token_id
+        if start is None:
+            raise TrainerConfigError(
+                "dataset.generalText: BaseModel samples start from the tokenizer's BOS or "
+                "EOS token and this tokenizer has neither: set dataset.generalTextUri or "
+                "dataset.generalText: Shipped"
+            )
+        if samples:
+            base = BaseSamples(
+                key=base_samples_key(cfg, samples, length),
+                samples=samples,
+                length=length,
+                seed=cfg.seed,
+                start_id=int(start),
+                eos_id=tokenizer.eos_token_id,
+                decode=lambda ids: str(tokenizer.decode(ids)),
+            )
+    else:
+        general_path = Path(cfg.general_text) if cfg.general_text else GENERAL_TEXT_DEFAULT
+        try:
+            text = general_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TrainerConfigError(
+                f"dataset.generalTextUri: cannot read {general_path}: {exc}"
+            ) from exc
+        general = text_rows(text, tokenizer, seq_len, budget)
     return DiagnosticsRunner(
         settings,
         train_rows=train_ds.rows,
@@ -346,6 +376,9 @@ def _diagnostics(
         output=cfg.output if rank() == 0 else None,
         seed=cfg.seed,
         synced=world_size() > 1 and cfg.plan.zero_stage == 3,
+        base_samples=base,
+        share=lambda value: from_rank0(lambda: value),
+        general_source=source,
     )
 
 

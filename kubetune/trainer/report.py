@@ -53,8 +53,32 @@ def markdown(plan: PlanDocument, summary: dict[str, Any]) -> str:
             f"Probes took {spent:.1f} s{share}: "
             + ", ".join(f"{k} {v:.1f} s" for k, v in sorted(probes.items())),
         ]
+    general = summary.get("generalText") or {}
+    if general:
+        lines += ["", general_text_line(general)]
     lines += ["", "![loss](loss.png)", ""]
     return "\n".join(lines)
+
+
+def general_text_line(general: dict[str, Any]) -> str:
+    """The forgetting probe's text in one sentence: its source, size and cost."""
+    source = general.get("source")
+    tokens = general.get("tokens", 0)
+    if source != "BaseModel":
+        what = "dataset.generalTextUri" if source == "Uri" else "the shipped English text"
+        return f"General text (forgetting probe): {what}, {tokens} tokens."
+    if not general.get("samples"):
+        return "General text (forgetting probe): no base-model samples (probe off)."
+    how = (
+        f"cached (drawn in {general.get('seconds', 0):.1f} s at the first start)"
+        if general.get("cached")
+        else f"drawn in {general.get('seconds', 0):.1f} s"
+    )
+    return (
+        f"General text (forgetting probe): {general['samples']} samples of the base model, "
+        f"{tokens} tokens (at most {general.get('maxTokens')}), {how}"
+        + (f"; `{general['file']}`." if general.get("file") else ".")
+    )
 
 
 def plot(history: list[dict[str, Any]], path: Path, stop_step: int | None = None) -> bool:

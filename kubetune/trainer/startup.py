@@ -66,6 +66,58 @@ def run_texts(cfg: Any) -> tuple[str, str]:
     return general, general if custom else read(GENERAL_TEXT_DEFAULT)
 
 
+#: Tokens in one of the base model's samples (fewer when the run's sequences are shorter or
+#: the probe's token budget is smaller).
+SAMPLE_LENGTH = 128
+#: How the samples are drawn (part of their cache key: a change makes new ones).
+SAMPLER = "ancestral, temperature 1, v1"
+
+
+def general_text_source(cfg: Any) -> str:
+    """The forgetting probe's text: "Uri" (dataset.generalTextUri), else
+    dataset.generalText: "BaseModel" (the default) or "Shipped"."""
+    if cfg.general_text:
+        return "Uri"
+    source = str((cfg.spec.get("dataset") or {}).get("generalText") or "BaseModel")
+    if source not in ("BaseModel", "Shipped"):
+        from kubetune.trainer.config import TrainerConfigError
+
+        raise TrainerConfigError(f"dataset.generalText: {source!r} is not BaseModel or Shipped")
+    return source
+
+
+def sample_plan(budget: int, seq_len: int) -> tuple[int, int]:
+    """(samples, tokens each) for the base model's samples: at most `budget` tokens in
+    all (the probe's token budget), each sample within the run's sequence length (with its
+    start token)."""
+    length = max(1, min(SAMPLE_LENGTH, seq_len - 1, budget))
+    return (budget // length if budget > 0 else 0), length
+
+
+def base_samples_key(cfg: Any, samples: int, length: int) -> str:
+    """What the base model's samples are made from: the base model (its location and
+    revision; for a directory its config.json and the names and sizes of its weight files),
+    the seed, and the sampling settings."""
+    import hashlib
+    import json
+
+    from kubetune.trainer.model import model_location
+
+    location, revision = model_location(cfg.model)
+    h = hashlib.sha256(
+        json.dumps([SAMPLER, location, revision, cfg.seed, samples, length]).encode()
+    )
+    folder = Path(location)
+    if folder.is_dir():
+        config = folder / "config.json"
+        if config.is_file():
+            h.update(config.read_bytes())
+        for f in sorted(folder.iterdir()):
+            if f.suffix in (".safetensors", ".bin", ".pt", ".gguf") and f.is_file():
+                h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
 def evidence_budget(cfg: Any) -> int:
     return max(int((cfg.spec.get("diagnostics") or {}).get("tokenBudget") or 8192), 512)
 

@@ -801,7 +801,13 @@ def test_the_operator_stops_a_run_that_only_memorises_and_keeps_the_best(
     obj = _get(api, namespace, "memorises")
     stopped = _cond(obj, "EarlyStopped")
     assert stopped is not None
-    assert stopped["reason"] in {"Overfitting", "OverMemorization", "NoImprovement"}
+    assert stopped["reason"] in {
+        "Overfitting",
+        "OverMemorization",
+        "NoImprovement",
+        "MemorizationExceeded",
+        "ForgettingExceeded",
+    }
     assert "eval" in stopped["message"]
     status = obj["status"]
     assert status["progress"]["step"] < status["progress"]["totalSteps"]

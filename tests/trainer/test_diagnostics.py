@@ -141,7 +141,13 @@ def test_a_run_that_can_only_memorise_is_stopped_keeps_its_best_and_reports(
     _train(run)
     term = run.termination()
     stop = term["earlyStop"]
-    assert stop["reason"] in {"Overfitting", "OverMemorization", "NoImprovement"}, stop
+    assert stop["reason"] in {
+        "Overfitting",
+        "OverMemorization",
+        "NoImprovement",
+        "MemorizationExceeded",
+        "ForgettingExceeded",
+    }, stop
     assert str(stop["message"])
     assert term["progress"]["step"] < term["progress"]["totalSteps"]
     report = json.loads((run.output / "report.json").read_text())
@@ -162,8 +168,278 @@ def test_a_run_that_can_only_memorise_is_stopped_keeps_its_best_and_reports(
         "general_perplexity",
         "data_perplexity",
         "memorization",
+        "base_samples",  # no generalTextUri: the base model's own samples, drawn once
     }
     markdown = (run.output / "report.md").read_text()
     assert f"Ended: early, {stop['reason']}" in markdown
     assert "## Diagnostics cost" in markdown
     assert (run.output / "loss.png").stat().st_size > 10_000
+
+
+def test_the_memorisation_rule_stops_a_run_that_recalls_its_rows_verbatim(
+    make_run: MakeRun,
+) -> None:
+    """Random completions (nothing to learn but the rows themselves) at a high learning
+    rate, the loss rules out of reach (patience 50) and a tight margin: the memorisation
+    probe's training rate pulls away from the held-out baseline and the policy stops the
+    run for it, with the figures in the termination message, the history and the report."""
+    from kubetune.operator.status import eval_points
+    from kubetune.policy import StopSettings, decide
+    from kubetune.trainer.callbacks import _eval_dict, with_probes
+
+    data = "\n".join(json.dumps(r) for r in random_rows(40, seed=5, words=6))
+    run = make_run(
+        method="Full",
+        data=data,
+        hp={
+            "epochs": 60,
+            "learningRate": 0.01,
+            "evalSteps": 5,
+            "warmupSteps": 0,
+            "microBatchSize": 12,
+            "gradientAccumulationSteps": 1,
+        },
+        spec_extra={
+            "earlyStopping": {
+                "enabled": True,
+                "patience": 50,
+                "overMemorization": False,
+                "memorization": {"margin": 0.1, "evaluations": 2},
+                "forgetting": {"enabled": False},
+            },
+            "diagnostics": {
+                "memorizationSamples": 12,
+                "prefixTokens": 3,
+                "continuationTokens": 6,
+                "maxOverhead": 1.0,
+            },
+        },
+    )
+    _train(run)
+    term = run.termination()
+    stop = term["earlyStop"]
+    assert stop["reason"] == "MemorizationExceeded", stop
+    assert "held-out baseline" in stop["message"]
+    assert term["progress"]["step"] < term["progress"]["totalSteps"]
+    evals = [r for r in run.history() if r.get("eval_loss") is not None]
+    last_two = [r for r in evals if "memorization_rate_train" in r][-2:]
+    assert len(last_two) == 2
+    for r in last_two:
+        assert r["memorization_rate_train"] - r["memorization_rate_heldout"] > 0.1, r
+    assert evals[-1]["step"] == term["progress"]["step"]
+    report = json.loads((run.output / "report.json").read_text())
+    best_step = report["summary"]["metrics"]["bestStep"]
+    assert report["summary"]["bestCheckpoint"].endswith(f"checkpoint-{best_step}")
+    # The operator's path decides the same from the rows GET /evaluations would serve.
+    settings = StopSettings.from_spec(
+        json.loads((run.output / "spec.json").read_text())["earlyStopping"]
+    )
+    from kubetune.policy import EvalPoint
+
+    points = [
+        with_probes(
+            EvalPoint(step=int(r["step"]), eval_loss=float(r["eval_loss"])),
+            r,
+        )
+        for r in evals
+    ]
+    served = eval_points([_eval_dict(p) for p in points])
+    assert served == points
+    assert decide(served, settings).reason == "MemorizationExceeded"
+
+
+def test_without_general_text_the_forgetting_probe_reads_the_base_models_own_samples(
+    make_run: MakeRun, tiny_model: Path
+) -> None:
+    """No dataset.generalTextUri: the trainer draws seeded samples from the base model
+    before training, caches them in the output with their cost, and the forgetting probe's
+    figures are those of that text (the base model's perplexity on the cached samples is
+    the probe's base figure); a second start reads the cache instead of sampling again."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kubetune.diagnostics import perplexity_summary
+    from kubetune.diagnostics.probes import token_nlls
+
+    run = make_run(
+        method="LoRA",
+        rows=48,
+        hp={"epochs": 4, "learningRate": 0.01, "evalSteps": 4, "microBatchSize": 8},
+        spec_extra={
+            "diagnostics": {"memorizationSamples": 4, "maxOverhead": 1.0},
+            # Only the forgetting rule may stop it (the loss rules out of reach).
+            "earlyStopping": {
+                "enabled": True,
+                "patience": 50,
+                "overMemorization": False,
+                "memorization": {"enabled": False},
+                "forgetting": {"maxRatio": 2.0, "evaluations": 2},
+            },
+        },
+    )
+    _train(run)
+    # The base model's own text is forgotten fast at this learning rate: the forgetting
+    # rule stops the run, its figures in the message.
+    term = run.termination()
+    assert term["earlyStop"]["reason"] == "ForgettingExceeded", term.get("earlyStop")
+    assert "forgetting.maxRatio 2" in term["earlyStop"]["message"]
+    assert term["progress"]["step"] < term["progress"]["totalSteps"]
+    cache = run.output / "base-model-samples.json"
+    assert cache.is_file()
+    data = json.loads(cache.read_text())
+    samples = data["samples"]
+    assert len(samples) >= 2
+    assert all(1 <= len(x) <= data["length"] for x in samples)
+    assert len(data["text"]) == len(samples)
+    assert all(isinstance(t, str) for t in data["text"])
+    report = json.loads((run.output / "report.json").read_text())
+    summary = report["summary"]
+    general = summary["generalText"]
+    assert general["source"] == "BaseModel"
+    assert general["cached"] is False
+    assert general["samples"] == len(samples)
+    assert general["tokens"] == sum(len(x) for x in samples) <= general["maxTokens"]
+    assert general["seconds"] > 0
+    assert summary["probeSeconds"]["base_samples"] > 0
+    assert "samples of the base model" in (run.output / "report.md").read_text()
+    base_row = report["history"][0]
+    assert base_row["phase"] == "base"
+    figures = [
+        r["general_perplexity_ratio"] for r in report["history"] if "general_perplexity_ratio" in r
+    ]
+    assert len(figures) >= 2
+    assert all(math.isfinite(x) and x > 0 for x in figures)
+    assert figures[-2] > 2.0
+    assert figures[-1] > 2.0
+    assert math.isfinite(summary["metrics"]["generalPerplexity"])
+    # The probe's base figure is the base model's perplexity on exactly these samples.
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    start = json.loads((tiny_model / "config.json").read_text())["bos_token_id"]
+    rows = [{"input_ids": [start, *x], "labels": [-100, *x]} for x in samples]
+    with torch.no_grad():
+        expected = perplexity_summary(token_nlls(model, rows, "cpu"), 100.0).perplexity
+    assert base_row["general_perplexity_base"] == pytest.approx(expected, rel=1e-3)
+    # Not the shipped English text: the base model finds its own text far less surprising.
+    assert base_row["general_perplexity_base"] < 50, base_row
+
+    # A second run into the same output reads the cache (a resume, a restarted pod).
+    import shutil
+
+    shutil.rmtree(run.output / "checkpoints")
+    shutil.rmtree(run.output / "final")
+    _train(run)
+    again = json.loads((run.output / "report.json").read_text())["summary"]
+    assert again["generalText"]["cached"] is True
+    assert again["generalText"]["samples"] == len(samples)
+    assert "base_samples" not in again["probeSeconds"]
+    assert json.loads(cache.read_text())["samples"] == samples
+
+
+def test_base_model_samples_are_seeded_untruncated_and_leave_the_random_state(
+    tiny_model: Path,
+) -> None:
+    """The sampler: the same seed gives the same samples, another seed others; a model
+    whose generation config would truncate the distribution (top-k 1: every sample the
+    same) is still sampled from its full softmax; the global random state is untouched."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kubetune.diagnostics.probes import sample_tokens
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model.generation_config.top_k = 1
+    model.generation_config.repetition_penalty = 5.0
+
+    def draw(seed: int) -> list[list[int]]:
+        return sample_tokens(
+            model,
+            start_id=int(tok.bos_token_id),
+            eos_id=int(tok.eos_token_id),
+            samples=6,
+            length=24,
+            seed=seed,
+            pad_id=int(tok.pad_token_id),
+            device="cpu",
+            batch_size=4,
+        )
+
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    first = draw(7)
+    assert torch.equal(torch.rand(3), expected)
+    assert draw(7) == first
+    assert draw(8) != first
+    assert len(first) == 6
+    assert all(1 <= len(x) <= 24 for x in first)
+    assert len({tuple(x) for x in first}) > 1  # not top-k 1's single greedy text
+
+
+def test_general_text_shipped_keeps_the_english_text_and_draws_no_samples(
+    make_run: MakeRun, tmp_path: Path
+) -> None:
+    """dataset.generalText: Shipped: the forgetting probe reads kubetune's English text as
+    before; nothing is sampled or cached."""
+    run = make_run(
+        method="LoRA",
+        rows=24,
+        hp={"epochs": 1, "evalSteps": 2, "microBatchSize": 8},
+        spec_extra={
+            # make_run writes the training data there.
+            "dataset": {"uri": f"file://{tmp_path / 'train.jsonl'}", "generalText": "Shipped"},
+            "diagnostics": {"memorizationSamples": 2, "maxOverhead": 1.0},
+        },
+    )
+    _train(run)
+    assert not (run.output / "base-model-samples.json").exists()
+    summary = json.loads((run.output / "report.json").read_text())["summary"]
+    assert summary["generalText"]["source"] == "Shipped"
+    assert summary["generalText"]["tokens"] >= 256
+    assert "base_samples" not in summary["probeSeconds"]
+    assert "the shipped English text" in (run.output / "report.md").read_text()
+
+
+def test_a_resumed_run_gives_the_policy_its_earlier_probe_figures(tmp_path: Path) -> None:
+    """After a resume the policy sees the whole run: the evaluations from the checkpoint's
+    log history with the probe figures of the history rows written before (which only rank
+    0 reads; the other ranks take its points)."""
+    from types import SimpleNamespace
+
+    from kubetune.policy import StopSettings, decide
+    from kubetune.trainer.callbacks import KubetuneCallback
+
+    history = tmp_path / "metrics.jsonl"
+    rows = [
+        {"step": 5, "eval_loss": 1.0, "memorization_rate_train": 0.6},
+        {"step": 5, "memorization_rate_heldout": 0.1},  # not an evaluation row: ignored
+        {"step": 10, "eval_loss": 0.9, "memorization_rate_train": 0.7},
+        {"step": 15, "eval_loss": 0.8, "memorization_rate_train": 0.9},  # after the checkpoint
+    ]
+    rows[0]["memorization_rate_heldout"] = 0.1
+    rows[2]["memorization_rate_heldout"] = 0.2
+    history.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    callback = KubetuneCallback(
+        settings=StopSettings(),
+        metrics=None,
+        control=None,
+        history_path=history,
+        tokens_per_step=1.0,
+        is_main=True,
+    )
+    state = SimpleNamespace(
+        global_step=10,
+        log_history=[
+            {"loss": 1.2, "step": 5},
+            {"eval_loss": 1.0, "step": 5},
+            {"loss": 1.1, "step": 10},
+            {"eval_loss": 0.9, "step": 10},
+        ],
+    )
+    callback._resume_history(state)
+    assert [(p.step, p.memorization_train, p.memorization_heldout) for p in callback.evals] == [
+        (5, 0.6, 0.1),
+        (10, 0.7, 0.2),
+    ]
+    assert decide(callback.evals, StopSettings()).reason == "MemorizationExceeded"
+    assert len(history.read_text().splitlines()) == 3  # the row after the checkpoint is redone

@@ -56,6 +56,11 @@ def test_minimal_job_gets_every_default() -> None:
     assert (stopping.enabled, stopping.patience, stopping.min_delta) == (True, 3, 0.0)
     assert stopping.over_memorization is True
     assert stopping.max_loss_gap is None
+    assert (stopping.memorization.enabled, stopping.memorization.margin) == (True, 0.2)
+    assert stopping.memorization.evaluations == 2
+    assert (stopping.forgetting.enabled, stopping.forgetting.max_ratio) == (True, 2.0)
+    assert stopping.forgetting.evaluations == 2
+    assert (spec.dataset.general_text, spec.dataset.general_text_uri) == ("BaseModel", None)
     assert (spec.plan_only, spec.suspend, spec.stop_requested) == (False, False, False)
     assert spec.backoff_limit == 3
     assert spec.output is None
@@ -205,6 +210,37 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         "perplexity 1",
         {"earlyStopping": {"maxEvalPerplexity": 1}},
         "spec.earlyStopping.maxEvalPerplexity: Input should be greater than 1",
+    ),
+    (
+        "memorization margin 1",
+        {"earlyStopping": {"memorization": {"margin": 1}}},
+        "spec.earlyStopping.memorization.margin: Input should be less than 1",
+    ),
+    (
+        "forgetting ratio 1",
+        {"earlyStopping": {"forgetting": {"maxRatio": 1}}},
+        "spec.earlyStopping.forgetting.maxRatio: Input should be greater than 1",
+    ),
+    (
+        "forgetting evaluations 0",
+        {"earlyStopping": {"forgetting": {"evaluations": 0}}},
+        "spec.earlyStopping.forgetting.evaluations: Input should be greater than or equal to 1",
+    ),
+    (
+        "shipped general text and a uri",
+        {
+            "dataset": {
+                "uri": "pvc://d/x",
+                "generalTextUri": "pvc://d/general.txt",
+                "generalText": "Shipped",
+            }
+        },
+        "spec.dataset.generalText: dataset: set generalTextUri or generalText: Shipped, not both",
+    ),
+    (
+        "general text source",
+        {"dataset": {"uri": "pvc://d/x", "generalText": "English"}},
+        "spec.dataset.generalText: Input should be 'BaseModel' or 'Shipped'",
     ),
     (
         "split 0",

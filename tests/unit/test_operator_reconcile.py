@@ -491,3 +491,52 @@ def test_a_refused_prepare_pod_is_preparing_once_created_and_fails_at_its_deadli
     assert err.value.reason == "PodCreationFailed"
     assert "j-prepare ran out of its deadline (late) while its pod was refused" in str(err.value)
     assert "the last refusal: Job j-prepare cannot create its pods: quota" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("rows", "reason"),
+    [
+        (
+            [{"memorizationRate": 0.7, "heldoutMemorizationRate": 0.1}] * 2,
+            "MemorizationExceeded",
+        ),
+        ([{"generalPerplexityRatio": 2.5}] * 2, "ForgettingExceeded"),
+        ([{"memorizationRate": 0.7, "heldoutMemorizationRate": 0.1}], None),
+    ],
+)
+def test_the_operator_stops_a_run_on_the_probe_rules_from_rank_0s_evaluations(
+    rows: list[dict[str, float]], reason: str | None
+) -> None:
+    """The operator's policy reads the probe figures of GET /evaluations (a real rank-0
+    endpoint) and, when a probe rule holds, POSTs /stop with its reason and figures; one
+    probed evaluation above the margin is not enough."""
+    import dataclasses
+
+    from kubetune.trainer.server import ControlServer, TrainerMetrics
+
+    kube = FakeKube()
+    ftj = configmap_example(kube)
+    name = ftj["metadata"]["name"]
+    rec, _ = reconciler(kube)
+    rec.reconcile("ns", name)
+    token = kube.read_secret_key("ns", f"{name}-control", "token")
+    assert token
+    metrics = TrainerMetrics()
+    server = ControlServer(metrics, token, 0, host="127.0.0.1").start()
+    try:
+        rec.settings = dataclasses.replace(rec.settings, trainer_metrics_port=server.port)
+        for i, figures in enumerate(rows):
+            # Eval loss improving: no loss rule holds.
+            metrics.history.append({"step": 10 * (i + 1), "evalLoss": 2.0 - 0.1 * i, **figures})
+            metrics.evaluations.inc()
+        kube.stored_job("ns", f"{name}-train")["status"] = {"active": 1, "ready": 1}
+        kube.pod_ips[("ns", f"{name}-train")] = "127.0.0.1"
+        assert rec.reconcile("ns", name) == "training"
+        if reason is None:
+            assert not server.stop_requested.is_set()
+        else:
+            assert server.stop_requested.is_set()
+            assert server.stop_reason == reason
+            assert "2 probed evaluation(s) in a row" in server.stop_message
+    finally:
+        server.close()

@@ -634,6 +634,34 @@ def test_the_evaluations_body_becomes_policy_input_skipping_bad_rows() -> None:
     assert eval_points({"not": "a list"}) == []
 
 
+def test_the_evaluations_body_carries_the_probe_figures_the_policy_reads() -> None:
+    """The operator decides with the same memorisation and forgetting figures as the
+    trainer's own policy (the rows of GET /evaluations name them as status.metrics does)."""
+    from kubetune.operator.status import eval_points
+    from kubetune.policy import EvalPoint, StopSettings, decide
+
+    body = [
+        {
+            "step": s,
+            "evalLoss": 2.0 - s / 100,
+            "memorizationRate": 0.6,
+            "heldoutMemorizationRate": 0.1,
+            "generalPerplexityRatio": 1.1,
+        }
+        for s in (10, 20)
+    ] + [{"step": 30, "evalLoss": 1.6, "memorizationRate": None}]
+    points = eval_points(body)
+    assert points[0] == EvalPoint(
+        step=10,
+        eval_loss=1.9,
+        memorization_train=0.6,
+        memorization_heldout=0.1,
+        general_ratio=1.1,
+    )
+    assert points[2].memorization_train is None
+    assert decide(points, StopSettings()).reason == "MemorizationExceeded"
+
+
 def test_auto_decisions_go_into_the_plan_once_with_the_switched_method() -> None:
     from kubetune.operator.status import apply_decisions
 

@@ -136,3 +136,152 @@ def test_settings_from_the_spec() -> None:
 
 def test_empty_history_never_stops() -> None:
     assert decide([], StopSettings()).stop is False
+
+
+# ---- the probe rules: memorisation above the held-out baseline, forgetting ------------------
+
+
+def probed(
+    train: list[float | None],
+    heldout: list[float | None] | None = None,
+    ratios: list[float | None] | None = None,
+) -> list[EvalPoint]:
+    """Evaluations whose eval loss keeps improving (no loss rule fires), with the probe
+    figures given (None: the probes did not run at that evaluation)."""
+    return [
+        EvalPoint(
+            step=10 * (i + 1),
+            eval_loss=2.0 - 0.1 * i,
+            memorization_train=t,
+            memorization_heldout=None if heldout is None else heldout[i],
+            general_ratio=None if ratios is None else ratios[i],
+        )
+        for i, t in enumerate(train)
+    ]
+
+
+ONLY_MEMORIZATION = StopSettings(max_general_ratio=None)
+ONLY_FORGETTING = StopSettings(memorization_margin=None)
+
+
+@pytest.mark.parametrize(
+    ("train", "heldout", "settings", "reason"),
+    [
+        # Default margin 0.2 for 2 probed evaluations in a row: an excess of 0.25 twice stops.
+        ([0.1, 0.3, 0.35], [0.05, 0.05, 0.1], ONLY_MEMORIZATION, "MemorizationExceeded"),
+        # Only once above the margin: not yet.
+        ([0.1, 0.1, 0.35], [0.05, 0.05, 0.1], ONLY_MEMORIZATION, ""),
+        # Exactly at the margin is not above it.
+        ([0.3, 0.3], [0.1, 0.1], ONLY_MEMORIZATION, ""),
+        ([0.31, 0.31], [0.1, 0.1], ONLY_MEMORIZATION, "MemorizationExceeded"),
+        # A high training rate the held-out baseline shares is learning, not memorisation.
+        ([0.9, 0.95, 1.0], [0.85, 0.9, 0.95], ONLY_MEMORIZATION, ""),
+        # Above the margin twice, then back under it: the last evaluations count.
+        ([0.5, 0.5, 0.1], [0.0, 0.0, 0.0], ONLY_MEMORIZATION, ""),
+        # Evaluations the probes skipped do not break the run of probed ones.
+        ([0.5, None, 0.5], [0.0, None, 0.0], ONLY_MEMORIZATION, "MemorizationExceeded"),
+        # N = 3 needs three.
+        (
+            [0.5, 0.5],
+            [0.0, 0.0],
+            StopSettings(memorization_evaluations=3, max_general_ratio=None),
+            "",
+        ),
+        (
+            [0.5, 0.5, 0.5],
+            [0.0, 0.0, 0.0],
+            StopSettings(memorization_evaluations=3, max_general_ratio=None),
+            "MemorizationExceeded",
+        ),
+        # A tighter margin.
+        (
+            [0.12],
+            [0.0],
+            StopSettings(memorization_margin=0.1, memorization_evaluations=1),
+            "MemorizationExceeded",
+        ),
+        # The rule off, or early stopping off.
+        ([1.0, 1.0, 1.0], [0.0, 0.0, 0.0], StopSettings(memorization_margin=None), ""),
+        ([1.0, 1.0, 1.0], [0.0, 0.0, 0.0], StopSettings(enabled=False), ""),
+        # No held-out baseline (no validation rows): nothing to compare with.
+        ([1.0, 1.0], None, ONLY_MEMORIZATION, ""),
+    ],
+)
+def test_memorization_rule(
+    train: list[float | None],
+    heldout: list[float | None] | None,
+    settings: StopSettings,
+    reason: str,
+) -> None:
+    d = decide(probed(train, heldout), settings)
+    assert (d.stop, d.reason) == (bool(reason), reason)
+    if reason:
+        assert "held-out baseline" in d.message
+        assert f"{settings.memorization_margin:g}" in d.message
+
+
+@pytest.mark.parametrize(
+    ("ratios", "settings", "reason"),
+    [
+        # Default limit 2.0 for 2 probed evaluations.
+        ([1.2, 2.1, 2.3], ONLY_FORGETTING, "ForgettingExceeded"),
+        ([1.2, 1.9, 2.3], ONLY_FORGETTING, ""),
+        ([2.0, 2.0], ONLY_FORGETTING, ""),  # at the limit: not above it
+        ([2.01, 2.01], ONLY_FORGETTING, "ForgettingExceeded"),
+        ([2.5, None, 2.5], ONLY_FORGETTING, "ForgettingExceeded"),
+        ([2.5, 2.5, 1.5], ONLY_FORGETTING, ""),  # recovered (replay turned on, say)
+        (
+            [1.3],
+            StopSettings(max_general_ratio=1.25, forgetting_evaluations=1),
+            "ForgettingExceeded",
+        ),
+        ([1.3, 1.3], StopSettings(max_general_ratio=1.25, forgetting_evaluations=3), ""),
+        ([5.0, 5.0], StopSettings(max_general_ratio=None), ""),
+        ([5.0, 5.0], StopSettings(enabled=False), ""),
+        ([math.nan, math.nan], ONLY_FORGETTING, ""),
+    ],
+)
+def test_forgetting_rule(ratios: list[float | None], settings: StopSettings, reason: str) -> None:
+    d = decide(probed([None] * len(ratios), ratios=ratios), settings)
+    assert (d.stop, d.reason) == (bool(reason), reason)
+    if reason:
+        assert "forgetting.maxRatio" in d.message
+
+
+def test_both_probe_rules_keep_the_best_step_and_leave_divergence_first() -> None:
+    history = probed([0.9, 0.9], [0.0, 0.0], [3.0, 3.0])
+    d = decide(history, StopSettings())
+    assert d.reason == "MemorizationExceeded"  # checked before forgetting
+    assert (d.best_step, d.evals_since_best) == (20, 0)
+    d = decide(history, StopSettings(memorization_margin=None))
+    assert d.reason == "ForgettingExceeded"
+    diverged = [*history[:-1], EvalPoint(step=20, eval_loss=math.nan, memorization_train=0.9)]
+    assert decide(diverged, StopSettings()).reason == "Diverged"
+
+
+def test_probe_settings_from_the_spec() -> None:
+    s = StopSettings.from_spec(
+        {
+            "memorization": {"enabled": True, "margin": 0.3, "evaluations": 4},
+            "forgetting": {"enabled": False, "maxRatio": 1.5, "evaluations": 1},
+        }
+    )
+    assert (s.memorization_margin, s.memorization_evaluations) == (0.3, 4)
+    assert s.max_general_ratio is None
+    assert s.forgetting_evaluations == 1
+    # The pydantic defaults (what the operator dumps) are the policy's defaults.
+    from kubetune.api.spec import EarlyStopping
+
+    assert StopSettings.from_spec(EarlyStopping().model_dump(by_alias=True)) == StopSettings()
+    with pytest.raises(ValueError, match=r"earlyStopping\.forgetting"):
+        StopSettings.from_spec({"forgetting": 2.0})
+
+
+def test_a_loss_rule_that_holds_too_gives_its_reason_before_the_probe_rules() -> None:
+    """The evaluation a loss rule stops at always probes: its reason stays the loss rule's."""
+    history = [
+        EvalPoint(step=10, eval_loss=1.5, memorization_train=0.9, memorization_heldout=0.0),
+        EvalPoint(step=20, eval_loss=1.6, memorization_train=0.9, memorization_heldout=0.0),
+    ]
+    assert decide(history, StopSettings(patience=1)).reason == "NoImprovement"
+    assert decide(history, StopSettings(patience=5)).reason == "MemorizationExceeded"
