@@ -100,6 +100,7 @@ def prepare_local_run(
         val[0] if val else None,
         val[1] if val else "",
         cpu_processes=nproc,
+        tokenizer_source=model_path,  # a built-in or hub model's local directory
     )
     _check_quantisation(plan, "GPU" if gpus else "CPU")
     out = output or _output_dir(spec, name)

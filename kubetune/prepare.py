@@ -46,11 +46,9 @@ def read_model_config(location: str, revision: str | None = None) -> tuple[dict[
             from huggingface_hub import hf_hub_download
         except ImportError as exc:
             raise ValueError(f"{location}: reading a hub model needs huggingface_hub") from exc
-        path = Path(
-            hf_hub_download(
-                repo, "config.json", revision=revision, token=os.environ.get("HF_TOKEN") or None
-            )
-        )
+        token = os.environ.get("HF_TOKEN") or None
+        path = Path(hf_hub_download(repo, "config.json", revision=revision, token=token))
+        fetch_hub_tokenizer(repo, revision, token)
     else:
         path = Path(location)
         if path.is_dir():
@@ -66,6 +64,22 @@ def read_model_config(location: str, revision: str | None = None) -> tuple[dict[
         ) from exc
     except json.JSONDecodeError as exc:
         raise ModelConfigError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+
+
+def fetch_hub_tokenizer(repo: str, revision: str | None, token: str | None) -> None:
+    """The tokenizer files of a hub model, into the same snapshot directory as its
+    config.json, so the plan counts tokens with them; where the model has none (or the hub
+    refuses), the plan estimates and says so."""
+    from huggingface_hub import hf_hub_download
+
+    from kubetune.data.tokens import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
+
+    for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, CHAT_TEMPLATE_FILE):
+        try:
+            hf_hub_download(repo, name, revision=revision, token=token)
+        except Exception:  # a missing file or the hub's refusal: planned without it
+            if name == TOKENIZER_FILE:
+                return
 
 
 def read_data(location: str) -> bytes:

@@ -33,6 +33,7 @@ from kubetune.api._types import (
 
 MethodType = Literal["Auto", "Full", "Partial", "LoRA", "QLoRA", "Prefix"]
 DatasetFormat = Literal["Auto", "Text", "PromptCompletion", "Chat"]
+OverlongRows = Literal["Truncate", "Drop"]
 OffloadType = Literal["Auto", "None", "Optimizer", "OptimizerAndParameters"]
 RemedyMode = Literal["Auto", "On", "Off"]
 TolerationOperator = Literal["Exists", "Equal"]
@@ -76,6 +77,7 @@ class Dataset(SpecModel):
     format: DatasetFormat = "Auto"
     general_text_uri: Uri | None = None
     max_seq_length: Annotated[int, Field(ge=16, le=131072), WholeFloat] | None = None
+    overlong_rows: OverlongRows = "Truncate"
 
     @field_validator("uri", "validation_uri", "general_text_uri")
     @classmethod

@@ -13,7 +13,7 @@ says so.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -197,10 +197,13 @@ def holdout_count(examples: int, fraction: float) -> int:
     return min(examples - 1, max(1, round(examples * fraction)))
 
 
-def overlong_warning(source: str, count: int, max_seq_length: int, first_line: int) -> str:
+def overlong_warning(
+    source: str, count: int, max_seq_length: int, first_line: int, estimated: bool = True
+) -> str:
+    how = "estimated; " if estimated else ""
     return (
         f"{source}: {count} examples are longer than maxSeqLength {max_seq_length} "
-        f"(estimated; the first at line {first_line}) and will be truncated"
+        f"({how}the first at line {first_line}) and will be truncated"
     )
 
 
@@ -222,8 +225,12 @@ def summarize(
     fmt: Format,
     validation: Iterable[Example] = (),
     max_seq_length: int | None = None,
+    lengths: Sequence[int] | None = None,
 ) -> DatasetSummary:
-    """Counts, estimated tokens, duplicates, train/validation leakage and over-long rows."""
+    """Counts, tokens, duplicates, train/validation leakage and rows over `max_seq_length`.
+
+    `lengths` are the examples' token counts from the model's tokenizer
+    (`kubetune.data.tokens`); without them the counts are estimated from the text."""
     seen: set[str] = set()
     duplicates = 0
     for ex in train:
@@ -242,7 +249,10 @@ def summarize(
             f"{source}: every validation example also occurs in the training "
             "data, so evaluation would measure memorisation; use held-out data"
         )
-    tokens = [estimate_tokens(ex.text) for ex in train]
+    estimated = lengths is None
+    tokens = [estimate_tokens(ex.text) for ex in train] if lengths is None else list(lengths)
+    if len(tokens) != len(train):
+        raise ValueError(f"{len(tokens)} token counts for {len(train)} examples")
     limit = max_seq_length or 0
     overlong_lines = [ex.line for ex, t in zip(train, tokens, strict=True) if limit and t > limit]
     overlong = len(overlong_lines)
@@ -260,13 +270,15 @@ def summarize(
     if leakage:
         warnings.append(leakage_warning(leakage, len(val)))
     if overlong:
-        warnings.append(overlong_warning(source, overlong, max_seq_length or 0, first_overlong))
+        warnings.append(
+            overlong_warning(source, overlong, max_seq_length or 0, first_overlong, estimated)
+        )
     return DatasetSummary(
         format=fmt,
         example_count=len(train),
         token_count=sum(tokens),
         max_tokens=max(tokens),
-        tokens_estimated=True,
+        tokens_estimated=estimated,
         validation_count=len(val),
         duplicate_count=duplicates,
         leakage_count=leakage,

@@ -18,10 +18,16 @@ from urllib.parse import urlparse
 
 from kubetune.api.plan import Alternative, AlternativeWhen, Decision, PlanDocument
 from kubetune.api.spec import FineTuneJobSpec
-from kubetune.data import DataError, holdout_count, parse_jsonl, summarize
+from kubetune.data import DataError, Example, holdout_count, parse_jsonl, summarize
 from kubetune.data.stats import plan_warnings
+from kubetune.data.tokens import (
+    TOKENIZER_FILE,
+    ModelTokenizer,
+    estimated_lengths,
+    find_tokenizer,
+)
 from kubetune.planning import bundled_architectures
-from kubetune.planning.hyperparameters import training_steps
+from kubetune.planning.hyperparameters import sequence_cap, training_steps
 from kubetune.planning.inputs import DatasetStats, PlanRequest, Resources
 from kubetune.planning.memory import Offload
 from kubetune.planning.methods import Method, lora_targets, partial_layer_count
@@ -229,10 +235,16 @@ def build_plan(
     validation_text: str | bytes | None = None,
     validation_source: str = "",
     cpu_processes: int = 1,
+    tokenizer_source: str | None = None,
 ) -> PlanDocument:
     """Validate the data, summarise it and plan. Raises DataError / ModelConfigError /
     ValueError with messages that name the source. `cpu_processes` is the number of
-    training processes per node when `gpusPerNode` is 0 (local CPU runs)."""
+    training processes per node when `gpusPerNode` is 0 (local CPU runs).
+
+    Tokens are counted with the tokenizer in `tokenizer_source` (default `model_source`)
+    when it is a local model directory with a tokenizer.json, else estimated; examples
+    longer than the sequence length cap are truncated (with a warning) or left out, as
+    spec.dataset.overlongRows says."""
     forced = None if spec.dataset.format == "Auto" else spec.dataset.format
     fmt, train = parse_jsonl(train_text, train_source, forced)
     validation = (
@@ -240,7 +252,32 @@ def build_plan(
         if validation_text is not None
         else []
     )
-    summary = summarize(train, train_source, fmt, validation, spec.dataset.max_seq_length)
+    arch = model_arch_with_weights(model_config, model_source)
+    request = plan_request(spec)
+    tokenizer, no_tokenizer = find_tokenizer(tokenizer_source or model_source)
+    lengths = _lengths(tokenizer, train, train_source)
+    cap = sequence_cap(arch, request)
+    overlong = [(ex, n) for ex, n in zip(train, lengths, strict=True) if n > cap]
+    dropping = spec.dataset.overlong_rows == "Drop"
+    if dropping and overlong:
+        kept = [(ex, n) for ex, n in zip(train, lengths, strict=True) if n <= cap]
+        if not kept:
+            raise DataError(
+                f"{train_source}: all {len(train)} examples are longer than the sequence "
+                f"length cap of {cap:,} tokens, so spec.dataset.overlongRows: Drop leaves "
+                "nothing to train on; raise spec.dataset.maxSeqLength or shorten the rows"
+            )
+        train, lengths = [ex for ex, _ in kept], [n for _, n in kept]
+        validation = [
+            ex
+            for ex, n in zip(
+                validation, _lengths(tokenizer, validation, validation_source), strict=True
+            )
+            if n <= cap
+        ]
+    summary = summarize(
+        train, train_source, fmt, validation, None, lengths if tokenizer is not None else None
+    )
     held_out = (
         0 if validation else holdout_count(summary.example_count, spec.dataset.validation_split)
     )
@@ -252,6 +289,7 @@ def build_plan(
             "spec.dataset.validationUri"
         )
     share = train_count / summary.example_count
+    first_overlong = _overlong_example(overlong, train_source) if overlong else ""
     stats = DatasetStats(
         example_count=train_count,
         token_count=max(train_count, round(summary.token_count * share)),
@@ -259,10 +297,22 @@ def build_plan(
         validation_count=len(validation) or held_out,
         duplicate_count=summary.duplicate_count,
         leakage_count=summary.leakage_count,
-        overlong_count=summary.overlong_count,
+        overlong_count=0 if dropping else len(overlong),
         tokens_estimated=summary.tokens_estimated,
+        overlong_example=first_overlong,
+        estimate_reason=no_tokenizer,
     )
-    arch = model_arch_with_weights(model_config, model_source)
+    data_decisions = [] if tokenizer is None else [_tokens_decision(tokenizer, fmt)]
+    dropped_warning = ""
+    if dropping and overlong:
+        dropped_warning = (
+            f"{len(overlong):,} examples longer than the sequence length cap of {cap:,} "
+            f"tokens were left out (spec.dataset.overlongRows: Drop); the first: "
+            f"{first_overlong}."
+        )
+        data_decisions.append(
+            Decision(key="data.overlong", value=str(len(overlong)), sentence=dropped_warning)
+        )
     gpus = int(spec.resources.gpus_per_node)
     resources = Resources(
         gpus_per_node=gpus if gpus > 0 else max(1, cpu_processes),
@@ -271,7 +321,6 @@ def build_plan(
         cpu_memory_gib=host_memory_gib(spec) if gpus > 0 else None,
         accelerator="GPU" if gpus > 0 else "CPU",
     )
-    request = plan_request(spec)
     check_method_settings(request, arch)
     planned = make_plan(stats, arch, resources, request)
     alternative, why = method_alternative(stats, arch, resources, request, planned)
@@ -279,6 +328,7 @@ def build_plan(
         # An incremental update continues the previous output's method as it is.
         alternative, why = None, None
     plan = _finish(planned.to_document(), spec, summary, stats, resources, gpu_memory[1])
+    plan = _with_data_decisions(plan, data_decisions, dropped_warning)
     if arch.notes:
         plan = plan.with_decision(
             Decision(key="model.shapes", sentence="; ".join(arch.notes) + "."), after="gpuMemory"
@@ -289,6 +339,7 @@ def build_plan(
             # The alternative's method decision is the planned one's and the evidence rule
             # (not "Full was requested").
             alt = _finish(alternative.to_document(), spec, summary, stats, resources, gpu_memory[1])
+            alt = _with_data_decisions(alt, data_decisions, dropped_warning)
             by_size = plan.decision("method")
             if by_size is not None:
                 alt = alt.with_decision(by_size)
@@ -302,6 +353,42 @@ def build_plan(
                 }
             )
         plan = plan.with_decision(evidence, after="method")
+    return plan
+
+
+def _lengths(tokenizer: ModelTokenizer | None, examples: list[Example], source: str) -> list[int]:
+    if tokenizer is None:
+        return estimated_lengths(examples)
+    return tokenizer.example_lengths(examples, source)
+
+
+def _overlong_example(overlong: list[tuple[Example, int]], source: str) -> str:
+    example, tokens = overlong[0]
+    text = " ".join(example.text.split())
+    preview = text if len(text) <= 60 else text[:57] + "..."
+    return f"{source} line {example.line}, {tokens:,} tokens: {preview!r}"
+
+
+def _tokens_decision(tokenizer: ModelTokenizer, fmt: str) -> Decision:
+    """The token counts came from the model's tokenizer (short: the decision travels in the
+    prepare pod's 4 KiB termination message)."""
+    chat = ""
+    if fmt == "Chat":
+        chat = " and its chat template" if tokenizer.chat_template else " (no chat template)"
+    return Decision(
+        key="data.tokens",
+        value="tokenizer",
+        sentence=f"Tokens counted with the model's {TOKENIZER_FILE}{chat}.",
+    )
+
+
+def _with_data_decisions(
+    plan: PlanDocument, decisions: list[Decision], warning: str
+) -> PlanDocument:
+    for decision in reversed(decisions):
+        plan = plan.with_decision(decision, after="data")
+    if warning:
+        plan = plan.model_copy(update={"warnings": [*plan.warnings, warning]})
     return plan
 
 

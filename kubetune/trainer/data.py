@@ -77,6 +77,24 @@ def encode(example: Example, tokenizer: Any, max_length: int) -> dict[str, list[
     return {"input_ids": ids, "labels": labels}
 
 
+def encoded_length(example: Example, tokenizer: Any) -> int:
+    """The example's length in tokens before truncation (what the planner counts with
+    `kubetune.data.tokens`)."""
+    return len(encode(example, tokenizer, max_length=2**62)["input_ids"])
+
+
+def drop_overlong(
+    examples: list[Example], tokenizer: Any, max_length: int
+) -> tuple[list[Example], list[Example]]:
+    """The examples that fit in `max_length` tokens, and those left out
+    (`spec.dataset.overlongRows: Drop`)."""
+    kept: list[Example] = []
+    dropped: list[Example] = []
+    for ex in examples:
+        (kept if encoded_length(ex, tokenizer) <= max_length else dropped).append(ex)
+    return kept, dropped
+
+
 class TokenizedDataset:
     """A list-backed dataset the HF Trainer can index."""
 

@@ -121,7 +121,12 @@ def load_inputs(cfg: TrainerConfig) -> RunInputs:
     import torch
 
     from kubetune.data import DataError
-    from kubetune.trainer.data import TokenizedDataset, read_examples, split_holdout
+    from kubetune.trainer.data import (
+        TokenizedDataset,
+        drop_overlong,
+        read_examples,
+        split_holdout,
+    )
     from kubetune.trainer.model import (
         apply_method,
         compute_dtype,
@@ -139,12 +144,7 @@ def load_inputs(cfg: TrainerConfig) -> RunInputs:
         # Detected again when Auto (not taken from the plan's datasetFormat): data that
         # changed since planning is then reported against its own first row.
         fmt, examples = read_examples(cfg.dataset, None if forced == "Auto" else forced)
-        if cfg.validation:
-            _, val_examples = read_examples(cfg.validation, fmt)
-            train_examples = examples
-        else:
-            split = float((cfg.spec.get("dataset") or {}).get("validationSplit", 0.1))
-            train_examples, val_examples = split_holdout(examples, split, cfg.seed)
+        val_examples = read_examples(cfg.validation, fmt)[1] if cfg.validation else []
     except (DataError, OSError, ValueError) as exc:
         raise TrainerConfigError(str(exc)) from exc
     location, revision = model_location(cfg.model)
@@ -152,6 +152,21 @@ def load_inputs(cfg: TrainerConfig) -> RunInputs:
         revision = (cfg.spec.get("model") or {}).get("revision") or revision
     tokenizer = load_tokenizer(location, revision)
     seq_len = hp.sequence_length
+    dataset_spec = cfg.spec.get("dataset") or {}
+    if dataset_spec.get("overlongRows") == "Drop":
+        # As the plan did: before the split, so both count the same rows.
+        examples, _ = drop_overlong(examples, tokenizer, seq_len)
+        val_examples, _ = drop_overlong(val_examples, tokenizer, seq_len)
+        if not examples:
+            raise TrainerConfigError(
+                f"{cfg.dataset}: every example is longer than {seq_len} tokens and "
+                "spec.dataset.overlongRows is Drop"
+            )
+    if cfg.validation:
+        train_examples = examples
+    else:
+        split = float(dataset_spec.get("validationSplit", 0.1))
+        train_examples, val_examples = split_holdout(examples, split, cfg.seed)
     cuda = torch.cuda.is_available()
     bf16 = bool(cuda and torch.cuda.is_bf16_supported())
     low = load_in_bf16(plan, bf16)
