@@ -232,8 +232,10 @@ def _plan_table(p: PlanDocument) -> str:
 @click.argument("job", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def validate(job: Path) -> None:
     """Validate a FineTuneJob file and, where it can be read here, its dataset."""
-    from kubetune.data import DataError, parse_jsonl, summarize
+    from kubetune.data import DataError, summarize
+    from kubetune.data.tokens import find_tokenizer
     from kubetune.local_inputs import InputError, config_maps_in, read_uri
+    from kubetune.planning.job import read_job_data
 
     spec = _load_job(job).spec
     click.echo(f"{job}: the FineTuneJob spec is valid")
@@ -241,21 +243,26 @@ def validate(job: Path) -> None:
     try:
         raw, src = read_uri(spec.dataset.uri, "spec.dataset.uri", cms)
     except InputError as exc:
+        if spec.dataset.uri.startswith("file://"):
+            raise click.ClickException(str(exc)) from exc
         click.echo(f"dataset not checked: {exc}")
         return
-    forced = None if spec.dataset.format == "Auto" else spec.dataset.format
     try:
-        fmt, examples = parse_jsonl(raw, src, forced)
-        validation: list[Any] = []
-        if spec.dataset.validation_uri:
-            vraw, vsrc = read_uri(spec.dataset.validation_uri, "spec.dataset.validationUri", cms)
-            validation = parse_jsonl(vraw, vsrc, fmt)[1]
-        summary = summarize(examples, src, fmt, validation, spec.dataset.max_seq_length)
+        vraw, vsrc = (
+            read_uri(spec.dataset.validation_uri, "spec.dataset.validationUri", cms)
+            if spec.dataset.validation_uri
+            else (None, "")
+        )
+        fmt, examples, validation = read_job_data(spec, raw, src, vraw, vsrc)
+        tokenizer, _ = find_tokenizer(spec.model.uri)
+        lengths = tokenizer.example_lengths(examples, src) if tokenizer else None
+        summary = summarize(examples, src, fmt, validation, spec.dataset.max_seq_length, lengths)
     except (DataError, InputError) as exc:
         raise click.ClickException(str(exc)) from exc
+    how = "estimated" if summary.tokens_estimated else "counted with the model's tokenizer"
     click.echo(
         f"{src}: {summary.example_count} {fmt} examples, about "
-        f"{summary.token_count:,} tokens (estimated)"
+        f"{summary.token_count:,} tokens ({how})"
     )
     for w in summary.warnings:
         click.echo(f"warning: {w}")

@@ -59,6 +59,7 @@ def prepare_local_run(
     """Plan and lay out a local run; raises click-friendly errors with their messages.
     `say` gets the progress of a first build of the built-in base model (default: stderr)."""
     from kubetune.api import job_from_yaml_file
+    from kubetune.data.formats import SUFFIX, file_format_of
     from kubetune.local_inputs import config_maps_in, read_uri
     from kubetune.planning.job import build_plan, resolve_gpu_memory
 
@@ -116,11 +117,15 @@ def prepare_local_run(
     resolved = local_spec.model_dump(by_alias=True, exclude_none=True, mode="json")
     (config_dir / "spec.json").write_text(json.dumps(resolved, indent=2))
     (config_dir / "plan.json").write_text(json.dumps(plan.to_json(), indent=2))
-    (data_dir / "train.jsonl").write_bytes(train_bytes)
-    paths = {"model": model_path, "dataset": str(data_dir / "train.jsonl")}
+    # The copies keep their file format's extension, so the trainer reads them as the plan did.
+    ff = spec.dataset.file_format
+    train_copy = data_dir / f"train{SUFFIX[file_format_of(train_src, ff)]}"
+    train_copy.write_bytes(train_bytes)
+    paths = {"model": model_path, "dataset": str(train_copy)}
     if val:
-        (data_dir / "validation.jsonl").write_bytes(val[0])
-        paths["validation"] = str(data_dir / "validation.jsonl")
+        val_copy = data_dir / f"validation{SUFFIX[file_format_of(val[1], ff)]}"
+        val_copy.write_bytes(val[0])
+        paths["validation"] = str(val_copy)
     if "general" in uris:
         general, _ = read_uri(uris["general"], INPUT_FIELDS["general"], cms)
         (data_dir / "general.txt").write_bytes(general)

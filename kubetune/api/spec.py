@@ -34,6 +34,7 @@ from kubetune.api._types import (
 MethodType = Literal["Auto", "Full", "Partial", "LoRA", "QLoRA", "Prefix"]
 DatasetFormat = Literal["Auto", "Text", "PromptCompletion", "Chat"]
 OverlongRows = Literal["Truncate", "Drop"]
+FileFormat = Literal["Auto", "JSONL", "JSON", "CSV", "Parquet", "Text"]
 OffloadType = Literal["Auto", "None", "Optimizer", "OptimizerAndParameters"]
 RemedyMode = Literal["Auto", "On", "Off"]
 TolerationOperator = Literal["Exists", "Equal"]
@@ -68,6 +69,20 @@ class ModelSource(SpecModel):
         return check_uri(value, "model.from", OUTPUT_URI_PATTERN, OUTPUT_URI_SCHEMES)
 
 
+class DatasetColumns(SpecModel):
+    """spec.dataset.columns: which column holds each field kubetune trains on."""
+
+    prompt: Str256 | None = None
+    completion: Str256 | None = None
+    messages: Str256 | None = None
+    text: Str256 | None = None
+    system: Str256 | None = None
+
+    def mapping(self) -> dict[str, str]:
+        """Role -> column, for the roles that are set."""
+        return {k: v for k, v in self.model_dump(exclude_none=True).items() if v}
+
+
 class Dataset(SpecModel):
     """spec.dataset: the training data."""
 
@@ -75,6 +90,8 @@ class Dataset(SpecModel):
     validation_uri: Uri | None = None
     validation_split: Annotated[float, Field(gt=0, le=0.5)] = 0.1
     format: DatasetFormat = "Auto"
+    file_format: FileFormat = "Auto"
+    columns: DatasetColumns | None = None
     general_text_uri: Uri | None = None
     max_seq_length: Annotated[int, Field(ge=16, le=131072), WholeFloat] | None = None
     overlong_rows: OverlongRows = "Truncate"

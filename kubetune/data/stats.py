@@ -71,7 +71,9 @@ def _format_of(obj: dict[str, Any]) -> Format | None:
     return None
 
 
-def detect_format(rows: list[tuple[int, dict[str, Any]]], source: str) -> Format:
+def detect_format(
+    rows: list[tuple[int, dict[str, Any]]], source: str, unit: str = "line"
+) -> Format:
     """The format of the first row; later rows must match it."""
     if not rows:
         raise DataError(f"{source}: the dataset is empty; it needs at least one JSON line")
@@ -79,65 +81,67 @@ def detect_format(rows: list[tuple[int, dict[str, Any]]], source: str) -> Format
     fmt = _format_of(first)
     if fmt is None:
         raise DataError(
-            f"{source} line {line}: cannot tell the format; expected a 'text' field, "
+            f"{source} {unit} {line}: cannot tell the format; expected a 'text' field, "
             "'prompt' and 'completion' fields, or a 'messages' list"
         )
     return fmt
 
 
-def _str_field(obj: dict[str, Any], key: str, source: str, line: int) -> str:
+def _str_field(obj: dict[str, Any], key: str, source: str, line: int, unit: str) -> str:
     if key not in obj:
-        raise DataError(f"{source} line {line}: missing field '{key}'")
+        raise DataError(f"{source} {unit} {line}: missing field '{key}'")
     value = obj[key]
     if not isinstance(value, str):
         raise DataError(
-            f"{source} line {line}: field '{key}' must be a string, not {type(value).__name__}"
+            f"{source} {unit} {line}: field '{key}' must be a string, not {type(value).__name__}"
         )
     return value
 
 
-def _example(obj: dict[str, Any], fmt: Format, source: str, line: int) -> Example:
+def _example(
+    obj: dict[str, Any], fmt: Format, source: str, line: int, unit: str = "line"
+) -> Example:
     found = _format_of(obj)
     if found != fmt:
         raise DataError(
-            f"{source} line {line}: this row is {found or 'of no known format'} but the "
+            f"{source} {unit} {line}: this row is {found or 'of no known format'} but the "
             f"file started as {fmt}; use one format per file"
         )
     if fmt == "Text":
-        text = _str_field(obj, "text", source, line)
+        text = _str_field(obj, "text", source, line, unit)
         if not text.strip():
-            raise DataError(f"{source} line {line}: field 'text' is empty")
+            raise DataError(f"{source} {unit} {line}: field 'text' is empty")
         return Example(line, "", text)
     if fmt == "PromptCompletion":
-        prompt = _str_field(obj, "prompt", source, line)
-        completion = _str_field(obj, "completion", source, line)
+        prompt = _str_field(obj, "prompt", source, line, unit)
+        completion = _str_field(obj, "completion", source, line, unit)
         if not completion.strip():
             raise DataError(
-                f"{source} line {line}: field 'completion' is empty; "
+                f"{source} {unit} {line}: field 'completion' is empty; "
                 "there is nothing to learn from this row"
             )
         return Example(line, prompt, completion)
     messages = obj["messages"]
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"{source} line {line}: 'messages' must be a non-empty list")
+        raise DataError(f"{source} {unit} {line}: 'messages' must be a non-empty list")
     parts: list[str] = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-            raise DataError(f"{source} line {line}: messages[{i}] needs a string 'content'")
+            raise DataError(f"{source} {unit} {line}: messages[{i}] needs a string 'content'")
         if m.get("role") not in _ROLES:
             raise DataError(
-                f"{source} line {line}: messages[{i}].role must be one of "
+                f"{source} {unit} {line}: messages[{i}].role must be one of "
                 f"{sorted(_ROLES)}, not {m.get('role')!r}"
             )
         parts.append(f"{m['role']}: {m['content']}\n")
     if messages[-1].get("role") != "assistant":
         raise DataError(
-            f"{source} line {line}: the last message must be the assistant's "
+            f"{source} {unit} {line}: the last message must be the assistant's "
             "reply (that is what the model learns)"
         )
     if not messages[-1]["content"].strip():  # found by fuzzing
         raise DataError(
-            f"{source} line {line}: the assistant's reply (the last message) is empty; "
+            f"{source} {unit} {line}: the assistant's reply (the last message) is empty; "
             "there is nothing to learn from this row"
         )
     return Example(
@@ -148,20 +152,23 @@ def _example(obj: dict[str, Any], fmt: Format, source: str, line: int) -> Exampl
     )
 
 
-def parse_jsonl(
-    text: str | bytes, source: str, fmt: Format | None = None
-) -> tuple[Format, list[Example]]:
-    """Parse JSONL into its format and examples; raises DataError naming `source` and the
-    line. `fmt` forces a format instead of detecting it from the first row."""
-    if isinstance(text, bytes):
-        raw_bytes = text
-        try:
-            text = raw_bytes.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            line = raw_bytes[: exc.start].count(b"\n") + 1
-            raise DataError(
-                f"{source} line {line}: not valid UTF-8 (byte {exc.start}); save the file as UTF-8"
-            ) from exc
+def decode_utf8(data: str | bytes, source: str) -> str:
+    """The text of a file; bytes that are not UTF-8 are a DataError naming the line."""
+    if isinstance(data, str):
+        return data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"{source} line {line}: not valid UTF-8 (byte {exc.start}); save the file as UTF-8"
+        ) from exc
+
+
+def jsonl_rows(text: str | bytes, source: str) -> list[tuple[int, dict[str, Any]]]:
+    """The JSON objects of a JSONL text with their line numbers (blank lines skipped);
+    raises DataError naming the first bad line."""
+    text = decode_utf8(text, source)
     rows: list[tuple[int, dict[str, Any]]] = []
     # Split on "\n" only: JSON strings may hold U+2028/U+2029/U+0085 unescaped, which
     # str.splitlines() would treat as line breaks.
@@ -182,10 +189,29 @@ def parse_jsonl(
                 f"{source} line {n}: each line must be a JSON object, not {type(obj).__name__}"
             )
         rows.append((n, obj))
-    fmt = fmt or detect_format(rows, source)
+    return rows
+
+
+def examples_from_rows(
+    rows: list[tuple[int, dict[str, Any]]],
+    source: str,
+    fmt: Format | None = None,
+    unit: str = "line",
+) -> tuple[Format, list[Example]]:
+    """The format (`fmt`, or detected from the first row) and the examples of rows
+    numbered as their errors name them: `unit` "line" (text formats) or "row" (tables)."""
+    fmt = fmt or detect_format(rows, source, unit)
     if not rows:
         raise DataError(f"{source}: the dataset is empty; it needs at least one JSON line")
-    return fmt, [_example(obj, fmt, source, n) for n, obj in rows]
+    return fmt, [_example(obj, fmt, source, n, unit) for n, obj in rows]
+
+
+def parse_jsonl(
+    text: str | bytes, source: str, fmt: Format | None = None
+) -> tuple[Format, list[Example]]:
+    """Parse JSONL into its format and examples; raises DataError naming `source` and the
+    line. `fmt` forces a format instead of detecting it from the first row."""
+    return examples_from_rows(jsonl_rows(text, source), source, fmt)
 
 
 def holdout_count(examples: int, fraction: float) -> int:

@@ -18,8 +18,9 @@ from urllib.parse import urlparse
 
 from kubetune.api.plan import Alternative, AlternativeWhen, Decision, PlanDocument
 from kubetune.api.spec import FineTuneJobSpec
-from kubetune.data import DataError, Example, holdout_count, parse_jsonl, summarize
-from kubetune.data.stats import plan_warnings
+from kubetune.data import DataError, Example, holdout_count, summarize
+from kubetune.data.formats import read_dataset
+from kubetune.data.stats import Format, plan_warnings
 from kubetune.data.tokens import (
     TOKENIZER_FILE,
     ModelTokenizer,
@@ -225,6 +226,27 @@ def model_arch_with_weights(model_config: dict[str, Any], model_source: str) -> 
     return arch if counts is None else with_weight_counts(arch, counts)
 
 
+def read_job_data(
+    spec: FineTuneJobSpec,
+    train: str | bytes | Path,
+    train_source: str,
+    validation: str | bytes | Path | None = None,
+    validation_source: str = "",
+) -> tuple[Format, list[Example], list[Example]]:
+    """The row format, training and validation examples of a job's data files, read as
+    spec.dataset says (fileFormat, format, columns); DataError names the file and row."""
+    forced = None if spec.dataset.format == "Auto" else spec.dataset.format
+    columns = spec.dataset.columns.mapping() if spec.dataset.columns else None
+    ff = spec.dataset.file_format
+    fmt, examples = read_dataset(train, train_source, ff, forced, columns)
+    held = (
+        read_dataset(validation, validation_source, ff, fmt, columns)[1]
+        if validation is not None
+        else []
+    )
+    return fmt, examples, held
+
+
 def build_plan(
     spec: FineTuneJobSpec,
     train_text: str | bytes,
@@ -245,12 +267,8 @@ def build_plan(
     when it is a local model directory with a tokenizer.json, else estimated; examples
     longer than the sequence length cap are truncated (with a warning) or left out, as
     spec.dataset.overlongRows says."""
-    forced = None if spec.dataset.format == "Auto" else spec.dataset.format
-    fmt, train = parse_jsonl(train_text, train_source, forced)
-    validation = (
-        parse_jsonl(validation_text, validation_source, fmt)[1]
-        if validation_text is not None
-        else []
+    fmt, train, validation = read_job_data(
+        spec, train_text, train_source, validation_text, validation_source
     )
     arch = model_arch_with_weights(model_config, model_source)
     request = plan_request(spec)

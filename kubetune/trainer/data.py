@@ -4,11 +4,13 @@ a deterministic held-out split, and a padding collator."""
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kubetune.data import Example, holdout_count, parse_jsonl
+from kubetune.data import Example, holdout_count
+from kubetune.data.formats import read_dataset
 
 IGNORE_INDEX = -100
 #: One tokenised row: input_ids, labels (and, for token weights, weights).
@@ -34,11 +36,26 @@ def hub_dataset_file(uri: str) -> Path:
     )
 
 
-def read_examples(location: str, fmt: str | None) -> tuple[str, list[Example]]:
+def read_examples(
+    location: str,
+    fmt: str | None,
+    file_format: str | None = None,
+    columns: Mapping[str, str] | None = None,
+) -> tuple[str, list[Example]]:
     """Examples from a local file (PVC and ConfigMap volumes are files too) or a hub
-    dataset (`hf://`)."""
+    dataset (`hf://`), read as the planner read them (`kubetune.data.formats`: the file
+    format by `file_format` or the extension, the column mapping)."""
     path = hub_dataset_file(location) if location.startswith("hf://") else Path(location)
-    return parse_jsonl(path.read_bytes(), location, fmt)  # type: ignore[arg-type]
+    return read_dataset(path, location, file_format, fmt, columns)  # type: ignore[arg-type]
+
+
+def spec_data_options(spec: Mapping[str, Any]) -> tuple[str | None, str, dict[str, str]]:
+    """The forced row format (None for Auto), the file format and the column mapping of a
+    spec as the trainer reads it (plain JSON)."""
+    dataset = spec.get("dataset") or {}
+    forced = dataset.get("format", "Auto")
+    columns = {k: str(v) for k, v in (dataset.get("columns") or {}).items() if v}
+    return (None if forced == "Auto" else forced), dataset.get("fileFormat", "Auto"), columns
 
 
 def split_holdout(

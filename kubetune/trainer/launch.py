@@ -21,14 +21,14 @@ def precheck() -> str | None:
     """The configuration or data error that would stop every rank, or None."""
     from kubetune.data import DataError
     from kubetune.trainer.config import TrainerConfigError, load_config
-    from kubetune.trainer.data import read_examples
+    from kubetune.trainer.data import read_examples, spec_data_options
 
     try:
         cfg = load_config(None)
-        forced = (cfg.spec.get("dataset") or {}).get("format", "Auto")
-        fmt, _ = read_examples(cfg.dataset, None if forced == "Auto" else forced)
+        forced, file_format, columns = spec_data_options(cfg.spec)
+        fmt, _ = read_examples(cfg.dataset, forced, file_format, columns)
         if cfg.validation:
-            read_examples(cfg.validation, fmt)
+            read_examples(cfg.validation, fmt, file_format, columns)
     except (TrainerConfigError, DataError, OSError, ValueError) as exc:
         return str(exc)
     return None

@@ -125,6 +125,7 @@ def load_inputs(cfg: TrainerConfig) -> RunInputs:
         TokenizedDataset,
         drop_overlong,
         read_examples,
+        spec_data_options,
         split_holdout,
     )
     from kubetune.trainer.model import (
@@ -139,12 +140,14 @@ def load_inputs(cfg: TrainerConfig) -> RunInputs:
     from kubetune.trainer.startup import choose_method_for_run
 
     plan, hp = cfg.plan, cfg.hyperparameters
-    forced = (cfg.spec.get("dataset") or {}).get("format", "Auto")
+    forced, file_format, columns = spec_data_options(cfg.spec)
     try:
         # Detected again when Auto (not taken from the plan's datasetFormat): data that
         # changed since planning is then reported against its own first row.
-        fmt, examples = read_examples(cfg.dataset, None if forced == "Auto" else forced)
-        val_examples = read_examples(cfg.validation, fmt)[1] if cfg.validation else []
+        fmt, examples = read_examples(cfg.dataset, forced, file_format, columns)
+        val_examples = (
+            read_examples(cfg.validation, fmt, file_format, columns)[1] if cfg.validation else []
+        )
     except (DataError, OSError, ValueError) as exc:
         raise TrainerConfigError(str(exc)) from exc
     location, revision = model_location(cfg.model)
