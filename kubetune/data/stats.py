@@ -36,6 +36,13 @@ class Example:
     # Chat rows keep their messages so the trainer can render them with the tokenizer's
     # chat template; `prompt` is a plain "role: content" rendering for tokenizers without.
     messages: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+    #: What `line` counts: "line" (JSONL, CSV, text) or "row" (JSON arrays, Parquet).
+    unit: str = field(default="line", compare=False)
+
+    @property
+    def where(self) -> str:
+        """Its place in the file, as errors name it: "line 3", "row 7"."""
+        return f"{self.unit} {self.line}"
 
     @property
     def text(self) -> str:
@@ -111,7 +118,7 @@ def _example(
         text = _str_field(obj, "text", source, line, unit)
         if not text.strip():
             raise DataError(f"{source} {unit} {line}: field 'text' is empty")
-        return Example(line, "", text)
+        return Example(line, "", text, unit=unit)
     if fmt == "PromptCompletion":
         prompt = _str_field(obj, "prompt", source, line, unit)
         completion = _str_field(obj, "completion", source, line, unit)
@@ -120,7 +127,7 @@ def _example(
                 f"{source} {unit} {line}: field 'completion' is empty; "
                 "there is nothing to learn from this row"
             )
-        return Example(line, prompt, completion)
+        return Example(line, prompt, completion, unit=unit)
     messages = obj["messages"]
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{source} {unit} {line}: 'messages' must be a non-empty list")
@@ -149,6 +156,7 @@ def _example(
         "".join(parts[:-1]),
         messages[-1]["content"],
         tuple((m["role"], m["content"]) for m in messages),
+        unit,
     )
 
 
@@ -224,12 +232,12 @@ def holdout_count(examples: int, fraction: float) -> int:
 
 
 def overlong_warning(
-    source: str, count: int, max_seq_length: int, first_line: int, estimated: bool = True
+    source: str, count: int, max_seq_length: int, first_at: str, estimated: bool = True
 ) -> str:
     how = "estimated; " if estimated else ""
     return (
         f"{source}: {count} examples are longer than maxSeqLength {max_seq_length} "
-        f"({how}the first at line {first_line}) and will be truncated"
+        f"({how}the first at {first_at}) and will be truncated"
     )
 
 
@@ -280,9 +288,9 @@ def summarize(
     if len(tokens) != len(train):
         raise ValueError(f"{len(tokens)} token counts for {len(train)} examples")
     limit = max_seq_length or 0
-    overlong_lines = [ex.line for ex, t in zip(train, tokens, strict=True) if limit and t > limit]
-    overlong = len(overlong_lines)
-    first_overlong = overlong_lines[0] if overlong_lines else 0
+    overlong_at = [ex.where for ex, t in zip(train, tokens, strict=True) if limit and t > limit]
+    overlong = len(overlong_at)
+    first_overlong = overlong_at[0] if overlong_at else ""
     warnings: list[str] = []
     duplicate_warnings = (
         [

@@ -69,7 +69,7 @@ class ModelTokenizer:
                 self.chat_template,
                 [{"role": r, "content": c} for r, c in example.messages[:-1]],
                 self.special_tokens,
-                f"{source} line {example.line}",
+                f"{source} {example.where}",
             )
         return example.prompt
 

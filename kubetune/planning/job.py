@@ -384,7 +384,7 @@ def _overlong_example(overlong: list[tuple[Example, int]], source: str) -> str:
     example, tokens = overlong[0]
     text = " ".join(example.text.split())
     preview = text if len(text) <= 60 else text[:57] + "..."
-    return f"{source} line {example.line}, {tokens:,} tokens: {preview!r}"
+    return f"{source} {example.where}, {tokens:,} tokens: {preview!r}"
 
 
 def _tokens_decision(tokenizer: ModelTokenizer, fmt: str) -> Decision:

@@ -60,12 +60,17 @@ def make_run(tiny_model: Path, tmp_path: Path) -> MakeRun:
         spec_extra: dict[str, Any] | None = None,
         model: Path | None = None,
         lora: dict[str, Any] | None = None,
+        data_file: tuple[str, bytes] | None = None,
     ) -> Run:
         model_dir = model or tiny_model
-        train = tmp_path / "train.jsonl"
-        train.write_text(
-            data if data is not None else "\n".join(json.dumps(r) for r in tiny_rows(rows))
-        )
+        if data_file is not None:  # another file format: its name and bytes
+            train = tmp_path / data_file[0]
+            train.write_bytes(data_file[1])
+        else:
+            train = tmp_path / "train.jsonl"
+            train.write_text(
+                data if data is not None else "\n".join(json.dumps(r) for r in tiny_rows(rows))
+            )
         spec_dict: dict[str, Any] = {
             "model": {"uri": f"file://{model_dir}"},
             "dataset": {"uri": f"file://{train}"},

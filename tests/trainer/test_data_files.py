@@ -1,0 +1,59 @@
+"""The trainer reads the data files the planner read (kubetune.data.formats through the
+datasets library) with the spec's column mapping, and leaves out the rows the plan dropped as
+too long (spec.dataset.overlongRows: Drop): its datasets hold what the plan counted."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from tests.trainer.conftest import MakeRun
+
+pytestmark = pytest.mark.trainer
+
+
+def _parquet(rows: list[dict[str, str]]) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), out)
+    return out.getvalue()
+
+
+def test_a_mapped_parquet_file_with_overlong_rows_dropped(
+    make_run: MakeRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kubetune.trainer.config import load_config
+    from kubetune.trainer.setup import load_inputs
+
+    rows = [{"q": f"Define term {i}: ", "a": f"Term {i} means item {i}."} for i in range(40)]
+    long = " ".join(f"item {i}" for i in range(60))  # well over maxSeqLength 32
+    rows[5]["a"] = rows[17]["a"] = long
+    run = make_run(
+        data_file=("train.parquet", _parquet(rows)),
+        spec_extra={
+            "dataset": {
+                "uri": "file:///data/train.parquet",
+                "columns": {"prompt": "q", "completion": "a"},
+                "maxSeqLength": 32,
+                "overlongRows": "Drop",
+            }
+        },
+    )
+    plan = run.plan
+    assert plan["tokenCountEstimated"] is False  # the tiny model's tokenizer.json
+    dropped = next(d for d in plan["decisions"] if d["key"] == "data.overlong")
+    assert dropped["value"] == "2"
+    assert "row 6" in dropped["sentence"]  # Parquet rows are counted from 1
+    config_dir = Path(run.env["KUBETUNE_OUTPUT_PATH"]).parent / "config"
+    for name, value in run.env.items():
+        monkeypatch.setenv(name, value)
+    inputs = load_inputs(load_config(config_dir))
+    assert len(inputs.train_ds) == plan["exampleCount"] == 38 - 4  # 10% of 38 held out
+    assert inputs.val_ds is not None
+    assert len(inputs.val_ds) == 4
+    seq_len = plan["hyperparameters"]["sequenceLength"]
+    assert max(len(r["input_ids"]) for r in inputs.train_ds.rows) <= seq_len
