@@ -25,7 +25,6 @@ import contextlib
 import csv
 import io
 import json
-import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -157,12 +156,10 @@ class _Unreadable(Exception):
 
 
 def _load(path: Path, ff: FileFormat, **options: Any) -> list[dict[str, Any]]:
-    """The file's rows as `datasets` reads them; raises _Unreadable from what the
-    libraries raise on bad input (programming errors are left to propagate)."""
-    import pyarrow
-    from datasets.exceptions import DatasetsError
-
-    bad_input = (DatasetsError, pyarrow.ArrowException, ValueError, OSError, StopIteration)
+    """The file's rows as `datasets` reads them; raises _Unreadable from whatever the
+    libraries raise on input they cannot read (found by fuzzing: DatasetGenerationError,
+    pyarrow's ArrowInvalid, ValueError, StopIteration for an empty file, KeyError for an
+    empty column name). Only library code runs inside the `try`."""
     with _quiet_datasets() as datasets, tempfile.TemporaryDirectory(prefix="kubetune-ds-") as c:
         try:
             table = datasets.load_dataset(
@@ -173,9 +170,9 @@ def _load(path: Path, ff: FileFormat, **options: Any) -> list[dict[str, Any]]:
                 cache_dir=c,
                 **options,
             )
-        except bad_input as exc:
+            return cast(list[dict[str, Any]], table.to_list())
+        except Exception as exc:
             raise _Unreadable(str(exc)) from exc
-        return cast(list[dict[str, Any]], table.to_list())
 
 
 def _cause(exc: BaseException) -> str:
@@ -189,7 +186,7 @@ def _rows(path: Path, source: str, ff: FileFormat) -> tuple[list[tuple[int, dict
     if ff == "JSONL":
         return _jsonl(path, source), "line"
     if ff == "JSON":
-        return _json(path, source), "row"
+        return _json(path, source)
     if ff == "CSV":
         return _csv(path, source), "line"
     if ff == "Parquet":
@@ -206,44 +203,67 @@ def _jsonl(path: Path, source: str) -> list[tuple[int, dict[str, Any]]]:
     text = decode_utf8(raw, source)
     if not text.strip():
         raise DataError(f"{source}: the dataset is empty; it needs at least one JSON line")
+    numbered = [(n, line) for n, line in enumerate(text.split("\n"), start=1) if line.strip()]
+    if not all(line.lstrip(" \t\ufeff").startswith("{") for _, line in numbered):
+        # A line that is no JSON object: named by the line-by-line reader. (It never reaches
+        # pyarrow's JSON reader, which crashes the process on a first value `null`.)
+        return jsonl_rows(text, source)
     try:
         table = _load(path, "JSONL")
     except _Unreadable:
         # Name the line and the reason (or read the rows arrow could not put in one table).
         return jsonl_rows(text, source)
-    lines = [n for n, line in enumerate(text.split("\n"), start=1) if line.strip()]
-    if len(lines) != len(table):
+    if len(numbered) != len(table):
         return jsonl_rows(text, source)
-    return [(n, _present(row)) for n, row in zip(lines, table, strict=True)]
+    return [(n, _present(row)) for (n, _), row in zip(numbered, table, strict=True)]
 
 
-_POSITION = re.compile(r"position (\d+)")
-
-
-def _json(path: Path, source: str) -> list[tuple[int, dict[str, Any]]]:
+def _json(path: Path, source: str) -> tuple[list[tuple[int, dict[str, Any]]], str]:
+    """A JSON array of objects (rows counted from 1), or JSON lines in a .json file."""
     text = decode_utf8(path.read_bytes(), source)
     if not text.strip():
         raise DataError(f"{source}: the dataset is empty; it needs a JSON array of objects")
     try:
+        value = json.loads(text)
+    except json.JSONDecodeError as bad:
+        if bad.msg == "Extra data":  # more than one value: JSON lines
+            return _jsonl(path, source), "line"
+        raise DataError(
+            f"{source} line {bad.lineno}: not valid JSON ({bad.msg} at column {bad.colno})"
+        ) from bad
+    except RecursionError:
+        raise DataError(f"{source}: JSON nested too deeply") from None
+    if not isinstance(value, list):
+        raise DataError(
+            f"{source}: a JSON file holds an array of objects (or JSON lines), not "
+            f"{type(value).__name__}"
+        )
+    if not value:
+        raise DataError(f"{source}: the dataset is empty; it needs a JSON array of objects")
+    for i, item in enumerate(value, start=1):
+        if not isinstance(item, dict):
+            # Checked before pyarrow sees it (a first element `null` crashes its reader).
+            raise DataError(
+                f"{source} row {i}: each element of the array must be a JSON object, not "
+                f"{type(item).__name__}"
+            )
+    try:
         table = _load(path, "JSON")
     except _Unreadable as exc:
-        try:
-            json.loads(text)
-        except json.JSONDecodeError as bad:
-            raise DataError(
-                f"{source} line {bad.lineno}: not valid JSON ({bad.msg} at column {bad.colno})"
-            ) from exc
-        except RecursionError:
-            raise DataError(f"{source}: JSON nested too deeply") from exc
+        raise DataError(f"{source}: not a JSON array of objects ({_cause(exc)})") from exc
+    if len(table) != len(value):
         raise DataError(
-            f"{source}: not a JSON array of objects (or JSON lines) ({_cause(exc)})"
-        ) from exc
-    return [(i, _present(row)) for i, row in enumerate(table, start=1)]
+            f"{source}: datasets read {len(table)} rows of the {len(value)} in the array"
+        )
+    return [(i, _present(row)) for i, row in enumerate(table, start=1)], "row"
 
 
 def _csv(path: Path, source: str) -> list[tuple[int, dict[str, Any]]]:
     text = decode_utf8(path.read_bytes(), source)
-    header = next(csv.reader(io.StringIO(text)), None)
+    try:
+        header = next(csv.reader(io.StringIO(text, newline="")), None)
+    except csv.Error as exc:
+        raise DataError(f"{source} line 1: not a readable CSV header ({exc})") from exc
     if not header:
         raise DataError(f"{source}: the dataset is empty; a CSV file needs a header line")
     from datasets import Features, Value
@@ -259,7 +279,10 @@ def _csv(path: Path, source: str) -> list[tuple[int, dict[str, Any]]]:
         )
     except _Unreadable as exc:
         raise DataError(f"{source}: not a readable CSV file ({_cause(exc)})") from exc
-    starts = _csv_record_lines(text)
+    try:
+        starts = _csv_record_lines(text)
+    except csv.Error:  # pandas read what the csv module does not: count records instead
+        starts = []
     if len(starts) != len(table):
         starts = list(range(2, len(table) + 2))
     return [(n, _present(row)) for n, row in zip(starts, table, strict=True)]
@@ -267,7 +290,7 @@ def _csv(path: Path, source: str) -> list[tuple[int, dict[str, Any]]]:
 
 def _csv_record_lines(text: str) -> list[int]:
     """The line each CSV record after the header starts on (a quoted field may span lines)."""
-    reader = csv.reader(io.StringIO(text))
+    reader = csv.reader(io.StringIO(text, newline=""))
     starts: list[int] = []
     end = 0
     for i, record in enumerate(reader):

@@ -270,3 +270,21 @@ def test_kubetune_validate_fails_on_a_missing_dataset(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["validate", str(job)])
     assert result.exit_code == 0, result.output
     assert "3 PromptCompletion examples" in result.output
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "message"),
+    [
+        ("n.jsonl", "null", r"^n\.jsonl line 1: each line must be a JSON object, not NoneType"),
+        ("n.jsonl", 'null\n{"text": "a"}', r"^n\.jsonl line 1: each line must be a JSON object"),
+        ("n.json", "null", r"^n\.json: a JSON file holds an array of objects"),
+        ("n.json", '[null, {"text": "a"}]', r"^n\.json row 1: each element of the array must be"),
+    ],
+)
+def test_a_first_null_is_a_data_error_not_a_crash(
+    tmp_path: Path, name: str, data: str, message: str
+) -> None:
+    # Regression found by fuzzing: pyarrow 26's JSON reader (under datasets) crashes the
+    # process with a segmentation fault when the first JSON value is null.
+    with pytest.raises(DataError, match=message):
+        read_dataset(write(tmp_path / name, data), name)
