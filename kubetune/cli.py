@@ -213,7 +213,8 @@ def _plan_table(p: PlanDocument) -> str:
         f"memory per GPU    {mem.per_gpu_gib:.1f} GiB of {mem.gpu_memory_gib:.1f}"
         f" (model states {mem.model_states_gib:.1f}, activations "
         f"{mem.activations_gib:.1f}, overhead {mem.overhead_gib:.1f})",
-        f"data              {p.example_count:,} examples, {p.token_count:,} tokens",
+        f"data              {p.example_count:,} examples, {p.token_count:,} tokens"
+        + (" (estimated: characters / 4)" if p.token_count_estimated else " (model tokenizer)"),
         f"learning rate     {hp.learning_rate}",
         f"epochs            {hp.epochs}  (total steps {hp.total_steps}, warmup "
         f"{hp.warmup_steps}, eval every {hp.eval_steps})",

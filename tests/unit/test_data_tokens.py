@@ -299,3 +299,9 @@ def test_kubetune_plan_reads_a_local_model_tokenizer(tmp_path: Path) -> None:
     assert plan["tokenCountEstimated"] is False
     assert "no tokenizer was available" not in result.output
     assert plan["tokenCount"] == 7 * plan["exampleCount"]
+    table = CliRunner().invoke(main, ["plan", str(job)]).output
+    assert f"{plan['tokenCount']:,} tokens (model tokenizer)" in table
+    (model / "tokenizer.json").unlink()
+    table = CliRunner().invoke(main, ["plan", str(job)]).output
+    assert "tokens (estimated: characters / 4)" in table
+    assert "estimated from the text (no tokenizer.json in the model)" in table
