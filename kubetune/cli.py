@@ -165,7 +165,13 @@ def plan(job: Path, output: str, gpu_memory_gib: float | None) -> None:
     import yaml
 
     from kubetune.data import DataError
-    from kubetune.local_inputs import InputError, config_maps_in, read_model_config, read_uri
+    from kubetune.local_inputs import (
+        InputError,
+        config_maps_in,
+        local_sources,
+        read_model_config,
+        read_uri,
+    )
     from kubetune.planning import ModelConfigError
     from kubetune.planning.job import build_plan, resolve_gpu_memory
 
@@ -178,6 +184,7 @@ def plan(job: Path, output: str, gpu_memory_gib: float | None) -> None:
             if spec.dataset.validation_uri
             else None
         )
+        extra = local_sources(spec, cms)
         model = read_model_config(spec.model.uri, cms)
         memory = resolve_gpu_memory(spec, None, gpu_memory_gib or 80.0)
         if gpu_memory_gib and not spec.resources.gpu_memory_gib and spec.resources.gpus_per_node:
@@ -191,6 +198,7 @@ def plan(job: Path, output: str, gpu_memory_gib: float | None) -> None:
             memory,
             val[0] if val else None,
             val[1] if val else "",
+            extra_sources=extra,
         )
     except (InputError, DataError, ModelConfigError) as exc:
         raise click.ClickException(str(exc)) from exc
@@ -235,7 +243,7 @@ def validate(job: Path) -> None:
     """Validate a FineTuneJob file and, where it can be read here, its dataset."""
     from kubetune.data import DataError, summarize
     from kubetune.data.tokens import find_tokenizer
-    from kubetune.local_inputs import InputError, config_maps_in, read_uri
+    from kubetune.local_inputs import InputError, config_maps_in, local_sources, read_uri
     from kubetune.planning.job import read_job_data
 
     spec = _load_job(job).spec
@@ -254,15 +262,25 @@ def validate(job: Path) -> None:
             if spec.dataset.validation_uri
             else (None, "")
         )
-        fmt, examples, validation = read_job_data(spec, raw, src, vraw, vsrc)
+        fmt, sources, validation = read_job_data(
+            spec, raw, src, vraw, vsrc, local_sources(spec, cms)
+        )
+        examples = [ex for source in sources for ex in source.examples]
         tokenizer, _ = find_tokenizer(spec.model.uri)
-        lengths = tokenizer.example_lengths(examples, src) if tokenizer else None
-        summary = summarize(examples, src, fmt, validation, spec.dataset.max_seq_length, lengths)
+        lengths = (
+            [n for s in sources for n in tokenizer.example_lengths(s.examples, s.name)]
+            if tokenizer
+            else None
+        )
+        summary = summarize(
+            examples, src, fmt, validation or [], spec.dataset.max_seq_length, lengths
+        )
     except (DataError, InputError) as exc:
         raise click.ClickException(str(exc)) from exc
     how = "estimated" if summary.tokens_estimated else "counted with the model's tokenizer"
+    files = f" in {len(sources)} files" if len(sources) > 1 else ""
     click.echo(
-        f"{src}: {summary.example_count} {fmt} examples, about "
+        f"{src}: {summary.example_count} {fmt} examples{files}, about "
         f"{summary.token_count:,} tokens ({how})"
     )
     for w in summary.warnings:

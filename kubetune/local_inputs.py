@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from kubetune.api import load_yaml_documents
+from kubetune.api import FineTuneJobSpec, load_yaml_documents
 
 
 class InputError(ValueError):
@@ -35,7 +35,7 @@ def read_uri(uri: str, field: str, config_maps: dict[str, dict[str, str]]) -> tu
         except FileNotFoundError:
             raise InputError(f"{field}: {path} does not exist") from None
         except IsADirectoryError:
-            raise InputError(f"{field}: {path} is a directory; point at a .jsonl file") from None
+            raise InputError(f"{field}: {path} is a directory; point at a data file") from None
     if parsed.scheme == "configmap":
         name, key = parsed.netloc, parsed.path.lstrip("/")
         if name not in config_maps:
@@ -85,3 +85,13 @@ def read_model_config(uri: str, config_maps: dict[str, dict[str, str]]) -> dict[
     except json.JSONDecodeError as exc:
         raise InputError(f"spec.model.uri: {uri} is not valid JSON ({exc.msg})") from None
     return parsed_config
+
+
+def local_sources(
+    spec: FineTuneJobSpec, config_maps: dict[str, dict[str, str]]
+) -> list[tuple[bytes, str]]:
+    """The files of spec.dataset.sources, read here (their bytes and a name), in order."""
+    return [
+        read_uri(source.uri, f"spec.dataset.sources[{i}].uri", config_maps)
+        for i, source in enumerate(spec.dataset.sources or ())
+    ]

@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 
 from kubetune.api.inputs import INPUT_FIELDS, trainer_input_uris
 from kubetune.api.plan import PlanDocument
-from kubetune.contract import INPUT_ENV, Env
+from kubetune.contract import INPUT_ENV, Env, source_role
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def prepare_local_run(
     `say` gets the progress of a first build of the built-in base model (default: stderr)."""
     from kubetune.api import job_from_yaml_file
     from kubetune.data.formats import SUFFIX, file_format_of
-    from kubetune.local_inputs import config_maps_in, read_uri
+    from kubetune.local_inputs import config_maps_in, local_sources, read_uri
     from kubetune.planning.job import build_plan, resolve_gpu_memory
 
     job = job_from_yaml_file(job_path)
@@ -90,6 +90,7 @@ def prepare_local_run(
         if "validation" in uris
         else None
     )
+    extra = local_sources(spec, cms)
     memory = resolve_gpu_memory(local_spec, None, 80.0)
     plan = build_plan(
         local_spec,
@@ -102,6 +103,7 @@ def prepare_local_run(
         val[1] if val else "",
         cpu_processes=nproc,
         tokenizer_source=model_path,  # a built-in or hub model's local directory
+        extra_sources=extra,
     )
     _check_quantisation(plan, "GPU" if gpus else "CPU")
     out = output or _output_dir(spec, name)
@@ -126,6 +128,10 @@ def prepare_local_run(
         val_copy = data_dir / f"validation{SUFFIX[file_format_of(val[1], ff)]}"
         val_copy.write_bytes(val[0])
         paths["validation"] = str(val_copy)
+    for i, ((data, name), source) in enumerate(zip(extra, spec.dataset.sources or (), strict=True)):
+        copy = data_dir / f"{source_role(i)}{SUFFIX[file_format_of(name, source.file_format)]}"
+        copy.write_bytes(data)
+        paths[source_role(i)] = str(copy)
     if "general" in uris:
         general, _ = read_uri(uris["general"], INPUT_FIELDS["general"], cms)
         (data_dir / "general.txt").write_bytes(general)

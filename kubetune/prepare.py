@@ -19,9 +19,11 @@ from typing import Any
 from kubetune.api.plan import PlanDocument
 from kubetune.contract import (
     EXIT_CONFIG_ERROR,
+    INPUT_ENV,
     TERMINATION_LIMIT_BYTES,
     Env,
     encode_prepare_message,
+    source_role,
     termination_path,
 )
 
@@ -94,7 +96,7 @@ def read_data(location: str) -> bytes:
     except FileNotFoundError as exc:
         raise ValueError(f"dataset file not found: {path}") from exc
     except IsADirectoryError as exc:
-        raise ValueError(f"{path} is a directory; point the URI at a .jsonl file") from exc
+        raise ValueError(f"{path} is a directory; point the URI at a data file") from exc
 
 
 def run(env: dict[str, str]) -> dict[str, Any]:
@@ -106,6 +108,10 @@ def run(env: dict[str, str]) -> dict[str, Any]:
     train_path = env[Env.DATASET_PATH]
     val_path = env.get(Env.VALIDATION_PATH)
     gpu_memory = float(env.get(Env.GPU_MEMORY_GIB, "80"))
+    extra = []
+    for i in range(len(spec.dataset.sources or ())):
+        path = env[INPUT_ENV[source_role(i)]]
+        extra.append((read_data(path), path))
     plan = build_plan(
         spec,
         read_data(train_path),
@@ -115,6 +121,7 @@ def run(env: dict[str, str]) -> dict[str, Any]:
         (gpu_memory, f"GPU memory {gpu_memory:g} GiB as the operator resolved it"),
         read_data(val_path) if val_path else None,
         val_path or "",
+        extra_sources=extra,
     )
     return {"plan": plan.to_json()}
 

@@ -30,6 +30,7 @@ from kubetune.api._types import (
     cel_error,
     check_uri,
 )
+from kubetune.contract import MAX_DATA_SOURCES
 
 MethodType = Literal["Auto", "Full", "Partial", "LoRA", "QLoRA", "Prefix"]
 DatasetFormat = Literal["Auto", "Text", "PromptCompletion", "Chat"]
@@ -83,6 +84,24 @@ class DatasetColumns(SpecModel):
         return {k: v for k, v in self.model_dump(exclude_none=True).items() if v}
 
 
+MAX_SOURCES = MAX_DATA_SOURCES
+Weight = Annotated[float, Field(gt=0, le=100)]
+
+
+class DataSource(SpecModel):
+    """spec.dataset.sources[i]: another training file mixed with dataset.uri."""
+
+    uri: Uri
+    weight: Weight = 1.0
+    file_format: FileFormat = "Auto"
+    columns: DatasetColumns | None = None
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        return check_uri(value, "dataset.sources.uri", DATA_URI_PATTERN, DATA_URI_SCHEMES)
+
+
 class Dataset(SpecModel):
     """spec.dataset: the training data."""
 
@@ -92,6 +111,8 @@ class Dataset(SpecModel):
     format: DatasetFormat = "Auto"
     file_format: FileFormat = "Auto"
     columns: DatasetColumns | None = None
+    weight: Weight = 1.0
+    sources: Annotated[list[DataSource], Field(max_length=MAX_SOURCES)] | None = None
     general_text_uri: Uri | None = None
     max_seq_length: Annotated[int, Field(ge=16, le=131072), WholeFloat] | None = None
     overlong_rows: OverlongRows = "Truncate"

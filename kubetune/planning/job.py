@@ -10,7 +10,8 @@ weights (``model_arch_with_weights``: a few kilobytes per file, never the weight
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,9 @@ from urllib.parse import urlparse
 
 from kubetune.api.plan import Alternative, AlternativeWhen, Decision, PlanDocument
 from kubetune.api.spec import FineTuneJobSpec
-from kubetune.data import DataError, Example, holdout_count, summarize
+from kubetune.data import DataError, Example, summarize
 from kubetune.data.formats import read_dataset
+from kubetune.data.mixture import Source, training_rows
 from kubetune.data.stats import Format, plan_warnings
 from kubetune.data.tokens import (
     TOKENIZER_FILE,
@@ -226,25 +228,39 @@ def model_arch_with_weights(model_config: dict[str, Any], model_source: str) -> 
     return arch if counts is None else with_weight_counts(arch, counts)
 
 
+DataInput = str | bytes | Path
+
+
 def read_job_data(
     spec: FineTuneJobSpec,
-    train: str | bytes | Path,
+    train: DataInput,
     train_source: str,
-    validation: str | bytes | Path | None = None,
+    validation: DataInput | None = None,
     validation_source: str = "",
-) -> tuple[Format, list[Example], list[Example]]:
-    """The row format, training and validation examples of a job's data files, read as
-    spec.dataset says (fileFormat, format, columns); DataError names the file and row."""
-    forced = None if spec.dataset.format == "Auto" else spec.dataset.format
-    columns = spec.dataset.columns.mapping() if spec.dataset.columns else None
-    ff = spec.dataset.file_format
-    fmt, examples = read_dataset(train, train_source, ff, forced, columns)
+    extra_sources: Sequence[tuple[DataInput, str]] = (),
+) -> tuple[Format, list[Source], list[Example] | None]:
+    """The row format, the training files (spec.dataset.uri, then each of
+    spec.dataset.sources, given in `extra_sources` as their data and name) with their
+    weights, and the validation rows (None without a validation file), read as spec.dataset
+    says (fileFormat, format, columns); DataError names the file and the row."""
+    ds = spec.dataset
+    forced = None if ds.format == "Auto" else ds.format
+    columns = ds.columns.mapping() if ds.columns else None
+    fmt, examples = read_dataset(train, train_source, ds.file_format, forced, columns)
+    sources = [Source(train_source, examples, ds.weight)]
+    specs = ds.sources or []
+    if len(extra_sources) != len(specs):
+        raise ValueError(f"{len(extra_sources)} source files for {len(specs)} dataset.sources")
+    for (data, name), extra in zip(extra_sources, specs, strict=True):
+        mapping = extra.columns.mapping() if extra.columns else None
+        _, rows = read_dataset(data, name, extra.file_format, fmt, mapping)
+        sources.append(Source(name, rows, extra.weight))
     held = (
-        read_dataset(validation, validation_source, ff, fmt, columns)[1]
+        read_dataset(validation, validation_source, ds.file_format, fmt, columns)[1]
         if validation is not None
-        else []
+        else None
     )
-    return fmt, examples, held
+    return fmt, sources, held
 
 
 def build_plan(
@@ -258,6 +274,7 @@ def build_plan(
     validation_source: str = "",
     cpu_processes: int = 1,
     tokenizer_source: str | None = None,
+    extra_sources: Sequence[tuple[DataInput, str]] = (),
 ) -> PlanDocument:
     """Validate the data, summarise it and plan. Raises DataError / ModelConfigError /
     ValueError with messages that name the source. `cpu_processes` is the number of
@@ -266,53 +283,58 @@ def build_plan(
     Tokens are counted with the tokenizer in `tokenizer_source` (default `model_source`)
     when it is a local model directory with a tokenizer.json, else estimated; examples
     longer than the sequence length cap are truncated (with a warning) or left out, as
-    spec.dataset.overlongRows says."""
-    fmt, train, validation = read_job_data(
-        spec, train_text, train_source, validation_text, validation_source
+    spec.dataset.overlongRows says. `extra_sources` are the files of spec.dataset.sources
+    (their data and name, in its order), mixed with the first as their weights say."""
+    fmt, sources, validation = read_job_data(
+        spec, train_text, train_source, validation_text, validation_source, extra_sources
     )
     arch = model_arch_with_weights(model_config, model_source)
     request = plan_request(spec)
     tokenizer, no_tokenizer = find_tokenizer(tokenizer_source or model_source)
-    lengths = _lengths(tokenizer, train, train_source)
+    length: dict[int, int] = {}  # by id(example): each example's tokens
+    for name, examples in [(s.name, s.examples) for s in sources] + [
+        (validation_source, validation or [])
+    ]:
+        length.update(zip(map(id, examples), _lengths(tokenizer, examples, name), strict=True))
     cap = sequence_cap(arch, request)
-    overlong = [(ex, n) for ex, n in zip(train, lengths, strict=True) if n > cap]
+    overlong = [(s.name, ex) for s in sources for ex in s.examples if length[id(ex)] > cap]
     dropping = spec.dataset.overlong_rows == "Drop"
     if dropping and overlong:
-        kept = [(ex, n) for ex, n in zip(train, lengths, strict=True) if n <= cap]
-        if not kept:
+        sources = [
+            replace(s, examples=[ex for ex in s.examples if length[id(ex)] <= cap]) for s in sources
+        ]
+        if not any(s.examples for s in sources):
             raise DataError(
-                f"{train_source}: all {len(train)} examples are longer than the sequence "
+                f"{train_source}: all {len(overlong)} examples are longer than the sequence "
                 f"length cap of {cap:,} tokens, so spec.dataset.overlongRows: Drop leaves "
                 "nothing to train on; raise spec.dataset.maxSeqLength or shorten the rows"
             )
-        train, lengths = [ex for ex, _ in kept], [n for _, n in kept]
-        validation = [
-            ex
-            for ex, n in zip(
-                validation, _lengths(tokenizer, validation, validation_source), strict=True
-            )
-            if n <= cap
-        ]
+        if validation is not None:
+            validation = [ex for ex in validation if length[id(ex)] <= cap]
+    pooled = [ex for s in sources for ex in s.examples]
     summary = summarize(
-        train, train_source, fmt, validation, None, lengths if tokenizer is not None else None
+        pooled,
+        train_source,
+        fmt,
+        validation or [],
+        None,
+        [length[id(ex)] for ex in pooled] if tokenizer is not None else None,
     )
-    held_out = (
-        0 if validation else holdout_count(summary.example_count, spec.dataset.validation_split)
+    train, held = training_rows(
+        sources, validation, spec.dataset.validation_split, int(spec.hyperparameters.seed)
     )
-    train_count = summary.example_count - held_out
-    if train_count < 1:
+    if not train:
         raise DataError(
             f"{train_source}: {summary.example_count} example(s) leave nothing to "
-            "train on after the validation split; add data or set "
+            "train on after the validation split and the weights; add data or set "
             "spec.dataset.validationUri"
         )
-    share = train_count / summary.example_count
-    first_overlong = _overlong_example(overlong, train_source) if overlong else ""
+    first_overlong = _overlong_example(overlong, length) if overlong else ""
     stats = DatasetStats(
-        example_count=train_count,
-        token_count=max(train_count, round(summary.token_count * share)),
+        example_count=len(train),
+        token_count=sum(length[id(ex)] for ex in train),
         max_tokens=summary.max_tokens,
-        validation_count=len(validation) or held_out,
+        validation_count=len(held),
         duplicate_count=summary.duplicate_count,
         leakage_count=summary.leakage_count,
         overlong_count=0 if dropping else len(overlong),
@@ -321,6 +343,8 @@ def build_plan(
         estimate_reason=no_tokenizer,
     )
     data_decisions = [] if tokenizer is None else [_tokens_decision(tokenizer, fmt)]
+    if len(sources) > 1:
+        data_decisions.append(_mixture_decision(sources, train))
     dropped_warning = ""
     if dropping and overlong:
         dropped_warning = (
@@ -380,11 +404,26 @@ def _lengths(tokenizer: ModelTokenizer | None, examples: list[Example], source: 
     return tokenizer.example_lengths(examples, source)
 
 
-def _overlong_example(overlong: list[tuple[Example, int]], source: str) -> str:
-    example, tokens = overlong[0]
+def _overlong_example(overlong: list[tuple[str, Example]], length: dict[int, int]) -> str:
+    source, example = overlong[0]
     text = " ".join(example.text.split())
     preview = text if len(text) <= 60 else text[:57] + "..."
-    return f"{source} {example.where}, {tokens:,} tokens: {preview!r}"
+    return f"{source} {example.where}, {length[id(example)]:,} tokens: {preview!r}"
+
+
+def _mixture_decision(sources: list[Source], train: list[Example]) -> Decision:
+    """What each file adds to the training rows (short: it travels in the prepare pod's
+    termination message)."""
+    parts = []
+    ids = [{id(ex) for ex in s.examples} for s in sources]
+    for s, mine in zip(sources, ids, strict=True):
+        used = sum(1 for ex in train if id(ex) in mine)
+        parts.append(f"{s.name} x{s.weight:g}: {used:,}")
+    return Decision(
+        key="data.mixture",
+        value=str(len(sources)),
+        sentence=f"Training rows by file (weight: rows): {'; '.join(parts)}.",
+    )
 
 
 def _tokens_decision(tokenizer: ModelTokenizer, fmt: str) -> Decision:

@@ -3,14 +3,16 @@ a deterministic held-out split, and a padding collator."""
 
 from __future__ import annotations
 
-import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kubetune.data import Example, holdout_count
+from kubetune.data import Example
 from kubetune.data.formats import read_dataset
+from kubetune.data.mixture import Source, split_holdout, training_rows
+
+__all__ = ["Source", "split_holdout", "training_rows"]
 
 IGNORE_INDEX = -100
 #: One tokenised row: input_ids, labels (and, for token weights, weights).
@@ -58,18 +60,25 @@ def spec_data_options(spec: Mapping[str, Any]) -> tuple[str | None, str, dict[st
     return (None if forced == "Auto" else forced), dataset.get("fileFormat", "Auto"), columns
 
 
-def split_holdout(
-    examples: list[Example], fraction: float, seed: int
-) -> tuple[list[Example], list[Example]]:
-    """A deterministic held-out split (`holdout_count`: at least one example each side)."""
-    n_val = holdout_count(len(examples), fraction)
-    if n_val == 0:
-        return examples, []
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    val = sorted(order[:n_val])
-    keep = sorted(order[n_val:])
-    return [examples[i] for i in keep], [examples[i] for i in val]
+def read_sources(
+    spec: Mapping[str, Any], dataset: str, sources: Sequence[str], validation: str | None
+) -> tuple[str, list[Source], list[Example] | None]:
+    """The row format, the training files (dataset.uri's at `dataset`, then each of
+    dataset.sources at `sources`) with their weights and the validation rows (None without
+    a validation file), read as the planner reads them (`planning.job.read_job_data`)."""
+    forced, file_format, columns = spec_data_options(spec)
+    ds = spec.get("dataset") or {}
+    fmt, examples = read_examples(dataset, forced, file_format, columns)
+    out = [Source(dataset, examples, float(ds.get("weight", 1.0)))]
+    specs = list(ds.get("sources") or [])
+    if len(specs) != len(sources):
+        raise ValueError(f"{len(sources)} source files for {len(specs)} spec.dataset.sources")
+    for path, extra in zip(sources, specs, strict=True):
+        mapping = {k: str(v) for k, v in (extra.get("columns") or {}).items() if v}
+        _, rows = read_examples(path, fmt, extra.get("fileFormat", "Auto"), mapping)
+        out.append(Source(path, rows, float(extra.get("weight", 1.0))))
+    held = read_examples(validation, fmt, file_format, columns)[1] if validation else None
+    return fmt, out, held
 
 
 def encode(example: Example, tokenizer: Any, max_length: int) -> dict[str, list[int]]:

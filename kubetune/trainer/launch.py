@@ -21,14 +21,11 @@ def precheck() -> str | None:
     """The configuration or data error that would stop every rank, or None."""
     from kubetune.data import DataError
     from kubetune.trainer.config import TrainerConfigError, load_config
-    from kubetune.trainer.data import read_examples, spec_data_options
+    from kubetune.trainer.data import read_sources
 
     try:
         cfg = load_config(None)
-        forced, file_format, columns = spec_data_options(cfg.spec)
-        fmt, _ = read_examples(cfg.dataset, forced, file_format, columns)
-        if cfg.validation:
-            read_examples(cfg.validation, fmt, file_format, columns)
+        read_sources(cfg.spec, cfg.dataset, cfg.sources, cfg.validation)
     except (TrainerConfigError, DataError, OSError, ValueError) as exc:
         return str(exc)
     return None

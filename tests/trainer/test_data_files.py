@@ -57,3 +57,50 @@ def test_a_mapped_parquet_file_with_overlong_rows_dropped(
     assert len(inputs.val_ds) == 4
     seq_len = plan["hyperparameters"]["sequenceLength"]
     assert max(len(r["input_ids"]) for r in inputs.train_ds.rows) <= seq_len
+
+
+def test_weighted_sources_give_the_trainer_the_rows_the_plan_counted(
+    make_run: MakeRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from kubetune.trainer.config import load_config
+    from kubetune.trainer.setup import load_inputs
+
+    main = [
+        {"prompt": f"Define term {i}: ", "completion": f"Term {i} means item {i}."}
+        for i in range(30)
+    ]
+    csv = "question,answer\n" + "".join(f"Name {i}?,Name {i} is thing {i}.\n" for i in range(12))
+    chat = [
+        {"prompt": f"Refer to {i}: ", "completion": f"Term {i} refers to object {i}."}
+        for i in range(10)
+    ]
+    run = make_run(
+        data="\n".join(json.dumps(r) for r in main),
+        source_files=[("extra.csv", csv.encode()), ("more.json", json.dumps(chat).encode())],
+        spec_extra={
+            "dataset": {
+                "uri": "file:///data/train.jsonl",
+                "sources": [
+                    {
+                        "uri": "file:///data/extra.csv",
+                        "weight": 2,
+                        "columns": {"prompt": "question", "completion": "answer"},
+                    },
+                    {"uri": "file:///data/more.json", "weight": 0.5},
+                ],
+            }
+        },
+    )
+    plan = run.plan
+    config_dir = Path(run.env["KUBETUNE_OUTPUT_PATH"]).parent / "config"
+    for name, value in run.env.items():
+        monkeypatch.setenv(name, value)
+    inputs = load_inputs(load_config(config_dir))
+    assert len(inputs.train_ds) == plan["exampleCount"]
+    assert inputs.val_ds is not None
+    assert len(inputs.val_ds) == 5  # 10% of the 52 rows, before the weights
+    assert inputs.train_ds.token_count == plan["tokenCount"]
+    decision = next(d for d in plan["decisions"] if d["key"] == "data.mixture")
+    assert "extra.csv x2: " in decision["sentence"]
