@@ -332,7 +332,8 @@ def build_plan(
     first_overlong = _overlong_example(overlong, length) if overlong else ""
     stats = DatasetStats(
         example_count=len(train),
-        token_count=sum(length[id(ex)] for ex in train),
+        # What the trainer trains on: an over-long row truncated to the cap it is planned at.
+        token_count=sum(min(length[id(ex)], cap) for ex in train),
         max_tokens=summary.max_tokens,
         validation_count=len(held),
         duplicate_count=summary.duplicate_count,

@@ -23,8 +23,9 @@ def _parquet(rows: list[dict[str, str]]) -> bytes:
     return out.getvalue()
 
 
-def test_a_mapped_parquet_file_with_overlong_rows_dropped(
-    make_run: MakeRun, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("overlong", ["Drop", "Truncate"])
+def test_a_mapped_parquet_file_with_overlong_rows(
+    make_run: MakeRun, monkeypatch: pytest.MonkeyPatch, overlong: str
 ) -> None:
     from kubetune.trainer.config import load_config
     from kubetune.trainer.setup import load_inputs
@@ -39,22 +40,30 @@ def test_a_mapped_parquet_file_with_overlong_rows_dropped(
                 "uri": "file:///data/train.parquet",
                 "columns": {"prompt": "q", "completion": "a"},
                 "maxSeqLength": 32,
-                "overlongRows": "Drop",
+                "overlongRows": overlong,
             }
         },
     )
     plan = run.plan
     assert plan["tokenCountEstimated"] is False  # the tiny model's tokenizer.json
-    dropped = next(d for d in plan["decisions"] if d["key"] == "data.overlong")
-    assert dropped["value"] == "2"
-    assert "row 6" in dropped["sentence"]  # Parquet rows are counted from 1
+    if overlong == "Drop":
+        dropped = next(d for d in plan["decisions"] if d["key"] == "data.overlong")
+        assert dropped["value"] == "2"
+        assert "row 6" in dropped["sentence"]  # Parquet rows are counted from 1
+    else:
+        [warning] = [w for w in plan["warnings"] if "longer than the planned" in w]
+        assert warning.startswith("2 of ")
+        assert "row 6, " in warning
     config_dir = Path(run.env["KUBETUNE_OUTPUT_PATH"]).parent / "config"
     for name, value in run.env.items():
         monkeypatch.setenv(name, value)
     inputs = load_inputs(load_config(config_dir))
-    assert len(inputs.train_ds) == plan["exampleCount"] == 38 - 4  # 10% of 38 held out
+    rows_left = 38 if overlong == "Drop" else 40
+    held_out = round(rows_left * 0.1)
+    assert len(inputs.train_ds) == plan["exampleCount"] == rows_left - held_out
     assert inputs.val_ds is not None
-    assert len(inputs.val_ds) == 4
+    assert len(inputs.val_ds) == held_out
+    assert inputs.train_ds.token_count == plan["tokenCount"]
     seq_len = plan["hyperparameters"]["sequenceLength"]
     assert max(len(r["input_ids"]) for r in inputs.train_ds.rows) <= seq_len
 

@@ -247,6 +247,8 @@ def test_overlong_rows_are_counted_and_named_or_dropped(tmp_path: Path) -> None:
     [warning] = [w for w in truncated.warnings if "longer than the planned" in w]
     assert warning.startswith("2 of 11 training examples are longer than the planned sequence ")
     assert "t.jsonl line 11, 34 tokens: 'what is" in warning
+    # The tokens the trainer trains on: the long rows truncated to 16 (one row held out).
+    assert truncated.token_count in (9 * 7 + 2 * 16, 10 * 7 + 16)
     dropped = build_plan(
         spec(maxSeqLength=16, overlongRows="Drop"), text, "t.jsonl", QWEN, model, GPU
     )
