@@ -288,3 +288,41 @@ def test_a_first_null_is_a_data_error_not_a_crash(
     # process with a segmentation fault when the first JSON value is null.
     with pytest.raises(DataError, match=message):
         read_dataset(write(tmp_path / name, data), name)
+
+
+def test_a_parquet_file_in_a_configmaps_binary_data(tmp_path: Path) -> None:
+    """kubetune plan reads binaryData from the job file, as the operator reads it through the
+    API (and a pod from the mounted ConfigMap)."""
+    import base64
+
+    import yaml
+    from click.testing import CliRunner
+
+    from kubetune.cli import main
+
+    rows = [{"prompt": f"Q{i}?", "completion": f" A{i}."} for i in range(12)]
+    data = parquet(tmp_path / "t.parquet", rows).read_bytes()
+    docs = [
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "faq"},
+            "binaryData": {"train.parquet": base64.b64encode(data).decode()},
+        },
+        {
+            "apiVersion": "kubetune.dev/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": "t"},
+            "spec": {
+                "model": {"uri": "hf://Qwen/Qwen2-0.5B"},
+                "dataset": {"uri": "configmap://faq/train.parquet", "validationSplit": 0.25},
+                "planOnly": True,
+            },
+        },
+    ]
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump_all(docs))
+    result = CliRunner().invoke(main, ["plan", str(job), "-o", "json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    assert (plan["exampleCount"], plan["datasetFormat"]) == (9, "PromptCompletion")
