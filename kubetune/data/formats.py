@@ -11,10 +11,13 @@ numbered as errors name them:
 - CSV: the line the record starts on (the header is line 1);
 - JSON arrays and Parquet: the row, counted from 1.
 
-When `datasets` cannot read a JSONL file (a bad line, a line that is not an object, bytes
-that are not UTF-8, rows whose columns arrow cannot put in one table), the file is read line
-by line with the standard json module to name the line and the reason, as before; a JSON
-array that does not parse is named by the json module's line and column.
+When `datasets` cannot read a JSONL file (a bad line, bytes that are not UTF-8, rows whose
+columns arrow cannot put in one table), the file is read line by line with the standard json
+module to name the line and the reason, as before; a JSON array that does not parse is named by
+the json module's line and column. Two checks come before pyarrow sees a file, because its
+JSON reader (pyarrow 26) crashes the process with a segmentation fault when the first JSON
+value is `null`: every JSONL line must start as an object, and every element of a JSON array
+must be one (found by fuzzing, tests/unit/test_fuzz_data.py).
 
 `datasets` is imported only here and only when a file is read; it does not import torch.
 """
