@@ -183,7 +183,13 @@ def plan(job: Path, output: str, gpu_memory_gib: float | None) -> None:
     import yaml
 
     from kubetune.data import DataError
-    from kubetune.local_inputs import InputError, config_maps_in, read_model_config, read_uri
+    from kubetune.local_inputs import (
+        InputError,
+        config_maps_in,
+        local_sources,
+        read_model_config,
+        read_uri,
+    )
     from kubetune.planning import ModelConfigError
     from kubetune.planning.job import build_plan, resolve_gpu_memory
 
@@ -196,6 +202,7 @@ def plan(job: Path, output: str, gpu_memory_gib: float | None) -> None:
             if spec.dataset.validation_uri
             else None
         )
+        extra = local_sources(spec, cms)
         model = read_model_config(spec.model.uri, cms)
         memory = resolve_gpu_memory(spec, None, gpu_memory_gib or 80.0)
         if gpu_memory_gib and not spec.resources.gpu_memory_gib and spec.resources.gpus_per_node:
@@ -209,6 +216,7 @@ def plan(job: Path, output: str, gpu_memory_gib: float | None) -> None:
             memory,
             val[0] if val else None,
             val[1] if val else "",
+            extra_sources=extra,
         )
     except (InputError, DataError, ModelConfigError) as exc:
         raise click.ClickException(str(exc)) from exc
@@ -231,7 +239,8 @@ def _plan_table(p: PlanDocument) -> str:
         f"memory per GPU    {mem.per_gpu_gib:.1f} GiB of {mem.gpu_memory_gib:.1f}"
         f" (model states {mem.model_states_gib:.1f}, activations "
         f"{mem.activations_gib:.1f}, overhead {mem.overhead_gib:.1f})",
-        f"data              {p.example_count:,} examples, {p.token_count:,} tokens",
+        f"data              {p.example_count:,} examples, {p.token_count:,} tokens"
+        + (" (estimated: characters / 4)" if p.token_count_estimated else " (model tokenizer)"),
         f"learning rate     {hp.learning_rate}",
         f"epochs            {hp.epochs}  (total steps {hp.total_steps}, warmup "
         f"{hp.warmup_steps}, eval every {hp.eval_steps})",
@@ -250,8 +259,10 @@ def _plan_table(p: PlanDocument) -> str:
 @click.argument("job", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def validate(job: Path) -> None:
     """Validate a FineTuneJob file and, where it can be read here, its dataset."""
-    from kubetune.data import DataError, parse_jsonl, summarize
-    from kubetune.local_inputs import InputError, config_maps_in, read_uri
+    from kubetune.data import DataError, summarize
+    from kubetune.data.tokens import find_tokenizer
+    from kubetune.local_inputs import InputError, config_maps_in, local_sources, read_uri
+    from kubetune.planning.job import read_job_data
 
     spec = _load_job(job).spec
     click.echo(f"{job}: the FineTuneJob spec is valid")
@@ -259,21 +270,36 @@ def validate(job: Path) -> None:
     try:
         raw, src = read_uri(spec.dataset.uri, "spec.dataset.uri", cms)
     except InputError as exc:
+        if spec.dataset.uri.startswith("file://"):
+            raise click.ClickException(str(exc)) from exc
         click.echo(f"dataset not checked: {exc}")
         return
-    forced = None if spec.dataset.format == "Auto" else spec.dataset.format
     try:
-        fmt, examples = parse_jsonl(raw, src, forced)
-        validation: list[Any] = []
-        if spec.dataset.validation_uri:
-            vraw, vsrc = read_uri(spec.dataset.validation_uri, "spec.dataset.validationUri", cms)
-            validation = parse_jsonl(vraw, vsrc, fmt)[1]
-        summary = summarize(examples, src, fmt, validation, spec.dataset.max_seq_length)
+        vraw, vsrc = (
+            read_uri(spec.dataset.validation_uri, "spec.dataset.validationUri", cms)
+            if spec.dataset.validation_uri
+            else (None, "")
+        )
+        fmt, sources, validation = read_job_data(
+            spec, raw, src, vraw, vsrc, local_sources(spec, cms)
+        )
+        examples = [ex for source in sources for ex in source.examples]
+        tokenizer, _ = find_tokenizer(spec.model.uri)
+        lengths = (
+            [n for s in sources for n in tokenizer.example_lengths(s.examples, s.name)]
+            if tokenizer
+            else None
+        )
+        summary = summarize(
+            examples, src, fmt, validation or [], spec.dataset.max_seq_length, lengths
+        )
     except (DataError, InputError) as exc:
         raise click.ClickException(str(exc)) from exc
+    how = "estimated" if summary.tokens_estimated else "counted with the model's tokenizer"
+    files = f" in {len(sources)} files" if len(sources) > 1 else ""
     click.echo(
-        f"{src}: {summary.example_count} {fmt} examples, about "
-        f"{summary.token_count:,} tokens (estimated)"
+        f"{src}: {summary.example_count} {fmt} examples{files}, about "
+        f"{summary.token_count:,} tokens ({how})"
     )
     for w in summary.warnings:
         click.echo(f"warning: {w}")

@@ -84,6 +84,15 @@ class Env:
     PROGRESS_SECONDS: Final = "KUBETUNE_PROGRESS_SECONDS"
 
 
+#: The most training files spec.dataset.sources mixes with spec.dataset.uri.
+MAX_DATA_SOURCES: Final = 7
+
+
+def source_role(index: int) -> str:
+    """The input role of spec.dataset.sources[index]."""
+    return f"source{index + 1}"
+
+
 #: Each input the trainer reads from a path, by role, and the variable that names the path.
 #: `kubetune.api.inputs.trainer_input_uris` maps a spec to the same roles; the operator
 #: (a path inside the pod) and `kubetune run` (a local path) both set every one present.
@@ -94,6 +103,8 @@ INPUT_ENV: Final[Mapping[str, str]] = {
     "general": Env.GENERAL_TEXT_PATH,
     "previous": Env.PREVIOUS_PATH,
     "augmentation": Env.AUGMENTATION_MODEL_PATH,
+    # spec.dataset.sources[i] (i from 0) is the role source{i+1}.
+    **{source_role(i): f"KUBETUNE_SOURCE_PATH_{i + 1}" for i in range(MAX_DATA_SOURCES)},
 }
 
 #: Who runs the early-stop policy (`KUBETUNE_STOP_POLICY`): the trainer itself (local runs)

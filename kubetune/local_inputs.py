@@ -4,28 +4,37 @@ for well-known `hf://` ids."""
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from kubetune.api import load_yaml_documents
+from kubetune.api import FineTuneJobSpec, load_yaml_documents
 
 
 class InputError(ValueError):
     """An input cannot be read locally; the message names the field and says what to do."""
 
 
-def config_maps_in(path: Path) -> dict[str, dict[str, str]]:
-    """ConfigMaps defined next to the job in its YAML file, by name."""
-    out: dict[str, dict[str, str]] = {}
+ConfigMaps = dict[str, dict[str, str | bytes]]
+
+
+def config_maps_in(path: Path) -> ConfigMaps:
+    """ConfigMaps defined next to the job in its YAML file, by name: their `data` keys as
+    text and their `binaryData` keys (base64 in the file; a Parquet file, say) as bytes."""
+    out: ConfigMaps = {}
     for doc in load_yaml_documents(path.read_text(encoding="utf-8")):
         if isinstance(doc, dict) and doc.get("kind") == "ConfigMap":
-            out[str(doc["metadata"]["name"])] = dict(doc.get("data") or {})
+            keys: dict[str, str | bytes] = {
+                str(k): base64.b64decode(str(v)) for k, v in (doc.get("binaryData") or {}).items()
+            }
+            keys.update({str(k): str(v) for k, v in (doc.get("data") or {}).items()})
+            out[str(doc["metadata"]["name"])] = keys
     return out
 
 
-def read_uri(uri: str, field: str, config_maps: dict[str, dict[str, str]]) -> tuple[bytes, str]:
+def read_uri(uri: str, field: str, config_maps: ConfigMaps) -> tuple[bytes, str]:
     """The bytes behind a data URI and a name for messages."""
     parsed = urlparse(uri)
     if parsed.scheme == "file":
@@ -35,7 +44,7 @@ def read_uri(uri: str, field: str, config_maps: dict[str, dict[str, str]]) -> tu
         except FileNotFoundError:
             raise InputError(f"{field}: {path} does not exist") from None
         except IsADirectoryError:
-            raise InputError(f"{field}: {path} is a directory; point at a .jsonl file") from None
+            raise InputError(f"{field}: {path} is a directory; point at a data file") from None
     if parsed.scheme == "configmap":
         name, key = parsed.netloc, parsed.path.lstrip("/")
         if name not in config_maps:
@@ -45,14 +54,15 @@ def read_uri(uri: str, field: str, config_maps: dict[str, dict[str, str]]) -> tu
             )
         if key not in config_maps[name]:
             raise InputError(f"{field}: ConfigMap {name!r} has no key {key!r}")
-        return config_maps[name][key].encode(), uri
+        value = config_maps[name][key]
+        return (value.encode() if isinstance(value, str) else value), uri
     raise InputError(
         f"{field}: {parsed.scheme}:// inputs cannot be read locally; use a "
         "file:// copy to plan on this machine"
     )
 
 
-def read_model_config(uri: str, config_maps: dict[str, dict[str, str]]) -> dict[str, Any]:
+def read_model_config(uri: str, config_maps: ConfigMaps) -> dict[str, Any]:
     from kubetune.planning.job import known_model_config
 
     parsed = urlparse(uri)
@@ -85,3 +95,11 @@ def read_model_config(uri: str, config_maps: dict[str, dict[str, str]]) -> dict[
     except json.JSONDecodeError as exc:
         raise InputError(f"spec.model.uri: {uri} is not valid JSON ({exc.msg})") from None
     return parsed_config
+
+
+def local_sources(spec: FineTuneJobSpec, config_maps: ConfigMaps) -> list[tuple[bytes, str]]:
+    """The files of spec.dataset.sources, read here (their bytes and a name), in order."""
+    return [
+        read_uri(source.uri, f"spec.dataset.sources[{i}].uri", config_maps)
+        for i, source in enumerate(spec.dataset.sources or ())
+    ]

@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 
 from kubetune.api.inputs import INPUT_FIELDS, trainer_input_uris
 from kubetune.api.plan import PlanDocument
-from kubetune.contract import INPUT_ENV, Env
+from kubetune.contract import INPUT_ENV, Env, source_role
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,8 @@ def prepare_local_run(
     """Plan and lay out a local run; raises click-friendly errors with their messages.
     `say` gets the progress of a first build of the built-in base model (default: stderr)."""
     from kubetune.api import job_from_yaml_file
-    from kubetune.local_inputs import config_maps_in, read_uri
+    from kubetune.data.formats import SUFFIX, file_format_of
+    from kubetune.local_inputs import config_maps_in, local_sources, read_uri
     from kubetune.planning.job import build_plan, resolve_gpu_memory
 
     job = job_from_yaml_file(job_path)
@@ -89,6 +90,7 @@ def prepare_local_run(
         if "validation" in uris
         else None
     )
+    extra = local_sources(spec, cms)
     memory = resolve_gpu_memory(local_spec, None, 80.0)
     plan = build_plan(
         local_spec,
@@ -100,6 +102,8 @@ def prepare_local_run(
         val[0] if val else None,
         val[1] if val else "",
         cpu_processes=nproc,
+        tokenizer_source=model_path,  # a built-in or hub model's local directory
+        extra_sources=extra,
     )
     _check_quantisation(plan, "GPU" if gpus else "CPU")
     out = output or _output_dir(spec, name)
@@ -115,11 +119,19 @@ def prepare_local_run(
     resolved = local_spec.model_dump(by_alias=True, exclude_none=True, mode="json")
     (config_dir / "spec.json").write_text(json.dumps(resolved, indent=2))
     (config_dir / "plan.json").write_text(json.dumps(plan.to_json(), indent=2))
-    (data_dir / "train.jsonl").write_bytes(train_bytes)
-    paths = {"model": model_path, "dataset": str(data_dir / "train.jsonl")}
+    # The copies keep their file format's extension, so the trainer reads them as the plan did.
+    ff = spec.dataset.file_format
+    train_copy = data_dir / f"train{SUFFIX[file_format_of(train_src, ff)]}"
+    train_copy.write_bytes(train_bytes)
+    paths = {"model": model_path, "dataset": str(train_copy)}
     if val:
-        (data_dir / "validation.jsonl").write_bytes(val[0])
-        paths["validation"] = str(data_dir / "validation.jsonl")
+        val_copy = data_dir / f"validation{SUFFIX[file_format_of(val[1], ff)]}"
+        val_copy.write_bytes(val[0])
+        paths["validation"] = str(val_copy)
+    for i, ((data, name), source) in enumerate(zip(extra, spec.dataset.sources or (), strict=True)):
+        copy = data_dir / f"{source_role(i)}{SUFFIX[file_format_of(name, source.file_format)]}"
+        copy.write_bytes(data)
+        paths[source_role(i)] = str(copy)
     if "general" in uris:
         general, _ = read_uri(uris["general"], INPUT_FIELDS["general"], cms)
         (data_dir / "general.txt").write_bytes(general)

@@ -19,9 +19,11 @@ from typing import Any
 from kubetune.api.plan import PlanDocument
 from kubetune.contract import (
     EXIT_CONFIG_ERROR,
+    INPUT_ENV,
     TERMINATION_LIMIT_BYTES,
     Env,
     encode_prepare_message,
+    source_role,
     termination_path,
 )
 
@@ -46,11 +48,9 @@ def read_model_config(location: str, revision: str | None = None) -> tuple[dict[
             from huggingface_hub import hf_hub_download
         except ImportError as exc:
             raise ValueError(f"{location}: reading a hub model needs huggingface_hub") from exc
-        path = Path(
-            hf_hub_download(
-                repo, "config.json", revision=revision, token=os.environ.get("HF_TOKEN") or None
-            )
-        )
+        token = os.environ.get("HF_TOKEN") or None
+        path = Path(hf_hub_download(repo, "config.json", revision=revision, token=token))
+        fetch_hub_tokenizer(repo, revision, token)
     else:
         path = Path(location)
         if path.is_dir():
@@ -68,6 +68,22 @@ def read_model_config(location: str, revision: str | None = None) -> tuple[dict[
         raise ModelConfigError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
 
 
+def fetch_hub_tokenizer(repo: str, revision: str | None, token: str | None) -> None:
+    """The tokenizer files of a hub model, into the same snapshot directory as its
+    config.json, so the plan counts tokens with them; where the model has none (or the hub
+    refuses), the plan estimates and says so."""
+    from huggingface_hub import hf_hub_download
+
+    from kubetune.data.tokens import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
+
+    for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, CHAT_TEMPLATE_FILE):
+        try:
+            hf_hub_download(repo, name, revision=revision, token=token)
+        except Exception:  # a missing file or the hub's refusal: planned without it
+            if name == TOKENIZER_FILE:
+                return
+
+
 def read_data(location: str) -> bytes:
     if location.startswith("hf://"):
         raise ValueError(
@@ -80,7 +96,7 @@ def read_data(location: str) -> bytes:
     except FileNotFoundError as exc:
         raise ValueError(f"dataset file not found: {path}") from exc
     except IsADirectoryError as exc:
-        raise ValueError(f"{path} is a directory; point the URI at a .jsonl file") from exc
+        raise ValueError(f"{path} is a directory; point the URI at a data file") from exc
 
 
 def run(env: dict[str, str]) -> dict[str, Any]:
@@ -92,6 +108,10 @@ def run(env: dict[str, str]) -> dict[str, Any]:
     train_path = env[Env.DATASET_PATH]
     val_path = env.get(Env.VALIDATION_PATH)
     gpu_memory = float(env.get(Env.GPU_MEMORY_GIB, "80"))
+    extra = []
+    for i in range(len(spec.dataset.sources or ())):
+        path = env[INPUT_ENV[source_role(i)]]
+        extra.append((read_data(path), path))
     plan = build_plan(
         spec,
         read_data(train_path),
@@ -101,6 +121,7 @@ def run(env: dict[str, str]) -> dict[str, Any]:
         (gpu_memory, f"GPU memory {gpu_memory:g} GiB as the operator resolved it"),
         read_data(val_path) if val_path else None,
         val_path or "",
+        extra_sources=extra,
     )
     return {"plan": plan.to_json()}
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Final
 
 from kubetune.api.spec import FineTuneJobSpec
+from kubetune.contract import MAX_DATA_SOURCES, source_role
 
 #: The spec field behind each role, for messages.
 INPUT_FIELDS: Final = {
@@ -16,6 +17,7 @@ INPUT_FIELDS: Final = {
     "general": "spec.dataset.generalTextUri",
     "previous": "spec.model.from",
     "augmentation": "spec.augmentation.modelUri",
+    **{source_role(i): f"spec.dataset.sources[{i}].uri" for i in range(MAX_DATA_SOURCES)},
 }
 
 
@@ -29,4 +31,6 @@ def trainer_input_uris(spec: FineTuneJobSpec) -> dict[str, str]:
         "previous": spec.model.from_,
         "augmentation": spec.augmentation.model_uri,
     }
+    for i, source in enumerate(spec.dataset.sources or ()):
+        uris[source_role(i)] = source.uri
     return {role: uri for role, uri in uris.items() if uri}

@@ -30,10 +30,13 @@ from kubetune.api._types import (
     cel_error,
     check_uri,
 )
+from kubetune.contract import MAX_DATA_SOURCES
 
 MethodType = Literal["Auto", "Full", "Partial", "LoRA", "QLoRA", "Prefix"]
 DatasetFormat = Literal["Auto", "Text", "PromptCompletion", "Chat"]
 GeneralTextSource = Literal["BaseModel", "Shipped"]
+OverlongRows = Literal["Truncate", "Drop"]
+FileFormat = Literal["Auto", "JSONL", "JSON", "CSV", "Parquet", "Text"]
 OffloadType = Literal["Auto", "None", "Optimizer", "OptimizerAndParameters"]
 RemedyMode = Literal["Auto", "On", "Off"]
 TolerationOperator = Literal["Exists", "Equal"]
@@ -68,6 +71,38 @@ class ModelSource(SpecModel):
         return check_uri(value, "model.from", OUTPUT_URI_PATTERN, OUTPUT_URI_SCHEMES)
 
 
+class DatasetColumns(SpecModel):
+    """spec.dataset.columns: which column holds each field kubetune trains on."""
+
+    prompt: Str256 | None = None
+    completion: Str256 | None = None
+    messages: Str256 | None = None
+    text: Str256 | None = None
+    system: Str256 | None = None
+
+    def mapping(self) -> dict[str, str]:
+        """Role -> column, for the roles that are set."""
+        return {k: v for k, v in self.model_dump(exclude_none=True).items() if v}
+
+
+MAX_SOURCES = MAX_DATA_SOURCES
+Weight = Annotated[float, Field(gt=0, le=100)]
+
+
+class DataSource(SpecModel):
+    """spec.dataset.sources[i]: another training file mixed with dataset.uri."""
+
+    uri: Uri
+    weight: Weight = 1.0
+    file_format: FileFormat = "Auto"
+    columns: DatasetColumns | None = None
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        return check_uri(value, "dataset.sources.uri", DATA_URI_PATTERN, DATA_URI_SCHEMES)
+
+
 class Dataset(SpecModel):
     """spec.dataset: the training data."""
 
@@ -75,9 +110,14 @@ class Dataset(SpecModel):
     validation_uri: Uri | None = None
     validation_split: Annotated[float, Field(gt=0, le=0.5)] = 0.1
     format: DatasetFormat = "Auto"
+    file_format: FileFormat = "Auto"
+    columns: DatasetColumns | None = None
+    weight: Weight = 1.0
+    sources: Annotated[list[DataSource], Field(max_length=MAX_SOURCES)] | None = None
     general_text_uri: Uri | None = None
     general_text: GeneralTextSource = "BaseModel"
     max_seq_length: Annotated[int, Field(ge=16, le=131072), WholeFloat] | None = None
+    overlong_rows: OverlongRows = "Truncate"
 
     @model_validator(mode="after")
     def _one_general_text(self) -> Self:

@@ -13,7 +13,7 @@ says so.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -36,6 +36,13 @@ class Example:
     # Chat rows keep their messages so the trainer can render them with the tokenizer's
     # chat template; `prompt` is a plain "role: content" rendering for tokenizers without.
     messages: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+    #: What `line` counts: "line" (JSONL, CSV, text) or "row" (JSON arrays, Parquet).
+    unit: str = field(default="line", compare=False)
+
+    @property
+    def where(self) -> str:
+        """Its place in the file, as errors name it: "line 3", "row 7"."""
+        return f"{self.unit} {self.line}"
 
     @property
     def text(self) -> str:
@@ -71,7 +78,9 @@ def _format_of(obj: dict[str, Any]) -> Format | None:
     return None
 
 
-def detect_format(rows: list[tuple[int, dict[str, Any]]], source: str) -> Format:
+def detect_format(
+    rows: list[tuple[int, dict[str, Any]]], source: str, unit: str = "line"
+) -> Format:
     """The format of the first row; later rows must match it."""
     if not rows:
         raise DataError(f"{source}: the dataset is empty; it needs at least one JSON line")
@@ -79,65 +88,67 @@ def detect_format(rows: list[tuple[int, dict[str, Any]]], source: str) -> Format
     fmt = _format_of(first)
     if fmt is None:
         raise DataError(
-            f"{source} line {line}: cannot tell the format; expected a 'text' field, "
+            f"{source} {unit} {line}: cannot tell the format; expected a 'text' field, "
             "'prompt' and 'completion' fields, or a 'messages' list"
         )
     return fmt
 
 
-def _str_field(obj: dict[str, Any], key: str, source: str, line: int) -> str:
+def _str_field(obj: dict[str, Any], key: str, source: str, line: int, unit: str) -> str:
     if key not in obj:
-        raise DataError(f"{source} line {line}: missing field '{key}'")
+        raise DataError(f"{source} {unit} {line}: missing field '{key}'")
     value = obj[key]
     if not isinstance(value, str):
         raise DataError(
-            f"{source} line {line}: field '{key}' must be a string, not {type(value).__name__}"
+            f"{source} {unit} {line}: field '{key}' must be a string, not {type(value).__name__}"
         )
     return value
 
 
-def _example(obj: dict[str, Any], fmt: Format, source: str, line: int) -> Example:
+def _example(
+    obj: dict[str, Any], fmt: Format, source: str, line: int, unit: str = "line"
+) -> Example:
     found = _format_of(obj)
     if found != fmt:
         raise DataError(
-            f"{source} line {line}: this row is {found or 'of no known format'} but the "
+            f"{source} {unit} {line}: this row is {found or 'of no known format'} but the "
             f"file started as {fmt}; use one format per file"
         )
     if fmt == "Text":
-        text = _str_field(obj, "text", source, line)
+        text = _str_field(obj, "text", source, line, unit)
         if not text.strip():
-            raise DataError(f"{source} line {line}: field 'text' is empty")
-        return Example(line, "", text)
+            raise DataError(f"{source} {unit} {line}: field 'text' is empty")
+        return Example(line, "", text, unit=unit)
     if fmt == "PromptCompletion":
-        prompt = _str_field(obj, "prompt", source, line)
-        completion = _str_field(obj, "completion", source, line)
+        prompt = _str_field(obj, "prompt", source, line, unit)
+        completion = _str_field(obj, "completion", source, line, unit)
         if not completion.strip():
             raise DataError(
-                f"{source} line {line}: field 'completion' is empty; "
+                f"{source} {unit} {line}: field 'completion' is empty; "
                 "there is nothing to learn from this row"
             )
-        return Example(line, prompt, completion)
+        return Example(line, prompt, completion, unit=unit)
     messages = obj["messages"]
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"{source} line {line}: 'messages' must be a non-empty list")
+        raise DataError(f"{source} {unit} {line}: 'messages' must be a non-empty list")
     parts: list[str] = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-            raise DataError(f"{source} line {line}: messages[{i}] needs a string 'content'")
+            raise DataError(f"{source} {unit} {line}: messages[{i}] needs a string 'content'")
         if m.get("role") not in _ROLES:
             raise DataError(
-                f"{source} line {line}: messages[{i}].role must be one of "
+                f"{source} {unit} {line}: messages[{i}].role must be one of "
                 f"{sorted(_ROLES)}, not {m.get('role')!r}"
             )
         parts.append(f"{m['role']}: {m['content']}\n")
     if messages[-1].get("role") != "assistant":
         raise DataError(
-            f"{source} line {line}: the last message must be the assistant's "
+            f"{source} {unit} {line}: the last message must be the assistant's "
             "reply (that is what the model learns)"
         )
     if not messages[-1]["content"].strip():  # found by fuzzing
         raise DataError(
-            f"{source} line {line}: the assistant's reply (the last message) is empty; "
+            f"{source} {unit} {line}: the assistant's reply (the last message) is empty; "
             "there is nothing to learn from this row"
         )
     return Example(
@@ -145,23 +156,27 @@ def _example(obj: dict[str, Any], fmt: Format, source: str, line: int) -> Exampl
         "".join(parts[:-1]),
         messages[-1]["content"],
         tuple((m["role"], m["content"]) for m in messages),
+        unit,
     )
 
 
-def parse_jsonl(
-    text: str | bytes, source: str, fmt: Format | None = None
-) -> tuple[Format, list[Example]]:
-    """Parse JSONL into its format and examples; raises DataError naming `source` and the
-    line. `fmt` forces a format instead of detecting it from the first row."""
-    if isinstance(text, bytes):
-        raw_bytes = text
-        try:
-            text = raw_bytes.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            line = raw_bytes[: exc.start].count(b"\n") + 1
-            raise DataError(
-                f"{source} line {line}: not valid UTF-8 (byte {exc.start}); save the file as UTF-8"
-            ) from exc
+def decode_utf8(data: str | bytes, source: str) -> str:
+    """The text of a file; bytes that are not UTF-8 are a DataError naming the line."""
+    if isinstance(data, str):
+        return data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"{source} line {line}: not valid UTF-8 (byte {exc.start}); save the file as UTF-8"
+        ) from exc
+
+
+def jsonl_rows(text: str | bytes, source: str) -> list[tuple[int, dict[str, Any]]]:
+    """The JSON objects of a JSONL text with their line numbers (blank lines skipped);
+    raises DataError naming the first bad line."""
+    text = decode_utf8(text, source)
     rows: list[tuple[int, dict[str, Any]]] = []
     # Split on "\n" only: JSON strings may hold U+2028/U+2029/U+0085 unescaped, which
     # str.splitlines() would treat as line breaks.
@@ -182,10 +197,29 @@ def parse_jsonl(
                 f"{source} line {n}: each line must be a JSON object, not {type(obj).__name__}"
             )
         rows.append((n, obj))
-    fmt = fmt or detect_format(rows, source)
+    return rows
+
+
+def examples_from_rows(
+    rows: list[tuple[int, dict[str, Any]]],
+    source: str,
+    fmt: Format | None = None,
+    unit: str = "line",
+) -> tuple[Format, list[Example]]:
+    """The format (`fmt`, or detected from the first row) and the examples of rows
+    numbered as their errors name them: `unit` "line" (text formats) or "row" (tables)."""
+    fmt = fmt or detect_format(rows, source, unit)
     if not rows:
         raise DataError(f"{source}: the dataset is empty; it needs at least one JSON line")
-    return fmt, [_example(obj, fmt, source, n) for n, obj in rows]
+    return fmt, [_example(obj, fmt, source, n, unit) for n, obj in rows]
+
+
+def parse_jsonl(
+    text: str | bytes, source: str, fmt: Format | None = None
+) -> tuple[Format, list[Example]]:
+    """Parse JSONL into its format and examples; raises DataError naming `source` and the
+    line. `fmt` forces a format instead of detecting it from the first row."""
+    return examples_from_rows(jsonl_rows(text, source), source, fmt)
 
 
 def holdout_count(examples: int, fraction: float) -> int:
@@ -197,10 +231,13 @@ def holdout_count(examples: int, fraction: float) -> int:
     return min(examples - 1, max(1, round(examples * fraction)))
 
 
-def overlong_warning(source: str, count: int, max_seq_length: int, first_line: int) -> str:
+def overlong_warning(
+    source: str, count: int, max_seq_length: int, first_at: str, estimated: bool = True
+) -> str:
+    how = "estimated; " if estimated else ""
     return (
         f"{source}: {count} examples are longer than maxSeqLength {max_seq_length} "
-        f"(estimated; the first at line {first_line}) and will be truncated"
+        f"({how}the first at {first_at}) and will be truncated"
     )
 
 
@@ -222,8 +259,12 @@ def summarize(
     fmt: Format,
     validation: Iterable[Example] = (),
     max_seq_length: int | None = None,
+    lengths: Sequence[int] | None = None,
 ) -> DatasetSummary:
-    """Counts, estimated tokens, duplicates, train/validation leakage and over-long rows."""
+    """Counts, tokens, duplicates, train/validation leakage and rows over `max_seq_length`.
+
+    `lengths` are the examples' token counts from the model's tokenizer
+    (`kubetune.data.tokens`); without them the counts are estimated from the text."""
     seen: set[str] = set()
     duplicates = 0
     for ex in train:
@@ -242,11 +283,14 @@ def summarize(
             f"{source}: every validation example also occurs in the training "
             "data, so evaluation would measure memorisation; use held-out data"
         )
-    tokens = [estimate_tokens(ex.text) for ex in train]
+    estimated = lengths is None
+    tokens = [estimate_tokens(ex.text) for ex in train] if lengths is None else list(lengths)
+    if len(tokens) != len(train):
+        raise ValueError(f"{len(tokens)} token counts for {len(train)} examples")
     limit = max_seq_length or 0
-    overlong_lines = [ex.line for ex, t in zip(train, tokens, strict=True) if limit and t > limit]
-    overlong = len(overlong_lines)
-    first_overlong = overlong_lines[0] if overlong_lines else 0
+    overlong_at = [ex.where for ex, t in zip(train, tokens, strict=True) if limit and t > limit]
+    overlong = len(overlong_at)
+    first_overlong = overlong_at[0] if overlong_at else ""
     warnings: list[str] = []
     duplicate_warnings = (
         [
@@ -260,13 +304,15 @@ def summarize(
     if leakage:
         warnings.append(leakage_warning(leakage, len(val)))
     if overlong:
-        warnings.append(overlong_warning(source, overlong, max_seq_length or 0, first_overlong))
+        warnings.append(
+            overlong_warning(source, overlong, max_seq_length or 0, first_overlong, estimated)
+        )
     return DatasetSummary(
         format=fmt,
         example_count=len(train),
         token_count=sum(tokens),
         max_tokens=max(tokens),
-        tokens_estimated=True,
+        tokens_estimated=estimated,
         validation_count=len(val),
         duplicate_count=duplicates,
         leakage_count=leakage,

@@ -41,9 +41,16 @@ from kubetune.planning.thresholds import (
 Hyperparameters = HyperparametersPlan
 
 
+def sequence_cap(arch: ModelArch, request: PlanRequest) -> int:
+    """The longest sequence a plan may have: the model's positions, the requested
+    ``maxSeqLength`` or the default, whichever is least. Examples longer than this are the
+    ones the trainer would truncate."""
+    return min(arch.max_positions, request.max_seq_length or DEFAULT_MAX_SEQ_LENGTH)
+
+
 def sequence_length(dataset: DatasetStats, arch: ModelArch, request: PlanRequest) -> int:
     """The longest example rounded up to a multiple of 64, capped by the model and request."""
-    cap = min(arch.max_positions, request.max_seq_length or DEFAULT_MAX_SEQ_LENGTH)
+    cap = sequence_cap(arch, request)
     aligned = math.ceil(dataset.max_tokens / SEQ_ALIGN) * SEQ_ALIGN
     return max(1, min(cap, aligned))
 

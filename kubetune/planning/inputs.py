@@ -20,6 +20,7 @@ class DatasetStats:
     repeated training examples, ``leakage_count`` validation examples that also occur in
     training, ``overlong_count`` examples longer than the length limit the data step used.
     ``tokens_estimated`` is true when tokens were estimated from the text (no tokenizer).
+    ``overlong_example`` names the first over-long example (its source line and length).
     """
 
     example_count: int
@@ -30,6 +31,9 @@ class DatasetStats:
     leakage_count: int = 0
     overlong_count: int = 0
     tokens_estimated: bool = False
+    overlong_example: str = ""
+    estimate_reason: str = ""
+    """Why the tokens were estimated (no tokenizer, and where it was looked for)."""
 
     def __post_init__(self) -> None:
         if self.example_count < 1:

@@ -10,7 +10,8 @@ weights (``model_arch_with_weights``: a few kilobytes per file, never the weight
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,18 @@ from urllib.parse import urlparse
 
 from kubetune.api.plan import Alternative, AlternativeWhen, Decision, PlanDocument
 from kubetune.api.spec import FineTuneJobSpec
-from kubetune.data import DataError, holdout_count, parse_jsonl, summarize
-from kubetune.data.stats import plan_warnings
+from kubetune.data import DataError, Example, summarize
+from kubetune.data.formats import read_dataset
+from kubetune.data.mixture import Source, training_rows
+from kubetune.data.stats import Format, plan_warnings
+from kubetune.data.tokens import (
+    TOKENIZER_FILE,
+    ModelTokenizer,
+    estimated_lengths,
+    find_tokenizer,
+)
 from kubetune.planning import bundled_architectures
-from kubetune.planning.hyperparameters import training_steps
+from kubetune.planning.hyperparameters import sequence_cap, training_steps
 from kubetune.planning.inputs import DatasetStats, PlanRequest, Resources
 from kubetune.planning.memory import Offload
 from kubetune.planning.methods import Method, lora_targets, partial_layer_count
@@ -219,6 +228,41 @@ def model_arch_with_weights(model_config: dict[str, Any], model_source: str) -> 
     return arch if counts is None else with_weight_counts(arch, counts)
 
 
+DataInput = str | bytes | Path
+
+
+def read_job_data(
+    spec: FineTuneJobSpec,
+    train: DataInput,
+    train_source: str,
+    validation: DataInput | None = None,
+    validation_source: str = "",
+    extra_sources: Sequence[tuple[DataInput, str]] = (),
+) -> tuple[Format, list[Source], list[Example] | None]:
+    """The row format, the training files (spec.dataset.uri, then each of
+    spec.dataset.sources, given in `extra_sources` as their data and name) with their
+    weights, and the validation rows (None without a validation file), read as spec.dataset
+    says (fileFormat, format, columns); DataError names the file and the row."""
+    ds = spec.dataset
+    forced = None if ds.format == "Auto" else ds.format
+    columns = ds.columns.mapping() if ds.columns else None
+    fmt, examples = read_dataset(train, train_source, ds.file_format, forced, columns)
+    sources = [Source(train_source, examples, ds.weight)]
+    specs = ds.sources or []
+    if len(extra_sources) != len(specs):
+        raise ValueError(f"{len(extra_sources)} source files for {len(specs)} dataset.sources")
+    for (data, name), extra in zip(extra_sources, specs, strict=True):
+        mapping = extra.columns.mapping() if extra.columns else None
+        _, rows = read_dataset(data, name, extra.file_format, fmt, mapping)
+        sources.append(Source(name, rows, extra.weight))
+    held = (
+        read_dataset(validation, validation_source, ds.file_format, fmt, columns)[1]
+        if validation is not None
+        else None
+    )
+    return fmt, sources, held
+
+
 def build_plan(
     spec: FineTuneJobSpec,
     train_text: str | bytes,
@@ -229,40 +273,89 @@ def build_plan(
     validation_text: str | bytes | None = None,
     validation_source: str = "",
     cpu_processes: int = 1,
+    tokenizer_source: str | None = None,
+    extra_sources: Sequence[tuple[DataInput, str]] = (),
 ) -> PlanDocument:
     """Validate the data, summarise it and plan. Raises DataError / ModelConfigError /
     ValueError with messages that name the source. `cpu_processes` is the number of
-    training processes per node when `gpusPerNode` is 0 (local CPU runs)."""
-    forced = None if spec.dataset.format == "Auto" else spec.dataset.format
-    fmt, train = parse_jsonl(train_text, train_source, forced)
-    validation = (
-        parse_jsonl(validation_text, validation_source, fmt)[1]
-        if validation_text is not None
-        else []
-    )
-    summary = summarize(train, train_source, fmt, validation, spec.dataset.max_seq_length)
-    held_out = (
-        0 if validation else holdout_count(summary.example_count, spec.dataset.validation_split)
-    )
-    train_count = summary.example_count - held_out
-    if train_count < 1:
-        raise DataError(
-            f"{train_source}: {summary.example_count} example(s) leave nothing to "
-            "train on after the validation split; add data or set "
-            "spec.dataset.validationUri"
-        )
-    share = train_count / summary.example_count
-    stats = DatasetStats(
-        example_count=train_count,
-        token_count=max(train_count, round(summary.token_count * share)),
-        max_tokens=summary.max_tokens,
-        validation_count=len(validation) or held_out,
-        duplicate_count=summary.duplicate_count,
-        leakage_count=summary.leakage_count,
-        overlong_count=summary.overlong_count,
-        tokens_estimated=summary.tokens_estimated,
+    training processes per node when `gpusPerNode` is 0 (local CPU runs).
+
+    Tokens are counted with the tokenizer in `tokenizer_source` (default `model_source`)
+    when it is a local model directory with a tokenizer.json, else estimated; examples
+    longer than the sequence length cap are truncated (with a warning) or left out, as
+    spec.dataset.overlongRows says. `extra_sources` are the files of spec.dataset.sources
+    (their data and name, in its order), mixed with the first as their weights say."""
+    fmt, sources, validation = read_job_data(
+        spec, train_text, train_source, validation_text, validation_source, extra_sources
     )
     arch = model_arch_with_weights(model_config, model_source)
+    request = plan_request(spec)
+    tokenizer, no_tokenizer = find_tokenizer(tokenizer_source or model_source)
+    length: dict[int, int] = {}  # by id(example): each example's tokens
+    for name, examples in [(s.name, s.examples) for s in sources] + [
+        (validation_source, validation or [])
+    ]:
+        length.update(zip(map(id, examples), _lengths(tokenizer, examples, name), strict=True))
+    cap = sequence_cap(arch, request)
+    overlong = [(s.name, ex) for s in sources for ex in s.examples if length[id(ex)] > cap]
+    dropping = spec.dataset.overlong_rows == "Drop"
+    if dropping and overlong:
+        sources = [
+            replace(s, examples=[ex for ex in s.examples if length[id(ex)] <= cap]) for s in sources
+        ]
+        if not any(s.examples for s in sources):
+            raise DataError(
+                f"{train_source}: all {len(overlong)} examples are longer than the sequence "
+                f"length cap of {cap:,} tokens, so spec.dataset.overlongRows: Drop leaves "
+                "nothing to train on; raise spec.dataset.maxSeqLength or shorten the rows"
+            )
+        if validation is not None:
+            validation = [ex for ex in validation if length[id(ex)] <= cap]
+    pooled = [ex for s in sources for ex in s.examples]
+    summary = summarize(
+        pooled,
+        train_source,
+        fmt,
+        validation or [],
+        None,
+        [length[id(ex)] for ex in pooled] if tokenizer is not None else None,
+    )
+    train, held = training_rows(
+        sources, validation, spec.dataset.validation_split, int(spec.hyperparameters.seed)
+    )
+    if not train:
+        raise DataError(
+            f"{train_source}: {summary.example_count} example(s) leave nothing to "
+            "train on after the validation split and the weights; add data or set "
+            "spec.dataset.validationUri"
+        )
+    first_overlong = _overlong_example(overlong, length) if overlong else ""
+    stats = DatasetStats(
+        example_count=len(train),
+        # What the trainer trains on: an over-long row truncated to the cap it is planned at.
+        token_count=sum(min(length[id(ex)], cap) for ex in train),
+        max_tokens=summary.max_tokens,
+        validation_count=len(held),
+        duplicate_count=summary.duplicate_count,
+        leakage_count=summary.leakage_count,
+        overlong_count=0 if dropping else len(overlong),
+        tokens_estimated=summary.tokens_estimated,
+        overlong_example=first_overlong,
+        estimate_reason=no_tokenizer,
+    )
+    data_decisions = [] if tokenizer is None else [_tokens_decision(tokenizer, fmt)]
+    if len(sources) > 1:
+        data_decisions.append(_mixture_decision(sources, train))
+    dropped_warning = ""
+    if dropping and overlong:
+        dropped_warning = (
+            f"{len(overlong):,} examples longer than the sequence length cap of {cap:,} "
+            f"tokens were left out (spec.dataset.overlongRows: Drop); the first: "
+            f"{first_overlong}."
+        )
+        data_decisions.append(
+            Decision(key="data.overlong", value=str(len(overlong)), sentence=dropped_warning)
+        )
     gpus = int(spec.resources.gpus_per_node)
     resources = Resources(
         gpus_per_node=gpus if gpus > 0 else max(1, cpu_processes),
@@ -271,7 +364,6 @@ def build_plan(
         cpu_memory_gib=host_memory_gib(spec) if gpus > 0 else None,
         accelerator="GPU" if gpus > 0 else "CPU",
     )
-    request = plan_request(spec)
     check_method_settings(request, arch)
     planned = make_plan(stats, arch, resources, request)
     alternative, why = method_alternative(stats, arch, resources, request, planned)
@@ -279,6 +371,7 @@ def build_plan(
         # An incremental update continues the previous output's method as it is.
         alternative, why = None, None
     plan = _finish(planned.to_document(), spec, summary, stats, resources, gpu_memory[1])
+    plan = _with_data_decisions(plan, data_decisions, dropped_warning)
     if arch.notes:
         plan = plan.with_decision(
             Decision(key="model.shapes", sentence="; ".join(arch.notes) + "."), after="gpuMemory"
@@ -289,6 +382,7 @@ def build_plan(
             # The alternative's method decision is the planned one's and the evidence rule
             # (not "Full was requested").
             alt = _finish(alternative.to_document(), spec, summary, stats, resources, gpu_memory[1])
+            alt = _with_data_decisions(alt, data_decisions, dropped_warning)
             by_size = plan.decision("method")
             if by_size is not None:
                 alt = alt.with_decision(by_size)
@@ -302,6 +396,57 @@ def build_plan(
                 }
             )
         plan = plan.with_decision(evidence, after="method")
+    return plan
+
+
+def _lengths(tokenizer: ModelTokenizer | None, examples: list[Example], source: str) -> list[int]:
+    if tokenizer is None:
+        return estimated_lengths(examples)
+    return tokenizer.example_lengths(examples, source)
+
+
+def _overlong_example(overlong: list[tuple[str, Example]], length: dict[int, int]) -> str:
+    source, example = overlong[0]
+    text = " ".join(example.text.split())
+    preview = text if len(text) <= 60 else text[:57] + "..."
+    return f"{source} {example.where}, {length[id(example)]:,} tokens: {preview!r}"
+
+
+def _mixture_decision(sources: list[Source], train: list[Example]) -> Decision:
+    """What each file adds to the training rows (short: it travels in the prepare pod's
+    termination message)."""
+    parts = []
+    ids = [{id(ex) for ex in s.examples} for s in sources]
+    for s, mine in zip(sources, ids, strict=True):
+        used = sum(1 for ex in train if id(ex) in mine)
+        parts.append(f"{s.name} x{s.weight:g}: {used:,}")
+    return Decision(
+        key="data.mixture",
+        value=str(len(sources)),
+        sentence=f"Training rows by file (weight: rows): {'; '.join(parts)}.",
+    )
+
+
+def _tokens_decision(tokenizer: ModelTokenizer, fmt: str) -> Decision:
+    """The token counts came from the model's tokenizer (short: the decision travels in the
+    prepare pod's 4 KiB termination message)."""
+    chat = ""
+    if fmt == "Chat":
+        chat = " and its chat template" if tokenizer.chat_template else " (no chat template)"
+    return Decision(
+        key="data.tokens",
+        value="tokenizer",
+        sentence=f"Tokens counted with the model's {TOKENIZER_FILE}{chat}.",
+    )
+
+
+def _with_data_decisions(
+    plan: PlanDocument, decisions: list[Decision], warning: str
+) -> PlanDocument:
+    for decision in reversed(decisions):
+        plan = plan.with_decision(decision, after="data")
+    if warning:
+        plan = plan.model_copy(update={"warnings": [*plan.warnings, warning]})
     return plan
 
 

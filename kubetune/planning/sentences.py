@@ -53,18 +53,22 @@ def data_warnings(dataset: DatasetStats, seq_len: int) -> list[str]:
             "evaluation loss will look better than it is and early stopping will act late."
         )
     if dataset.overlong_count:
+        first = f" (the first: {dataset.overlong_example})" if dataset.overlong_example else ""
         warnings.append(
-            f"{dataset.overlong_count:,} examples are longer than the length limit and will "
-            "be truncated."
+            f"{dataset.overlong_count:,} of {n:,} training examples are longer than the "
+            f"planned sequence length of {seq_len:,} tokens and will be truncated, cutting "
+            f"their completions{first}; set spec.dataset.overlongRows: Drop to leave them out "
+            "or raise spec.dataset.maxSeqLength."
         )
-    if dataset.max_tokens > seq_len:
+    elif dataset.max_tokens > seq_len:
         warnings.append(
             f"The longest example has {dataset.max_tokens:,} tokens, more than the planned "
             f"sequence length of {seq_len:,}: longer examples are truncated."
         )
     if dataset.tokens_estimated:
         warnings.append(
-            "Token counts are estimated from the text (no tokenizer was available): sequence "
+            "Token counts are estimated from the text "
+            f"({dataset.estimate_reason or 'no tokenizer was available'}): sequence "
             "length, steps and memory may be off; plan again with the tokenizer to be sure."
         )
     return warnings

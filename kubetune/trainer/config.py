@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from kubetune.api.plan import HyperparametersPlan, PlanDocument
-from kubetune.contract import Env, termination_path
+from kubetune.contract import INPUT_ENV, Env, source_role, termination_path
 
 
 class TrainerConfigError(ValueError):
@@ -27,6 +27,8 @@ class TrainerConfig:
     dataset: str
     output: Path
     validation: str | None = None
+    #: The files of spec.dataset.sources (their paths, in its order).
+    sources: tuple[str, ...] = ()
     general_text: str | None = None
     metrics_port: int = 0
     control_token: str | None = None
@@ -95,6 +97,10 @@ def load_config(config_dir: Path | None, env: dict[str, str] | None = None) -> T
         model=need(Env.MODEL_PATH),
         dataset=need(Env.DATASET_PATH),
         validation=env.get(Env.VALIDATION_PATH) or None,
+        sources=tuple(
+            need(INPUT_ENV[source_role(i)])
+            for i in range(len((spec.get("dataset") or {}).get("sources") or []))
+        ),
         general_text=env.get(Env.GENERAL_TEXT_PATH) or None,
         output=Path(output),
         metrics_port=int(env.get(Env.METRICS_PORT) or 0),

@@ -3,12 +3,16 @@ a deterministic held-out split, and a padding collator."""
 
 from __future__ import annotations
 
-import random
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kubetune.data import Example, holdout_count, parse_jsonl
+from kubetune.data import Example
+from kubetune.data.formats import read_dataset
+from kubetune.data.mixture import Source, split_holdout, training_rows
+
+__all__ = ["Source", "split_holdout", "training_rows"]
 
 IGNORE_INDEX = -100
 #: One tokenised row: input_ids, labels (and, for token weights, weights).
@@ -34,25 +38,47 @@ def hub_dataset_file(uri: str) -> Path:
     )
 
 
-def read_examples(location: str, fmt: str | None) -> tuple[str, list[Example]]:
+def read_examples(
+    location: str,
+    fmt: str | None,
+    file_format: str | None = None,
+    columns: Mapping[str, str] | None = None,
+) -> tuple[str, list[Example]]:
     """Examples from a local file (PVC and ConfigMap volumes are files too) or a hub
-    dataset (`hf://`)."""
+    dataset (`hf://`), read as the planner read them (`kubetune.data.formats`: the file
+    format by `file_format` or the extension, the column mapping)."""
     path = hub_dataset_file(location) if location.startswith("hf://") else Path(location)
-    return parse_jsonl(path.read_bytes(), location, fmt)  # type: ignore[arg-type]
+    return read_dataset(path, location, file_format, fmt, columns)  # type: ignore[arg-type]
 
 
-def split_holdout(
-    examples: list[Example], fraction: float, seed: int
-) -> tuple[list[Example], list[Example]]:
-    """A deterministic held-out split (`holdout_count`: at least one example each side)."""
-    n_val = holdout_count(len(examples), fraction)
-    if n_val == 0:
-        return examples, []
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    val = sorted(order[:n_val])
-    keep = sorted(order[n_val:])
-    return [examples[i] for i in keep], [examples[i] for i in val]
+def spec_data_options(spec: Mapping[str, Any]) -> tuple[str | None, str, dict[str, str]]:
+    """The forced row format (None for Auto), the file format and the column mapping of a
+    spec as the trainer reads it (plain JSON)."""
+    dataset = spec.get("dataset") or {}
+    forced = dataset.get("format", "Auto")
+    columns = {k: str(v) for k, v in (dataset.get("columns") or {}).items() if v}
+    return (None if forced == "Auto" else forced), dataset.get("fileFormat", "Auto"), columns
+
+
+def read_sources(
+    spec: Mapping[str, Any], dataset: str, sources: Sequence[str], validation: str | None
+) -> tuple[str, list[Source], list[Example] | None]:
+    """The row format, the training files (dataset.uri's at `dataset`, then each of
+    dataset.sources at `sources`) with their weights and the validation rows (None without
+    a validation file), read as the planner reads them (`planning.job.read_job_data`)."""
+    forced, file_format, columns = spec_data_options(spec)
+    ds = spec.get("dataset") or {}
+    fmt, examples = read_examples(dataset, forced, file_format, columns)
+    out = [Source(dataset, examples, float(ds.get("weight", 1.0)))]
+    specs = list(ds.get("sources") or [])
+    if len(specs) != len(sources):
+        raise ValueError(f"{len(sources)} source files for {len(specs)} spec.dataset.sources")
+    for path, extra in zip(sources, specs, strict=True):
+        mapping = {k: str(v) for k, v in (extra.get("columns") or {}).items() if v}
+        _, rows = read_examples(path, fmt, extra.get("fileFormat", "Auto"), mapping)
+        out.append(Source(path, rows, float(extra.get("weight", 1.0))))
+    held = read_examples(validation, fmt, file_format, columns)[1] if validation else None
+    return fmt, out, held
 
 
 def encode(example: Example, tokenizer: Any, max_length: int) -> dict[str, list[int]]:
@@ -75,6 +101,24 @@ def encode(example: Example, tokenizer: Any, max_length: int) -> dict[str, list[
     ids = (bos + prompt + target)[:max_length]
     labels = ([IGNORE_INDEX] * (len(bos) + len(prompt)) + target)[:max_length]
     return {"input_ids": ids, "labels": labels}
+
+
+def encoded_length(example: Example, tokenizer: Any) -> int:
+    """The example's length in tokens before truncation (what the planner counts with
+    `kubetune.data.tokens`)."""
+    return len(encode(example, tokenizer, max_length=2**62)["input_ids"])
+
+
+def drop_overlong(
+    examples: list[Example], tokenizer: Any, max_length: int
+) -> tuple[list[Example], list[Example]]:
+    """The examples that fit in `max_length` tokens, and those left out
+    (`spec.dataset.overlongRows: Drop`)."""
+    kept: list[Example] = []
+    dropped: list[Example] = []
+    for ex in examples:
+        (kept if encoded_length(ex, tokenizer) <= max_length else dropped).append(ex)
+    return kept, dropped
 
 
 class TokenizedDataset:

@@ -28,14 +28,11 @@ def precheck() -> str | None:
     """The configuration or data error that would stop every rank, or None."""
     from kubetune.data import DataError
     from kubetune.trainer.config import TrainerConfigError, load_config
-    from kubetune.trainer.data import read_examples
+    from kubetune.trainer.data import read_sources
 
     try:
         cfg = load_config(None)
-        forced = (cfg.spec.get("dataset") or {}).get("format", "Auto")
-        fmt, _ = read_examples(cfg.dataset, None if forced == "Auto" else forced)
-        if cfg.validation:
-            read_examples(cfg.validation, fmt)
+        read_sources(cfg.spec, cfg.dataset, cfg.sources, cfg.validation)
     except (TrainerConfigError, DataError, OSError, ValueError) as exc:
         return str(exc)
     return None

@@ -5,7 +5,7 @@ run a plain HF Trainer with exactly the same settings and inputs."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +121,12 @@ def load_inputs(cfg: TrainerConfig) -> RunInputs:
     import torch
 
     from kubetune.data import DataError
-    from kubetune.trainer.data import TokenizedDataset, read_examples, split_holdout
+    from kubetune.trainer.data import (
+        TokenizedDataset,
+        drop_overlong,
+        read_sources,
+        training_rows,
+    )
     from kubetune.trainer.model import (
         apply_method,
         compute_dtype,
@@ -134,17 +139,10 @@ def load_inputs(cfg: TrainerConfig) -> RunInputs:
     from kubetune.trainer.startup import choose_method_for_run
 
     plan, hp = cfg.plan, cfg.hyperparameters
-    forced = (cfg.spec.get("dataset") or {}).get("format", "Auto")
     try:
         # Detected again when Auto (not taken from the plan's datasetFormat): data that
         # changed since planning is then reported against its own first row.
-        fmt, examples = read_examples(cfg.dataset, None if forced == "Auto" else forced)
-        if cfg.validation:
-            _, val_examples = read_examples(cfg.validation, fmt)
-            train_examples = examples
-        else:
-            split = float((cfg.spec.get("dataset") or {}).get("validationSplit", 0.1))
-            train_examples, val_examples = split_holdout(examples, split, cfg.seed)
+        _, sources, validation = read_sources(cfg.spec, cfg.dataset, cfg.sources, cfg.validation)
     except (DataError, OSError, ValueError) as exc:
         raise TrainerConfigError(str(exc)) from exc
     location, revision = model_location(cfg.model)
@@ -152,6 +150,21 @@ def load_inputs(cfg: TrainerConfig) -> RunInputs:
         revision = (cfg.spec.get("model") or {}).get("revision") or revision
     tokenizer = load_tokenizer(location, revision)
     seq_len = hp.sequence_length
+    dataset_spec = cfg.spec.get("dataset") or {}
+    if dataset_spec.get("overlongRows") == "Drop":
+        # As the plan did: before the split, so both count the same rows.
+        sources = [
+            replace(s, examples=drop_overlong(s.examples, tokenizer, seq_len)[0]) for s in sources
+        ]
+        if validation is not None:
+            validation = drop_overlong(validation, tokenizer, seq_len)[0]
+        if not any(s.examples for s in sources):
+            raise TrainerConfigError(
+                f"{cfg.dataset}: every example is longer than {seq_len} tokens and "
+                "spec.dataset.overlongRows is Drop"
+            )
+    split = float(dataset_spec.get("validationSplit", 0.1))
+    train_examples, val_examples = training_rows(sources, validation, split, cfg.seed)
     cuda = torch.cuda.is_available()
     bf16 = bool(cuda and torch.cuda.is_bf16_supported())
     low = load_in_bf16(plan, bf16)

@@ -47,6 +47,7 @@ def make_run(tiny_model: Path, tmp_path: Path) -> MakeRun:
     tiny Llama (or the model directory `model`), with
     hyperparameters overridden where a test needs a short, fast-learning run."""
     from kubetune.api import parse_job
+    from kubetune.contract import INPUT_ENV, source_role
     from kubetune.planning.job import build_plan
 
     def make(
@@ -60,12 +61,18 @@ def make_run(tiny_model: Path, tmp_path: Path) -> MakeRun:
         spec_extra: dict[str, Any] | None = None,
         model: Path | None = None,
         lora: dict[str, Any] | None = None,
+        data_file: tuple[str, bytes] | None = None,
+        source_files: list[tuple[str, bytes]] | None = None,
     ) -> Run:
         model_dir = model or tiny_model
-        train = tmp_path / "train.jsonl"
-        train.write_text(
-            data if data is not None else "\n".join(json.dumps(r) for r in tiny_rows(rows))
-        )
+        if data_file is not None:  # another file format: its name and bytes
+            train = tmp_path / data_file[0]
+            train.write_bytes(data_file[1])
+        else:
+            train = tmp_path / "train.jsonl"
+            train.write_text(
+                data if data is not None else "\n".join(json.dumps(r) for r in tiny_rows(rows))
+            )
         spec_dict: dict[str, Any] = {
             "model": {"uri": f"file://{model_dir}"},
             "dataset": {"uri": f"file://{train}"},
@@ -99,6 +106,10 @@ def make_run(tiny_model: Path, tmp_path: Path) -> MakeRun:
             }
         ).spec
         config = json.loads((model_dir / "config.json").read_text())
+        extra = []  # spec.dataset.sources' files (the spec names them), as the operator mounts them
+        for name, content in source_files or []:
+            (tmp_path / name).write_bytes(content)
+            extra.append((content, str(tmp_path / name)))
         plan = build_plan(
             spec,
             train.read_bytes(),
@@ -107,6 +118,7 @@ def make_run(tiny_model: Path, tmp_path: Path) -> MakeRun:
             str(model_dir),
             (8.0, "test"),
             cpu_processes=nproc,
+            extra_sources=extra,
         ).to_json()
         plan.setdefault("hyperparameters", {}).update(hp or {})
         out = tmp_path / "out"
@@ -128,6 +140,7 @@ def make_run(tiny_model: Path, tmp_path: Path) -> MakeRun:
             "DS_ACCELERATOR": "cpu",
             "OMP_NUM_THREADS": "1",
             "TOKENIZERS_PARALLELISM": "false",
+            **{INPUT_ENV[source_role(i)]: path for i, (_, path) in enumerate(extra)},
         }
         from kubetune.local_run import trainer_command
 

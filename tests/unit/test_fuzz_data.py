@@ -129,3 +129,77 @@ def test_deeply_nested_json_is_a_data_error_not_a_crash(depth: int) -> None:
     if depth == 100_000:
         with pytest.raises(DataError, match=r"line 2: JSON nested too deeply"):
             parse_jsonl('{"text": "a"}\n' + "[" * depth + "]" * depth, SOURCE)
+
+
+# ---- the same through the datasets library (kubetune.data.formats) ------------------------------
+
+FUZZ_FILES = settings(
+    max_examples=max(10, int(os.environ.get("KUBETUNE_FUZZ_EXAMPLES", "150")) // 4),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+def _check_file(data: bytes, source: str, unit: str, count: int) -> None:
+    """Examples, or a DataError that starts with the source and names a row or line that
+    exists (`count` of them); never another exception."""
+    from kubetune.data.formats import read_dataset
+
+    try:
+        found, examples = read_dataset(data, source)
+    except DataError as exc:
+        message = str(exc)
+        assert message.startswith(source), message
+        m = re.match(re.escape(source) + r" (line|row) (\d+):", message)
+        if m:
+            assert 1 <= int(m.group(2)) <= count, message
+        return
+    assert examples
+    assert found in ("Text", "PromptCompletion", "Chat")
+    for ex in examples:
+        assert ex.unit == unit
+        assert 1 <= ex.line <= count
+        assert ex.target.strip()
+
+
+@FUZZ_FILES
+@given(st.lists(ROW, max_size=6), LINE_ENDS)
+def test_jsonl_files_read_or_raise_a_data_error(rows: list[Any], end: str) -> None:
+    text = end.join(json.dumps(r, ensure_ascii=False) for r in rows)
+    _check_file(text.encode(), "configmap://d/train.jsonl", "line", text.count("\n") + 1)
+
+
+@FUZZ_FILES
+@given(st.binary(max_size=200), st.sampled_from(["jsonl", "json", "csv", "txt"]))
+def test_arbitrary_bytes_in_any_text_format_raise_a_data_error(data: bytes, ext: str) -> None:
+    # Plain text is read with universal newlines: a lone "\r" ends a line too.
+    lines = data.count(b"\n") + (data.count(b"\r") if ext in ("txt", "csv") else 0) + 1
+    _check_file(data, f"d.{ext}", "row" if ext == "json" else "line", lines)
+
+
+@FUZZ_FILES
+@given(st.lists(ROW, max_size=6))
+def test_json_arrays_read_or_raise_a_data_error(rows: list[Any]) -> None:
+    text = json.dumps(rows, ensure_ascii=False, indent=1)
+    # Errors of the json module name a line; rows are counted from 1.
+    _check_file(text.encode(), "d.json", "row", max(len(rows), text.count("\n") + 1))
+
+
+CELL = st.text(max_size=12) | st.sampled_from(["", " ", "NA", "null", "007", "1e5", '"', "\n"])
+
+
+@FUZZ_FILES
+@given(
+    st.lists(st.sampled_from(["prompt", "completion", "text", "x"]), min_size=1, max_size=3),
+    st.lists(st.lists(CELL, min_size=3, max_size=3), max_size=5),
+)
+def test_csv_files_read_or_raise_a_data_error(header: list[str], cells: list[list[str]]) -> None:
+    import csv
+    import io
+
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows([row[: len(header)] for row in cells])
+    text = out.getvalue()
+    _check_file(text.encode(), "d.csv", "line", text.count("\n") + 1)

@@ -540,3 +540,35 @@ def test_the_operator_stops_a_run_on_the_probe_rules_from_rank_0s_evaluations(
             assert "2 probed evaluation(s) in a row" in server.stop_message
     finally:
         server.close()
+
+
+def test_a_configmap_job_with_a_weighted_csv_source_is_planned_in_process() -> None:
+    kube = FakeKube()
+    config_map, job = yaml.safe_load_all((EXAMPLES / "configmap-dataset.yaml").read_text())
+    data = dict(config_map["data"])
+    data["extra.csv"] = "question,answer\n" + "".join(
+        f'"Extra question {i}?","Extra answer {i}."\n' for i in range(10)
+    )
+    kube.config_maps[("ns", config_map["metadata"]["name"])] = data
+    cm = config_map["metadata"]["name"]
+    job["spec"]["dataset"]["sources"] = [
+        {
+            "uri": f"configmap://{cm}/extra.csv",
+            "weight": 2,
+            "columns": {"prompt": "question", "completion": "answer"},
+        }
+    ]
+    name = kube.add_ftj(job)["metadata"]["name"]
+    rec, _ = reconciler(kube)
+    assert rec.reconcile("ns", name) == "training"
+    plan = kube.ftjs[("ns", name)]["status"]["plan"]
+    mixture = next(d for d in plan["decisions"] if d["key"] == "data.mixture")
+    assert f"configmap://{cm}/extra.csv x2: " in mixture["sentence"]
+    # 30 rows, 6 held out (validationSplit 0.2); the CSV's remaining rows twice.
+    assert 20 + 20 - 6 * 2 <= plan["exampleCount"] <= 20 + 20 - 6
+    assert plan["exampleCount"] != 30 - 6  # the weight counts
+    pod = kube.objects[("Job", "ns", f"{name}-train")]["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["KUBETUNE_SOURCE_PATH_1"].endswith("/extra.csv")
+    mounts = [m["mountPath"] for m in pod["containers"][0]["volumeMounts"]]
+    assert any(env["KUBETUNE_SOURCE_PATH_1"].startswith(m + "/") for m in mounts)

@@ -333,3 +333,49 @@ def test_main_unreadable_model_config_is_a_model_config_error(
     set_env(monkeypatch, base_env(model_dir, dataset), message)
     assert prepare.main() == 78
     assert json.loads(message.read_text())["reason"] == "ModelConfigError"
+
+
+# ---- the tokenizer ------------------------------------------------------------------------------
+
+
+def test_a_pvc_model_with_its_tokenizer_is_counted_exactly(model_dir: Path, dataset: Path) -> None:
+    from tests.unit.test_data_tokens import WORDS, word_level
+
+    assert prepare.run(base_env(model_dir, dataset))["plan"]["tokenCountEstimated"] is True
+    word_level(model_dir, WORDS)
+    plan = prepare.run(base_env(model_dir, dataset))["plan"]
+    assert plan["tokenCountEstimated"] is False
+    assert any(d["key"] == "data.tokens" for d in plan["decisions"])
+
+
+@pytest.mark.parametrize("with_tokenizer", [True, False])
+def test_a_hub_model_tokenizer_comes_through_the_hub_cache(
+    tmp_path: Path, dataset: Path, monkeypatch: pytest.MonkeyPatch, with_tokenizer: bool
+) -> None:
+    """Offline, against the hub cache layout: the config and, where the repository has
+    them, the tokenizer files; without them the plan estimates and says so."""
+    import importlib
+
+    import huggingface_hub.constants
+
+    from tests.unit.test_data_tokens import WORDS, word_level
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--acme--chatty"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    shutil.copy(bundled_architectures()["qwen2-0.5b"], snap / "config.json")
+    if with_tokenizer:
+        word_level(snap, WORDS)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    importlib.reload(huggingface_hub.constants)
+    try:
+        plan = prepare.run(base_env(snap, dataset, KUBETUNE_MODEL_PATH="hf://acme/chatty"))["plan"]
+    finally:
+        monkeypatch.undo()
+        importlib.reload(huggingface_hub.constants)
+    assert plan["tokenCountEstimated"] is (not with_tokenizer)

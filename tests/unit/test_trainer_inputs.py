@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from kubetune.api.inputs import INPUT_FIELDS, trainer_input_uris
-from kubetune.contract import INPUT_ENV, Env
+from kubetune.contract import INPUT_ENV, MAX_DATA_SOURCES, Env
 from kubetune.local_run import prepare_local_run
 from kubetune.operator import builders
 from kubetune.operator.settings import OperatorSettings
@@ -47,12 +47,30 @@ def _every_input(root: Path) -> dict[str, Any]:
         ("general.txt", "Some text."),
     ):
         (root / name).write_text(text)
+    sources = []
+    for i in range(MAX_DATA_SOURCES):  # every source role, each file in its own format
+        ext = ("json", "csv", "jsonl")[i % 3]
+        rows = [json.loads(line) for line in _rows(100 + 10 * i, 3).splitlines()]
+        path = root / f"extra{i}.{ext}"
+        if ext == "json":
+            path.write_text(json.dumps(rows))
+        elif ext == "csv":
+            path.write_text(
+                "q,a\n" + "".join(f'"{r["prompt"]}","{r["completion"]}"\n' for r in rows)
+            )
+        else:
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        source: dict[str, Any] = {"uri": f"file://{path}", "weight": 0.5 + i}
+        if ext == "csv":
+            source["columns"] = {"prompt": "q", "completion": "a"}
+        sources.append(source)
     return {
         "model": {"uri": f"file://{model}", "from": f"file://{previous}"},
         "dataset": {
             "uri": f"file://{root / 'train.jsonl'}",
             "validationUri": f"file://{root / 'val.jsonl'}",
             "generalTextUri": f"file://{root / 'general.txt'}",
+            "sources": sources,
         },
         "augmentation": {"paraphrases": 1, "modelUri": f"file://{writer}"},
     }
@@ -105,6 +123,17 @@ def test_every_input_reaches_a_local_run_and_the_trainer_reads_it(tmp_path: Path
     assert Path(cfg.model) == tmp_path / "model"
     assert run.env[Env.PREVIOUS_PATH] == str(tmp_path / "previous")
     assert run.env[Env.AUGMENTATION_MODEL_PATH] == str(tmp_path / "writer")
+    # Each source's copy keeps its format, and the trainer reads them as the plan did.
+    assert [Path(p).suffix for p in cfg.sources] == [
+        (".json", ".csv", ".jsonl")[i % 3] for i in range(MAX_DATA_SOURCES)
+    ]
+    from kubetune.trainer.data import read_sources, training_rows
+
+    _, sources, validation = read_sources(cfg.spec, cfg.dataset, cfg.sources, cfg.validation)
+    assert [len(s.examples) for s in sources] == [40] + [3] * MAX_DATA_SOURCES
+    train, held = training_rows(sources, validation, 0.1, cfg.seed)
+    assert len(held) == 8
+    assert len(train) == cfg.plan.example_count
 
 
 @pytest.mark.parametrize(

@@ -59,6 +59,7 @@ class PlanPhase(ReconcilerBase):
                     gpu_memory,
                     inputs.get("validation"),
                     spec.dataset.validation_uri or "",
+                    extra_sources=inputs["sources"],
                 )
             else:
                 from_pod = self._plan_via_pod(ref, spec, draft, gpu_memory[0])
@@ -97,8 +98,11 @@ class PlanPhase(ReconcilerBase):
     def _inputs_via_api(self, ref: b.JobRef, spec: FineTuneJobSpec) -> dict[str, Any] | None:
         """Dataset (and validation set) from ConfigMaps and a model config we ship or that
         sits in a ConfigMap: everything needed to plan without a pod. None otherwise."""
-        uris = [spec.dataset.uri] + (
-            [spec.dataset.validation_uri] if spec.dataset.validation_uri else []
+        sources = spec.dataset.sources or []
+        uris = (
+            [spec.dataset.uri]
+            + ([spec.dataset.validation_uri] if spec.dataset.validation_uri else [])
+            + [source.uri for source in sources]
         )
         if not all(u.startswith("configmap://") for u in uris):
             return None
@@ -116,6 +120,10 @@ class PlanPhase(ReconcilerBase):
         out: dict[str, Any] = {
             "model": model,
             "train": self._config_map_uri(ref, spec.dataset.uri, "spec.dataset.uri"),
+            "sources": [
+                (self._config_map_uri(ref, s.uri, f"spec.dataset.sources[{i}].uri"), s.uri)
+                for i, s in enumerate(sources)
+            ],
         }
         if spec.dataset.validation_uri:
             out["validation"] = self._config_map_uri(
