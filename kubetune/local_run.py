@@ -128,8 +128,10 @@ def prepare_local_run(
         val_copy = data_dir / f"validation{SUFFIX[file_format_of(val[1], ff)]}"
         val_copy.write_bytes(val[0])
         paths["validation"] = str(val_copy)
-    for i, ((data, name), source) in enumerate(zip(extra, spec.dataset.sources or (), strict=True)):
-        copy = data_dir / f"{source_role(i)}{SUFFIX[file_format_of(name, source.file_format)]}"
+    sources = zip(extra, spec.dataset.sources or (), strict=True)
+    for i, ((data, source_name), source) in enumerate(sources):
+        suffix = SUFFIX[file_format_of(source_name, source.file_format)]
+        copy = data_dir / f"{source_role(i)}{suffix}"
         copy.write_bytes(data)
         paths[source_role(i)] = str(copy)
     if "general" in uris:

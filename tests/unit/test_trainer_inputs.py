@@ -114,6 +114,8 @@ def test_every_input_reaches_a_local_run_and_the_trainer_reads_it(tmp_path: Path
     run = prepare_local_run(job, nproc=1, output=tmp_path / "out", metrics_port=0)
     missing = {role for role, name in INPUT_ENV.items() if not run.env.get(name)}
     assert missing == set()
+    # The job keeps its own name (not a source file's).
+    assert (run.name, run.env[Env.JOB_NAME]) == ("demo", "demo")
     # The user's general text, not the shipped English text, is what the trainer reads.
     general = Path(run.env[Env.GENERAL_TEXT_PATH])
     assert general.read_text() == "Some text."
