@@ -38,8 +38,8 @@ def write_termination(cfg: TrainerConfig, payload: dict[str, Any]) -> None:
     tries: tuple[tuple[dict[str, Any], tuple[str, ...]], ...] = (
         (payload, ()),
         (payload, ("output",)),
-        (payload, ("output", "progress")),
-        (compact, ("output", "progress")),  # a switch's plan without its long parts
+        (compact, ("output",)),  # a switch's plan without its long parts
+        (compact, ("output", "warnings")),
         (compact, ("output", "progress", "warnings")),
         (compact, ("output", "progress", "warnings", "decisions")),
         (compact, ("output", "progress", "warnings", "decisions", "metrics")),

@@ -477,11 +477,19 @@ def test_rows_longer_than_the_context_are_a_warning_naming_the_first_line(
     api["core"].create_namespaced_config_map(namespace, cm)
     api["custom"].create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, job)
     _wait_cond(api, namespace, name, "Succeeded", timeout=60, reason="PlanOnly")
+    # The plan's warning: how many, the planned length, and the first one with its line.
+    planned = (
+        "1 of 36 training examples are longer than the planned sequence length of 64 tokens "
+        f"and will be truncated, cutting their completions (the first: {SRC.format(name=name)} "
+        "line 7, "
+    )
+    warnings = _get(api, namespace, name)["status"]["warnings"]
+    assert any(w.startswith(planned) for w in warnings), warnings
+    # `kubetune validate` says it of the file, before any plan.
     expected = (
         f"{SRC.format(name=name)}: 1 examples are longer than maxSeqLength 64 "
         "(estimated; the first at line 7) and will be truncated"
     )
-    assert expected in _get(api, namespace, name)["status"]["warnings"]
     local = _validate_locally(tmp_path, job, cm)
     assert local.exit_code == 0
     assert f"warning: {expected}" in local.output

@@ -517,7 +517,17 @@ def test_every_dashboard_query_returns_data_from_a_real_run_and_the_operator(
                 "gradientAccumulationSteps": 1,
             },
             spec_extra={
-                "earlyStopping": {"enabled": True, "patience": patience, "minDelta": 100},
+                # The probe rules off: with every evaluation probed, the tiny model's
+                # general-text ratio passes 2 at the second and ForgettingExceeded would
+                # stop the run before the NoImprovement this test reads (the reason panel
+                # shows whichever reason it is).
+                "earlyStopping": {
+                    "enabled": True,
+                    "patience": patience,
+                    "minDelta": 100,
+                    "forgetting": {"enabled": False},
+                    "memorization": {"enabled": False},
+                },
                 # Two evaluations in a few seconds: under the default 5 % probe budget the
                 # probes may skip both (only a final evaluation always probes), and the
                 # memorisation panel would have no data. The preview's longer run keeps it.

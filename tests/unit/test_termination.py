@@ -63,3 +63,26 @@ def test_a_short_message_is_written_whole(tmp_path: Path) -> None:
     payload = {"metrics": {"evalLoss": 0.5}, "output": "/out/final"}
     write_termination(_cfg(tmp_path), payload)
     assert json.loads((tmp_path / "termination.json").read_text()) == payload
+
+
+def test_the_progress_outlives_a_switchs_long_plan_and_the_warnings(tmp_path: Path) -> None:
+    """status.progress comes from this message: a long plan in a decision is shortened, and
+    the warnings go, before the progress does."""
+    switch = {
+        "kind": "steps",
+        "step": 0,
+        "text": "Steps at training start: 150 in all.",
+        "plan": {"hyperparameters": {f"k{i}": "x" * 40 for i in range(60)}},
+    }
+    payload = {
+        "metrics": {f"m{i}": 1.0 for i in range(20)},
+        "progress": {"step": 150, "totalSteps": 150, "percentage": 100.0},
+        "output": "/out/final",
+        "warnings": ["w" * 300] * 3,
+        "decisions": [switch],
+    }
+    write_termination(_cfg(tmp_path), payload)
+    data = json.loads((tmp_path / "termination.json").read_text())
+    assert data["progress"]["percentage"] == 100.0
+    assert data["warnings"] == payload["warnings"]
+    assert "hyperparameters" not in data["decisions"][0]["plan"]
