@@ -6,6 +6,7 @@ import copy
 from typing import Any
 
 from kubetune.api import FineTuneJobSpec, parse_job
+from kubetune.planning import ModelArch, bundled_architectures, load_model_arch
 
 
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -26,3 +27,8 @@ def spec_from(base: dict[str, Any], name: str, namespace: str, **extra: Any) -> 
         "spec": merge(base, extra),
     }
     return parse_job(manifest).spec
+
+
+def arch(name: str) -> ModelArch:
+    """A bundled architecture by its file's name (``llama-2-7b``, ``qwen3-0.6b``...)."""
+    return load_model_arch(bundled_architectures()[name])

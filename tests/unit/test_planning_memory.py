@@ -10,20 +10,15 @@ from kubetune.planning import (
     ModelStateBytes,
     Offload,
     activation_bytes,
-    bundled_architectures,
     deepspeed_comparable_model_states,
     estimate_memory,
     layer_activation_bytes,
-    load_model_arch,
     model_state_bytes,
     overhead_bytes,
 )
+from tests.unit.specs import arch
 
 pytestmark = pytest.mark.unit
-
-
-def arch(name: str) -> ModelArch:
-    return load_model_arch(bundled_architectures()[name])
 
 
 # Reference values from DeepSpeed's own estimators, evaluated by hand so that agreement is

@@ -16,11 +16,9 @@ from kubetune.api import FineTuneJobSpec
 from kubetune.planning import (
     DatasetStats,
     Method,
-    ModelArch,
     PlanRequest,
     Resources,
     bundled_architectures,
-    load_model_arch,
     lora_parameters,
     make_plan,
 )
@@ -34,15 +32,11 @@ from kubetune.planning.methods import (
     partial_parameters,
     prefix_parameters,
 )
-from tests.unit.specs import spec_from
+from tests.unit.specs import arch, spec_from
 
 pytestmark = pytest.mark.unit
 
 GPUS = Resources(gpus_per_node=1, gpu_memory_gib=80)
-
-
-def arch(name: str) -> ModelArch:
-    return load_model_arch(bundled_architectures()[name])
 
 
 def data(n: int) -> DatasetStats:

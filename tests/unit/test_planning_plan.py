@@ -11,24 +11,18 @@ import pytest
 from kubetune.planning import (
     DatasetStats,
     Method,
-    ModelArch,
     Offload,
     Plan,
     PlanRequest,
     Resources,
-    bundled_architectures,
-    load_model_arch,
     lora_parameters,
     make_plan,
     model_state_bytes,
 )
 from kubetune.planning.hyperparameters import epochs_for
+from tests.unit.specs import arch
 
 pytestmark = pytest.mark.unit
-
-
-def arch(name: str) -> ModelArch:
-    return load_model_arch(bundled_architectures()[name])
 
 
 def data(n: int, mean: int = 300, longest: int = 1000, **extra: Any) -> DatasetStats:

@@ -13,12 +13,10 @@ from kubetune.api import FineTuneJobSpec
 from kubetune.planning import (
     DatasetStats,
     Method,
-    ModelArch,
     Offload,
     PlanRequest,
     Resources,
     bundled_architectures,
-    load_model_arch,
     lora_parameters,
     make_plan,
     model_state_bytes,
@@ -32,15 +30,11 @@ from kubetune.planning.quantization import (
     quantised_parameters,
     version_tuple,
 )
-from tests.unit.specs import spec_from
+from tests.unit.specs import arch, spec_from
 
 pytestmark = pytest.mark.unit
 
 ONE_24 = Resources(gpus_per_node=1, gpu_memory_gib=24)
-
-
-def arch(name: str) -> ModelArch:
-    return load_model_arch(bundled_architectures()[name])
 
 
 def long_data(longest: int = 4096) -> DatasetStats:
