@@ -28,6 +28,7 @@ from kubetune.data.tokens import (
     ModelTokenizer,
     estimated_lengths,
     find_tokenizer,
+    model_directory,
 )
 from kubetune.planning import bundled_architectures
 from kubetune.planning.hyperparameters import sequence_cap, training_steps
@@ -216,10 +217,8 @@ def model_arch_with_weights(model_config: dict[str, Any], model_source: str) -> 
     (``with_weight_counts``). A hub or ConfigMap source has no headers to read here: a family
     outside the table is then planned on Llama-like assumptions, and its notes say so."""
     arch = model_arch_from_config(model_config, model_source)
-    directory = Path(model_source.removeprefix("file://"))
-    if directory.is_file():
-        directory = directory.parent
-    if not directory.is_dir():
+    directory = model_directory(model_source)
+    if directory is None:
         return arch
     try:
         counts = read_weight_counts(directory)

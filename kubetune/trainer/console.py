@@ -55,6 +55,7 @@ class RunConsole:
         self.events_path = events_path
         self.stream = stream
         self.plain = PlainLines(progress_seconds)
+        self._events: TextIO | None = None  # opened at the first event, line-buffered
 
     @classmethod
     def from_env(cls, stream: TextIO | None) -> RunConsole:
@@ -68,8 +69,9 @@ class RunConsole:
     def emit(self, kind: str, **fields: Any) -> None:
         event = {"kind": kind, "time": time.time(), **fields}
         if self.events_path is not None:
-            with self.events_path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(event, default=str) + "\n")
+            if self._events is None:
+                self._events = self.events_path.open("a", encoding="utf-8", buffering=1)
+            self._events.write(json.dumps(event, default=str) + "\n")
             return
         if self.stream is None:
             return
