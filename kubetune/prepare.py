@@ -26,6 +26,7 @@ from kubetune.contract import (
     source_role,
     termination_path,
 )
+from kubetune.data.hub import HubDataset, hub_dataset
 
 MAX_MESSAGE = TERMINATION_LIMIT_BYTES
 
@@ -84,12 +85,13 @@ def fetch_hub_tokenizer(repo: str, revision: str | None, token: str | None) -> N
                 return
 
 
-def read_data(location: str) -> bytes:
+def read_data(
+    location: str, hub: dict[str, Any] | None = None, split: str | None = None
+) -> bytes | HubDataset:
+    """A file's bytes, or the hub dataset (spec.dataset.hub's config, split and revision;
+    `split` instead of its split) that `build_plan` reads through the hub cache."""
     if location.startswith("hf://"):
-        raise ValueError(
-            f"{location}: hub datasets are read by the trainer; give a file, "
-            "PVC or ConfigMap URI to plan from the data"
-        )
+        return hub_dataset(location, hub, split)
     path = Path(location)
     try:
         return path.read_bytes()
@@ -108,18 +110,19 @@ def run(env: dict[str, str]) -> dict[str, Any]:
     train_path = env[Env.DATASET_PATH]
     val_path = env.get(Env.VALIDATION_PATH)
     gpu_memory = float(env.get(Env.GPU_MEMORY_GIB, "80"))
-    extra = []
-    for i in range(len(spec.dataset.sources or ())):
+    hub = spec.dataset.hub.model_dump() if spec.dataset.hub else None
+    extra: list[tuple[bytes | HubDataset, str]] = []
+    for i, source in enumerate(spec.dataset.sources or ()):
         path = env[INPUT_ENV[source_role(i)]]
-        extra.append((read_data(path), path))
+        extra.append((read_data(path, source.hub.model_dump() if source.hub else None), path))
     plan = build_plan(
         spec,
-        read_data(train_path),
+        read_data(train_path, hub),
         train_path,
         model,
         model_source,
         (gpu_memory, f"GPU memory {gpu_memory:g} GiB as the operator resolved it"),
-        read_data(val_path) if val_path else None,
+        read_data(val_path, hub, "validation") if val_path else None,
         val_path or "",
         extra_sources=extra,
     )

@@ -72,6 +72,8 @@ def cel_error(message: str, field_path: str | None = None) -> PydanticCustomErro
 
 _DNS_NAME = r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?"
 _HF = r"hf://[A-Za-z0-9][-A-Za-z0-9_.]*(/[A-Za-z0-9][-A-Za-z0-9_.]*)?"
+#: A dataset repository on the hub: hf://datasets/org/name (or hf://org/name, as before).
+_HF_DATASET = r"hf://datasets/[A-Za-z0-9][-A-Za-z0-9_.]*/[A-Za-z0-9][-A-Za-z0-9_.]*"
 _PVC = rf"pvc://{_DNS_NAME}(/.*)?"
 _FILE = r"file:///.*"
 _CONFIGMAP = rf"configmap://{_DNS_NAME}/[-._a-zA-Z0-9]+"
@@ -79,11 +81,13 @@ _CONFIGMAP = rf"configmap://{_DNS_NAME}/[-._a-zA-Z0-9]+"
 #: The same regular expressions as the CRD's CEL `matches()` rules (RE2 and Python agree on
 #: this subset; Python uses fullmatch where the CEL rule anchors with ^...$).
 MODEL_URI_PATTERN = f"{_HF}|{_PVC}|{_FILE}|{_CONFIGMAP}"
-DATA_URI_PATTERN = MODEL_URI_PATTERN
+DATA_URI_PATTERN = f"{_HF_DATASET}|{MODEL_URI_PATTERN}"
 OUTPUT_URI_PATTERN = f"{_PVC}|{_FILE}"
 
 MODEL_URI_SCHEMES = "hf://org/name, pvc://claim/path, file:///absolute/path or configmap://name/key"
-DATA_URI_SCHEMES = "file:///absolute/path, pvc://claim/path, configmap://name/key or hf://org/name"
+DATA_URI_SCHEMES = (
+    "file:///absolute/path, pvc://claim/path, configmap://name/key or hf://datasets/org/name"
+)
 OUTPUT_URI_SCHEMES = "pvc://claim/path or file:///absolute/path"
 
 URI_MAX_LENGTH = 2048

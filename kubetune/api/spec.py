@@ -85,6 +85,22 @@ class DatasetColumns(SpecModel):
         return {k: v for k, v in self.model_dump(exclude_none=True).items() if v}
 
 
+class HubDataset(SpecModel):
+    """spec.dataset.hub (and sources[i].hub): which part of an hf:// dataset repository."""
+
+    config: Str256 | None = None
+    split: Str256 = "train"
+    revision: Str256 | None = None
+
+
+class Deduplicate(SpecModel):
+    """spec.dataset.deduplicate: duplicate removal before the validation split."""
+
+    exact: bool = True
+    near: bool = True
+    threshold: Annotated[float, Field(ge=0.5, le=1)] = 0.9
+
+
 MAX_SOURCES = MAX_DATA_SOURCES
 Weight = Annotated[float, Field(gt=0, le=100)]
 
@@ -96,6 +112,7 @@ class DataSource(SpecModel):
     weight: Weight = 1.0
     file_format: FileFormat = "Auto"
     columns: DatasetColumns | None = None
+    hub: HubDataset | None = None
 
     @field_validator("uri")
     @classmethod
@@ -118,6 +135,8 @@ class Dataset(SpecModel):
     general_text: GeneralTextSource = "BaseModel"
     max_seq_length: Annotated[int, Field(ge=16, le=131072), WholeFloat] | None = None
     overlong_rows: OverlongRows = "Truncate"
+    hub: HubDataset | None = None
+    deduplicate: Deduplicate = Field(default_factory=Deduplicate)
 
     @model_validator(mode="after")
     def _one_general_text(self) -> Self:

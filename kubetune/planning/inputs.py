@@ -34,6 +34,9 @@ class DatasetStats:
     overlong_example: str = ""
     estimate_reason: str = ""
     """Why the tokens were estimated (no tokenizer, and where it was looked for)."""
+    quality_note: str = ""
+    """What the duplicate and leakage search found, when it found nothing to name
+    (`kubetune.planning.job.quality_decisions` names what it found)."""
 
     def __post_init__(self) -> None:
         if self.example_count < 1:

@@ -20,8 +20,11 @@ from urllib.parse import urlparse
 from kubetune.api.plan import Alternative, AlternativeWhen, Decision, PlanDocument
 from kubetune.api.spec import FineTuneJobSpec
 from kubetune.data import DataError, Example, summarize
+from kubetune.data.dedup import DedupSettings
 from kubetune.data.formats import read_dataset
-from kubetune.data.mixture import Source, training_rows
+from kubetune.data.hub import HubDataset, read_hub_dataset
+from kubetune.data.mixture import Source, mixed_rows
+from kubetune.data.quality import QualityReport
 from kubetune.data.stats import Format, plan_warnings
 from kubetune.data.tokens import (
     TOKENIZER_FILE,
@@ -227,7 +230,25 @@ def model_arch_with_weights(model_config: dict[str, Any], model_source: str) -> 
     return arch if counts is None else with_weight_counts(arch, counts)
 
 
-DataInput = str | bytes | Path
+#: A file's text or bytes, its path, or a dataset on the hub.
+DataInput = str | bytes | Path | HubDataset
+
+
+def _read(
+    data: DataInput,
+    source: str,
+    file_format: str | None,
+    fmt: Format | None,
+    columns: dict[str, str] | None,
+) -> tuple[Format, list[Example]]:
+    if isinstance(data, HubDataset):
+        return read_hub_dataset(data, fmt, columns)
+    return read_dataset(data, source, file_format, fmt, columns)
+
+
+def dedup_settings(spec: FineTuneJobSpec) -> DedupSettings:
+    d = spec.dataset.deduplicate
+    return DedupSettings(exact=d.exact, near=d.near, threshold=float(d.threshold))
 
 
 def read_job_data(
@@ -245,31 +266,35 @@ def read_job_data(
     ds = spec.dataset
     forced = None if ds.format == "Auto" else ds.format
     columns = ds.columns.mapping() if ds.columns else None
-    fmt, examples = read_dataset(train, train_source, ds.file_format, forced, columns)
-    sources = [Source(train_source, examples, ds.weight)]
+    fmt, examples = _read(train, train_source, ds.file_format, forced, columns)
+    sources = [Source(_name(train, train_source), examples, ds.weight)]
     specs = ds.sources or []
     if len(extra_sources) != len(specs):
         raise ValueError(f"{len(extra_sources)} source files for {len(specs)} dataset.sources")
     for (data, name), extra in zip(extra_sources, specs, strict=True):
         mapping = extra.columns.mapping() if extra.columns else None
-        _, rows = read_dataset(data, name, extra.file_format, fmt, mapping)
-        sources.append(Source(name, rows, extra.weight))
+        _, rows = _read(data, name, extra.file_format, fmt, mapping)
+        sources.append(Source(_name(data, name), rows, extra.weight))
     held = (
-        read_dataset(validation, validation_source, ds.file_format, fmt, columns)[1]
+        _read(validation, validation_source, ds.file_format, fmt, columns)[1]
         if validation is not None
         else None
     )
     return fmt, sources, held
 
 
+def _name(data: DataInput, source: str) -> str:
+    return data.source if isinstance(data, HubDataset) else source
+
+
 def build_plan(
     spec: FineTuneJobSpec,
-    train_text: str | bytes,
+    train_text: DataInput,
     train_source: str,
     model_config: dict[str, Any],
     model_source: str,
     gpu_memory: tuple[float, str],
-    validation_text: str | bytes | None = None,
+    validation_text: DataInput | None = None,
     validation_source: str = "",
     cpu_processes: int = 1,
     tokenizer_source: str | None = None,
@@ -319,9 +344,15 @@ def build_plan(
         None,
         [length[id(ex)] for ex in pooled] if tokenizer is not None else None,
     )
-    train, held = training_rows(
-        sources, validation, spec.dataset.validation_split, int(spec.hyperparameters.seed)
+    rows = mixed_rows(
+        sources,
+        validation,
+        spec.dataset.validation_split,
+        int(spec.hyperparameters.seed),
+        dedup_settings(spec),
+        validation_source,
     )
+    train, held, quality = rows.train, rows.validation, rows.quality
     if not train:
         raise DataError(
             f"{train_source}: {summary.example_count} example(s) leave nothing to "
@@ -335,14 +366,16 @@ def build_plan(
         token_count=sum(min(length[id(ex)], cap) for ex in train),
         max_tokens=summary.max_tokens,
         validation_count=len(held),
-        duplicate_count=summary.duplicate_count,
-        leakage_count=summary.leakage_count,
+        duplicate_count=quality.kept_duplicates,
+        leakage_count=quality.leaked,
         overlong_count=0 if dropping else len(overlong),
         tokens_estimated=summary.tokens_estimated,
         overlong_example=first_overlong,
         estimate_reason=no_tokenizer,
+        quality_note=quality_note(quality),
     )
     data_decisions = [] if tokenizer is None else [_tokens_decision(tokenizer, fmt)]
+    data_decisions += quality_decisions(quality)
     if len(sources) > 1:
         data_decisions.append(_mixture_decision(sources, train))
     dropped_warning = ""
@@ -424,6 +457,53 @@ def _mixture_decision(sources: list[Source], train: list[Example]) -> Decision:
         value=str(len(sources)),
         sentence=f"Training rows by file (weight: rows): {'; '.join(parts)}.",
     )
+
+
+def quality_note(report: QualityReport) -> str:
+    """The data decision's note when the search found nothing (short: the plan travels in
+    the prepare pod's 4 KiB termination message)."""
+    if report.exact or report.near or report.leaked:
+        return ""
+    return f"No duplicates or train/validation leakage (near: >= {report.settings.threshold:g})."
+
+
+def quality_decisions(report: QualityReport) -> list[Decision]:
+    """What the duplicate search found and removed, and the train/validation leakage, with a
+    few named rows; none when it found nothing (`quality_note` says so)."""
+    s = report.settings
+    near = f"near: similarity >= {s.threshold:g}"
+    side = "grouped split" if report.validation == "split" else "validationUri"
+    if quality_note(report):
+        return []
+    out: list[Decision] = []
+    if report.exact or report.near:
+        found = [
+            f"{count:,} {kind} ({'removed' if on else 'kept'})"
+            for kind, count, on in (("exact", report.exact, s.exact), ("near", report.near, s.near))
+            if count
+        ]
+        out.append(
+            Decision(
+                key="data.duplicates",
+                value=str(report.exact + report.near),
+                sentence=f"Duplicates in {report.rows:,} training rows ({near}): "
+                f"{', '.join(found)}; e.g. {'; '.join(report.examples)}.",
+            )
+        )
+    out.append(
+        Decision(
+            key="data.leakage",
+            value=str(report.leaked),
+            sentence=(
+                f"{report.leaked:,} of {report.validation_rows:,} validation rows duplicate "
+                f"training rows ({report.leaked_exact:,} exact, {report.leaked_near:,} near; "
+                f"{side}); e.g. {'; '.join(report.leakage_examples)}."
+            )
+            if report.leaked
+            else f"No train/validation leakage (exact or {near}; {side}).",
+        )
+    )
+    return out
 
 
 def _tokens_decision(tokenizer: ModelTokenizer, fmt: str) -> Decision:

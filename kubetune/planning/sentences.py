@@ -20,7 +20,8 @@ def input_sentences(
     cap = min(model.max_positions, request.max_seq_length or DEFAULT_MAX_SEQ_LENGTH)
     return [
         f"Data: {dataset.example_count:,} training examples, {dataset.token_count:,} "
-        f"tokens{estimated} (mean {dataset.mean_tokens:,.0f}, longest {dataset.max_tokens:,}).",
+        f"tokens{estimated} (mean {dataset.mean_tokens:,.0f}, longest {dataset.max_tokens:,})."
+        + (f" {dataset.quality_note}" if dataset.quality_note else ""),
         f"Model: {model.name} ({model.family}), {model.total_parameters:,} parameters, "
         f"{model.num_layers} layers, hidden size {model.hidden_size}, "
         f"{model.num_heads} heads ({model.num_kv_heads} KV heads), vocabulary "
@@ -43,14 +44,15 @@ def data_warnings(dataset: DatasetStats, seq_len: int) -> list[str]:
         )
     if dataset.duplicate_count:
         warnings.append(
-            f"{dataset.duplicate_count:,} duplicate training examples "
-            f"({dataset.duplicate_count / n:.1%}): duplicates are memorised first; "
-            "deduplicate the data."
+            f"{dataset.duplicate_count:,} duplicate training examples kept "
+            f"({dataset.duplicate_count / n:.1%}): duplicates are memorised first; set "
+            "spec.dataset.deduplicate.exact and .near to true (the defaults) to remove them."
         )
     if dataset.leakage_count:
         warnings.append(
-            f"{dataset.leakage_count:,} validation examples also occur in the training data: "
-            "evaluation loss will look better than it is and early stopping will act late."
+            f"{dataset.leakage_count:,} validation examples duplicate training examples "
+            "(exactly or nearly; the plan's data.leakage decision names some): evaluation "
+            "loss will look better than it is and early stopping will act late."
         )
     if dataset.overlong_count:
         first = f" (the first: {dataset.overlong_example})" if dataset.overlong_example else ""

@@ -14,6 +14,7 @@ import pytest
 
 from kubetune import prepare
 from kubetune.api import FineTuneJobSpec, parse_job
+from kubetune.api.plan import PlanDocument
 from kubetune.contract import decode_prepare_message
 from kubetune.planning import bundled_architectures
 
@@ -140,8 +141,16 @@ def test_run_plans_from_files(model_dir: Path, dataset: Path) -> None:
     assert plan["memory"]["gpuMemoryGiB"] == pytest.approx(24.0)
     assert plan["reasons"][0] == "GPU memory 24 GiB as the operator resolved it"
     assert plan["fits"] is True
-    # What main() would write decodes back to the same plan.
-    assert decode_prepare_message(prepare.encode_message(result)) == result
+    # What main() writes (the full plan, or its compact form where that is over the limit,
+    # as here: a tiny dataset's plan is just over it) decodes back to the same plan.
+    try:
+        message = prepare.encode_message(result)
+    except ValueError:
+        message = prepare.encode_message(
+            {"plan": PlanDocument.model_validate(plan).to_compact_json()}
+        )
+    decoded = PlanDocument.from_compact_json(decode_prepare_message(message)["plan"])
+    assert decoded == PlanDocument.model_validate(plan)
 
 
 def test_run_reads_a_config_json_path_too(model_dir: Path, dataset: Path) -> None:
@@ -211,10 +220,37 @@ def test_run_missing_dataset(model_dir: Path, tmp_path: Path) -> None:
         prepare.run(base_env(model_dir, tmp_path))
 
 
-def test_run_refuses_hub_datasets(model_dir: Path) -> None:
-    env = base_env(model_dir, Path("x"), KUBETUNE_DATASET_PATH="hf://stanfordnlp/imdb")
-    with pytest.raises(ValueError, match="hub datasets are read by the trainer"):
-        prepare.run(env)
+def test_run_plans_from_a_hub_dataset_offline(
+    tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Parquet dataset repository laid out in the hub cache (HF_HUB_OFFLINE=1): the split
+    and revision of spec.dataset.hub, the validation split for a hub validationUri, and the
+    error naming the source and the row."""
+    from tests.unit.hubcache import hub_env, parquet_dataset_repo
+
+    parquet_dataset_repo(tmp_path / "hub", "acme/support", rows=30, validation=6)
+    spec = make_spec(
+        dataset={
+            "uri": "hf://datasets/acme/support",
+            "validationUri": "hf://datasets/acme/support",
+            "columns": {"prompt": "question", "completion": "answer"},
+            "hub": {"split": "train", "revision": "main"},
+        }
+    )
+    env = base_env(model_dir, Path("x"), KUBETUNE_SPEC_JSON=spec_json(spec))
+    env["KUBETUNE_DATASET_PATH"] = env["KUBETUNE_VALIDATION_PATH"] = "hf://datasets/acme/support"
+    with hub_env(monkeypatch, tmp_path / "hub"):
+        plan = prepare.run(env)["plan"]
+        assert plan["exampleCount"] == 30
+        assert plan["datasetFormat"] == "PromptCompletion"
+        spec = make_spec(dataset={"uri": "hf://datasets/acme/support"})
+        env["KUBETUNE_SPEC_JSON"] = spec_json(spec)
+        with pytest.raises(ValueError, match=r"hf://datasets/acme/support \(train\) row 1: "):
+            prepare.run(env)
+        spec = make_spec(dataset={"uri": "hf://datasets/acme/support", "hub": {"split": "test"}})
+        env["KUBETUNE_SPEC_JSON"] = spec_json(spec)
+        with pytest.raises(ValueError, match=r"Unknown split \"test\".*spec.dataset.hub"):
+            prepare.run(env)
 
 
 # ---- main -------------------------------------------------------------------------------------
@@ -247,7 +283,10 @@ def test_main_writes_the_plan(
     written = decode_prepare_message(message.read_text())
     assert written["plan"]["exampleCount"] == 18
     assert "error" not in written
-    assert json.loads(capsys.readouterr().out) == written
+    printed = json.loads(capsys.readouterr().out)
+    assert PlanDocument.from_compact_json(written["plan"]) == PlanDocument.model_validate(
+        printed["plan"]
+    )
 
 
 @pytest.mark.parametrize(

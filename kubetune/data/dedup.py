@@ -1,0 +1,207 @@
+"""Duplicate rows: exact (the same normalised text) and near (MinHash LSH, `datasketch`),
+grouped so that a group is removed as one, kept on one side of the validation split, and
+looked for across the split (leakage).
+
+- Normalised text: Unicode NFKC, case-folded, every run of whitespace one space, trimmed;
+  the prompt and the target normalised apart (a row is the pair, so moving a word across the
+  boundary makes another row).
+- Near: the set of character 5-grams of the normalised prompt and target; candidate pairs
+  from MinHash LSH (128 permutations, a fixed seed, so the same rows give the same result
+  on every machine), each confirmed by the exact Jaccard similarity of the two sets, at least
+  `threshold`. LSH can miss a pair near the threshold (a false negative, with a probability
+  of a few percent at the threshold and falling fast above it); it never reports one below it.
+- Groups: the connected rows (exact or near), each represented by its first row in the pool's
+  order. Removing duplicates keeps the representative: the first occurrence.
+
+Pure given the rows; `datasketch` is imported only when near duplicates are looked for.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from kubetune.data.stats import Example
+
+#: MinHash permutations (datasketch's default) and the seed of its hash functions.
+NUM_PERM = 128
+MINHASH_SEED = 1
+SHINGLE = 5
+#: The default similarity of a near duplicate (spec.dataset.deduplicate.threshold).
+DEFAULT_THRESHOLD = 0.9
+#: How many examples a report names (the plan travels in a 4 KiB termination message).
+MAX_EXAMPLES = 3
+
+Kind = Literal["exact", "near"]
+
+
+@dataclass(frozen=True)
+class DedupSettings:
+    """spec.dataset.deduplicate: remove exact / near duplicates (False: keep them, count and
+    warn), and the similarity from which two rows are near duplicates."""
+
+    exact: bool = True
+    near: bool = True
+    threshold: float = DEFAULT_THRESHOLD
+
+    def __post_init__(self) -> None:
+        if not 0 < self.threshold <= 1:
+            raise ValueError(
+                f"spec.dataset.deduplicate.threshold must be in (0, 1], not {self.threshold}"
+            )
+
+
+@dataclass(frozen=True)
+class Match:
+    """Row `row` duplicates row `of` (indexes into the rows looked at), exactly or with
+    Jaccard similarity `similarity`."""
+
+    row: int
+    of: int
+    kind: Kind
+    similarity: float = 1.0
+
+
+@dataclass(frozen=True)
+class Groups:
+    """Per row: the first row of its exact class, and of its group (exact or near), and the
+    match that put a row into its group (none for representatives)."""
+
+    exact_of: list[int]
+    group_of: list[int]
+    matches: list[Match]
+
+    def duplicates(self) -> list[Match]:
+        """Every row that is not its group's representative, by row."""
+        return sorted(self.matches, key=lambda m: m.row)
+
+    def count(self, kind: Kind) -> int:
+        return sum(1 for m in self.matches if m.kind == kind)
+
+    def kept(self, settings: DedupSettings) -> list[int]:
+        """The rows left when the kinds `settings` removes are removed."""
+        keep: list[int] = []
+        for i, (exact, group) in enumerate(zip(self.exact_of, self.group_of, strict=True)):
+            if settings.exact and exact != i:
+                continue
+            if settings.near and group != exact:
+                continue
+            keep.append(i)
+        return keep
+
+
+def normalise(text: str) -> str:
+    """NFKC, case-folded, whitespace collapsed."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def row_key(example: Example) -> tuple[str, str]:
+    return normalise(example.prompt), normalise(example.target)
+
+
+def shingles(example: Example) -> set[bytes]:
+    """The character 5-grams of the normalised prompt and target (a text shorter than 5
+    characters is its own shingle); the two parts are marked apart."""
+    out: set[bytes] = set()
+    for mark, part in zip(("p", "t"), row_key(example), strict=True):
+        if not part:
+            continue
+        if len(part) <= SHINGLE:
+            out.add(f"{mark}{part}".encode())
+            continue
+        out.update(f"{mark}{part[i : i + SHINGLE]}".encode() for i in range(len(part) - 4))
+    return out
+
+
+def jaccard(a: set[bytes], b: set[bytes]) -> float:
+    if not a and not b:
+        return 1.0
+    return len(a & b) / len(a | b)
+
+
+def _minhashes(sets: Sequence[set[bytes]]) -> list[Any]:
+    from datasketch import MinHash
+
+    return list(MinHash.bulk((sorted(s) for s in sets), num_perm=NUM_PERM, seed=MINHASH_SEED))
+
+
+def _lsh(threshold: float) -> Any:
+    from datasketch import MinHashLSH
+
+    return MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
+
+
+def group_rows(examples: Sequence[Example], threshold: float | None) -> Groups:
+    """The exact classes and, unless `threshold` is None, the near-duplicate groups of
+    `examples` (their order decides the representatives)."""
+    first: dict[tuple[str, str], int] = {}
+    exact_of = [first.setdefault(row_key(ex), i) for i, ex in enumerate(examples)]
+    matches = [Match(i, e, "exact") for i, e in enumerate(exact_of) if e != i]
+    parent = list(range(len(examples)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, e in enumerate(exact_of):
+        parent[i] = e
+    reps = [i for i, e in enumerate(exact_of) if e == i]
+    near_link: dict[int, Match] = {}
+    if threshold is not None and len(reps) > 1:
+        sets = {i: shingles(examples[i]) for i in reps}
+        lsh = _lsh(threshold)
+        for i, mh in zip(reps, _minhashes([sets[i] for i in reps]), strict=True):
+            best: Match | None = None
+            for j in sorted(lsh.query(mh)):
+                sim = jaccard(sets[i], sets[j])
+                if sim >= threshold and (best is None or sim > best.similarity):
+                    best = Match(i, j, "near", sim)
+            if best is not None:
+                a, b = find(i), find(best.of)
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+                    near_link[i] = best
+            lsh.insert(i, mh)
+    group_of = [find(i) for i in range(len(examples))]
+    # Each representative is compared with the earlier ones only, so a joined one has its link.
+    matches += [near_link[i] for i in reps if group_of[i] != i]
+    return Groups(exact_of, group_of, matches)
+
+
+def cross_matches(
+    rows: Sequence[Example], against: Sequence[Example], threshold: float | None
+) -> list[Match]:
+    """Each row of `rows` that duplicates a row of `against` (exactly, else nearly when
+    `threshold` is set): `Match.row` indexes `rows`, `Match.of` indexes `against`."""
+    index: dict[tuple[str, str], int] = {}
+    for j, ex in enumerate(against):
+        index.setdefault(row_key(ex), j)
+    out: list[Match] = []
+    rest: list[int] = []
+    for i, ex in enumerate(rows):
+        j = index.get(row_key(ex))
+        if j is not None:
+            out.append(Match(i, j, "exact"))
+        else:
+            rest.append(i)
+    if threshold is None or not rest or not against:
+        return out
+    theirs = [shingles(ex) for ex in against]
+    lsh = _lsh(threshold)
+    with lsh.insertion_session() as session:
+        for j, mh in enumerate(_minhashes(theirs)):
+            session.insert(j, mh)
+    mine = [shingles(rows[i]) for i in rest]
+    for i, s, mh in zip(rest, mine, _minhashes(mine), strict=True):
+        best: Match | None = None
+        for j in sorted(lsh.query(mh)):
+            sim = jaccard(s, theirs[j])
+            if sim >= threshold and (best is None or sim > best.similarity):
+                best = Match(i, j, "near", sim)
+        if best is not None:
+            out.append(best)
+    return sorted(out, key=lambda m: m.row)
