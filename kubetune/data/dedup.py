@@ -21,6 +21,7 @@ from __future__ import annotations
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
 from typing import Any, Literal
 
 from kubetune.data.stats import Example
@@ -121,19 +122,50 @@ def jaccard(a: set[bytes], b: set[bytes]) -> float:
     return len(a & b) / len(a | b)
 
 
-def _minhashes(sets: Sequence[set[bytes]]) -> list[Any]:
-    from datasketch import MinHash
+class Hasher:
+    """Each row's shingles and MinHash, computed once (in bulk) and kept by the row's key,
+    so the duplicate search and the leakage search hash a row once."""
 
-    return list(MinHash.bulk((sorted(s) for s in sets), num_perm=NUM_PERM, seed=MINHASH_SEED))
+    def __init__(self) -> None:
+        self._sets: dict[tuple[str, str], set[bytes]] = {}
+        self._hashes: dict[tuple[str, str], Any] = {}
+
+    def shingles(self, example: Example) -> set[bytes]:
+        key = row_key(example)
+        if key not in self._sets:
+            self._sets[key] = shingles(example)
+        return self._sets[key]
+
+    def minhashes(self, examples: Sequence[Example]) -> list[Any]:
+        from datasketch import MinHash
+
+        missing = list(dict.fromkeys(k for k in map(row_key, examples) if k not in self._hashes))
+        if missing:
+            sets = (sorted(self._sets.get(k) or shingles(Example(0, *k))) for k in missing)
+            made = MinHash.bulk(sets, num_perm=NUM_PERM, seed=MINHASH_SEED)
+            self._hashes.update(zip(missing, made, strict=True))
+        return [self._hashes[row_key(ex)] for ex in examples]
+
+
+@cache
+def _bands(threshold: float) -> tuple[int, int]:
+    """datasketch's bands and rows for `threshold` (its search integrates the collision
+    curve with scipy, about 0.1 s: done once per threshold)."""
+    from datasketch import MinHashLSH
+
+    lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
+    return int(lsh.b), int(lsh.r)
 
 
 def _lsh(threshold: float) -> Any:
     from datasketch import MinHashLSH
 
-    return MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
+    return MinHashLSH(threshold=threshold, num_perm=NUM_PERM, params=_bands(threshold))
 
 
-def group_rows(examples: Sequence[Example], threshold: float | None) -> Groups:
+def group_rows(
+    examples: Sequence[Example], threshold: float | None, hasher: Hasher | None = None
+) -> Groups:
     """The exact classes and, unless `threshold` is None, the near-duplicate groups of
     `examples` (their order decides the representatives)."""
     first: dict[tuple[str, str], int] = {}
@@ -152,9 +184,10 @@ def group_rows(examples: Sequence[Example], threshold: float | None) -> Groups:
     reps = [i for i, e in enumerate(exact_of) if e == i]
     near_link: dict[int, Match] = {}
     if threshold is not None and len(reps) > 1:
-        sets = {i: shingles(examples[i]) for i in reps}
+        hasher = hasher or Hasher()
+        sets = {i: hasher.shingles(examples[i]) for i in reps}
         lsh = _lsh(threshold)
-        for i, mh in zip(reps, _minhashes([sets[i] for i in reps]), strict=True):
+        for i, mh in zip(reps, hasher.minhashes([examples[i] for i in reps]), strict=True):
             best: Match | None = None
             for j in sorted(lsh.query(mh)):
                 sim = jaccard(sets[i], sets[j])
@@ -173,7 +206,10 @@ def group_rows(examples: Sequence[Example], threshold: float | None) -> Groups:
 
 
 def cross_matches(
-    rows: Sequence[Example], against: Sequence[Example], threshold: float | None
+    rows: Sequence[Example],
+    against: Sequence[Example],
+    threshold: float | None,
+    hasher: Hasher | None = None,
 ) -> list[Match]:
     """Each row of `rows` that duplicates a row of `against` (exactly, else nearly when
     `threshold` is set): `Match.row` indexes `rows`, `Match.of` indexes `against`."""
@@ -190,13 +226,14 @@ def cross_matches(
             rest.append(i)
     if threshold is None or not rest or not against:
         return out
-    theirs = [shingles(ex) for ex in against]
+    hasher = hasher or Hasher()
+    theirs = [hasher.shingles(ex) for ex in against]
     lsh = _lsh(threshold)
     with lsh.insertion_session() as session:
-        for j, mh in enumerate(_minhashes(theirs)):
+        for j, mh in enumerate(hasher.minhashes(against)):
             session.insert(j, mh)
-    mine = [shingles(rows[i]) for i in rest]
-    for i, s, mh in zip(rest, mine, _minhashes(mine), strict=True):
+    mine = [hasher.shingles(rows[i]) for i in rest]
+    for i, s, mh in zip(rest, mine, hasher.minhashes([rows[i] for i in rest]), strict=True):
         best: Match | None = None
         for j in sorted(lsh.query(mh)):
             sim = jaccard(s, theirs[j])

@@ -61,8 +61,10 @@ class HubDataset:
         return f"{self.uri}{at} ({', '.join(parts)})"
 
 
-def is_hub_dataset(uri: str) -> bool:
-    return uri.startswith("hf://")
+def is_hub_repo(uri: str) -> bool:
+    """Whether `uri` names a whole dataset repository (hf://datasets/org/name, hf://org/name),
+    not one file in it."""
+    return _REPO.match(uri) is not None
 
 
 def hub_repo(uri: str) -> str:

@@ -12,7 +12,14 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from kubetune.data.dedup import MAX_EXAMPLES, DedupSettings, Match, cross_matches, group_rows
+from kubetune.data.dedup import (
+    MAX_EXAMPLES,
+    DedupSettings,
+    Hasher,
+    Match,
+    cross_matches,
+    group_rows,
+)
 from kubetune.data.stats import Example, holdout_count
 
 
@@ -108,7 +115,8 @@ def curate(
     """Remove the duplicates `settings` removes, split off the validation rows (grouped)
     unless `validation` is given, and measure the leakage between the two sides. `labels`
     name the pool's rows (file, place) for the examples."""
-    groups = group_rows(pool, settings.threshold)
+    hasher = Hasher()
+    groups = group_rows(pool, settings.threshold, hasher)
     kept = groups.kept(settings)
     kept_set = set(kept)
     dups = groups.duplicates()
@@ -127,7 +135,7 @@ def curate(
         train, held = kept, []
         val_rows = list(validation)
         val_labels = [(validation_name, ex.where) for ex in val_rows]
-    leaks = cross_matches(val_rows, [pool[i] for i in train], settings.threshold)
+    leaks = cross_matches(val_rows, [pool[i] for i in train], settings.threshold, hasher)
     report = QualityReport(
         settings=settings,
         rows=len(pool),

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.data import Example
+from kubetune.data.dedup import DEFAULT_THRESHOLD, DedupSettings
 from kubetune.data.formats import read_dataset
+from kubetune.data.hub import hub_dataset, is_hub_repo, read_hub_dataset
 from kubetune.data.mixture import Source, split_holdout, training_rows
 
 __all__ = ["Source", "split_holdout", "training_rows"]
@@ -20,9 +22,9 @@ Row = dict[str, Any]
 
 
 def hub_dataset_file(uri: str) -> Path:
-    """`hf://org/name[/path/in/repo.jsonl]` (default `train.jsonl`): the file from a
-    dataset repository on the Hugging Face hub, through its local cache (so
-    `HF_HUB_OFFLINE=1` with a filled cache works without a network)."""
+    """`hf://org/name/path/in/repo.jsonl`: one file from a dataset repository on the Hugging
+    Face hub, through its local cache (so `HF_HUB_OFFLINE=1` with a filled cache works
+    without a network). A whole repository is read by `kubetune.data.hub`."""
     import os
 
     from huggingface_hub import hf_hub_download
@@ -43,10 +45,18 @@ def read_examples(
     fmt: str | None,
     file_format: str | None = None,
     columns: Mapping[str, str] | None = None,
+    hub: Mapping[str, Any] | None = None,
+    split: str | None = None,
 ) -> tuple[str, list[Example]]:
     """Examples from a local file (PVC and ConfigMap volumes are files too) or a hub
-    dataset (`hf://`), read as the planner read them (`kubetune.data.formats`: the file
-    format by `file_format` or the extension, the column mapping)."""
+    dataset, read as the planner read them: `hf://datasets/org/name` (or `hf://org/name`)
+    with spec.dataset.hub's config, split (`split` instead) and revision through
+    `kubetune.data.hub`; `hf://org/name/path/in/repo.jsonl`, one file of the repository;
+    files by `kubetune.data.formats` (the file format by `file_format` or the extension,
+    the column mapping)."""
+    if is_hub_repo(location):
+        ref = hub_dataset(location, hub, split)
+        return read_hub_dataset(ref, fmt, columns)  # type: ignore[arg-type]
     path = hub_dataset_file(location) if location.startswith("hf://") else Path(location)
     return read_dataset(path, location, file_format, fmt, columns)  # type: ignore[arg-type]
 
@@ -68,17 +78,38 @@ def read_sources(
     a validation file), read as the planner reads them (`planning.job.read_job_data`)."""
     forced, file_format, columns = spec_data_options(spec)
     ds = spec.get("dataset") or {}
-    fmt, examples = read_examples(dataset, forced, file_format, columns)
-    out = [Source(dataset, examples, float(ds.get("weight", 1.0)))]
+    hub = ds.get("hub")
+    fmt, examples = read_examples(dataset, forced, file_format, columns, hub)
+    out = [Source(_name(dataset, hub), examples, float(ds.get("weight", 1.0)))]
     specs = list(ds.get("sources") or [])
     if len(specs) != len(sources):
         raise ValueError(f"{len(sources)} source files for {len(specs)} spec.dataset.sources")
     for path, extra in zip(sources, specs, strict=True):
         mapping = {k: str(v) for k, v in (extra.get("columns") or {}).items() if v}
-        _, rows = read_examples(path, fmt, extra.get("fileFormat", "Auto"), mapping)
-        out.append(Source(path, rows, float(extra.get("weight", 1.0))))
-    held = read_examples(validation, fmt, file_format, columns)[1] if validation else None
+        more = extra.get("hub")
+        _, rows = read_examples(path, fmt, extra.get("fileFormat", "Auto"), mapping, more)
+        out.append(Source(_name(path, more), rows, float(extra.get("weight", 1.0))))
+    held = (
+        read_examples(validation, fmt, file_format, columns, hub, "validation")[1]
+        if validation
+        else None
+    )
     return fmt, out, held
+
+
+def _name(location: str, hub: Mapping[str, Any] | None) -> str:
+    """A source's name in messages, as the planner names it."""
+    return hub_dataset(location, hub).source if is_hub_repo(location) else location
+
+
+def dedup_settings(spec: Mapping[str, Any]) -> DedupSettings:
+    """spec.dataset.deduplicate as the planner reads it (`planning.job.dedup_settings`)."""
+    d = (spec.get("dataset") or {}).get("deduplicate") or {}
+    return DedupSettings(
+        exact=bool(d.get("exact", True)),
+        near=bool(d.get("near", True)),
+        threshold=float(d.get("threshold", DEFAULT_THRESHOLD)),
+    )
 
 
 def encode(example: Example, tokenizer: Any, max_length: int) -> dict[str, list[int]]:

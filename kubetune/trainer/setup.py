@@ -123,6 +123,7 @@ def load_inputs(cfg: TrainerConfig) -> RunInputs:
     from kubetune.data import DataError
     from kubetune.trainer.data import (
         TokenizedDataset,
+        dedup_settings,
         drop_overlong,
         read_sources,
         training_rows,
@@ -164,7 +165,9 @@ def load_inputs(cfg: TrainerConfig) -> RunInputs:
                 "spec.dataset.overlongRows is Drop"
             )
     split = float(dataset_spec.get("validationSplit", 0.1))
-    train_examples, val_examples = training_rows(sources, validation, split, cfg.seed)
+    train_examples, val_examples = training_rows(
+        sources, validation, split, cfg.seed, dedup_settings(cfg.spec)
+    )
     cuda = torch.cuda.is_available()
     bf16 = bool(cuda and torch.cuda.is_bf16_supported())
     low = load_in_bf16(plan, bf16)

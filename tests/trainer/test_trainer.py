@@ -325,7 +325,7 @@ def test_a_hub_dataset_is_read_through_the_hub_cache(
     snap = repo / "snapshots" / commit
     (snap / "data").mkdir(parents=True)
     (snap / "train.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
-    (snap / "data" / "eval.jsonl").write_text('{"text": "hello"}\n')
+    (snap / "data" / "eval.jsonl").write_text('{"prompt": "c", "completion": "hello"}\n')
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import importlib
@@ -337,7 +337,7 @@ def test_a_hub_dataset_is_read_through_the_hub_cache(
         fmt, rows = read_examples("hf://acme/support", None)
         assert (fmt, rows[0].target) == ("PromptCompletion", "b")
         fmt, rows = read_examples("hf://acme/support/data/eval.jsonl", None)
-        assert (fmt, rows[0].target) == ("Text", "hello")
+        assert (fmt, rows[0].target) == ("PromptCompletion", "hello")
         with pytest.raises((OSError, ValueError)):
             read_examples("hf://acme/missing", None)
     finally:
