@@ -69,6 +69,23 @@ def read_model_config(location: str, revision: str | None = None) -> tuple[dict[
         raise ModelConfigError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
 
 
+def read_hub_weights(
+    location: str, revision: str | None, model_source: str
+) -> tuple[Any, str] | None:
+    """A hub model's parameter counts from its safetensors headers
+    (`kubetune.planning.hubweights`: the hub's metadata, or offline the cached snapshot next
+    to `model_source`, its config.json); None for other sources and for the well-known models
+    kubetune ships the config of (planned from the table, without the hub)."""
+    from kubetune.planning.hubweights import hub_weight_counts
+    from kubetune.planning.job import known_model_config
+
+    if not location.startswith("hf://") or known_model_config(location) is not None:
+        return None
+    token = os.environ.get("HF_TOKEN") or None
+    repo = location.removeprefix("hf://")
+    return hub_weight_counts(repo, revision, token, Path(model_source).parent)
+
+
 def fetch_hub_tokenizer(repo: str, revision: str | None, token: str | None) -> None:
     """The tokenizer files of a hub model, into the same snapshot directory as its
     config.json, so the plan counts tokens with them; where the model has none (or the hub
@@ -107,6 +124,7 @@ def run(env: dict[str, str]) -> dict[str, Any]:
 
     spec = FineTuneJobSpec.model_validate(json.loads(env[Env.SPEC_JSON]))
     model, model_source = read_model_config(env[Env.MODEL_PATH], spec.model.revision)
+    hub_weights = read_hub_weights(env[Env.MODEL_PATH], spec.model.revision, model_source)
     train_path = env[Env.DATASET_PATH]
     val_path = env.get(Env.VALIDATION_PATH)
     gpu_memory = float(env.get(Env.GPU_MEMORY_GIB, "80"))
@@ -125,6 +143,7 @@ def run(env: dict[str, str]) -> dict[str, Any]:
         read_data(val_path, hub, "validation") if val_path else None,
         val_path or "",
         extra_sources=extra,
+        hub_weights=hub_weights,
     )
     return {"plan": plan.to_json()}
 

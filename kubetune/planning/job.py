@@ -47,7 +47,7 @@ from kubetune.planning.model import (
 from kubetune.planning.plan import SURPRISING_DATA_RATIO, make_plan, method_alternative
 from kubetune.planning.quantization import qlora_setting_problem
 from kubetune.planning.remedies import plan_remedies
-from kubetune.planning.weights import WeightsHeaderError, read_weight_counts
+from kubetune.planning.weights import WeightCounts, WeightsHeaderError, read_weight_counts
 
 # A CPU "GPU" for local runs: the share of host memory one training process may use.
 CPU_PROCESS_MEMORY_GIB = 8.0
@@ -214,12 +214,26 @@ def check_method_settings(request: PlanRequest, arch: ModelArch) -> None:
             raise PlanRequestError(f"{field}: {exc}") from exc
 
 
-def model_arch_with_weights(model_config: dict[str, Any], model_source: str) -> ModelArch:
+#: What the prepare step found of a hub model's headers (`planning.hubweights`): the counts,
+#: or none and why.
+HubWeights = tuple[WeightCounts | None, str]
+
+
+def model_arch_with_weights(
+    model_config: dict[str, Any], model_source: str, hub_weights: HubWeights | None = None
+) -> ModelArch:
     """The architecture from the config; where the model is a local directory (``file://``
     or a path) with ``model.safetensors`` or its index, what their headers say
-    (``with_weight_counts``). A hub or ConfigMap source has no headers to read here: a family
-    outside the table is then planned on Llama-like assumptions, and its notes say so."""
+    (``with_weight_counts``); for a hub model, what the prepare step read of its headers
+    (`hub_weights`). A ConfigMap source has no headers to read: a family outside the table is
+    then planned on Llama-like assumptions, and its notes say so."""
     arch = model_arch_from_config(model_config, model_source)
+    if hub_weights is not None:
+        counts, why = hub_weights
+        if counts is not None:
+            return with_weight_counts(arch, counts)
+        note = f"parameters from the config's shapes: {why}"
+        return replace(arch, notes=(*arch.notes, note))
     directory = model_directory(model_source)
     if directory is None:
         return arch
@@ -299,6 +313,7 @@ def build_plan(
     cpu_processes: int = 1,
     tokenizer_source: str | None = None,
     extra_sources: Sequence[tuple[DataInput, str]] = (),
+    hub_weights: HubWeights | None = None,
 ) -> PlanDocument:
     """Validate the data, summarise it and plan. Raises DataError / ModelConfigError /
     ValueError with messages that name the source. `cpu_processes` is the number of
@@ -312,7 +327,7 @@ def build_plan(
     fmt, sources, validation = read_job_data(
         spec, train_text, train_source, validation_text, validation_source, extra_sources
     )
-    arch = model_arch_with_weights(model_config, model_source)
+    arch = model_arch_with_weights(model_config, model_source, hub_weights)
     request = plan_request(spec)
     tokenizer, no_tokenizer = find_tokenizer(tokenizer_source or model_source)
     length: dict[int, int] = {}  # by id(example): each example's tokens
@@ -464,7 +479,7 @@ def quality_note(report: QualityReport) -> str:
     the prepare pod's 4 KiB termination message)."""
     if report.exact or report.near or report.leaked:
         return ""
-    return f"No duplicates or train/validation leakage (near: >= {report.settings.threshold:g})."
+    return "No duplicates or leakage found."
 
 
 def quality_decisions(report: QualityReport) -> list[Decision]:

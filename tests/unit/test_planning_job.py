@@ -430,10 +430,18 @@ def test_build_plan_data_errors_name_source_and_line(
 def test_build_plan_passes_data_problems_on_as_warnings() -> None:
     assert QWEN is not None
     rows = pc_rows(10) + pc_rows(2)  # two duplicates
+    # Removed by default (spec.dataset.deduplicate), with a decision that names them.
     plan = build_plan(make_spec(), jsonl(rows), "t", QWEN, "q", GPU).to_json()
-    assert any("duplicate" in w for w in plan["warnings"])
+    assert not any("duplicate" in w for w in plan["warnings"])
+    [found] = [d for d in plan["decisions"] if d["key"] == "data.duplicates"]
+    assert "2 exact (removed)" in found["sentence"]
+    assert "t line 11 = line 1" in found["sentence"]
+    kept = make_spec(dataset={"uri": "file:///t.jsonl", "deduplicate": {"exact": False}})
+    plan = build_plan(kept, jsonl(rows), "t", QWEN, "q", GPU).to_json()
+    assert any("duplicate training examples kept" in w for w in plan["warnings"])
     clean = build_plan(make_spec(), jsonl(pc_rows(12)), "t", QWEN, "q", GPU).to_json()
     assert not any("duplicate" in w for w in clean["warnings"])
+    assert "No duplicates or leakage found." in clean["reasons"][1]
 
 
 def test_build_plan_uses_the_spec_and_resources() -> None:
