@@ -219,9 +219,9 @@ def cross_matches(
     out: list[Match] = []
     rest: list[int] = []
     for i, ex in enumerate(rows):
-        j = index.get(row_key(ex))
-        if j is not None:
-            out.append(Match(i, j, "exact"))
+        same = index.get(row_key(ex))
+        if same is not None:
+            out.append(Match(i, same, "exact"))
         else:
             rest.append(i)
     if threshold is None or not rest or not against:

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -68,8 +69,8 @@ class Hub(BaseHTTPRequestHandler):
     """HEAD and GET (with Range) of /{org}/{name}/resolve/{revision}/{file}; 404 otherwise,
     with the hub's error code, as huggingface_hub reads it."""
 
-    repos: dict[str, dict[str, bytes]] = {}
-    seen: list[str] = []
+    repos: ClassVar[dict[str, dict[str, bytes]]] = {}
+    seen: ClassVar[list[str]] = []
 
     def log_message(self, *args: object) -> None:
         pass
