@@ -27,10 +27,11 @@ def hub_weight_counts(
         counts = read_weight_counts(snapshot) if snapshot is not None else None
         why = "" if counts else "offline, and the hub cache holds no safetensors weights"
         return counts, why
-    from huggingface_hub import get_safetensors_metadata
+    from huggingface_hub import HfApi
 
     try:
-        meta = get_safetensors_metadata(repo, revision=revision, token=token or None)
+        # A fresh client: it reads the endpoint (HF_ENDPOINT) now, not at import.
+        meta = HfApi().get_safetensors_metadata(repo, revision=revision, token=token or None)
     except Exception as exc:  # no safetensors files, refused, unreachable: planned without
         return None, f"the hub's safetensors metadata could not be read ({type(exc).__name__})"
     tensors: dict[str, tuple[str, tuple[int, ...]]] = {}

@@ -420,7 +420,7 @@ CASES: list[Case] = [
         "dataset-uri-scheme",
         {"dataset": {"uri": "https://example.com/d.jsonl"}},
         "dataset.uri must be file:///absolute/path, pvc://claim/path, configmap://name/key or "
-        "hf://org/name",
+        "hf://datasets/org/name",
         "spec.dataset.uri",
         cel=True,
     ),

@@ -274,7 +274,7 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         {"dataset": {"uri": "https://example.com/x.jsonl"}},
         "spec.dataset.uri: "
         "dataset.uri must be file:///absolute/path, pvc://claim/path, configmap://name/key or "
-        "hf://org/name",
+        "hf://datasets/org/name",
     ),
     (
         "validation scheme",

@@ -302,7 +302,7 @@ def test_sequence_length_is_capped() -> None:
     [
         ({}, "Only 500 training examples"),
         ({"duplicate_count": 25}, "25 duplicate training examples"),
-        ({"leakage_count": 7}, "7 validation examples also occur in the training data"),
+        ({"leakage_count": 7}, "7 validation examples duplicate training examples"),
         ({"overlong_count": 3}, "3 of 500 training examples are longer than the planned"),
         ({"tokens_estimated": True}, "Token counts are estimated"),
     ],
