@@ -260,9 +260,10 @@ def _plan_table(p: PlanDocument) -> str:
 def validate(job: Path) -> None:
     """Validate a FineTuneJob file and, where it can be read here, its dataset."""
     from kubetune.data import DataError, summarize
+    from kubetune.data.mixture import mixed_rows
     from kubetune.data.tokens import find_tokenizer
     from kubetune.local_inputs import InputError, config_maps_in, local_sources, read_uri
-    from kubetune.planning.job import read_job_data
+    from kubetune.planning.job import dedup_settings, quality_decisions, quality_note, read_job_data
 
     spec = _load_job(job).spec
     click.echo(f"{job}: the FineTuneJob spec is valid")
@@ -301,8 +302,24 @@ def validate(job: Path) -> None:
         f"{src}: {summary.example_count} {fmt} examples{files}, about "
         f"{summary.token_count:,} tokens ({how})"
     )
+    # Duplicates and leakage as the plan finds them (exact and near, spec.dataset.deduplicate),
+    # instead of the summary's count of exact duplicates.
+    quality = mixed_rows(
+        sources,
+        validation,
+        spec.dataset.validation_split,
+        int(spec.hyperparameters.seed),
+        dedup_settings(spec),
+        vsrc,
+    ).quality
     for w in summary.warnings:
-        click.echo(f"warning: {w}")
+        if w not in summary.duplicate_warnings:
+            click.echo(f"warning: {w}")
+    for d in quality_decisions(quality):
+        prefix = "warning: " if d.key == "data.leakage" or quality.kept_duplicates else ""
+        click.echo(prefix + d.sentence)
+    if quality_note(quality):
+        click.echo(quality_note(quality))
 
 
 @main.command("merge-adapter")

@@ -5,6 +5,7 @@ share (kubetune.data.mixture.mixed_rows), and their spec fields."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -160,3 +161,41 @@ def test_spec_defaults_and_errors_name_the_field() -> None:
         FineTuneJobSpec.model_validate(spec(uri="hf://datasets/acme/support/more"))
     with pytest.raises(ValueError, match=r"spec\.dataset\.deduplicate\.threshold"):
         DedupSettings(threshold=0)
+
+
+def test_kubetune_validate_reports_duplicates_and_leakage(tmp_path: Path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from kubetune.cli import main
+
+    rows = [{"prompt": e.prompt, "completion": e.target} for e in distinct(30)]
+    rows.append({"prompt": rows[2]["prompt"].upper(), "completion": rows[2]["completion"]})
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    val = tmp_path / "val.jsonl"
+    val.write_text(json.dumps(rows[5]) + "\n" + json.dumps(rows[6]).replace(".", "!") + "\n")
+    job = tmp_path / "job.yaml"
+
+    def validate(**dataset: object) -> str:
+        manifest = {
+            "apiVersion": "kubetune.dev/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": "t"},
+            "spec": {
+                "model": {"uri": "hf://Qwen/Qwen2-0.5B"},
+                "dataset": {"uri": f"file://{data}", **dataset},
+            },
+        }
+        job.write_text(json.dumps(manifest))
+        result = CliRunner().invoke(main, ["validate", str(job)])
+        assert result.exit_code == 0, result.output
+        return str(result.output)
+
+    out = validate()
+    assert "1 exact (removed)" in out
+    assert f"{data} line 31 = line 3" in out
+    assert "exact duplicates; they are trained on" not in out
+    out = validate(validationUri=f"file://{val}", deduplicate={"near": False})
+    assert "warning: 2 of 2 validation rows duplicate training rows (1 exact, 1 near" in out
