@@ -32,8 +32,9 @@ def test_a_mapped_parquet_file_with_overlong_rows(
     from kubetune.trainer.setup import load_inputs
 
     rows = [{"q": f"Define term {i}: ", "a": f"Term {i} means item {i}."} for i in range(40)]
-    long = " ".join(f"item {i}" for i in range(60))  # well over maxSeqLength 32
-    rows[5]["a"] = rows[17]["a"] = long
+    # Well over maxSeqLength 32, and different (two equal ones would be near duplicates).
+    rows[5]["a"] = " ".join(f"item {i}" for i in range(60))
+    rows[17]["a"] = " ".join(f"piece {i}" for i in range(60, 120))
     run = make_run(
         data_file=("train.parquet", _parquet(rows)),
         spec_extra={
