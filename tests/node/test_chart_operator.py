@@ -123,8 +123,7 @@ def test_the_operator_pod_runs_restricted_takes_its_lease_and_passes_its_probes(
             (
                 lease
                 for lease in coord.list_namespaced_lease(ns).items
-                if lease.spec.holder_identity
-                and pod.metadata.name in lease.spec.holder_identity
+                if lease.spec.holder_identity and pod.metadata.name in lease.spec.holder_identity
             ),
             None,
         ),
@@ -224,7 +223,8 @@ def test_a_finetunejob_succeeds_on_the_real_node_with_the_built_trainer_image(
     table = _kubectl(node_cluster, "-n", ns, "get", "ftj", "sums")
     header, row = table.splitlines()[:2]
     assert header.split()[:4] == ["NAME", "STATUS", "METHOD", "PROGRESS"], header
-    assert row.split()[1] == "Succeeded" and row.split()[3] == "100%", row
+    assert row.split()[1] == "Succeeded", row
+    assert row.split()[3] == "100%", row
     # The training pod's log is the trainer's console lines (kubectl logs via the kubelet).
     train = [p for p in pods if "train" in p.metadata.name]
     logs = _kubectl(node_cluster, "-n", ns, "logs", train[0].metadata.name)

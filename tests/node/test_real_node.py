@@ -71,10 +71,9 @@ def test_pod_runs_to_completed_with_a_pod_ip_and_logs(
     pod_ip = ipaddress.ip_address(pod.status.pod_ip)
     assert pod_ip in ipaddress.ip_network(node_cluster.node.net.pod_cidr)
     # `kubectl logs` goes API server -> kubelet on the node's address.
-    kubectl = node_cluster.bins.kubectl
+    kubectl = [str(node_cluster.bins.kubectl), f"--kubeconfig={node_cluster.layout.kubeconfig}"]
     logs = subprocess.run(
-        [str(kubectl), f"--kubeconfig={node_cluster.layout.kubeconfig}", "-n", node_namespace]
-        + ["logs", "hello"],
+        [*kubectl, "-n", node_namespace, "logs", "hello"],
         capture_output=True,
         text=True,
         timeout=60,

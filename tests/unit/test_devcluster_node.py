@@ -101,9 +101,7 @@ def test_fence_passes_pod_to_pod_and_drops_the_rest_of_the_pod_range() -> None:
 
 
 def test_kube_proxy_translates_service_ips_only_on_this_machine(tmp_path: Path) -> None:
-    cfg = n.kube_proxy_config(
-        NET, n.NodeLayout(tmp_path), PORTS, tmp_path / "kubeconfig", "node-0"
-    )
+    cfg = n.kube_proxy_config(NET, n.NodeLayout(tmp_path), PORTS, tmp_path / "kubeconfig", "node-0")
     assert cfg["mode"] == "iptables"
     assert cfg["clusterCIDR"] == NET.pod_cidr
     assert cfg["iptables"]["localhostNodePorts"] is False
