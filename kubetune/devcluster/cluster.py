@@ -356,6 +356,12 @@ class DevCluster:
             "kube-proxy", f"http://127.0.0.1:{node_ports.proxy_healthz}/healthz", deadline
         )
         self._wait_http("coredns", f"http://127.0.0.1:{node_ports.coredns_ready}/ready", deadline)
+        try:
+            node.keep_fence_first(deadline)
+        except NodeError as exc:
+            raise ClusterError(
+                f"{exc}; kube-proxy's log: {self.layout.logs / 'kube-proxy.log'}"
+            ) from exc
 
     def _write_kubeconfigs(self, ports: c.Ports, pki: ClusterPKI) -> None:
         server = f"https://127.0.0.1:{ports.apiserver}"
@@ -500,6 +506,7 @@ class DevCluster:
         if state.real_node is not None or state.real_node_bridge is not None:
             self.node.kill_leftovers()
             self.node.cleanup_proxy_rules()
+            self.node.remove_kubernetes_chains()
             self.node.remove_fence()
             self.node.unmount_all()
             self.node.delete_bridge()

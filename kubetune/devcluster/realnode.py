@@ -110,6 +110,21 @@ class RealNode:
                 run(["iptables", "-w", "-A", chain, *rule])
             run(["iptables", "-w", "-I", n.FENCE_JUMPS[chain], "1", "-j", chain])
 
+    def keep_fence_first(self, deadline: float) -> None:
+        """kube-proxy puts its own jumps at the top of FORWARD and INPUT when it first
+        syncs (and leaves them where they are afterwards): once they are there, move the
+        fence's jumps back in front of them."""
+        while time.monotonic() < deadline:
+            if self._has_jump("FORWARD", "KUBE-FORWARD"):
+                break
+            time.sleep(0.2)
+        else:
+            raise NodeError("kube-proxy did not install its FORWARD rules in time")
+        for chain, parent in n.FENCE_JUMPS.items():
+            while self._has_jump(parent, chain):
+                run(["iptables", "-w", "-D", parent, "-j", chain])
+            run(["iptables", "-w", "-I", parent, "1", "-j", chain])
+
     def remove_fence(self) -> None:
         for chain, parent in n.FENCE_JUMPS.items():
             while self._has_jump(parent, chain):
@@ -121,6 +136,28 @@ class RealNode:
     def _has_jump(parent: str, chain: str) -> bool:
         rules = run(["iptables", "-w", "-S", parent], check=False)
         return f"-j {chain}" in rules
+
+    @staticmethod
+    def remove_kubernetes_chains() -> None:
+        """The chains the kubelet (KUBE-FIREWALL, its canaries) and kube-proxy leave in
+        iptables and ip6tables after `kube-proxy --cleanup`: every `KUBE-*` chain, and the
+        built-in chains' jumps to them. Only a Kubernetes node makes such chains; the dev
+        cluster's is the only one on the machines it runs on."""
+        for tool in ("iptables", "ip6tables"):
+            if shutil.which(tool) is None:
+                continue
+            for table in ("filter", "nat", "mangle", "raw"):
+                listing = run([tool, "-w", "-t", table, "-S"], check=False).splitlines()
+                ours = [ln.split()[1] for ln in listing if ln.startswith("-N KUBE-")]
+                for line in listing:
+                    parts = line.split()
+                    builtin = parts[:1] == ["-A"] and not parts[1].startswith("KUBE-")
+                    if builtin and "-j" in parts and parts[parts.index("-j") + 1] in ours:
+                        run([tool, "-w", "-t", table, "-D", *parts[1:]], check=False)
+                for chain in ours:
+                    run([tool, "-w", "-t", table, "-F", chain], check=False)
+                for chain in ours:
+                    run([tool, "-w", "-t", table, "-X", chain], check=False)
 
     def delete_bridge(self) -> None:
         if Path(f"/sys/class/net/{self.net.bridge}").exists():

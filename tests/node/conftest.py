@@ -76,9 +76,16 @@ def leftovers(cluster: Any) -> list[str]:
     found = []
     if Path(f"/sys/class/net/{cluster.node.net.bridge}").exists():
         found.append(f"bridge {cluster.node.net.bridge}")
-    rules = subprocess.run(["iptables", "-w", "-S"], capture_output=True, text=True).stdout
-    found += [f"iptables chain {c}" for c in (n.FENCE_CHAIN, n.INPUT_CHAIN) if c in rules]
-    found += ["kube-proxy's chains" for _ in [1] if "KUBE-SERVICES" in rules]
+    for table in ("filter", "nat", "mangle"):
+        rules = subprocess.run(
+            ["iptables", "-w", "-t", table, "-S"], capture_output=True, text=True, check=False
+        ).stdout.splitlines()
+        found += [
+            f"iptables {table}: {r}"
+            for r in rules
+            if (r.startswith("-N ") and r.split()[1] in (n.FENCE_CHAIN, n.INPUT_CHAIN))
+            or r.startswith("-N KUBE-")
+        ]
     mounts = Path("/proc/self/mounts").read_text()
     if str(cluster.layout.root / "node") in mounts:
         found.append("mounts under the node's directory")
