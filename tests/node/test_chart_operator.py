@@ -109,7 +109,7 @@ def test_the_operator_pod_runs_restricted_takes_its_lease_and_passes_its_probes(
 
     core = client.CoreV1Api(node_api)
     ns = installed["system"]
-    pod = wait_for(lambda: _operator_pod(core, ns), 240, "the operator pod to be Ready")
+    pod: Any = wait_for(lambda: _operator_pod(core, ns), 240, "the operator pod to be Ready")
     assert pod.spec.node_name == node_cluster.node.name
     assert pod.spec.service_account_name.startswith("kubetune")
     [status] = pod.status.container_statuses
