@@ -92,7 +92,8 @@ base_hash() {
 }
 
 pause_hash() {
-  { echo "recipe=$PAUSE_RECIPE"; dpkg-query -W -f='${Version}' busybox-static 2>/dev/null || sha256sum /bin/busybox; } | hash16
+  { echo "recipe=$PAUSE_RECIPE"; dpkg-query -W -f='${Version}' busybox-static 2>/dev/null \
+      || sha256sum /bin/busybox 2>/dev/null || echo "no busybox"; } | hash16
 }
 
 # Everything the Dockerfile's COPY steps read (.dockerignore: pyproject.toml, README.md,
@@ -250,10 +251,12 @@ main() {
   esac
   names=("$@")
   [ ${#names[@]} -gt 0 ] || names=(pause operator trainer)
-  require
   local n all=() total=$SECONDS
   for n in "${names[@]}"; do
-    image_hash "$n" >/dev/null
+    case "$n" in base|pause|operator|trainer) ;; *) die "unknown image '$n' (base, pause, operator, trainer)" ;; esac
+  done
+  require
+  for n in "${names[@]}"; do
     case "$n" in operator|trainer) [[ " ${all[*]} " == *" base "* ]] || all+=(base) ;; esac
     all+=("$n")
   done
