@@ -1,12 +1,19 @@
-"""Node-tier fixtures: one dev cluster per session with a real node (kubelet, containerd,
-runc, the CNI bridge, CoreDNS, kube-proxy) running the images `make images` built.
+"""The node tier: real containers on a real node.
 
-Skipped, with the reason, only where this machine cannot run a kubelet (not root, Debian's
-containerd/runc/CNI packages missing, tools not built); on the machines CI runs on it runs.
+Images come from tools/images.sh (`make images`): built once with buildah and cached by
+content, so a session whose inputs did not change only reads the cache. One dev cluster per
+session runs a real node (kubelet, containerd, runc, the CNI bridge, CoreDNS, kube-proxy)
+with those images loaded. Skipped, saying why, only where this machine cannot build the
+images or run a kubelet (not root; buildah, debootstrap, busybox-static, runc, containerd or
+the CNI plugins missing: `apt-get install buildah debootstrap busybox-static runc containerd
+containernetworking-plugins iptables`; tools not built: `make tools`); on the machines CI
+runs on it runs.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,35 +21,45 @@ from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-IMAGES_SCRIPT = REPO / "tools" / "images.sh"
+from tests.node import oci
 
 
-def _lines(args: list[str], timeout: float) -> dict[str, str]:
-    out = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"`{' '.join(args)}` failed ({out.returncode}):\n{out.stderr[-3000:]}")
-    pairs = (line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
-    return {k.strip(): v.strip() for k, v in pairs}
+def why_images_cannot_build() -> str | None:
+    if os.geteuid() != 0:
+        return "the node tier needs root (buildah's overlay storage, debootstrap, runc)"
+    missing = [c for c in ("buildah", "debootstrap", "runc") if shutil.which(c) is None]
+    if not os.path.exists("/bin/busybox"):
+        missing.append("busybox-static")
+    if missing:
+        return (
+            f"the node tier needs {', '.join(missing)}: "
+            "apt-get install buildah debootstrap busybox-static runc"
+        )
+    return None
 
 
 @pytest.fixture(scope="session")
-def image_archives() -> dict[str, Path]:
-    """The archives of every image (built now if missing; cached by content)."""
-    archives = _lines(["bash", str(IMAGES_SCRIPT), "--print-archives"], timeout=3000)
-    return {name: Path(path) for name, path in archives.items()}
+def image_archives() -> dict[str, str]:
+    """NAME=archive of pause, operator and trainer, built if missing (a cold build takes minutes:
+    `make images` first)."""
+    reason = why_images_cannot_build()
+    if reason:
+        pytest.skip(reason)
+    out = oci.images_sh("--print-archives", timeout=3600)
+    return dict(line.split("=", 1) for line in out.splitlines())
 
 
 @pytest.fixture(scope="session")
-def image_refs(image_archives: dict[str, Path]) -> dict[str, str]:
+def image_refs(image_archives: dict[str, str]) -> dict[str, str]:
     """name -> reference (localhost/kubetune/NAME:HASH) of each image in the node's store."""
-    return _lines(["bash", str(IMAGES_SCRIPT), "--print-refs"], timeout=120)
+    out = oci.images_sh("--print-refs", timeout=120)
+    return dict(line.split("=", 1) for line in out.splitlines())
 
 
 @pytest.fixture(scope="session")
 def node_cluster(
     tmp_path_factory: pytest.TempPathFactory,
-    image_archives: dict[str, Path],
+    image_archives: dict[str, str],
     image_refs: dict[str, str],
 ) -> Iterator[Any]:
     from kubetune.devcluster.binaries import find_binaries
@@ -59,7 +76,8 @@ def node_cluster(
         local_runner=False,
         tie_to_parent=True,
         real_node=NodeImages(
-            archives=tuple(image_archives.values()), sandbox_image=image_refs["pause"]
+            archives=tuple(Path(p) for p in image_archives.values()),
+            sandbox_image=image_refs["pause"],
         ),
     )
     cluster.start(timeout=300)

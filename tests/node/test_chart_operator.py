@@ -118,7 +118,7 @@ def test_the_operator_pod_runs_restricted_takes_its_lease_and_passes_its_probes(
     # Its own ServiceAccount, never an admin kubeconfig: the token is the only credential.
     assert not [e for e in (pod.spec.containers[0].env or []) if e.name == "KUBECONFIG"]
     coord = client.CoordinationV1Api(node_api)
-    lease = wait_for(
+    lease: Any = wait_for(
         lambda: next(
             (
                 lease

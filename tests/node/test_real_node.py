@@ -65,7 +65,7 @@ def test_pod_runs_to_completed_with_a_pod_ip_and_logs(
 
     core = client.CoreV1Api(node_api)
     script = "import os, socket; print('hello from', socket.gethostname(), 'uid', os.getuid())"
-    pod = _run_to_end(core, node_namespace, _pod("hello", image_refs["base"], script))
+    pod = _run_to_end(core, node_namespace, _pod("hello", image_refs["operator"], script))
     assert pod.status.phase == "Succeeded", pod.status
     assert pod.status.container_statuses[0].state.terminated.reason == "Completed"
     pod_ip = ipaddress.ip_address(pod.status.pod_ip)
@@ -79,7 +79,7 @@ def test_pod_runs_to_completed_with_a_pod_ip_and_logs(
         timeout=60,
         check=True,
     ).stdout
-    assert logs.strip() == "hello from hello uid 0"
+    assert logs.strip() == "hello from hello uid 10001"  # the image's own non-root user
 
 
 DNS_SCRIPT = """
@@ -109,7 +109,7 @@ def test_pods_resolve_services_and_headless_pod_names_and_nothing_outside(
             "spec": {"clusterIP": "None", "selector": {"app": "server"}, "ports": [{"port": 1}]},
         },
     )
-    server = _pod("server", image_refs["base"], "import time; time.sleep(600)")
+    server = _pod("server", image_refs["operator"], "import time; time.sleep(600)")
     server["spec"].update({"hostname": "server-0", "subdomain": "peers"})
     core.create_namespaced_pod(ns, server)
     running = wait_for(
@@ -123,7 +123,7 @@ def test_pods_resolve_services_and_headless_pod_names_and_nothing_outside(
         "kubernetes.default",
         "example.com",
     ]
-    client_pod = _pod("client", image_refs["base"], DNS_SCRIPT)
+    client_pod = _pod("client", image_refs["operator"], DNS_SCRIPT)
     client_pod["spec"]["containers"][0]["command"] += names
     # The headless name appears once the endpoints controller has published the pod.
     out = ""
