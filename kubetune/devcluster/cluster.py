@@ -38,6 +38,8 @@ from kubetune.devcluster.pki import ClusterPKI, generate_node_pki, generate_pki
 from kubetune.devcluster.realnode import NodeCerts, NodeError, RealNode, unsupported_reason
 
 LOCAL_RUNNER_NODE = "local-runner-0"
+# Seconds the real node's components get to start once its images are loaded.
+NODE_START_SECONDS = 180.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -169,7 +171,11 @@ class DevCluster:
         self.bins = binaries or find_binaries()
         self.state: ClusterState | None = None
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.node = RealNode(n.NodeLayout(self.layout.root / "node"), n.NodeNetwork(), self.bins)
+        self.node = RealNode(
+            n.NodeLayout(self.layout.root / "node", image_store=image_store()),
+            n.NodeNetwork(),
+            self.bins,
+        )
 
     # ---------------------------------------------------------------- start
     def start(self, timeout: float = 120.0, progress: Callable[[str], None] | None = None) -> None:
@@ -293,7 +299,7 @@ class DevCluster:
             say(f"registering {self.gpu_pool.count} simulated GPU nodes")
             self._register_nodes()
             if self.node_images is not None:
-                self._start_real_node(ports, pki, say, deadline)
+                deadline = self._start_real_node(ports, pki, say, deadline)
             self._wait_ready(deadline)
             self.state.save(self.layout.state_file)
             say(f"ready: export KUBECONFIG={self.layout.kubeconfig}")
@@ -303,7 +309,7 @@ class DevCluster:
 
     def _start_real_node(
         self, ports: c.Ports, pki: ClusterPKI, say: Callable[[str], None], deadline: float
-    ) -> None:
+    ) -> float:
         """The fence, containerd with the images, the kubelet, kube-proxy and CoreDNS."""
         assert self.state is not None
         assert self.node_images is not None
@@ -340,7 +346,14 @@ class DevCluster:
         try:
             node.wait_containerd(deadline)
             say(f"loading {len(self.node_images.archives)} images into containerd")
-            node.load_images(list(self.node_images.archives))
+            started = time.monotonic()
+            imported = node.load_images(list(self.node_images.archives))
+            say(
+                f"imported {len(imported)} image archives in {time.monotonic() - started:.0f}s "
+                f"(the others were in {node.layout.containerd_root} already)"
+            )
+            # Importing a multi-GiB image is not start-up time: the components get theirs.
+            deadline = max(deadline, time.monotonic() + NODE_START_SECONDS)
         except NodeError as exc:
             log = self.layout.logs / "containerd.log"
             raise ClusterError(f"{exc}; containerd's log: {log}") from exc
@@ -362,6 +375,7 @@ class DevCluster:
             raise ClusterError(
                 f"{exc}; kube-proxy's log: {self.layout.logs / 'kube-proxy.log'}"
             ) from exc
+        return deadline
 
     def _write_kubeconfigs(self, ports: c.Ports, pki: ClusterPKI) -> None:
         server = f"https://127.0.0.1:{ports.apiserver}"
@@ -611,6 +625,12 @@ def _terminate(pid: int, grace: float) -> None:
     # Reap it if it is our child.
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
+
+
+def image_store() -> Path:
+    """containerd's store of the real node, kept across clusters (KUBETUNE_IMAGE_STORE)."""
+    env = os.environ.get("KUBETUNE_IMAGE_STORE")
+    return Path(env) if env else Path.home() / ".cache" / "kubetune" / "containerd"
 
 
 def default_root() -> Path:

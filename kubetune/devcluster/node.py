@@ -51,10 +51,14 @@ class NodeLayout:
     """Files of the real node, all under the cluster's `root/node`."""
 
     root: Path
+    # containerd's content store and snapshots: kept across clusters (by default under
+    # ~/.cache/kubetune/containerd) so that an image already imported is not imported again
+    # (the trainer's is several GiB); None keeps it under `root`.
+    image_store: Path | None = None
 
     @property
     def containerd_root(self) -> Path:
-        return self.root / "containerd" / "root"
+        return self.image_store or self.root / "containerd" / "root"
 
     @property
     def containerd_state(self) -> Path:

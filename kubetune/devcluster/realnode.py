@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,13 +223,20 @@ class RealNode:
         raise NodeError(f"containerd did not answer on {self.layout.containerd_socket}: {last}")
 
     def load_images(self, archives: list[Path]) -> list[str]:
-        """Import image archives (docker or OCI) into the runtime's store; the references
-        they hold are what pods name (no registry is ever asked)."""
+        """Import image archives (docker-archive) into the runtime's store, skipping those
+        whose every reference is there already; the references are what pods name (no
+        registry is ever asked). Returns the archives imported."""
+        present = set(self.image_refs())
+        imported = []
         for archive in archives:
             if not archive.is_file():
                 raise NodeError(f"image archive {archive} does not exist; run `make images`")
-            self.ctr("images", "import", str(archive))
-        return self.image_refs()
+            refs = archive_refs(archive)
+            if refs and set(refs) <= present:
+                continue
+            self.ctr("images", "import", str(archive), timeout=1800)
+            imported.append(str(archive))
+        return imported
 
     def image_refs(self) -> list[str]:
         out = self.ctr("images", "list", "-q", timeout=30)
@@ -284,6 +292,28 @@ class RealNode:
                     mounts.append(target)
         for target in sorted(mounts, key=len, reverse=True):
             run(["umount", "-l", target], check=False)
+
+
+def archive_refs(archive: Path) -> list[str]:
+    """The image references a docker-archive names (its manifest.json's RepoTags), read
+    without unpacking it (tarfile skips over the layers)."""
+    try:
+        with tarfile.open(archive) as tar:
+            member = tar.extractfile("manifest.json")
+            if member is None:
+                return []
+            manifest = json.load(member)
+    except (KeyError, OSError, tarfile.TarError, ValueError) as exc:
+        raise NodeError(f"{archive}: not a docker-archive with a manifest.json ({exc})") from exc
+    return [normalise_ref(tag) for entry in manifest for tag in entry.get("RepoTags") or []]
+
+
+def normalise_ref(ref: str) -> str:
+    """containerd's form of a reference: a name without a registry is docker.io's."""
+    first = ref.split("/", 1)[0]
+    if "/" not in ref or ("." not in first and ":" not in first and first != "localhost"):
+        ref = f"docker.io/{ref if '/' in ref else 'library/' + ref}"
+    return ref
 
 
 @dataclass(frozen=True)

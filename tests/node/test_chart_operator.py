@@ -17,7 +17,8 @@ import pytest
 
 from tests.waiting import wait_for
 
-pytestmark = pytest.mark.node
+# The first test pays for the session fixture: images built if missing, imported once.
+pytestmark = [pytest.mark.node, pytest.mark.timeout(3600)]
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "kubetune"

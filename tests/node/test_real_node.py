@@ -11,7 +11,8 @@ import pytest
 
 from tests.waiting import wait_for
 
-pytestmark = pytest.mark.node
+# The first test pays for the session fixture: images built if missing, imported once.
+pytestmark = [pytest.mark.node, pytest.mark.timeout(3600)]
 
 
 def _pod(name: str, image: str, script: str, **spec: Any) -> dict[str, Any]:
