@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help venv tools test test-unit test-cluster test-trainer bench-smoke lint typecheck check dev-cluster-up dev-cluster-down clean
+.PHONY: help venv tools images test test-unit test-cluster test-trainer test-node bench-smoke lint typecheck check dev-cluster-up dev-cluster-down clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -22,6 +22,9 @@ venv: $(VENV)/.installed ## create .venv and install kubetune with its dev and t
 tools: ## build the control plane, kwok, helm and prometheus from Go modules (idempotent)
 	tools/build.sh
 
+images: ## build the base, pause, operator and trainer images with buildah (cached by content)
+	tools/images.sh
+
 test: venv ## the whole suite: lint, types, unit, cluster and trainer tiers (needs `make tools`)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -34,6 +37,9 @@ test-unit: venv ## unit tier only (no cluster, no torch)
 
 test-cluster: venv ## cluster tier only (real local control plane)
 	$(VENV)/bin/pytest -m cluster $(PYTEST_ARGS)
+
+test-node: venv ## node tier only (a real kubelet node running the built images; needs root, `make tools`)
+	$(VENV)/bin/pytest -m node $(PYTEST_ARGS)
 
 test-trainer: venv ## trainer tier only (real CPU training of tiny models)
 	$(VENV)/bin/pytest -m trainer $(PYTEST_ARGS)

@@ -376,6 +376,20 @@ _root_option = click.option(
     help="Value of the nvidia.com/gpu.memory label (MiB).",
 )
 @click.option("--no-local-runner", is_flag=True, help="Do not start the local pod runner.")
+@click.option(
+    "--node-image",
+    "node_images",
+    multiple=True,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Start a real node too (kubelet, containerd, CNI bridge, CoreDNS, kube-proxy) and "
+    "load this image archive into its runtime; repeat for each image (`make images` builds "
+    "them; see docs/testing.md). Needs root.",
+)
+@click.option(
+    "--sandbox-image",
+    default=None,
+    help="Reference of the pause image among --node-image's (containerd's sandbox_image).",
+)
 @click.option("--timeout", default=180.0, show_default=True, help="Seconds to wait for ready.")
 def dev_cluster_up(
     root: Path | None,
@@ -384,12 +398,25 @@ def dev_cluster_up(
     gpu_product: str,
     gpu_memory_mib: int,
     no_local_runner: bool,
+    node_images: tuple[Path, ...],
+    sandbox_image: str | None,
     timeout: float,
 ) -> None:
     """Start the cluster and wait until it is ready; prints the KUBECONFIG to use."""
     from kubetune.devcluster.binaries import ToolsMissingError
-    from kubetune.devcluster.cluster import ClusterError, DevCluster, default_root
+    from kubetune.devcluster.cluster import ClusterError, DevCluster, NodeImages, default_root
     from kubetune.devcluster.components import GpuNodePool
+
+    real_node = None
+    if node_images:
+        if not sandbox_image:
+            raise click.UsageError(
+                "--node-image needs --sandbox-image: the reference of the pause image "
+                "(`tools/images.sh --print-refs` prints it as pause=...)"
+            )
+        real_node = NodeImages(archives=node_images, sandbox_image=sandbox_image)
+    elif sandbox_image:
+        raise click.UsageError("--sandbox-image is for a real node: give --node-image too")
 
     pool = GpuNodePool(
         count=gpu_nodes,
@@ -397,7 +424,12 @@ def dev_cluster_up(
         product=gpu_product,
         gpu_memory_mib=gpu_memory_mib,
     )
-    cluster = DevCluster(root or default_root(), gpu_pool=pool, local_runner=not no_local_runner)
+    cluster = DevCluster(
+        root or default_root(),
+        gpu_pool=pool,
+        local_runner=not no_local_runner,
+        real_node=real_node,
+    )
     try:
         cluster.start(timeout=timeout, progress=lambda m: click.echo(f"dev-cluster: {m}"))
     except (ToolsMissingError, ClusterError) as exc:

@@ -38,26 +38,39 @@ def encode_message(result: dict[str, Any]) -> str:
 
 def read_model_config(location: str, revision: str | None = None) -> tuple[dict[str, Any], str]:
     """config.json from a local path/directory, a bundled well-known model, or the hub."""
+    from kubetune.planning import ModelConfigError
     from kubetune.planning.job import known_model_config
 
     if location.startswith("hf://"):
+        if location.startswith("hf://kubetune/") and known_model_config(location) is None:
+            raise ModelConfigError(
+                f"spec.model.uri: {location} is not a model kubetune builds; the built-in "
+                "models are hf://kubetune/tiny-llama-en"
+            )
         known = known_model_config(location)
         if known is not None:
             return known, location
         repo = location.removeprefix("hf://")
         try:
             from huggingface_hub import hf_hub_download
+            from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
         except ImportError as exc:
             raise ValueError(f"{location}: reading a hub model needs huggingface_hub") from exc
         token = os.environ.get("HF_TOKEN") or None
-        path = Path(hf_hub_download(repo, "config.json", revision=revision, token=token))
+        try:
+            path = Path(hf_hub_download(repo, "config.json", revision=revision, token=token))
+        except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+            raise ModelConfigError(
+                f"spec.model.uri: cannot read {location}'s config.json from the hub "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                "check that the pods can reach the hub (HF_ENDPOINT) and, for a gated model, "
+                "spec.model.secretRef, or copy the model to a volume and use pvc://"
+            ) from exc
         fetch_hub_tokenizer(repo, revision, token)
     else:
         path = Path(location)
         if path.is_dir():
             path = path / "config.json"
-    from kubetune.planning import ModelConfigError
-
     try:
         return json.loads(path.read_text()), str(path)
     except FileNotFoundError as exc:

@@ -47,6 +47,11 @@ class Binaries:
     helm: Path
     prometheus: Path
     promtool: Path
+    # The real node's (the `node` tier; `make tools` builds them too).
+    kubelet: Path
+    kube_proxy: Path
+    coredns: Path
+    crictl: Path
 
     def missing(self) -> list[Path]:
         return [p for p in vars(self).values() if not os.access(p, os.X_OK)]
@@ -71,6 +76,10 @@ def find_binaries(root: Path | None = None, versions: dict[str, str] | None = No
         helm=at("helm", "HELM_VERSION", "helm"),
         prometheus=at("prometheus", "PROMETHEUS_VERSION", "prometheus"),
         promtool=at("prometheus", "PROMETHEUS_VERSION", "promtool"),
+        kubelet=at("kubelet", "K8S_VERSION", "kubelet"),
+        kube_proxy=at("kubelet", "K8S_VERSION", "kube-proxy"),
+        coredns=at("coredns", "COREDNS_VERSION", "coredns"),
+        crictl=at("cri-tools", "CRI_TOOLS_VERSION", "crictl"),
     )
 
 

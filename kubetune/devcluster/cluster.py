@@ -32,11 +32,24 @@ from typing import Any
 import yaml
 
 from kubetune.devcluster import components as c
+from kubetune.devcluster import node as n
 from kubetune.devcluster.binaries import Binaries, find_binaries, require
-from kubetune.devcluster.pki import ClusterPKI, generate_pki
+from kubetune.devcluster.pki import ClusterPKI, generate_node_pki, generate_pki
+from kubetune.devcluster.realnode import NodeCerts, NodeError, RealNode, unsupported_reason
 
 LOCAL_RUNNER_NODE = "local-runner-0"
+# Seconds the real node's components get to start once its images are loaded.
+NODE_START_SECONDS = 180.0
 _PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class NodeImages:
+    """What a real node starts with: image archives for containerd's store (built by
+    `make images`) and the reference of the sandbox (pause) image among them."""
+
+    archives: tuple[Path, ...]
+    sandbox_image: str
 
 
 class ClusterError(RuntimeError):
@@ -97,6 +110,9 @@ class ClusterState:
     processes: list[ProcessRecord] = field(default_factory=list)
     gpu_nodes: list[str] = field(default_factory=list)
     local_runner_node: str | None = None
+    # The real node's name and bridge (`down` takes them down), when it has one.
+    real_node: str | None = None
+    real_node_bridge: str | None = None
 
     @classmethod
     def load(cls, path: Path) -> ClusterState:
@@ -145,14 +161,21 @@ class DevCluster:
         local_runner: bool = True,
         tie_to_parent: bool = False,
         binaries: Binaries | None = None,
+        real_node: NodeImages | None = None,
     ) -> None:
         self.layout = c.Layout(root.resolve())
+        self.node_images = real_node
         self.gpu_pool = gpu_pool if gpu_pool is not None else c.GpuNodePool()
         self.local_runner = local_runner
         self.tie_to_parent = tie_to_parent
         self.bins = binaries or find_binaries()
         self.state: ClusterState | None = None
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.node = RealNode(
+            n.NodeLayout(self.layout.root / "node", image_store=image_store()),
+            n.NodeNetwork(),
+            self.bins,
+        )
 
     # ---------------------------------------------------------------- start
     def start(self, timeout: float = 120.0, progress: Callable[[str], None] | None = None) -> None:
@@ -188,7 +211,11 @@ class DevCluster:
                     f"a dev cluster is already running in {self.layout.root}; "
                     "run `kubetune dev-cluster down` first"
                 )
-        for sub in ("etcd", "pki", "serving", "logs", "pods"):
+        if self.node_images is not None:
+            reason = unsupported_reason(self.bins)
+            if reason:
+                raise ClusterError(f"cannot start the real node: {reason}")
+        for sub in ("etcd", "pki", "serving", "logs", "pods", "node"):
             shutil.rmtree(self.layout.root / sub, ignore_errors=True)
         self.layout.root.mkdir(parents=True, exist_ok=True)
         self.layout.logs.mkdir()
@@ -204,9 +231,17 @@ class DevCluster:
             ports=asdict(ports),
             kubeconfig=str(self.layout.kubeconfig),
         )
+        node_ip = self.node.net.node_ip if self.node_images is not None else None
         try:
+            if node_ip is not None:
+                say(f"creating the pods' bridge {self.node.net.bridge} ({node_ip})")
+                self.state.real_node_bridge = self.node.net.bridge
+                self.node.create_bridge()
+                self.state.save(self.layout.state_file)
             say("generating certificates")
-            pki = generate_pki(self.layout.pki)
+            pki = generate_pki(
+                self.layout.pki, extra_server_names=(node_ip,) if node_ip is not None else ()
+            )
             self._write_kubeconfigs(ports, pki)
             self.layout.kwok_config.write_text(
                 resources.files("kubetune.devcluster").joinpath("kwok-stages.yaml").read_text()
@@ -215,7 +250,9 @@ class DevCluster:
             self._spawn("etcd", c.etcd_args(self.bins, ports, self.layout))
             self._wait_http("etcd", f"http://127.0.0.1:{ports.etcd_client}/health", deadline)
             say(f"starting kube-apiserver on 127.0.0.1:{ports.apiserver}")
-            self._spawn("kube-apiserver", c.apiserver_args(self.bins, ports, self.layout, pki))
+            self._spawn(
+                "kube-apiserver", c.apiserver_args(self.bins, ports, self.layout, pki, node_ip)
+            )
             self._wait_http(
                 "kube-apiserver",
                 f"https://127.0.0.1:{ports.apiserver}/readyz",
@@ -261,12 +298,84 @@ class DevCluster:
                 self.state.local_runner_node = LOCAL_RUNNER_NODE
             say(f"registering {self.gpu_pool.count} simulated GPU nodes")
             self._register_nodes()
+            if self.node_images is not None:
+                deadline = self._start_real_node(ports, pki, say, deadline)
             self._wait_ready(deadline)
             self.state.save(self.layout.state_file)
             say(f"ready: export KUBECONFIG={self.layout.kubeconfig}")
         except BaseException:
             self.stop()
             raise
+
+    def _start_real_node(
+        self, ports: c.Ports, pki: ClusterPKI, say: Callable[[str], None], deadline: float
+    ) -> float:
+        """The fence, containerd with the images, the kubelet, kube-proxy and CoreDNS."""
+        assert self.state is not None
+        assert self.node_images is not None
+        node = self.node
+        say("installing the network fence (iptables)")
+        node.install_fence(ports.apiserver)
+        picked: list[int] = []
+        while len(picked) < 6:
+            port = free_port()
+            if port not in picked:
+                picked.append(port)
+        node_ports = n.NodePorts(*picked)
+        self.state.ports.update({f"node_{k}": v for k, v in asdict(node_ports).items()})
+        node_pki = generate_node_pki(self.layout.pki, pki.ca, node.name, node.net.node_ip)
+        node_kubeconfig = c.kubeconfig(
+            f"https://127.0.0.1:{ports.apiserver}",
+            pki.ca.cert,
+            node_pki.client,
+            n.node_kubeconfig_user(node.name),
+        )
+        node.write_files(
+            admin_kubeconfig=self.layout.kubeconfig,
+            node_kubeconfig=yaml.safe_dump(node_kubeconfig),
+            ports=node_ports,
+            pki=NodeCerts(
+                ca=pki.ca.cert,
+                serving_cert=node_pki.serving.cert,
+                serving_key=node_pki.serving.key,
+                sandbox_image=self.node_images.sandbox_image,
+            ),
+        )
+        say("starting containerd")
+        self._spawn("containerd", ["containerd", f"--config={node.layout.containerd_config}"])
+        try:
+            node.wait_containerd(deadline)
+            say(f"loading {len(self.node_images.archives)} images into containerd")
+            started = time.monotonic()
+            imported = node.load_images(list(self.node_images.archives))
+            say(
+                f"imported {len(imported)} image archives in {time.monotonic() - started:.0f}s "
+                f"(the others were in {node.layout.containerd_root} already)"
+            )
+            # Importing a multi-GiB image is not start-up time: the components get theirs.
+            deadline = max(deadline, time.monotonic() + NODE_START_SECONDS)
+        except NodeError as exc:
+            log = self.layout.logs / "containerd.log"
+            raise ClusterError(f"{exc}; containerd's log: {log}") from exc
+        say(f"starting the kubelet (node {node.name}, {node.net.node_ip})")
+        self.state.real_node = node.name
+        self._spawn("kubelet", n.kubelet_args(self.bins.kubelet, node.net, node.layout, node.name))
+        self._spawn("kube-proxy", n.kube_proxy_args(self.bins.kube_proxy, node.layout))
+        self._spawn("coredns", n.coredns_args(self.bins.coredns, node.layout))
+        self._wait_http(
+            "kubelet", f"http://127.0.0.1:{node_ports.kubelet_healthz}/healthz", deadline
+        )
+        self._wait_http(
+            "kube-proxy", f"http://127.0.0.1:{node_ports.proxy_healthz}/healthz", deadline
+        )
+        self._wait_http("coredns", f"http://127.0.0.1:{node_ports.coredns_ready}/ready", deadline)
+        try:
+            node.keep_fence_first(deadline)
+        except NodeError as exc:
+            raise ClusterError(
+                f"{exc}; kube-proxy's log: {self.layout.logs / 'kube-proxy.log'}"
+            ) from exc
+        return deadline
 
     def _write_kubeconfigs(self, ports: c.Ports, pki: ClusterPKI) -> None:
         server = f"https://127.0.0.1:{ports.apiserver}"
@@ -362,6 +471,8 @@ class DevCluster:
         expected = set(self.state.gpu_nodes)
         if self.state.local_runner_node:
             expected.add(self.state.local_runner_node)
+        if self.state.real_node:
+            expected.add(self.state.real_node)
         waiting = "the default service account"
         while time.monotonic() < deadline:
             for name in self._procs:
@@ -393,11 +504,28 @@ class DevCluster:
             state = ClusterState.load(self.layout.state_file)
         if state is None:
             return
+        by_name = {r.name: r for r in state.processes}
+        if state.real_node is not None or state.real_node_bridge is not None:
+            # The kubelet first (it would restart what goes), then every pod through the
+            # CRI while containerd still runs, so that CNI frees addresses and namespaces.
+            if "kubelet" in by_name:
+                _terminate(by_name["kubelet"].pid, grace)
+            if "containerd" in by_name and _pid_alive(by_name["containerd"].pid):
+                self.node.remove_pods()
         for record in reversed(state.processes):
             _terminate(record.pid, grace)
         for proc in self._procs.values():
             with contextlib.suppress(Exception):
                 proc.wait(timeout=1)
+        if state.real_node is not None or state.real_node_bridge is not None:
+            self.node.kill_leftovers()
+            self.node.cleanup_proxy_rules()
+            self.node.remove_kubernetes_chains()
+            self.node.remove_fence()
+            self.node.unmount_all()
+            self.node.delete_bridge()
+            state.real_node = None
+            state.real_node_bridge = None
         state.processes = []
         state.save(self.layout.state_file)
 
@@ -457,6 +585,7 @@ class DevCluster:
             "ports": state.ports,
             "gpuNodes": state.gpu_nodes,
             "localRunnerNode": state.local_runner_node,
+            "realNode": state.real_node,
         }
 
 
@@ -496,6 +625,12 @@ def _terminate(pid: int, grace: float) -> None:
     # Reap it if it is our child.
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
+
+
+def image_store() -> Path:
+    """containerd's store of the real node, kept across clusters (KUBETUNE_IMAGE_STORE)."""
+    env = os.environ.get("KUBETUNE_IMAGE_STORE")
+    return Path(env) if env else Path.home() / ".cache" / "kubetune" / "containerd"
 
 
 def default_root() -> Path:

@@ -136,25 +136,49 @@ def etcd_args(bins: Binaries, ports: Ports, layout: Layout) -> list[str]:
     ]
 
 
-def apiserver_args(bins: Binaries, ports: Ports, layout: Layout, pki: ClusterPKI) -> list[str]:
+def apiserver_args(
+    bins: Binaries, ports: Ports, layout: Layout, pki: ClusterPKI, node_ip: str | None = None
+) -> list[str]:
+    """The API server's command line. With a real node (`node_ip`, the node's bridge
+    address) it also listens there, so that pods reach it through the `kubernetes` Service
+    (kube-proxy), authorises kubelets with the Node authoriser and talks to the kubelet
+    with the admin's client certificate (logs, exec)."""
+    if node_ip is not None:
+        return [
+            *_apiserver_common(bins, ports, layout, pki),
+            # Every address, fenced: only loopback and the bridge may connect (node.py).
+            "--bind-address=0.0.0.0",
+            f"--advertise-address={node_ip}",
+            "--endpoint-reconciler-type=lease",
+            "--authorization-mode=Node,RBAC",
+            f"--kubelet-client-certificate={pki.admin.cert}",
+            f"--kubelet-client-key={pki.admin.key}",
+            "--kubelet-preferred-address-types=InternalIP",
+        ]
+    return [
+        *_apiserver_common(bins, ports, layout, pki),
+        "--bind-address=127.0.0.1",
+        "--advertise-address=127.0.0.1",
+        "--authorization-mode=RBAC",
+        # Loopback cannot be an endpoint of the `kubernetes` Service; in-cluster clients of
+        # the local pod runner reach the API server through KUBERNETES_SERVICE_HOST instead.
+        "--endpoint-reconciler-type=none",
+    ]
+
+
+def _apiserver_common(bins: Binaries, ports: Ports, layout: Layout, pki: ClusterPKI) -> list[str]:
     return [
         str(bins.kube_apiserver),
         f"--etcd-servers=http://127.0.0.1:{ports.etcd_client}",
-        "--bind-address=127.0.0.1",
-        "--advertise-address=127.0.0.1",
         f"--secure-port={ports.apiserver}",
         f"--tls-cert-file={pki.apiserver.cert}",
         f"--tls-private-key-file={pki.apiserver.key}",
         f"--client-ca-file={pki.ca.cert}",
-        "--authorization-mode=RBAC",
         f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
         f"--service-account-key-file={pki.sa_public_key}",
         f"--service-account-signing-key-file={pki.sa_private_key}",
         f"--service-cluster-ip-range={SERVICE_CIDR}",
         "--allow-privileged=true",
-        # Loopback cannot be an endpoint of the `kubernetes` Service; in-cluster clients of
-        # the local pod runner reach the API server through KUBERNETES_SERVICE_HOST instead.
-        "--endpoint-reconciler-type=none",
         "--profiling=false",
         f"--cert-dir={layout.cert_dir('apiserver')}",
         "--v=1",

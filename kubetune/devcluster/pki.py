@@ -116,8 +116,11 @@ def _save(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, d: Path, stem
     return pair
 
 
-def generate_pki(directory: Path, service_ip: str = "10.96.0.1") -> ClusterPKI:
-    """Create a fresh CA and every certificate and key the cluster needs in `directory`."""
+def generate_pki(
+    directory: Path, service_ip: str = "10.96.0.1", extra_server_names: tuple[str, ...] = ()
+) -> ClusterPKI:
+    """Create a fresh CA and every certificate and key the cluster needs in `directory`;
+    `extra_server_names` are more names of the API server (a real node's bridge address)."""
     directory.mkdir(parents=True, exist_ok=True)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = _name("kubetune-dev-ca")
@@ -140,6 +143,7 @@ def generate_pki(directory: Path, service_ip: str = "10.96.0.1") -> ClusterPKI:
         "kubernetes.default",
         "kubernetes.default.svc",
         "kubernetes.default.svc.cluster.local",
+        *extra_server_names,
     )
     server_cert = _issue(
         subject=_name("kube-apiserver"),
@@ -170,4 +174,42 @@ def generate_pki(directory: Path, service_ip: str = "10.96.0.1") -> ClusterPKI:
         scheduler=client("scheduler", "system:kube-scheduler"),
         sa_private_key=sa_private,
         sa_public_key=sa_public,
+    )
+
+
+@dataclass(frozen=True)
+class NodePKI:
+    """A real node's credentials: the kubelet's client certificate (the Node authorizer's
+    `system:node:<name>` in `system:nodes`) and its serving certificate for the node IP."""
+
+    client: CertPair
+    serving: CertPair
+
+
+def generate_node_pki(directory: Path, ca: CertPair, node_name: str, node_ip: str) -> NodePKI:
+    """Issue the kubelet's certificates from the cluster's CA (written by `generate_pki`)."""
+    ca_cert = x509.load_pem_x509_certificate(ca.cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(ca.key.read_bytes(), password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{ca.key}: the dev cluster's CA key is not an ECDSA key")
+    directory.mkdir(parents=True, exist_ok=True)
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    client_cert = _issue(
+        subject=_name(f"system:node:{node_name}", "system:nodes"),
+        key=client_key,
+        issuer=ca_cert.subject,
+        issuer_key=ca_key,
+        client=True,
+    )
+    serving_key = ec.generate_private_key(ec.SECP256R1())
+    serving_cert = _issue(
+        subject=_name(node_name),
+        key=serving_key,
+        issuer=ca_cert.subject,
+        issuer_key=ca_key,
+        server_names=(node_ip, node_name),
+    )
+    return NodePKI(
+        client=_save(client_cert, client_key, directory, "kubelet-client"),
+        serving=_save(serving_cert, serving_key, directory, "kubelet-serving"),
     )

@@ -64,12 +64,29 @@ def _catalogue() -> dict[str, Path]:
     return out
 
 
+BUILTIN_CONFIGS = Path(__file__).resolve().parent / "builtin"
+
+
+def builtin_model_config(uri: str) -> dict[str, Any] | None:
+    """config.json of a model kubetune builds itself (`hf://kubetune/<name>`), shipped
+    beside the planner so that nothing torch-side is imported to plan it (a unit test keeps
+    these files equal to kubetune.trainer.basemodel's recipes); None for an unknown name."""
+    name = uri.removeprefix("hf://kubetune/").strip("/")
+    path = BUILTIN_CONFIGS / f"{name}.json"
+    if "/" in name or not path.is_file():
+        return None
+    config: dict[str, Any] = json.loads(path.read_text())
+    return config
+
+
 def known_model_config(uri: str) -> dict[str, Any] | None:
     """The config.json of a well-known hub model we ship, so the operator can plan without
     downloading anything; None for other models."""
     parsed = urlparse(uri)
     if parsed.scheme != "hf":
         return None
+    if parsed.netloc == "kubetune":
+        return builtin_model_config(uri)
     path = _catalogue().get(f"{parsed.netloc}{parsed.path}".lower())
     return json.loads(path.read_text()) if path else None
 

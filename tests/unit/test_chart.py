@@ -242,10 +242,28 @@ def _pip_packages(instr: list[tuple[str, str]]) -> list[str]:
             continue
         for cmd in rest.split("&&"):
             tokens = cmd.split()
-            if "pip" in " ".join(tokens[:1]) and "install" in tokens:
+            # `pip install ...`, also after environment assignments (`DS_BUILD_OPS=0 pip ...`)
+            while tokens and re.fullmatch(r"[A-Z_]+=\S*", tokens[0]):
+                tokens = tokens[1:]
+            if tokens and tokens[0].endswith("pip") and "install" in tokens:
                 args = tokens[tokens.index("install") + 1 :]
                 pkgs += [a for a in args if not a.startswith("-") and a != "."]
     return pkgs
+
+
+def _base_images(instr: list[tuple[str, str]]) -> list[str]:
+    """Each FROM's image, with `${NAME}` replaced by the default of the ARG before the first FROM
+    (the base a user pulls; `make images` passes a local base instead)."""
+    args: dict[str, str] = {}
+    images: list[str] = []
+    for word, rest in instr:
+        if word == "ARG" and not images:
+            name, _, default = rest.partition("=")
+            args[name] = default
+        if word == "FROM":
+            image = rest.split()[0]
+            images.append(re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], image))
+    return images
 
 
 def _final_user(instr: list[tuple[str, str]]) -> str:
@@ -258,11 +276,10 @@ def _final_user(instr: list[tuple[str, str]]) -> str:
 @pytest.mark.parametrize("name", ["Dockerfile.operator", "Dockerfile.trainer"])
 def test_dockerfiles_pin_everything_and_run_as_non_root(name: str) -> None:
     instr = _instructions(ROOT / name)
+    for image in _base_images(instr):
+        assert not image.endswith(":latest"), f"{name}: unpinned {image}"
+        assert re.search(r":\d", image), f"{name}: {image} has no version tag"
     for word, rest in instr:
-        if word == "FROM":
-            image = rest.split()[0]
-            assert not image.endswith(":latest"), f"{name}: unpinned {image}"
-            assert re.search(r":\d", image), f"{name}: {image} has no version tag"
         if word == "COPY" and "--from" not in rest:
             for src in rest.split()[:-1]:
                 assert (ROOT / src).exists(), f"{name}: COPY {src} does not exist"
@@ -302,7 +319,7 @@ def test_the_operator_image_has_no_torch_and_runs_what_the_chart_runs() -> None:
 
 def test_the_trainer_image_has_the_torch_stack_and_the_pods_uid() -> None:
     instr = _instructions(ROOT / "Dockerfile.trainer")
-    base = next(rest for w, rest in instr if w == "FROM")
+    (base,) = _base_images(instr)
     assert base.startswith("nvidia/cuda:")
     assert "runtime" in base
     pkgs = {p.split("==")[0].lower() for p in _pip_packages(instr)}

@@ -66,6 +66,8 @@ def test_binaries_live_in_versioned_cache_dirs(tmp_path: Path) -> None:
             "KWOK_VERSION": "v0.8.0",
             "HELM_VERSION": "v3.22.0",
             "PROMETHEUS_VERSION": "v0.316.0",
+            "COREDNS_VERSION": "v1.15.0",
+            "CRI_TOOLS_VERSION": "v1.37.0",
         },
     )
     assert bins.kube_apiserver == tmp_path / "kubernetes-v1.37.2" / "kube-apiserver"
@@ -79,7 +81,21 @@ def _layout_and_bins(tmp_path: Path) -> tuple[c.Layout, Binaries, c.Ports]:
     bins = Binaries(
         *(
             tmp_path / n
-            for n in ("etcd", "kas", "kcm", "ks", "kubectl", "kwok", "helm", "prom", "promtool")
+            for n in (
+                "etcd",
+                "kas",
+                "kcm",
+                "ks",
+                "kubectl",
+                "kwok",
+                "helm",
+                "prom",
+                "promtool",
+                "kubelet",
+                "kube-proxy",
+                "coredns",
+                "crictl",
+            )
         )
     )
     return c.Layout(tmp_path), bins, c.Ports(2379, 2380, 6443, 10257, 10259, 10247)
