@@ -4,7 +4,7 @@
 #
 # Idempotent: a tool whose binaries exist and whose wrapper go.mod/go.sum are unchanged
 # (a stamp file holds their hash) is skipped. Usage: tools/build.sh [tool ...]
-# Tools: etcd kubernetes kwok helm prometheus (default: all).
+# Tools: etcd kubernetes kwok helm prometheus seaweedfs (default: all).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 # shellcheck source=/dev/null
@@ -48,7 +48,7 @@ k8s_ldflags() {
 }
 
 tools=("$@")
-[ ${#tools[@]} -gt 0 ] || tools=(etcd kubernetes kwok helm prometheus)
+[ ${#tools[@]} -gt 0 ] || tools=(etcd kubernetes kwok helm prometheus seaweedfs)
 total_start=$SECONDS
 for t in "${tools[@]}"; do
   case "$t" in
@@ -67,7 +67,9 @@ for t in "${tools[@]}"; do
         "-X github.com/prometheus/common/version.Version=$PROMETHEUS_VERSION" \
         github.com/prometheus/prometheus/cmd/prometheus=prometheus \
         github.com/prometheus/prometheus/cmd/promtool=promtool ;;
-    *) echo "unknown tool: $t (known: etcd kubernetes kwok helm prometheus)" >&2; exit 2 ;;
+    # The S3-compatible object store of the cluster and trainer tiers' s3:// tests.
+    seaweedfs) build_tool seaweedfs "$SEAWEEDFS_VERSION" "" github.com/seaweedfs/seaweedfs/weed=weed ;;
+    *) echo "unknown tool: $t (known: etcd kubernetes kwok helm prometheus seaweedfs)" >&2; exit 2 ;;
   esac
 done
 log "done in $((SECONDS - total_start))s; cache: $BIN_ROOT ($(du -sh "$BIN_ROOT" | cut -f1))"
