@@ -108,9 +108,11 @@ def test_a_run_reads_from_and_writes_to_the_bucket_and_resumes_from_it(
     out = f"s3://{bucket}/runs/s3run"
     got = fetch(out, tmp_path / "got", "test", settings)
     assert (got / "final" / "adapter_config.json").is_file()
-    assert (got / "report.json").is_file() and (got / "metrics.jsonl").is_file()
+    assert (got / "report.json").is_file()
+    assert (got / "metrics.jsonl").is_file()
     checkpoints = list_prefixes(f"{out}/checkpoints", "test", settings)
-    assert checkpoints and all(c.startswith("checkpoint-") for c in checkpoints)
+    assert checkpoints
+    assert all(c.startswith("checkpoint-") for c in checkpoints)
     assert len(checkpoints) <= 2  # the Trainer's rotation is mirrored in the bucket
     last = max(checkpoints, key=lambda c: int(c.split("-")[1]))
     assert (got / "checkpoints" / last / "trainer_state.json").is_file()
@@ -141,7 +143,8 @@ def test_a_run_reads_from_and_writes_to_the_bucket_and_resumes_from_it(
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     again = fetch(out, tmp_path / "again", "test", settings)
     summary = json.loads((again / "report.json").read_text())["summary"]
-    assert summary["resumedFrom"] and summary["resumedFrom"].endswith(last)
+    assert summary["resumedFrom"]
+    assert summary["resumedFrom"].endswith(last)
     assert (again / "final" / "adapter_config.json").is_file()
     shutil.rmtree(cache)
 

@@ -111,7 +111,7 @@ def test_the_spec_wins_over_the_environment_but_keeps_its_credentials() -> None:
 def test_endpoint_parts() -> None:
     assert endpoint_parts("http://127.0.0.1:8333") == ("http", "127.0.0.1:8333")
     assert endpoint_parts("https://s3.example.internal/") == ("https", "s3.example.internal")
-    with pytest.raises(ObjectStoreError, match="storage.s3.endpointUrl"):
+    with pytest.raises(ObjectStoreError, match=r"storage\.s3\.endpointUrl"):
         endpoint_parts("127.0.0.1:8333")
 
 
@@ -135,7 +135,8 @@ def test_explain_names_field_and_uri(error: str, words: str) -> None:
 
 def test_s3_uris_and_storage_parse() -> None:
     spec = _spec(model={"from": "s3://out-bucket/runs/previous"})
-    assert spec.storage is not None and spec.storage.s3 is not None
+    assert spec.storage is not None
+    assert spec.storage.s3 is not None
     assert spec.storage.s3.path_style is True
     assert spec.model.from_ == "s3://out-bucket/runs/previous"
 
