@@ -158,7 +158,7 @@ def filesystem(settings: S3Settings) -> S3FileSystem:
         connect_timeout=10,
         request_timeout=60,
         retry_strategy=AwsStandardS3RetryStrategy(max_attempts=3),
-        **kwargs,  # type: ignore[arg-type]
+        **kwargs,
     )
 
 

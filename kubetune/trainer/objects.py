@@ -37,7 +37,7 @@ def _uploads_here() -> bool:
     return int(os.environ.get("LOCAL_RANK", "0")) == 0
 
 
-class UploadCheckpoints(TrainerCallback):  # type: ignore[misc]
+class UploadCheckpoints(TrainerCallback):
     """On each save: the new checkpoint directory to `<output uri>/checkpoints/`."""
 
     def __init__(self, output_uri: str, settings: S3Settings | None = None) -> None:
