@@ -183,3 +183,60 @@ def test_wrong_credentials_and_a_missing_key_name_the_field_and_the_uri(
     result = _run(no_bucket, tmp_path, _env(s3_server))
     assert result.returncode != 0
     assert "spec.model.uri: s3://no-such-bucket-x/models/tiny: the bucket" in result.stderr
+
+
+def test_the_pod_launcher_downloads_the_inputs_and_uploads_the_output(
+    s3_server: Any, bucket_with_inputs: str, make_run: Any, tmp_path: Path
+) -> None:
+    """What a training pod runs (`python -m kubetune.trainer.launch` + torchrun) with the
+    s3:// paths the operator puts in its environment."""
+    bucket, settings = bucket_with_inputs, _settings(s3_server)
+    run = make_run(hp={"epochs": 1.0, "evalSteps": 4})
+    work = tmp_path / "work"
+    work.mkdir()
+    out = f"s3://{bucket}/runs/pod"
+    env = {
+        **run.env,
+        **settings.env(),
+        "KUBETUNE_MODEL_PATH": f"s3://{bucket}/models/tiny",
+        "KUBETUNE_DATASET_PATH": f"s3://{bucket}/data/train.jsonl",
+        "KUBETUNE_OUTPUT_PATH": out,
+        "KUBETUNE_WORK_DIR": str(work),
+    }
+    config_dir = next(a for a in run.command if a.startswith("--config-dir="))
+    env["KUBETUNE_CONFIG_DIR"] = config_dir.removeprefix("--config-dir=")  # as in a pod
+    command = [
+        sys.executable,
+        "-m",
+        "kubetune.trainer.launch",
+        "--nnodes=1",
+        "--nproc-per-node=1",
+        "--master-addr=127.0.0.1",
+        f"--master-port={_port()}",
+        "-m",
+        "kubetune.trainer",
+        config_dir,
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (staged,) = work.iterdir()  # one scratch directory: the inputs and the local output
+    assert (staged / "inputs" / "model" / "config.json").is_file()
+    assert (staged / "inputs" / "dataset" / "train.jsonl").is_file()
+    got = fetch(out, tmp_path / "got", "test", settings)
+    assert (got / "final" / "adapter_config.json").is_file()
+    assert list_prefixes(f"{out}/checkpoints", "test", settings)
+
+    # A missing input stops the launcher with the configuration-error code, naming it.
+    env["KUBETUNE_DATASET_PATH"] = f"s3://{bucket}/data/none.jsonl"
+    env["KUBETUNE_TERMINATION_MESSAGE_PATH"] = str(tmp_path / "term.json")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 78
+    message = json.loads((tmp_path / "term.json").read_text())
+    assert message["reason"] == "ConfigError"
+    assert message["error"].startswith(f"spec.dataset.uri: s3://{bucket}/data/none.jsonl: ")
+
+
+def _port() -> int:
+    from kubetune.devcluster.cluster import free_port
+
+    return free_port()
