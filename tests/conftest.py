@@ -74,9 +74,8 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         server.stop()
 
 
-@pytest.fixture
-def s3_bucket(s3_server: Any) -> str:
-    """A fresh bucket on the server (its name)."""
+@pytest.fixture(scope="session")
+def _s3_session_bucket(s3_server: Any) -> str:
     from pyarrow.fs import S3FileSystem
 
     name = f"kt-{uuid.uuid4().hex[:10]}"
@@ -90,6 +89,13 @@ def s3_bucket(s3_server: Any) -> str:
     )
     wait_for(lambda: _created(fs, name), 60, f"bucket {name}")
     return name
+
+
+@pytest.fixture
+def s3_bucket(_s3_session_bucket: str) -> str:
+    """A fresh place on the server: `bucket/prefix`, to be used as `s3://{s3_bucket}/key`
+    (one bucket per session: SeaweedFS gives each bucket its own volumes)."""
+    return f"{_s3_session_bucket}/t-{uuid.uuid4().hex[:8]}"
 
 
 def _created(fs: Any, bucket: str) -> bool:

@@ -49,7 +49,7 @@ def server_args(binary: Path, directory: Path, ports: dict[str, int], config: Pa
         "-master.volumeSizeLimitMB=64",
         f"-volume.port={ports['volume']}",
         f"-volume.port.grpc={ports['volume_grpc']}",
-        "-volume.max=20",
+        "-volume.max=100",
         "-filer",
         f"-filer.port={ports['filer']}",
         f"-filer.port.grpc={ports['filer_grpc']}",
