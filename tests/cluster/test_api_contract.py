@@ -419,8 +419,8 @@ CASES: list[Case] = [
     Case(
         "dataset-uri-scheme",
         {"dataset": {"uri": "https://example.com/d.jsonl"}},
-        "dataset.uri must be file:///absolute/path, pvc://claim/path, configmap://name/key or "
-        "hf://org/name",
+        "dataset.uri must be file:///absolute/path, pvc://claim/path, configmap://name/key, "
+        "hf://org/name or s3://bucket/key",
         "spec.dataset.uri",
         cel=True,
     ),
