@@ -189,21 +189,23 @@ def plan(job: Path, output: str, gpu_memory_gib: float | None) -> None:
         local_sources,
         read_model_config,
         read_uri,
+        s3_settings,
     )
     from kubetune.planning import ModelConfigError
     from kubetune.planning.job import build_plan, resolve_gpu_memory
 
     spec = _load_job(job).spec
     cms = config_maps_in(job)
+    s3 = s3_settings(spec)
     try:
-        train, train_src = read_uri(spec.dataset.uri, "spec.dataset.uri", cms)
+        train, train_src = read_uri(spec.dataset.uri, "spec.dataset.uri", cms, s3)
         val = (
-            read_uri(spec.dataset.validation_uri, "spec.dataset.validationUri", cms)
+            read_uri(spec.dataset.validation_uri, "spec.dataset.validationUri", cms, s3)
             if spec.dataset.validation_uri
             else None
         )
-        extra = local_sources(spec, cms)
-        model = read_model_config(spec.model.uri, cms)
+        extra = local_sources(spec, cms, s3)
+        model = read_model_config(spec.model.uri, cms, s3)
         memory = resolve_gpu_memory(spec, None, gpu_memory_gib or 80.0)
         if gpu_memory_gib and not spec.resources.gpu_memory_gib and spec.resources.gpus_per_node:
             memory = (gpu_memory_gib, f"GPU memory {gpu_memory_gib:g} GiB from --gpu-memory-gib")
@@ -262,27 +264,34 @@ def validate(job: Path) -> None:
     from kubetune.data import DataError, summarize
     from kubetune.data.mixture import mixed_rows
     from kubetune.data.tokens import find_tokenizer
-    from kubetune.local_inputs import InputError, config_maps_in, local_sources, read_uri
+    from kubetune.local_inputs import (
+        InputError,
+        config_maps_in,
+        local_sources,
+        read_uri,
+        s3_settings,
+    )
     from kubetune.planning.job import dedup_settings, quality_decisions, quality_note, read_job_data
 
     spec = _load_job(job).spec
     click.echo(f"{job}: the FineTuneJob spec is valid")
     cms = config_maps_in(job)
+    s3 = s3_settings(spec)
     try:
-        raw, src = read_uri(spec.dataset.uri, "spec.dataset.uri", cms)
+        raw, src = read_uri(spec.dataset.uri, "spec.dataset.uri", cms, s3)
     except InputError as exc:
-        if spec.dataset.uri.startswith("file://"):
+        if spec.dataset.uri.startswith(("file://", "s3://")):
             raise click.ClickException(str(exc)) from exc
         click.echo(f"dataset not checked: {exc}")
         return
     try:
         vraw, vsrc = (
-            read_uri(spec.dataset.validation_uri, "spec.dataset.validationUri", cms)
+            read_uri(spec.dataset.validation_uri, "spec.dataset.validationUri", cms, s3)
             if spec.dataset.validation_uri
             else (None, "")
         )
         fmt, sources, validation = read_job_data(
-            spec, raw, src, vraw, vsrc, local_sources(spec, cms)
+            spec, raw, src, vraw, vsrc, local_sources(spec, cms, s3)
         )
         examples = [ex for source in sources for ex in source.examples]
         tokenizer, _ = find_tokenizer(spec.model.uri)

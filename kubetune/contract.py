@@ -75,6 +75,19 @@ class Env:
     CONTROL_TOKEN: Final = "KUBETUNE_CONTROL_TOKEN"
     TERMINATION_MESSAGE_PATH: Final = "KUBETUNE_TERMINATION_MESSAGE_PATH"
     MODEL_CACHE: Final = "KUBETUNE_MODEL_CACHE"
+    #: spec.storage.s3 as the pods (and `kubetune` locally) read it; the credentials are
+    #: the standard AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.
+    S3_ENDPOINT_URL: Final = "KUBETUNE_S3_ENDPOINT_URL"
+    S3_REGION: Final = "KUBETUNE_S3_REGION"
+    S3_PATH_STYLE: Final = "KUBETUNE_S3_PATH_STYLE"
+    #: An s3:// spec.output.uri: the trainer writes to OUTPUT_PATH (a local directory) and
+    #: uploads each checkpoint and the final output there.
+    OUTPUT_URI: Final = "KUBETUNE_OUTPUT_URI"
+    #: spec.storage.modelCache: where the prepare step downloads the base model once (the
+    #: training pods then read it from KUBETUNE_MODEL_PATH, the same directory).
+    MODEL_FETCH_DIR: Final = "KUBETUNE_MODEL_FETCH_DIR"
+    #: A local directory a pod stages s3:// inputs in (an emptyDir).
+    WORK_DIR: Final = "KUBETUNE_WORK_DIR"
     #: `kubetune run`: the file rank 0 appends its console events to (kubetune.console),
     #: for the CLI to render; unset in a pod, where rank 0 writes plain lines to stdout.
     EVENTS_PATH: Final = "KUBETUNE_EVENTS_PATH"

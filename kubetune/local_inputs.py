@@ -1,6 +1,7 @@
-"""Read a job's inputs on this machine for `kubetune plan|validate`: `file://` paths,
-`configmap://name/key` from a ConfigMap in the same YAML file, and the model configs we ship
-for well-known `hf://` ids."""
+"""Read a job's inputs on this machine for `kubetune plan|validate|run`: `file://` paths,
+`configmap://name/key` from a ConfigMap in the same YAML file, `s3://bucket/key` objects (with
+the endpoint of spec.storage.s3 and the credentials of the environment) and the model configs
+we ship for well-known `hf://` ids."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from kubetune.api import FineTuneJobSpec, load_yaml_documents
+from kubetune.data.objectstore import ObjectStoreError, S3Settings, fetch
 
 
 class InputError(ValueError):
@@ -34,9 +36,39 @@ def config_maps_in(path: Path) -> ConfigMaps:
     return out
 
 
-def read_uri(uri: str, field: str, config_maps: ConfigMaps) -> tuple[bytes, str]:
+def s3_settings(spec: FineTuneJobSpec) -> S3Settings:
+    """spec.storage.s3's endpoint, region and style, with the environment's credentials
+    (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY; the Secret is for the pods)."""
+    s3 = spec.storage.s3 if spec.storage is not None else None
+    env = S3Settings.from_env()
+    if s3 is None:
+        return env
+    return env.with_spec(s3.endpoint_url, s3.region, s3.path_style)
+
+
+def fetch_s3(
+    uri: str, dest: Path, field: str, s3: S3Settings | None, only: tuple[str, ...] | None = None
+) -> Path:
+    """An s3:// object or prefix downloaded here; an InputError naming the field if not."""
+    try:
+        return fetch(uri, dest, field, s3 or S3Settings.from_env(), only=only)
+    except ObjectStoreError as exc:
+        raise InputError(str(exc)) from None
+
+
+def read_uri(
+    uri: str, field: str, config_maps: ConfigMaps, s3: S3Settings | None = None
+) -> tuple[bytes, str]:
     """The bytes behind a data URI and a name for messages."""
     parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="kubetune-s3-") as tmp:
+            path = fetch_s3(uri, Path(tmp), field, s3)
+            if path.is_dir():
+                raise InputError(f"{field}: {uri} is a prefix; point at a data object")
+            return path.read_bytes(), uri
     if parsed.scheme == "file":
         path = Path(parsed.path)
         try:
@@ -62,10 +94,27 @@ def read_uri(uri: str, field: str, config_maps: ConfigMaps) -> tuple[bytes, str]
     )
 
 
-def read_model_config(uri: str, config_maps: ConfigMaps) -> dict[str, Any]:
+def read_model_config(
+    uri: str, config_maps: ConfigMaps, s3: S3Settings | None = None
+) -> dict[str, Any]:
     from kubetune.planning.job import known_model_config
 
     parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="kubetune-s3-") as tmp:
+            path = fetch_s3(uri, Path(tmp), "spec.model.uri", s3, only=("config.json",))
+            config = path if path.is_file() else path / "config.json"
+            if not config.is_file():
+                raise InputError(f"spec.model.uri: {uri} has no config.json")
+            try:
+                loaded: dict[str, Any] = json.loads(config.read_text())
+            except json.JSONDecodeError as exc:
+                raise InputError(
+                    f"spec.model.uri: {uri}/config.json is not valid JSON ({exc.msg})"
+                ) from None
+            return loaded
     if uri.startswith("hf://kubetune/"):
         from kubetune.trainer.basemodel import builtin_model_config
 
@@ -97,9 +146,11 @@ def read_model_config(uri: str, config_maps: ConfigMaps) -> dict[str, Any]:
     return parsed_config
 
 
-def local_sources(spec: FineTuneJobSpec, config_maps: ConfigMaps) -> list[tuple[bytes, str]]:
+def local_sources(
+    spec: FineTuneJobSpec, config_maps: ConfigMaps, s3: S3Settings | None = None
+) -> list[tuple[bytes, str]]:
     """The files of spec.dataset.sources, read here (their bytes and a name), in order."""
     return [
-        read_uri(source.uri, f"spec.dataset.sources[{i}].uri", config_maps)
+        read_uri(source.uri, f"spec.dataset.sources[{i}].uri", config_maps, s3)
         for i, source in enumerate(spec.dataset.sources or ())
     ]

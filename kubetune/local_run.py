@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 from kubetune.api.inputs import INPUT_FIELDS, trainer_input_uris
 from kubetune.api.plan import PlanDocument
 from kubetune.contract import INPUT_ENV, Env, source_role
+from kubetune.data.objectstore import ObjectStoreError, S3Settings, is_s3, stage_output
 
 
 @dataclass(frozen=True)
@@ -60,15 +61,16 @@ def prepare_local_run(
     `say` gets the progress of a first build of the built-in base model (default: stderr)."""
     from kubetune.api import job_from_yaml_file
     from kubetune.data.formats import SUFFIX, file_format_of
-    from kubetune.local_inputs import config_maps_in, local_sources, read_uri
+    from kubetune.local_inputs import config_maps_in, local_sources, read_uri, s3_settings
     from kubetune.planning.job import build_plan, resolve_gpu_memory
 
     job = job_from_yaml_file(job_path)
     spec = job.spec
     name = str((job.metadata or {}).get("name") or job_path.stem)
     cms = config_maps_in(job_path)
+    s3 = s3_settings(spec)
     model_uri = spec.model.uri
-    model_path = _local_model(model_uri, say=say)
+    model_path = _local_model(model_uri, say=say, s3=s3)
     model_config = (
         json.loads((Path(model_path) / "config.json").read_text())
         if Path(model_path).is_dir()
@@ -84,13 +86,13 @@ def prepare_local_run(
         }
     )
     uris = trainer_input_uris(spec)
-    train_bytes, train_src = read_uri(uris["dataset"], INPUT_FIELDS["dataset"], cms)
+    train_bytes, train_src = read_uri(uris["dataset"], INPUT_FIELDS["dataset"], cms, s3)
     val = (
-        read_uri(uris["validation"], INPUT_FIELDS["validation"], cms)
+        read_uri(uris["validation"], INPUT_FIELDS["validation"], cms, s3)
         if "validation" in uris
         else None
     )
-    extra = local_sources(spec, cms)
+    extra = local_sources(spec, cms, s3)
     memory = resolve_gpu_memory(local_spec, None, 80.0)
     plan = build_plan(
         local_spec,
@@ -107,6 +109,7 @@ def prepare_local_run(
     )
     _check_quantisation(plan, "GPU" if gpus else "CPU")
     out = output or _output_dir(spec, name)
+    output_uri = spec.output.uri if spec.output is not None and is_s3(spec.output.uri) else None
     if (out / "report.json").exists() and (out / "plan.json").exists():
         # A finished earlier run: start afresh (an unfinished one is resumed instead).
         import shutil
@@ -135,19 +138,33 @@ def prepare_local_run(
         copy.write_bytes(data)
         paths[source_role(i)] = str(copy)
     if "general" in uris:
-        general, _ = read_uri(uris["general"], INPUT_FIELDS["general"], cms)
+        general, _ = read_uri(uris["general"], INPUT_FIELDS["general"], cms, s3)
         (data_dir / "general.txt").write_bytes(general)
         paths["general"] = str(data_dir / "general.txt")
     if "previous" in uris:
-        paths["previous"] = _local_directory(uris["previous"], INPUT_FIELDS["previous"])
+        paths["previous"] = _local_directory(uris["previous"], INPUT_FIELDS["previous"], s3)
     if "augmentation" in uris:
-        paths["augmentation"] = _local_model(uris["augmentation"], INPUT_FIELDS["augmentation"])
+        paths["augmentation"] = _local_model(
+            uris["augmentation"], INPUT_FIELDS["augmentation"], s3=s3
+        )
+    objects: dict[str, str] = {}
+    if output_uri:
+        # The local output is a copy, uploaded as it is written; an unfinished run's
+        # checkpoints in the bucket are downloaded first so that it resumes from them.
+        from kubetune.local_inputs import InputError
+
+        objects = {**s3.env(), Env.OUTPUT_PATH: output_uri}
+        try:
+            objects.update(stage_output(objects, out, local=out))
+        except ObjectStoreError as exc:
+            raise InputError(str(exc)) from None
     env = {
         **os.environ,
         **{INPUT_ENV[role]: path for role, path in paths.items()},
         Env.JOB_NAME: name,
         Env.CONFIG_DIR: str(config_dir),
         Env.OUTPUT_PATH: str(out),
+        **objects,
         Env.TERMINATION_MESSAGE_PATH: str(out / "termination.json"),
         Env.METRICS_PORT: str(metrics_port if metrics_port is not None else _free_port()),
         Env.METRICS_HOST: "127.0.0.1",
@@ -204,11 +221,16 @@ def _cuda_devices() -> int:
 
 
 def _local_model(
-    uri: str, field: str = INPUT_FIELDS["model"], say: Callable[[str], None] | None = None
+    uri: str,
+    field: str = INPUT_FIELDS["model"],
+    say: Callable[[str], None] | None = None,
+    s3: S3Settings | None = None,
 ) -> str:
     from kubetune.local_inputs import InputError
 
     parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        return str(_s3_copy(uri, field, s3))
     if parsed.scheme == "hf":
         from kubetune.trainer import basemodel
 
@@ -223,18 +245,39 @@ def _local_model(
     if parsed.scheme == "file":
         return parsed.path
     raise InputError(
-        f"{field}: {parsed.scheme}:// models cannot be used locally; use file:// or hf://"
+        f"{field}: {parsed.scheme}:// models cannot be used locally; use file://, hf:// or s3://"
     )
 
 
-def _local_directory(uri: str, field: str) -> str:
+def _s3_copy(uri: str, field: str, s3: S3Settings | None) -> Path:
+    """An s3:// model or output directory, downloaded once into this machine's model
+    cache (`$KUBETUNE_MODEL_CACHE/s3/<bucket>/<key>`; delete it to download again)."""
+    from kubetune.data.objectstore import COMPLETE_MARKER, parse_s3_uri
+    from kubetune.local_inputs import InputError, fetch_s3
+
+    try:
+        location = parse_s3_uri(uri, field)
+    except ObjectStoreError as exc:
+        raise InputError(str(exc)) from None
+    base = os.environ.get(Env.MODEL_CACHE) or str(Path.home() / ".cache" / "kubetune" / "models")
+    dest = Path(base) / "s3" / location.path
+    if not (dest / COMPLETE_MARKER).exists():
+        fetch_s3(uri, dest, field, s3)
+        (dest / COMPLETE_MARKER).write_text(uri)
+    return dest
+
+
+def _local_directory(uri: str, field: str, s3: S3Settings | None = None) -> str:
     """A directory a local run reads as it is (a previous run's output)."""
     from kubetune.local_inputs import InputError
 
     parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        return str(_s3_copy(uri, field, s3))
     if parsed.scheme != "file":
         raise InputError(
-            f"{field}: {parsed.scheme}:// outputs cannot be read locally; use a file:// copy"
+            f"{field}: {parsed.scheme}:// outputs cannot be read locally; use a file:// or "
+            "s3:// one"
         )
     return parsed.path
 

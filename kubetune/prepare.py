@@ -131,32 +131,81 @@ def read_data(
         raise ValueError(f"{path} is a directory; point the URI at a data file") from exc
 
 
+def fetch_model_once(location: str, fetch_dir: Path, revision: str | None) -> Path:
+    """An hf:// model, all its files, into the job's model cache (spec.storage.modelCache);
+    skipped when an earlier prepare pod completed it."""
+    from kubetune.data.objectstore import COMPLETE_MARKER
+
+    if (fetch_dir / COMPLETE_MARKER).exists():
+        return fetch_dir
+    from huggingface_hub import snapshot_download
+
+    snapshot_download(
+        location.removeprefix("hf://"),
+        revision=revision,
+        token=os.environ.get("HF_TOKEN") or None,
+        local_dir=fetch_dir,
+    )
+    (fetch_dir / COMPLETE_MARKER).write_text(location)
+    return fetch_dir
+
+
+def stage(env: dict[str, str], revision: str | None) -> dict[str, str]:
+    """The environment with every s3:// input downloaded (and the model, when the job has
+    a model cache, downloaded once into it in full; else only what planning reads)."""
+    from kubetune.data.objectstore import PLANNING_MODEL_FILES, is_s3, stage_inputs, work_dir
+
+    fetch_dir = Path(env[Env.MODEL_FETCH_DIR]) if env.get(Env.MODEL_FETCH_DIR) else None
+    model = env.get(Env.MODEL_PATH, "")
+    staged = dict(env)
+    if any(is_s3(v) for v in env.values()):
+        staged.update(
+            stage_inputs(
+                env,
+                work_dir(env, "kubetune-prepare-"),
+                model_dir=fetch_dir,
+                model_files=None if fetch_dir else PLANNING_MODEL_FILES,
+            )
+        )
+    if fetch_dir is not None and model.startswith("hf://"):
+        staged[Env.MODEL_PATH] = str(fetch_model_once(model, fetch_dir, revision))
+    return staged
+
+
 def run(env: dict[str, str]) -> dict[str, Any]:
     from kubetune.api.spec import FineTuneJobSpec
     from kubetune.planning.job import build_plan
 
     spec = FineTuneJobSpec.model_validate(json.loads(env[Env.SPEC_JSON]))
+    named = env  # messages name an s3:// file by its URI, not by where it was downloaded
+    env = stage(env, spec.model.revision)
     model, model_source = read_model_config(env[Env.MODEL_PATH], spec.model.revision)
     hub_weights = read_hub_weights(env[Env.MODEL_PATH], spec.model.revision, model_source)
+    if named[Env.MODEL_PATH].startswith("s3://"):
+        model_source = named[Env.MODEL_PATH]
     train_path = env[Env.DATASET_PATH]
     val_path = env.get(Env.VALIDATION_PATH)
     gpu_memory = float(env.get(Env.GPU_MEMORY_GIB, "80"))
     hub = spec.dataset.hub.model_dump() if spec.dataset.hub else None
     extra: list[tuple[bytes | HubDataset, str]] = []
     for i, source in enumerate(spec.dataset.sources or ()):
-        path = env[INPUT_ENV[source_role(i)]]
-        extra.append((read_data(path, source.hub.model_dump() if source.hub else None), path))
+        var = INPUT_ENV[source_role(i)]
+        source_hub = source.hub.model_dump() if source.hub else None
+        extra.append((read_data(env[var], source_hub), named[var]))
     plan = build_plan(
         spec,
         read_data(train_path, hub),
-        train_path,
+        named[Env.DATASET_PATH],
         model,
         model_source,
         (gpu_memory, f"GPU memory {gpu_memory:g} GiB as the operator resolved it"),
         read_data(val_path, hub, "validation") if val_path else None,
-        val_path or "",
+        named.get(Env.VALIDATION_PATH) or "",
         extra_sources=extra,
         hub_weights=hub_weights,
+        tokenizer_source=str(Path(env[Env.MODEL_PATH]))
+        if named[Env.MODEL_PATH].startswith("s3://")
+        else None,
     )
     return {"plan": plan.to_json()}
 

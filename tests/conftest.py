@@ -59,3 +59,48 @@ def namespace(api_client: Any) -> Iterator[str]:
         yield name
     finally:
         core.delete_namespace(name)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real S3-compatible server (SeaweedFS, `tools/build.sh seaweedfs`) on 127.0.0.1."""
+    from kubetune.devcluster.s3server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def _s3_session_bucket(s3_server: Any) -> str:
+    from pyarrow.fs import S3FileSystem
+
+    name = f"kt-{uuid.uuid4().hex[:10]}"
+    fs = S3FileSystem(
+        access_key=s3_server.access_key,
+        secret_key=s3_server.secret_key,
+        endpoint_override=s3_server.endpoint_url.removeprefix("http://"),
+        scheme="http",
+        region="us-east-1",
+        allow_bucket_creation=True,
+    )
+    wait_for(lambda: _created(fs, name), 60, f"bucket {name}")
+    return name
+
+
+@pytest.fixture
+def s3_bucket(_s3_session_bucket: str) -> str:
+    """A fresh place on the server: `bucket/prefix`, to be used as `s3://{s3_bucket}/key`
+    (one bucket per session: SeaweedFS gives each bucket its own volumes)."""
+    return f"{_s3_session_bucket}/t-{uuid.uuid4().hex[:8]}"
+
+
+def _created(fs: Any, bucket: str) -> bool:
+    try:
+        fs.create_dir(bucket)
+    except OSError:
+        return False
+    return True

@@ -4,8 +4,9 @@
 #
 # Idempotent: a tool whose binaries exist and whose wrapper go.mod/go.sum are unchanged
 # (a stamp file holds their hash) is skipped. Usage: tools/build.sh [tool ...]
-# Tools: etcd kubernetes kwok helm prometheus kubelet coredns cri-tools (default: all).
-# kubelet, coredns and cri-tools are the real node's parts (the `node` test tier).
+# Tools: etcd kubernetes kwok helm prometheus kubelet coredns cri-tools seaweedfs (default: all).
+# kubelet, coredns and cri-tools are the real node's parts (the `node` test tier); seaweedfs is the
+# S3-compatible object store of the s3:// tests.
 set -euo pipefail
 shopt -s nullglob
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -51,7 +52,7 @@ k8s_ldflags() {
 }
 
 tools=("$@")
-[ ${#tools[@]} -gt 0 ] || tools=(etcd kubernetes kwok helm prometheus kubelet coredns cri-tools)
+[ ${#tools[@]} -gt 0 ] || tools=(etcd kubernetes kwok helm prometheus kubelet coredns cri-tools seaweedfs)
 total_start=$SECONDS
 for t in "${tools[@]}"; do
   case "$t" in
@@ -82,7 +83,9 @@ for t in "${tools[@]}"; do
     cri-tools) build_tool cri-tools "$CRI_TOOLS_VERSION" \
         "-X sigs.k8s.io/cri-tools/pkg/version.Version=$CRI_TOOLS_VERSION" \
         sigs.k8s.io/cri-tools/cmd/crictl=crictl ;;
-    *) echo "unknown tool: $t (known: etcd kubernetes kwok helm prometheus kubelet coredns cri-tools)" >&2
+    # The S3-compatible object store of the cluster and trainer tiers' s3:// tests.
+    seaweedfs) build_tool seaweedfs "$SEAWEEDFS_VERSION" "" github.com/seaweedfs/seaweedfs/weed=weed ;;
+    *) echo "unknown tool: $t (known: etcd kubernetes kwok helm prometheus kubelet coredns cri-tools seaweedfs)" >&2
        exit 2 ;;
   esac
 done

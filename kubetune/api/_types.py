@@ -77,18 +77,28 @@ _HF_DATASET = r"hf://datasets/[A-Za-z0-9][-A-Za-z0-9_.]*/[A-Za-z0-9][-A-Za-z0-9_
 _PVC = rf"pvc://{_DNS_NAME}(/.*)?"
 _FILE = r"file:///.*"
 _CONFIGMAP = rf"configmap://{_DNS_NAME}/[-._a-zA-Z0-9]+"
+#: An S3 bucket name (3-63 lowercase letters, digits, dots and hyphens) and an optional key.
+_S3 = r"s3://[a-z0-9][-a-z0-9.]{1,61}[a-z0-9](/.*)?"
 
 #: The same regular expressions as the CRD's CEL `matches()` rules (RE2 and Python agree on
 #: this subset; Python uses fullmatch where the CEL rule anchors with ^...$).
-MODEL_URI_PATTERN = f"{_HF}|{_PVC}|{_FILE}|{_CONFIGMAP}"
+MODEL_URI_PATTERN = f"{_HF}|{_PVC}|{_FILE}|{_CONFIGMAP}|{_S3}"
 DATA_URI_PATTERN = f"{_HF_DATASET}|{MODEL_URI_PATTERN}"
-OUTPUT_URI_PATTERN = f"{_PVC}|{_FILE}"
+OUTPUT_URI_PATTERN = f"{_PVC}|{_FILE}|{_S3}"
 
-MODEL_URI_SCHEMES = "hf://org/name, pvc://claim/path, file:///absolute/path or configmap://name/key"
-DATA_URI_SCHEMES = (
-    "file:///absolute/path, pvc://claim/path, configmap://name/key or hf://datasets/org/name"
+MODEL_URI_SCHEMES = (
+    "hf://org/name, pvc://claim/path, file:///absolute/path, configmap://name/key "
+    "or s3://bucket/key"
 )
-OUTPUT_URI_SCHEMES = "pvc://claim/path or file:///absolute/path"
+DATA_URI_SCHEMES = (
+    "file:///absolute/path, pvc://claim/path, configmap://name/key, "
+    "hf://datasets/org/name or s3://bucket/key"
+)
+OUTPUT_URI_SCHEMES = "pvc://claim/path, file:///absolute/path or s3://bucket/prefix"
+#: A URL of an S3-compatible endpoint.
+ENDPOINT_URL_PATTERN = r"https?://[-a-zA-Z0-9.]+(:[0-9]+)?/?"
+#: A DNS-1123 subdomain (a PersistentVolumeClaim's name).
+DNS_NAME_PATTERN = _DNS_NAME
 
 URI_MAX_LENGTH = 2048
 

@@ -4,6 +4,7 @@ descriptions live there: `kubectl explain finetunejob.spec`)."""
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -12,6 +13,8 @@ from pydantic.alias_generators import to_camel
 from kubetune.api._types import (
     DATA_URI_PATTERN,
     DATA_URI_SCHEMES,
+    DNS_NAME_PATTERN,
+    ENDPOINT_URL_PATTERN,
     MODEL_URI_PATTERN,
     MODEL_URI_SCHEMES,
     OUTPUT_URI_PATTERN,
@@ -373,6 +376,44 @@ class Output(SpecModel):
         return check_uri(value, "output.uri", OUTPUT_URI_PATTERN, OUTPUT_URI_SCHEMES)
 
 
+class S3Storage(SpecModel):
+    """spec.storage.s3: how the pods and `kubetune` reach s3:// URIs."""
+
+    credentials_secret: Str253 | None = None
+    endpoint_url: Str1024 | None = None
+    region: Str256 | None = None
+    path_style: bool = True
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(ENDPOINT_URL_PATTERN, value):
+            raise cel_error(
+                "storage.s3.endpointUrl must be http://host[:port] or https://host[:port]"
+            )
+        return value
+
+
+class ModelCache(SpecModel):
+    """spec.storage.modelCache: a PVC the prepare step downloads the base model into once."""
+
+    claim_name: Str253
+
+    @field_validator("claim_name")
+    @classmethod
+    def _claim(cls, value: str) -> str:
+        if not re.fullmatch(DNS_NAME_PATTERN, value):
+            raise cel_error("storage.modelCache.claimName must be a PersistentVolumeClaim name")
+        return value
+
+
+class Storage(SpecModel):
+    """spec.storage: object storage settings and the job's model cache."""
+
+    s3: S3Storage | None = None
+    model_cache: ModelCache | None = None
+
+
 class Toleration(SpecModel):
     """A core/v1 Toleration."""
 
@@ -415,6 +456,7 @@ class FineTuneJobSpec(SpecModel):
     remedies: Remedies = Field(default_factory=Remedies)
     augmentation: Augmentation = Field(default_factory=Augmentation)
     output: Output | None = None
+    storage: Storage | None = None
     image: Str1024 | None = None
     plan_only: bool = False
     suspend: bool = False

@@ -327,6 +327,8 @@ class PodRunner:
         }
         for key in (
             "VIRTUAL_ENV",
+            # The sources the tests run (a worktree's, ahead of the venv's install).
+            "PYTHONPATH",
             "LANG",
             "TMPDIR",
             "KUBETUNE_TOOLS_DIR",

@@ -37,6 +37,8 @@ class TrainerConfig:
     #: Who runs the early-stop policy: "trainer" (local mode) or "operator" (the operator
     #: reads /evaluations and sends /stop; the trainer then stops itself only on Diverged).
     stop_policy: str = "trainer"
+    #: An s3:// spec.output.uri: `output` is the local copy, uploaded there as it is written.
+    output_uri: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -91,6 +93,17 @@ def load_config(config_dir: Path | None, env: dict[str, str] | None = None) -> T
     output = output.removeprefix("file://")
     if not output:
         raise TrainerConfigError("no output location: set spec.output.uri")
+    unstaged = [
+        v
+        for v in (output, *(env.get(var, "") for var in INPUT_ENV.values()))
+        if v.startswith("s3://")
+    ]
+    if unstaged:
+        raise TrainerConfigError(
+            f"{unstaged[0]}: s3:// inputs and outputs are downloaded and uploaded by "
+            "`python -m kubetune.trainer.launch` (or `kubetune run`); start the trainer "
+            "through it"
+        )
     return TrainerConfig(
         spec=spec,
         plan=plan,
@@ -108,6 +121,7 @@ def load_config(config_dir: Path | None, env: dict[str, str] | None = None) -> T
         termination_path=termination_path(env),
         job_name=env.get(Env.JOB_NAME, "local"),
         stop_policy=env.get(Env.STOP_POLICY) or "trainer",
+        output_uri=env.get(Env.OUTPUT_URI) or None,
     )
 
 

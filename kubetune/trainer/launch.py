@@ -38,9 +38,25 @@ def precheck() -> str | None:
     return None
 
 
+def stage_objects() -> str | None:
+    """Download the s3:// inputs (and an earlier attempt's output) once for this node, and
+    point the environment torchrun's workers inherit at the local copies; the error, if any."""
+    from kubetune.data.objectstore import ObjectStoreError, is_s3, work_dir
+
+    if not any(is_s3(v) for v in os.environ.values()):
+        return None
+    from kubetune.trainer.objects import stage
+
+    try:
+        os.environ.update(stage(os.environ, work_dir(dict(os.environ), "kubetune-train-")))
+    except ObjectStoreError as exc:
+        return str(exc)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    error = precheck()
+    error = stage_objects() or precheck()
     if error is not None:
         print(f"configuration error: {error}", file=sys.stderr)
         with contextlib.suppress(OSError):

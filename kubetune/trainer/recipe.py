@@ -132,7 +132,20 @@ def run(cfg: TrainerConfig, console: RunConsole | None = None) -> int:
     session = setup(cfg, console)
     result, resume = train(session)
     finish(session, result, resume)
+    if cfg.output_uri:
+        from kubetune.trainer.objects import upload_output
+
+        upload_output(cfg.output, cfg.output_uri)
     return EXIT_OK
+
+
+def _upload_callbacks(cfg: TrainerConfig) -> list[Any]:
+    """For an s3:// output: each checkpoint uploaded as it is saved."""
+    if not cfg.output_uri:
+        return []
+    from kubetune.trainer.objects import UploadCheckpoints
+
+    return [UploadCheckpoints(cfg.output_uri)]
 
 
 def setup(cfg: TrainerConfig, console: RunConsole | None = None) -> Session:
@@ -218,7 +231,7 @@ def setup(cfg: TrainerConfig, console: RunConsole | None = None) -> Session:
         data_collator=remedy.collator(Collator(pad_id=int(inputs.tokenizer.pad_token_id))),
         compute_metrics=token_accuracy if val_ds is not None else None,
         preprocess_logits_for_metrics=argmax_logits if val_ds is not None else None,
-        callbacks=[callback, *remedy.callbacks],
+        callbacks=[callback, *remedy.callbacks, *_upload_callbacks(cfg)],
     )
     if not verbose():
         from kubetune.trainer.console import quiet_trainer
@@ -275,7 +288,9 @@ def finish(session: Session, result: Any, resume: Path | None) -> None:
     summary: dict[str, Any] = {
         "metrics": dict(callback.summary.get("metrics") or {}),
         "progress": callback.summary.get("progress") or {},
-        "output": str(cfg.output / "final"),
+        "output": f"{cfg.output_uri.rstrip('/')}/final"
+        if cfg.output_uri
+        else str(cfg.output / "final"),
         "trainableParameters": session.trainable,
         "totalParameters": session.total,
         "resumedFrom": str(resume) if resume else None,

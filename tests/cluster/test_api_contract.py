@@ -396,9 +396,9 @@ CASES: list[Case] = [
     ),
     Case(
         "model-uri-scheme",
-        {"model": {"uri": "s3://bucket/llama"}},
-        "model.uri must be hf://org/name, pvc://claim/path, file:///absolute/path or "
-        "configmap://name/key",
+        {"model": {"uri": "gs://bucket/llama"}},
+        "model.uri must be hf://org/name, pvc://claim/path, file:///absolute/path, "
+        "configmap://name/key or s3://bucket/key",
         "spec.model.uri",
         cel=True,
     ),
@@ -419,8 +419,8 @@ CASES: list[Case] = [
     Case(
         "dataset-uri-scheme",
         {"dataset": {"uri": "https://example.com/d.jsonl"}},
-        "dataset.uri must be file:///absolute/path, pvc://claim/path, configmap://name/key or "
-        "hf://datasets/org/name",
+        "dataset.uri must be file:///absolute/path, pvc://claim/path, configmap://name/key, "
+        "hf://datasets/org/name or s3://bucket/key",
         "spec.dataset.uri",
         cel=True,
     ),
@@ -434,7 +434,7 @@ CASES: list[Case] = [
     Case(
         "output-configmap",
         {"output": {"uri": "configmap://a/b"}},
-        "output.uri must be pvc://claim/path or file:///absolute/path",
+        "output.uri must be pvc://claim/path, file:///absolute/path or s3://bucket/prefix",
         "spec.output.uri",
         cel=True,
     ),

@@ -150,8 +150,8 @@ MORE: list[tuple[str, dict[str, Any], str]] = [
     ("revision-too-long", {"model": {"uri": "hf://gpt2", "revision": "x" * 257}}, "256"),
     # bad URIs
     (
-        "validation-uri-s3",
-        {"dataset": {**D, "validationUri": "s3://b/v.jsonl"}},
+        "validation-uri-gs",
+        {"dataset": {**D, "validationUri": "gs://b/v.jsonl"}},
         "dataset.validationUri must be",
     ),
     ("empty-hf-model", {"model": {"uri": "hf://"}}, "model.uri must be"),

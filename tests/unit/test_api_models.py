@@ -259,9 +259,9 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ),
     (
         "model scheme",
-        {"model": {"uri": "s3://bucket/model"}},
-        "spec.model.uri: model.uri must "
-        "be hf://org/name, pvc://claim/path, file:///absolute/path or configmap://name/key",
+        {"model": {"uri": "gs://bucket/model"}},
+        "spec.model.uri: model.uri must be hf://org/name, pvc://claim/path, "
+        "file:///absolute/path, configmap://name/key or s3://bucket/key",
     ),
     ("relative file", {"model": {"uri": "file://models/x"}}, "spec.model.uri: model.uri must be"),
     (
@@ -273,12 +273,12 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         "data scheme",
         {"dataset": {"uri": "https://example.com/x.jsonl"}},
         "spec.dataset.uri: "
-        "dataset.uri must be file:///absolute/path, pvc://claim/path, configmap://name/key or "
-        "hf://datasets/org/name",
+        "dataset.uri must be file:///absolute/path, pvc://claim/path, configmap://name/key, "
+        "hf://datasets/org/name or s3://bucket/key",
     ),
     (
         "validation scheme",
-        {"dataset": {"uri": "pvc://d/x", "validationUri": "s3://b/v"}},
+        {"dataset": {"uri": "pvc://d/x", "validationUri": "gs://b/v"}},
         "spec.dataset.validationUri: dataset.validationUri must be",
     ),
     (
@@ -289,7 +289,8 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     (
         "output configmap",
         {"output": {"uri": "configmap://a/b"}},
-        "spec.output.uri: output.uri must be pvc://claim/path or file:///absolute/path",
+        "spec.output.uri: output.uri must be pvc://claim/path, file:///absolute/path or "
+        "s3://bucket/prefix",
     ),
     (
         "uri too long",

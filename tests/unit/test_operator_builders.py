@@ -179,7 +179,7 @@ def test_storage_for(uri: str, role: str, read_only: bool, expected: Storage) ->
     assert storage_for(uri, role, read_only=read_only) == expected
 
 
-@pytest.mark.parametrize("uri", ["s3://bucket/train.jsonl", "https://x/y", "/plain/path"])
+@pytest.mark.parametrize("uri", ["gs://bucket/train.jsonl", "https://x/y", "/plain/path"])
 def test_storage_for_rejects_unknown_schemes(uri: str) -> None:
     with pytest.raises(ValueError, match="unsupported URI scheme"):
         storage_for(uri, "data")

@@ -23,6 +23,7 @@ from kubetune.operator.builders.names import (
     prepare_name,
     train_name,
 )
+from kubetune.operator.builders.objects import model_cache
 from kubetune.operator.builders.pod import POD_SECURITY_CONTEXT, SECURITY_CONTEXT
 from kubetune.operator.builders.prepare import prepare_job
 from kubetune.operator.builders.storage import Storage, output_uri, storage_for
@@ -39,6 +40,7 @@ __all__ = [
     "control_secret",
     "headless_service",
     "labels",
+    "model_cache",
     "output_uri",
     "owner_reference",
     "prepare_job",

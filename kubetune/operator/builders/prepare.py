@@ -9,6 +9,7 @@ from typing import Any
 from kubetune.api.spec import FineTuneJobSpec
 from kubetune.contract import PREPARE_CONTAINER, Env
 from kubetune.operator.builders.names import JobRef, labels, object_meta, prepare_name
+from kubetune.operator.builders.objects import model_cache, s3_env, work_volume
 from kubetune.operator.builders.pod import job_pod, pod_env, pod_failure_policy, spec_document
 from kubetune.operator.builders.storage import job_storages, volumes_and_mounts
 from kubetune.operator.settings import OperatorSettings
@@ -22,7 +23,15 @@ def prepare_job(
     storages = job_storages(ref, spec, settings)
     storages.pop("output")  # it only reads
     volumes, mounts = volumes_and_mounts(storages)
-    env = pod_env(ref, spec, storages)
+    work_volumes, work_mounts = work_volume(storages)
+    volumes, mounts = [*volumes, *work_volumes], [*mounts, *work_mounts]
+    env = pod_env(ref, spec, storages) + s3_env(spec, storages)
+    cache = model_cache(ref, spec, read_only=False)
+    if cache is not None:
+        # The base model is downloaded here, once for the job; the training pods read it.
+        volumes.append(cache.volume)
+        mounts.append(cache.mount)
+        env.append({"name": Env.MODEL_FETCH_DIR, "value": cache.path})
     env.append({"name": Env.GPU_MEMORY_GIB, "value": str(gpu_memory_gib)})
     env.append({"name": Env.SPEC_JSON, "value": json.dumps(spec_document(spec), sort_keys=True)})
     container = {

@@ -28,12 +28,13 @@ def _volume_name(role: str, key: str) -> str:
 
 
 def storage_for(uri: str, role: str, read_only: bool = True, host: bool = False) -> Storage:
-    """Map a `pvc://`, `configmap://`, `file://` or `hf://` URI to a path and volume.
+    """Map a `pvc://`, `configmap://`, `file://`, `hf://` or `s3://` URI to a path and volume.
 
     `file://` paths are used as they are (baked into the image or on the node); for
     outputs they are a hostPath of the same path so the node keeps what was written, and
     `host=True` mounts one read-only (a previous run's output, written the same way).
-    `hf://` models and datasets are downloaded by the pod itself and need no volume.
+    `hf://` models and datasets and `s3://` objects are downloaded by the pod itself and
+    need no volume (an `s3://` output is uploaded by the trainer).
     """
     parsed = urlparse(uri)
     scheme = parsed.scheme
@@ -75,7 +76,7 @@ def storage_for(uri: str, role: str, read_only: bool = True, host: bool = False)
             volume={"name": name, "hostPath": {"path": path, "type": "DirectoryOrCreate"}},
             mount={"name": name, "mountPath": path},
         )
-    if scheme == "hf":
+    if scheme in ("hf", "s3"):
         return Storage(path=uri)
     raise ValueError(f"unsupported URI scheme in {uri!r}")
 

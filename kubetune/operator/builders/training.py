@@ -26,8 +26,9 @@ from kubetune.operator.builders.names import (
     object_meta,
     train_name,
 )
+from kubetune.operator.builders.objects import model_cache, s3_env, work_volume
 from kubetune.operator.builders.pod import job_pod, pod_env, pod_failure_policy
-from kubetune.operator.builders.storage import job_storages, volumes_and_mounts
+from kubetune.operator.builders.storage import Storage, job_storages, volumes_and_mounts
 from kubetune.operator.settings import OperatorSettings
 
 
@@ -113,7 +114,13 @@ def training_job(
     """The Indexed Job: one pod per node, `gpusPerNode` GPUs each, torchrun + DeepSpeed."""
     nodes, gpus = int(spec.resources.num_nodes), int(spec.resources.gpus_per_node)
     storages = job_storages(ref, spec, settings)
+    cache = model_cache(ref, spec, read_only=True)
+    if cache is not None:
+        # The prepare pod downloaded the model there once; every pod reads it as it is.
+        storages["model"] = Storage(path=cache.path, volume=cache.volume, mount=cache.mount)
     volumes, mounts = volumes_and_mounts(storages)
+    work_volumes, work_mounts = work_volume(storages)
+    volumes, mounts = [*volumes, *work_volumes], [*mounts, *work_mounts]
     cfg_vol, cfg_mount = config_volume(ref)
     shm_gib = max(1.0, settings.shm_gib_per_gpu * max(gpus, 1))
     volumes = [
@@ -122,7 +129,7 @@ def training_job(
         *volumes,
     ]
     mounts = [cfg_mount, {"name": "dshm", "mountPath": "/dev/shm"}, *mounts]
-    env = pod_env(ref, spec, storages) + _trainer_env(ref, nodes, settings)
+    env = pod_env(ref, spec, storages) + s3_env(spec, storages) + _trainer_env(ref, nodes, settings)
     if gpus == 0:
         env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
     container: dict[str, Any] = {

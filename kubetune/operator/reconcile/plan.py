@@ -106,6 +106,8 @@ class PlanPhase(ReconcilerBase):
         )
         if not all(u.startswith("configmap://") for u in uris):
             return None
+        if b.model_cache(ref, spec, read_only=False) is not None:
+            return None  # the prepare pod downloads the model into the job's cache
         model = known_model_config(spec.model.uri)
         if model is None and spec.model.uri.startswith("configmap://"):
             text = self._config_map_uri(ref, spec.model.uri, "spec.model.uri")
