@@ -227,15 +227,22 @@ class RealNode:
         whose every reference is there already; the references are what pods name (no
         registry is ever asked). Returns the archives imported."""
         present = set(self.image_refs())
+        wanted: set[str] = set()
         imported = []
         for archive in archives:
             if not archive.is_file():
                 raise NodeError(f"image archive {archive} does not exist; run `make images`")
             refs = archive_refs(archive)
+            wanted.update(refs)
             if refs and set(refs) <= present:
                 continue
             self.ctr("images", "import", str(archive), timeout=1800)
             imported.append(str(archive))
+        # Older builds of the same images (another source hash) would pile up several GiB
+        # each in the kept store: remove them (containerd then collects their content).
+        stale = stale_refs(present, wanted)
+        if stale:
+            self.ctr("images", "rm", "--sync", *stale, timeout=600)
         return imported
 
     def image_refs(self) -> list[str]:
@@ -306,6 +313,13 @@ def archive_refs(archive: Path) -> list[str]:
     except (KeyError, OSError, tarfile.TarError, ValueError) as exc:
         raise NodeError(f"{archive}: not a docker-archive with a manifest.json ({exc})") from exc
     return [normalise_ref(tag) for entry in manifest for tag in entry.get("RepoTags") or []]
+
+
+def stale_refs(present: set[str], wanted: set[str]) -> list[str]:
+    """References in the store that are other builds of the images being loaded: the same
+    repository (`localhost/kubetune/trainer`) with another tag."""
+    repos = {ref.rpartition(":")[0] for ref in wanted}
+    return sorted(r for r in present - wanted if r.rpartition(":")[0] in repos)
 
 
 def normalise_ref(ref: str) -> str:

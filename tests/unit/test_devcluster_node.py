@@ -107,3 +107,37 @@ def test_kube_proxy_translates_service_ips_only_on_this_machine(tmp_path: Path) 
     assert cfg["iptables"]["localhostNodePorts"] is False
     assert cfg["healthzBindAddress"].startswith("127.0.0.1:")
     assert cfg["nodePortAddresses"] == [f"{NET.node_ip}/32"]
+
+
+def test_older_builds_of_the_loaded_images_are_pruned_and_others_kept() -> None:
+    from kubetune.devcluster.realnode import normalise_ref, stale_refs
+
+    present = {
+        "localhost/kubetune/trainer:old",
+        "localhost/kubetune/trainer:new",
+        "localhost/kubetune/pause:p1",
+        "docker.io/library/busybox:1",
+    }
+    wanted = {"localhost/kubetune/trainer:new", "localhost/kubetune/pause:p1"}
+    assert stale_refs(present, wanted) == ["localhost/kubetune/trainer:old"]
+    assert normalise_ref("busybox:1") == "docker.io/library/busybox:1"
+    assert normalise_ref("localhost/kubetune/pause:p1") == "localhost/kubetune/pause:p1"
+
+
+def test_archive_refs_read_the_manifest_without_unpacking(tmp_path: Path) -> None:
+    import io
+    import json
+    import tarfile
+
+    from kubetune.devcluster.realnode import NodeError, archive_refs
+
+    archive = tmp_path / "img.tar"
+    with tarfile.open(archive, "w") as tar:
+        data = json.dumps([{"RepoTags": ["localhost/kubetune/pause:abc"]}]).encode()
+        info = tarfile.TarInfo("manifest.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    assert archive_refs(archive) == ["localhost/kubetune/pause:abc"]
+    (tmp_path / "bad.tar").write_bytes(b"not a tar")
+    with pytest.raises(NodeError, match="not a docker-archive"):
+        archive_refs(tmp_path / "bad.tar")
