@@ -38,6 +38,8 @@ from kubetune.devcluster.pki import ClusterPKI, generate_node_pki, generate_pki
 from kubetune.devcluster.realnode import NodeCerts, NodeError, RealNode, unsupported_reason
 
 LOCAL_RUNNER_NODE = "local-runner-0"
+# Which cluster's real node holds the bridge (one per machine); `up` takes over a dead one's.
+NODE_OWNER_FILE = Path("/run/kubetune-node-owner")
 # Seconds the real node's components get to start once its images are loaded.
 NODE_START_SECONDS = 180.0
 _PR_SET_PDEATHSIG = 1
@@ -235,8 +237,10 @@ class DevCluster:
         try:
             if node_ip is not None:
                 say(f"creating the pods' bridge {self.node.net.bridge} ({node_ip})")
-                self.state.real_node_bridge = self.node.net.bridge
+                self._take_over_stale_node(say)
                 self.node.create_bridge()
+                self.state.real_node_bridge = self.node.net.bridge
+                NODE_OWNER_FILE.write_text(str(self.layout.root))
                 self.state.save(self.layout.state_file)
             say("generating certificates")
             pki = generate_pki(
@@ -306,6 +310,27 @@ class DevCluster:
         except BaseException:
             self.stop()
             raise
+
+    def _take_over_stale_node(self, say: Callable[[str], None]) -> None:
+        """A real node whose cluster died without `down` (its test run was killed, say)
+        leaves its bridge, rules and mounts: take them down if no process of that cluster
+        is alive; a live one is left alone (create_bridge then refuses)."""
+        if not Path(f"/sys/class/net/{self.node.net.bridge}").exists():
+            return
+        try:
+            owner = Path(NODE_OWNER_FILE.read_text().strip())
+        except OSError:
+            return
+        state_file = c.Layout(owner).state_file
+        if state_file.exists():
+            old = ClusterState.load(state_file)
+            if any(_pid_alive(p.pid) for p in old.processes):
+                return
+        say(f"taking down the real node that {owner} left behind")
+        DevCluster(owner, binaries=self.bins).stop()
+        self.node.remove_kubernetes_chains()
+        self.node.remove_fence()
+        self.node.delete_bridge()
 
     def _start_real_node(
         self, ports: c.Ports, pki: ClusterPKI, say: Callable[[str], None], deadline: float

@@ -42,6 +42,8 @@ CONTROLLERS = (
     "endpointslice-controller",
     "endpointslice-mirroring-controller",
     "disruption-controller",
+    # PersistentVolumeClaims bound to the PersistentVolumes tests create (the real node).
+    "persistentvolume-binder-controller",
     "resourcequota-controller",
     "node-lifecycle-controller",
     "taint-eviction-controller",
