@@ -359,6 +359,11 @@ _root_option = click.option(
     help="Value of the nvidia.com/gpu.memory label (MiB).",
 )
 @click.option("--no-local-runner", is_flag=True, help="Do not start the local pod runner.")
+@click.option(
+    "--kueue",
+    is_flag=True,
+    help="Also start Kueue (built by `make tools`): its CRDs, controller and webhooks.",
+)
 @click.option("--timeout", default=180.0, show_default=True, help="Seconds to wait for ready.")
 def dev_cluster_up(
     root: Path | None,
@@ -367,6 +372,7 @@ def dev_cluster_up(
     gpu_product: str,
     gpu_memory_mib: int,
     no_local_runner: bool,
+    kueue: bool,
     timeout: float,
 ) -> None:
     """Start the cluster and wait until it is ready; prints the KUBECONFIG to use."""
@@ -380,7 +386,9 @@ def dev_cluster_up(
         product=gpu_product,
         gpu_memory_mib=gpu_memory_mib,
     )
-    cluster = DevCluster(root or default_root(), gpu_pool=pool, local_runner=not no_local_runner)
+    cluster = DevCluster(
+        root or default_root(), gpu_pool=pool, local_runner=not no_local_runner, kueue=kueue
+    )
     try:
         cluster.start(timeout=timeout, progress=lambda m: click.echo(f"dev-cluster: {m}"))
     except (ToolsMissingError, ClusterError) as exc:

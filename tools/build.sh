@@ -4,7 +4,7 @@
 #
 # Idempotent: a tool whose binaries exist and whose wrapper go.mod/go.sum are unchanged
 # (a stamp file holds their hash) is skipped. Usage: tools/build.sh [tool ...]
-# Tools: etcd kubernetes kwok helm prometheus (default: all).
+# Tools: etcd kubernetes kwok helm prometheus kueue (default: all).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 # shellcheck source=/dev/null
@@ -22,6 +22,7 @@ build_tool() {
   hash="$(cat "$here/$name/go.mod" "$here/$name/go.sum" | sha256sum | cut -c1-16)"
   stamp="$dir/.stamp"
   for pair in "$@"; do [ -x "$dir/${pair#*=}" ] || missing=1; done
+  [ -z "${AFTER_BUILD:-}" ] || [ -d "$dir/config" ] || missing=1
   if [ "$missing" = 0 ] && [ "$(cat "$stamp" 2>/dev/null)" = "$hash" ]; then
     log "$name $version: up to date in $dir"
     return
@@ -35,7 +36,18 @@ build_tool() {
     mv "$dir/$bin.tmp" "$dir/$bin"
     log "$name $version: $bin built in $((SECONDS - start))s"
   done
+  "${AFTER_BUILD:-true}" "$dir"
   echo "$hash" > "$stamp"
+}
+
+# Kueue's CRDs and webhook manifests come from the same module source as its binary; the
+# cluster fixtures read them next to it (kubetune.devcluster.kueue).
+kueue_manifests() {
+  local dir="$1" src
+  src="$(cd "$here/kueue" && go list -m -f '{{.Dir}}' sigs.k8s.io/kueue)"
+  rm -rf "$dir/config" && mkdir -p "$dir/config"
+  cp -r "$src/config/components/crd" "$src/config/components/webhook" "$dir/config/"
+  chmod -R u+w "$dir/config"
 }
 
 k8s_ldflags() {
@@ -48,7 +60,7 @@ k8s_ldflags() {
 }
 
 tools=("$@")
-[ ${#tools[@]} -gt 0 ] || tools=(etcd kubernetes kwok helm prometheus)
+[ ${#tools[@]} -gt 0 ] || tools=(etcd kubernetes kwok helm prometheus kueue)
 total_start=$SECONDS
 for t in "${tools[@]}"; do
   case "$t" in
@@ -67,7 +79,9 @@ for t in "${tools[@]}"; do
         "-X github.com/prometheus/common/version.Version=$PROMETHEUS_VERSION" \
         github.com/prometheus/prometheus/cmd/prometheus=prometheus \
         github.com/prometheus/prometheus/cmd/promtool=promtool ;;
-    *) echo "unknown tool: $t (known: etcd kubernetes kwok helm prometheus)" >&2; exit 2 ;;
+    kueue) AFTER_BUILD=kueue_manifests build_tool kueue "$KUEUE_VERSION" \
+        "-X sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE_VERSION" sigs.k8s.io/kueue/cmd/kueue=kueue ;;
+    *) echo "unknown tool: $t (known: etcd kubernetes kwok helm prometheus kueue)" >&2; exit 2 ;;
   esac
 done
 log "done in $((SECONDS - total_start))s; cache: $BIN_ROOT ($(du -sh "$BIN_ROOT" | cut -f1))"

@@ -171,3 +171,24 @@ def generate_pki(directory: Path, service_ip: str = "10.96.0.1") -> ClusterPKI:
         sa_private_key=sa_private,
         sa_public_key=sa_public,
     )
+
+
+def issue_serving_cert(
+    ca: CertPair, directory: Path, common_name: str, names: tuple[str, ...] = ("127.0.0.1",)
+) -> CertPair:
+    """A serving certificate signed by the cluster's CA, saved as `tls.crt`/`tls.key` in
+    `directory` (the file names controller-runtime's webhook server reads)."""
+    ca_cert = x509.load_pem_x509_certificate(ca.cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(ca.key.read_bytes(), password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise TypeError(f"{ca.key}: the dev cluster's CA key is expected to be an EC key")
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _issue(
+        subject=_name(common_name),
+        key=key,
+        issuer=ca_cert.subject,
+        issuer_key=ca_key,
+        server_names=names,
+    )
+    return _save(cert, key, directory, "tls")
