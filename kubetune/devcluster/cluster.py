@@ -415,6 +415,15 @@ class DevCluster:
         base = f"https://127.0.0.1:{ports.webhook}"
         cert_dir = self.layout.cert_dir("kueue")
         issue_serving_cert(pki.ca, cert_dir, "kueue-webhook")
+        if not (kq.METRICS_CERT_DIR / "tls.crt").exists():
+            # Only read at start-up (the metrics server itself is off); any valid pair does.
+            try:
+                issue_serving_cert(pki.ca, kq.METRICS_CERT_DIR, "kueue-metrics")
+            except OSError as exc:
+                raise ClusterError(
+                    f"Kueue needs a certificate at {kq.METRICS_CERT_DIR} (a fixed path in "
+                    f"Kueue), which cannot be written: {exc}; create tls.crt/tls.key there"
+                ) from exc
         config_file = self.layout.root / "kueue-config.yaml"
         config_file.write_text(yaml.safe_dump(kq.configuration(ports, cert_dir)))
         api = self.api_client()
@@ -431,16 +440,19 @@ class DevCluster:
             _apply_webhook_configuration(api, hook)
         self.state.save(self.layout.state_file)
 
-    def stop_kueue(self, grace: float = 10.0) -> None:
-        """Unregister Kueue's webhooks (Jobs are admitted without them again) and stop it.
-        Its CRDs and objects stay: their finalizers need Kueue to be removed."""
+    def stop_kueue(self, grace: float = 10.0, remove_crds: bool = True) -> None:
+        """Unregister Kueue's webhooks (Jobs are admitted without them again), stop it, and
+        (`remove_crds`) delete its CRDs with every object of theirs, the finalizers Kueue
+        would have removed taken off: the cluster is as without Kueue again."""
         from kubernetes import client
         from kubernetes.client.exceptions import ApiException
 
         from kubetune.devcluster import kueue as kq
 
-        reg = client.AdmissionregistrationV1Api(self.api_client())
-        for hook in kq.webhook_manifests(kq.find_kueue(), "https://127.0.0.1", b""):
+        api = self.api_client()
+        dist = kq.find_kueue()
+        reg = client.AdmissionregistrationV1Api(api)
+        for hook in kq.webhook_manifests(dist, "https://127.0.0.1", b""):
             delete = (
                 reg.delete_mutating_webhook_configuration
                 if hook["kind"] == "MutatingWebhookConfiguration"
@@ -452,6 +464,31 @@ class DevCluster:
             self.stop_component("kueue", grace)
             self.state.processes = [p for p in self.state.processes if p.name != "kueue"]
             self.state.save(self.layout.state_file)
+        if not remove_crds:
+            return
+        custom = client.CustomObjectsApi(api)
+        ext = client.ApiextensionsV1Api(api)
+        for crd in kq.crd_manifests(dist, "https://127.0.0.1", b""):
+            spec = crd["spec"]
+            version = next(v["name"] for v in spec["versions"] if v.get("storage"))
+            plural = spec["names"]["plural"]
+            with contextlib.suppress(ApiException):
+                items = custom.list_cluster_custom_object(spec["group"], version, plural)
+                for obj in items.get("items") or []:
+                    meta = obj["metadata"]
+                    if not meta.get("finalizers"):
+                        continue
+                    patch = {"metadata": {"finalizers": None}}
+                    if meta.get("namespace"):
+                        custom.patch_namespaced_custom_object(
+                            spec["group"], version, meta["namespace"], plural, meta["name"], patch
+                        )
+                    else:
+                        custom.patch_cluster_custom_object(
+                            spec["group"], version, plural, meta["name"], patch
+                        )
+            with contextlib.suppress(ApiException):
+                ext.delete_custom_resource_definition(crd["metadata"]["name"])
 
     # ---------------------------------------------------------------- stop / status
     def stop(self, grace: float = 10.0) -> None:

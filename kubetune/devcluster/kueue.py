@@ -58,6 +58,11 @@ def find_kueue(root: Path | None = None, versions: dict[str, str] | None = None)
     return KueueDist(binary=Path(override) if override else base / "kueue", config=base / "config")
 
 
+#: Kueue (v0.17) reads its metrics server's certificate from this fixed path whenever its
+#: internal certificate management is off, even with metrics disabled (bindAddress "0").
+METRICS_CERT_DIR = Path("/etc/kueue/metrics/certs")
+
+
 @dataclass(frozen=True)
 class KueuePorts:
     webhook: int

@@ -101,13 +101,13 @@ def admission_of(
     read, so None means it does not exist)."""
     label = f"spec.labels[{QUEUE_LABEL}]"
     if not workload_api:
+        # As before queues were followed: the label is passed through and the Job runs.
         return Admission(
-            False,
+            True,
             "KueueNotInstalled",
-            f"the training Job {job_name} is queued in LocalQueue {queue!r} ({label} or the "
+            f"the training Job {job_name} names LocalQueue {queue!r} ({label} or the "
             "operator's default queue), but this cluster does not serve Kueue's Workload API "
-            "(kueue.x-k8s.io): the Job stays suspended. Install Kueue, or remove the queue "
-            "label and re-create the FineTuneJob",
+            "(kueue.x-k8s.io): it was started without a queue. Install Kueue for queueing",
             queue,
         )
     if local_queue_known and local_queue is None:

@@ -51,9 +51,8 @@ def test_the_queue_is_the_label_else_the_default_else_none() -> None:
 
 def test_kueue_missing_and_a_missing_local_queue_say_what_to_do() -> None:
     gone = admission_of("gpu", "j-train", "ns", None, workload_api=False)
-    assert (gone.admitted, gone.reason, gone.warning) == (False, "KueueNotInstalled", True)
+    assert (gone.admitted, gone.reason, gone.warning) == (True, "KueueNotInstalled", True)
     assert "does not serve Kueue's Workload API" in gone.message
-    assert "stays suspended" in gone.message
     missing = admission_of("gpu", "j-train", "ns", None, local_queue_known=True)
     assert missing.reason == "QueueNotFound"
     assert "LocalQueue 'gpu' does not exist in namespace ns" in missing.message
@@ -66,7 +65,8 @@ def test_a_pending_workload_is_queued_with_the_pending_count_and_kueues_words() 
     lq = {"status": {"pendingWorkloads": 3}}
     got = admission_of("gpu", "j-train", "ns", wl, local_queue=lq, local_queue_known=True)
     assert (got.admitted, got.reason, got.warning) == (False, "Queued", False)
-    assert "(3 pending there)" in got.message and said in got.message
+    assert "(3 pending there)" in got.message
+    assert said in got.message
     assert got.status() == {
         "name": "gpu",
         "workload": "job-x-train-1a2b",
@@ -84,7 +84,8 @@ def test_more_than_the_cluster_queue_can_ever_give_is_inadmissible() -> None:
     )
     got = admission_of("gpu", "j", "ns", _workload(QuotaReserved=("False", "Pending", said)))
     assert (got.reason, got.warning) == ("Inadmissible", True)
-    assert "can never be admitted" in got.message and "(16) > maximum capacity (8)" in got.message
+    assert "can never be admitted" in got.message
+    assert "(16) > maximum capacity (8)" in got.message
 
 
 def test_admitted_and_preempted() -> None:
@@ -127,6 +128,12 @@ def test_states_of_a_queued_job() -> None:
     assert state_of([c("Admitted", "False"), c("Suspended", "True")], True, False) == "Suspended"
 
 
+def _field(status: dict[str, Any], ctype: str, key: str) -> Any:
+    found = get_condition(status["conditions"], ctype)
+    assert found is not None, f"no {ctype} condition in {status}"
+    return found[key]
+
+
 # ---- the reconciler with a queue ---------------------------------------------------------------
 
 
@@ -143,8 +150,8 @@ def test_a_queued_job_waits_is_admitted_runs_and_goes_back_to_queued_when_preemp
     assert job["metadata"]["annotations"][SUSPEND_ANNOTATION] == "false"
     status = kube.ftjs[("ns", name)]["status"]
     assert status["state"] == "Queued"
-    assert get_condition(status["conditions"], "Admitted")["reason"] == "QueueNotFound"
-    assert get_condition(status["conditions"], "Suspended")["status"] == "False"
+    assert _field(status, "Admitted", "reason") == "QueueNotFound"
+    assert _field(status, "Suspended", "status") == "False"
     assert ("Warning", "QueueNotFound") in [(t, r) for t, r, _ in events.seen]
 
     uid = job["metadata"]["uid"]
@@ -153,8 +160,8 @@ def test_a_queued_job_waits_is_admitted_runs_and_goes_back_to_queued_when_preemp
     rec.reconcile("ns", name)
     status = kube.ftjs[("ns", name)]["status"]
     assert status["queue"]["pendingWorkloads"] == 2
-    assert get_condition(status["conditions"], "Admitted")["reason"] == "Queued"
-    assert get_condition(status["conditions"], "Running")["reason"] == "Queued"
+    assert _field(status, "Admitted", "reason") == "Queued"
+    assert _field(status, "Running", "reason") == "Queued"
 
     # Kueue admits it and unsuspends the Job: Admitted, then Running once pods are active.
     kube.workloads = {("ns", uid): [_workload(Admitted=("True", "Admitted", ""))]}
@@ -174,7 +181,7 @@ def test_a_queued_job_waits_is_admitted_runs_and_goes_back_to_queued_when_preemp
     rec.reconcile("ns", name)
     status = kube.ftjs[("ns", name)]["status"]
     assert status["state"] == "Queued"
-    assert get_condition(status["conditions"], "Admitted")["reason"] == "Preempted"
+    assert _field(status, "Admitted", "reason") == "Preempted"
     assert get_condition(status["conditions"], "Failed") is None
     assert [r for _, r, _ in events.seen if r in ("Queued", "Admitted", "Preempted")] == [
         "Queued",
@@ -184,24 +191,39 @@ def test_a_queued_job_waits_is_admitted_runs_and_goes_back_to_queued_when_preemp
     assert kube.suspends == []  # the operator never touched the Job's suspend itself
 
 
-def test_spec_suspend_of_a_queued_job_deactivates_its_workload_and_kueue_missing_is_said() -> None:
+def test_without_kueue_a_queued_job_starts_as_before_with_a_warning() -> None:
+    kube = FakeKube()
+    ftj = configmap_example(kube, labels={QUEUE_LABEL: "gpu"})
+    name = ftj["metadata"]["name"]
+    rec, events = reconciler(kube)
+    kube.workloads = None  # the API server serves no Workloads
+    rec.reconcile("ns", name)
+    status = kube.ftjs[("ns", name)]["status"]
+    assert _field(status, "Admitted", "reason") == "KueueNotInstalled"
+    assert "started without a queue" in _field(status, "Admitted", "message")
+    assert kube.suspends == [(f"{name}-train", False, "false")]
+    assert kube.stored_job("ns", f"{name}-train")["spec"]["suspend"] is False
+    assert ("Warning", "KueueNotInstalled") in [(t, r) for t, r, _ in events.seen]
+    assert _field(status, "Suspended", "status") == "False"
+    rec.reconcile("ns", name)
+    assert len(kube.suspends) == 1
+
+
+def test_spec_suspend_of_a_queued_job_deactivates_its_workload() -> None:
     kube = FakeKube()
     ftj = configmap_example(kube, labels={QUEUE_LABEL: "gpu"})
     name = ftj["metadata"]["name"]
     rec, _ = reconciler(kube)
-    kube.workloads = None  # no Kueue
     rec.reconcile("ns", name)
-    status = kube.ftjs[("ns", name)]["status"]
-    assert get_condition(status["conditions"], "Admitted")["reason"] == "KueueNotInstalled"
-    kube.workloads = {}
     job = kube.stored_job("ns", f"{name}-train")
-    kube.workloads[("ns", job["metadata"]["uid"])] = [_workload("wl-1")]
+    kube.workloads = {("ns", job["metadata"]["uid"]): [_workload("wl-1")]}
     kube.ftjs[("ns", name)]["spec"]["suspend"] = True
     rec.reconcile("ns", name)
     assert kube.activations == [("wl-1", False, "true")]
     rec.reconcile("ns", name)
     assert len(kube.activations) == 1
     assert kube.ftjs[("ns", name)]["status"]["state"] == "Suspended"
+    assert kube.suspends == []
 
 
 def test_the_default_queue_setting_queues_jobs_without_a_label() -> None:

@@ -54,10 +54,17 @@ class TrainPhase(StopControl):
         wanted = str(bool(spec.suspend)).lower()
         queue = queueing.queue_name(spec, self.settings.default_queue)
         finished = view.complete or view.failed_reason
+        kueue = False
         if queue and view.exists and not finished:
             # Kueue suspends and starts the Job; spec.suspend goes to its Workload.
             if view.suspended or view.active == 0 or applied != wanted:
-                self._follow_queue(ref, job, queue, spec, applied != wanted, draft)
+                kueue = self._follow_queue(ref, job, queue, spec, applied != wanted, draft)
+            else:
+                kueue = True  # running: admitted by Kueue, nothing to read
+            if not kueue and view.suspended != bool(spec.suspend):
+                # No Kueue: the Job (created suspended for the queue) follows spec.suspend.
+                self.kube.set_job_suspend(ref.namespace, name, bool(spec.suspend), wanted)
+                view = st.ChildJobView(**{**view.__dict__, "suspended": bool(spec.suspend)})
         elif view.exists and applied != wanted and not finished:
             # spec.suspend changed since we last applied it: apply it (and remember it).
             self.kube.set_job_suspend(ref.namespace, name, bool(spec.suspend), wanted)
@@ -89,7 +96,7 @@ class TrainPhase(StopControl):
             view,
             int(spec.resources.num_nodes),
             termination,
-            queued=bool(queue) and not spec.suspend,
+            queued=kueue and not spec.suspend,
         )
         for ctype, cstatus, reason, message in outcome.conditions:
             if blocked and ctype == "Running":
@@ -138,10 +145,10 @@ class TrainPhase(StopControl):
         spec: FineTuneJobSpec,
         apply_suspend: bool,
         draft: StatusDraft,
-    ) -> None:
+    ) -> bool:
         """The Admitted condition and status.queue from the Workload Kueue made for the
         Job (one list by the Job's uid; the LocalQueue too while it waits), and spec.suspend
-        applied to the Workload's spec.active."""
+        applied to the Workload's spec.active. False when Kueue is not installed."""
         meta = job.get("metadata") or {}
         name = str(meta.get("name"))
         workloads = self.kube.job_workloads(ref.namespace, str(meta.get("uid") or ""))
@@ -181,6 +188,7 @@ class TrainPhase(StopControl):
             admission.message,
             "Warning" if admission.warning else "Normal",
         )
+        return workloads is not None
 
     @classmethod
     def _absorb_final_report(cls, termination: str, draft: StatusDraft) -> None:
