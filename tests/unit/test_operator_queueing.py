@@ -173,6 +173,9 @@ def test_a_queued_job_waits_is_admitted_runs_and_goes_back_to_queued_when_preemp
     job["status"] = {"active": 2, "ready": 2}
     rec.reconcile("ns", name)
     assert kube.ftjs[("ns", name)]["status"]["state"] == "Running"
+    kube.workloads = None  # a running job seen Admitted reads no Workload
+    rec.reconcile("ns", name)
+    assert kube.ftjs[("ns", name)]["status"]["state"] == "Running"
 
     # Preempted: Kueue suspends the Job again; back to Queued, nothing failed.
     kube.workloads = {("ns", uid): [_workload(Evicted=("True", "Preempted", "higher priority"))]}
@@ -242,3 +245,19 @@ def test_the_default_queue_setting_queues_jobs_without_a_label() -> None:
         for (kind, _, n), o in kube.objects.items()
         if n != f"{name}-train" or kind != "Job"
     )
+
+
+def test_a_job_admitted_and_running_between_two_reconciles_still_says_admitted() -> None:
+    kube = FakeKube()
+    ftj = configmap_example(kube, labels={QUEUE_LABEL: "gpu"})
+    name = ftj["metadata"]["name"]
+    rec, events = reconciler(kube)
+    rec.reconcile("ns", name)
+    job = kube.stored_job("ns", f"{name}-train")
+    kube.workloads = {("ns", job["metadata"]["uid"]): [_workload(Admitted=("True", "A", ""))]}
+    job["spec"]["suspend"] = False
+    job["status"] = {"active": 2, "ready": 2}
+    rec.reconcile("ns", name)
+    status = kube.ftjs[("ns", name)]["status"]
+    assert (status["state"], _field(status, "Admitted", "reason")) == ("Running", "Admitted")
+    assert "Admitted" in events.reasons()

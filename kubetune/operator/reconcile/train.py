@@ -57,10 +57,16 @@ class TrainPhase(StopControl):
         kueue = False
         if queue and view.exists and not finished:
             # Kueue suspends and starts the Job; spec.suspend goes to its Workload.
-            if view.suspended or view.active == 0 or applied != wanted:
+            # A running job already seen Admitted costs no read.
+            if (
+                view.suspended
+                or view.active == 0
+                or applied != wanted
+                or not st.is_true(draft.conditions, "Admitted")
+            ):
                 kueue = self._follow_queue(ref, job, queue, spec, applied != wanted, draft)
             else:
-                kueue = True  # running: admitted by Kueue, nothing to read
+                kueue = True
             if not kueue and view.suspended != bool(spec.suspend):
                 # No Kueue: the Job (created suspended for the queue) follows spec.suspend.
                 self.kube.set_job_suspend(ref.namespace, name, bool(spec.suspend), wanted)
