@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed ## create .venv and install kubetune with its dev and trainer extras
 
-tools: ## build the control plane, kwok, helm and prometheus from Go modules (idempotent)
+tools: ## build the control plane, kwok, helm, prometheus and Kueue from Go modules (idempotent)
 	tools/build.sh
 
 test: venv ## the whole suite: lint, types, unit, cluster and trainer tiers (needs `make tools`)
