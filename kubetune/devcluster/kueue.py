@@ -112,7 +112,7 @@ def _served(path: str) -> bool:
 
 
 def webhook_configurations(
-    manifests: Iterable[dict[str, Any]], base_url: str, ca_bundle: bytes
+    manifests: Iterable[dict[str, Any] | None], base_url: str, ca_bundle: bytes
 ) -> list[dict[str, Any]]:
     """Kueue's Mutating/ValidatingWebhookConfigurations with each service reference
     replaced by `base_url` + its path and the CA bundle; only the webhooks Kueue serves here."""

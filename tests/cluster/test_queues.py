@@ -114,6 +114,12 @@ def _workloads(api: dict[str, Any], ns: str) -> list[dict[str, Any]]:
     return list(found["items"])
 
 
+def _admitted(obj: dict[str, Any]) -> dict[str, Any]:
+    found = _cond(obj, "Admitted")
+    assert found is not None, f"no Admitted condition: {obj.get('status')}"
+    return found
+
+
 def _admitted_reason(api: dict[str, Any], ns: str, name: str) -> str | None:
     c = _cond(_get(api, ns, name), "Admitted")
     return None if c is None else str(c["reason"])
@@ -160,7 +166,7 @@ def test_a_queued_job_waits_for_quota_then_is_admitted_and_runs(
     assert pod.spec.node_selector["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
     first = _get(api, namespace, "first")
     assert first["status"]["queue"]["clusterQueue"] == f"{namespace}-cq"
-    assert _cond(first, "Admitted")["reason"] == "Admitted"
+    assert _admitted(first)["reason"] == "Admitted"
 
     # The second one waits for the first one's GPUs: Queued, no pods, its Job suspended.
     _create(api, namespace, _queued_job("second", annotations={"kubetune.dev/sim-run-ms": "500"}))
@@ -197,7 +203,7 @@ def test_a_multi_node_job_larger_than_the_quota_is_never_half_started(
     _create(api, namespace, _queued_job("big", resources={"numNodes": 2, "gpusPerNode": 8}))
     obj = _wait_admitted_reason(api, namespace, "big", "Inadmissible")
     assert obj["status"]["state"] == "Queued"
-    message = _cond(obj, "Admitted")["message"]
+    message = _admitted(obj)["message"]
     assert "can never be admitted" in message
     assert "> maximum capacity" in message
     time.sleep(5)
@@ -212,7 +218,7 @@ def test_a_queue_label_naming_no_local_queue_says_so(
     _apply_queues(api, namespace)
     _create(api, namespace, _queued_job("lost", queue="no-such-queue"))
     obj = _wait_admitted_reason(api, namespace, "lost", "QueueNotFound")
-    message = _cond(obj, "Admitted")["message"]
+    message = _admitted(obj)["message"]
     assert f"LocalQueue 'no-such-queue' does not exist in namespace {namespace}" in message
     assert obj["status"]["state"] == "Queued"
     assert _train_pods(api, namespace, "lost") == []
@@ -242,7 +248,7 @@ def test_a_higher_priority_job_preempts_and_the_preempted_one_resumes_without_a_
     _wait_cond(api, namespace, "low", "Running", timeout=120)
     low = _get(api, namespace, "low")
     assert low["status"]["state"] == "Running"
-    assert _cond(low, "Admitted")["reason"] == "Admitted"
+    assert _admitted(low)["reason"] == "Admitted"
     assert _cond(low, "Failed") is None
     job = api["batch"].read_namespaced_job("low-train", namespace)
     assert not job.status.failed
