@@ -1,6 +1,6 @@
 """Queues: a real Kueue (built by `make tools`, its webhooks on 127.0.0.1) admits, holds,
 preempts and readmits FineTuneJobs' training Jobs on kwok GPU nodes, with the queues of
-examples/kueue-queues.yaml (docs/operator.md, "Queues")."""
+examples/queues/kueue-queues.yaml (docs/operator.md, "Queues")."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from tests.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
 
-QUEUES = EXAMPLES / "kueue-queues.yaml"
+QUEUES = EXAMPLES / "queues" / "kueue-queues.yaml"
 LONG_RUN = {"kubetune.dev/sim-run-ms": "600000"}
 
 
@@ -49,7 +49,7 @@ def kueue(dev_cluster: Any, queue_operator: OperatorProcess) -> Iterator[Any]:
 
 
 def _apply_queues(api: dict[str, Any], ns: str, gpus: int = 8) -> str:
-    """examples/kueue-queues.yaml with its ClusterQueue made this test's (its own name and
+    """examples/queues/kueue-queues.yaml with its ClusterQueue made this test's (its own name and
     `gpus` of quota) and its LocalQueue in `ns`; returns the ClusterQueue's name."""
     custom = api["custom"]
     cq_name = f"{ns}-cq"
