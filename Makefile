@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed ## create .venv and install kubetune with its dev and trainer extras
 
-tools: ## build the control plane, kwok, helm, prometheus and SeaweedFS from Go modules (idempotent)
+tools: ## build the control plane, kwok, helm, prometheus, the node's parts, Kueue and SeaweedFS from Go modules (idempotent)
 	tools/build.sh
 
 images: ## build the base, pause, operator and trainer images with buildah (cached by content)

@@ -399,6 +399,11 @@ _root_option = click.option(
     default=None,
     help="Reference of the pause image among --node-image's (containerd's sandbox_image).",
 )
+@click.option(
+    "--kueue",
+    is_flag=True,
+    help="Also start Kueue (built by `make tools`): its CRDs, controller and webhooks.",
+)
 @click.option("--timeout", default=180.0, show_default=True, help="Seconds to wait for ready.")
 def dev_cluster_up(
     root: Path | None,
@@ -409,6 +414,7 @@ def dev_cluster_up(
     no_local_runner: bool,
     node_images: tuple[Path, ...],
     sandbox_image: str | None,
+    kueue: bool,
     timeout: float,
 ) -> None:
     """Start the cluster and wait until it is ready; prints the KUBECONFIG to use."""
@@ -438,6 +444,7 @@ def dev_cluster_up(
         gpu_pool=pool,
         local_runner=not no_local_runner,
         real_node=real_node,
+        kueue=kueue,
     )
     try:
         cluster.start(timeout=timeout, progress=lambda m: click.echo(f"dev-cluster: {m}"))

@@ -44,6 +44,17 @@ PREPARE_CONTAINER: Final = "prepare"
 #: Where the operator mounts the `<job>-config` ConfigMap (spec.json, plan.json).
 CONFIG_MOUNT: Final = "/etc/kubetune"
 
+# ---- Kueue (the queue that admits a training Job; docs/operator.md "Queues") ----------------
+KUEUE_GROUP: Final = "kueue.x-k8s.io"
+#: The API version of Kueue's objects the operator reads (Workloads, LocalQueues).
+KUEUE_VERSION: Final = "v1beta2"
+#: On the training Job (from spec.labels or the operator's default queue): the LocalQueue.
+QUEUE_LABEL: Final = f"{KUEUE_GROUP}/queue-name"
+#: On the training Job (from spec.labels): the WorkloadPriorityClass of its Workload.
+PRIORITY_LABEL: Final = f"{KUEUE_GROUP}/priority-class"
+#: On a Workload: the uid of the Job it was made for.
+WORKLOAD_JOB_UID_LABEL: Final = f"{KUEUE_GROUP}/job-uid"
+
 # ---- exit codes -------------------------------------------------------------------------------
 EXIT_OK: Final = 0
 #: Configuration or data errors (sysexits' EX_CONFIG): the operator's podFailurePolicy fails

@@ -4,9 +4,9 @@
 #
 # Idempotent: a tool whose binaries exist and whose wrapper go.mod/go.sum are unchanged
 # (a stamp file holds their hash) is skipped. Usage: tools/build.sh [tool ...]
-# Tools: etcd kubernetes kwok helm prometheus kubelet coredns cri-tools seaweedfs (default: all).
-# kubelet, coredns and cri-tools are the real node's parts (the `node` test tier); seaweedfs is the
-# S3-compatible object store of the s3:// tests.
+# Tools: etcd kubernetes kwok helm prometheus kubelet coredns cri-tools kueue seaweedfs (default:
+# all). kubelet, coredns and cri-tools are the real node's parts (the `node` test tier); kueue is the
+# queueing of the queue tests; seaweedfs is the S3-compatible object store of the s3:// tests.
 set -euo pipefail
 shopt -s nullglob
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -26,6 +26,7 @@ build_tool() {
   hash="$(cat "$here/$name/go.mod" "$here/$name/go.sum" "$here/$name"/*.go | sha256sum | cut -c1-16)"
   stamp="$dir/.stamp"
   for pair in "$@"; do [ -x "$dir/${pair#*=}" ] || missing=1; done
+  [ -z "${AFTER_BUILD:-}" ] || [ -d "$dir/config" ] || missing=1
   if [ "$missing" = 0 ] && [ "$(cat "$stamp" 2>/dev/null)" = "$hash" ]; then
     log "$name $version: up to date in $dir"
     return
@@ -39,7 +40,18 @@ build_tool() {
     mv "$dir/$bin.tmp" "$dir/$bin"
     log "$name $version: $bin built in $((SECONDS - start))s"
   done
+  "${AFTER_BUILD:-true}" "$dir"
   echo "$hash" > "$stamp"
+}
+
+# Kueue's CRDs and webhook manifests come from the same module source as its binary; the
+# cluster fixtures read them next to it (kubetune.devcluster.kueue).
+kueue_manifests() {
+  local dir="$1" src
+  src="$(cd "$here/kueue" && go list -m -f '{{.Dir}}' sigs.k8s.io/kueue)"
+  rm -rf "$dir/config" && mkdir -p "$dir/config"
+  cp -r "$src/config/components/crd" "$src/config/components/webhook" "$dir/config/"
+  chmod -R u+w "$dir/config"
 }
 
 k8s_ldflags() {
@@ -52,7 +64,7 @@ k8s_ldflags() {
 }
 
 tools=("$@")
-[ ${#tools[@]} -gt 0 ] || tools=(etcd kubernetes kwok helm prometheus kubelet coredns cri-tools seaweedfs)
+[ ${#tools[@]} -gt 0 ] || tools=(etcd kubernetes kwok helm prometheus kubelet coredns cri-tools kueue seaweedfs)
 total_start=$SECONDS
 for t in "${tools[@]}"; do
   case "$t" in
@@ -83,9 +95,11 @@ for t in "${tools[@]}"; do
     cri-tools) build_tool cri-tools "$CRI_TOOLS_VERSION" \
         "-X sigs.k8s.io/cri-tools/pkg/version.Version=$CRI_TOOLS_VERSION" \
         sigs.k8s.io/cri-tools/cmd/crictl=crictl ;;
+    kueue) AFTER_BUILD=kueue_manifests build_tool kueue "$KUEUE_VERSION" \
+        "-X sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE_VERSION" sigs.k8s.io/kueue/cmd/kueue=kueue ;;
     # The S3-compatible object store of the cluster and trainer tiers' s3:// tests.
     seaweedfs) build_tool seaweedfs "$SEAWEEDFS_VERSION" "" github.com/seaweedfs/seaweedfs/weed=weed ;;
-    *) echo "unknown tool: $t (known: etcd kubernetes kwok helm prometheus kubelet coredns cri-tools seaweedfs)" >&2
+    *) echo "unknown tool: $t (known: etcd kubernetes kwok helm prometheus kubelet coredns cri-tools kueue seaweedfs)" >&2
        exit 2 ;;
   esac
 done

@@ -20,6 +20,8 @@ JobState = Literal[
     "Planning",
     "Planned",
     "Blocked",
+    "Queued",
+    "Admitted",
     "Running",
     "Suspended",
     "Stopping",
@@ -28,9 +30,12 @@ JobState = Literal[
 ]
 ConditionStatus = Literal["True", "False", "Unknown"]
 
-ConditionType = Literal["Planned", "Running", "Suspended", "EarlyStopped", "Succeeded", "Failed"]
+ConditionType = Literal[
+    "Planned", "Admitted", "Running", "Suspended", "EarlyStopped", "Succeeded", "Failed"
+]
 CONDITION_TYPES: tuple[ConditionType, ...] = (
     "Planned",
+    "Admitted",
     "Running",
     "Suspended",
     "EarlyStopped",
@@ -68,6 +73,13 @@ ConditionReason = Literal[
     "Starting",
     "Resumed",
     "EarlyStopped",
+    # The Admitted condition (a queue: Kueue).
+    "Queued",
+    "Admitted",
+    "Preempted",
+    "Inadmissible",
+    "QueueNotFound",
+    "KueueNotInstalled",
 ]
 #: The reasons of an EarlyStopped condition (and of status.earlyStop.reason).
 EARLY_STOP_REASONS: tuple[ConditionReason, ...] = (
@@ -130,6 +142,17 @@ class Metrics(StatusModel):
     high_perplexity_token_ratio: float | None = None
 
 
+class QueueStatus(StatusModel):
+    """Where a job with a queue (Kueue) stands: its LocalQueue, the Workload Kueue made for
+    the training Job, the ClusterQueue that admitted it, the queue's pending count."""
+
+    name: str | None = None
+    cluster_queue: str | None = None
+    workload: str | None = None
+    pending_workloads: int | None = None
+    message: str | None = None
+
+
 class EarlyStop(StatusModel):
     reason: str | None = None
     message: str | None = None
@@ -151,6 +174,7 @@ class FineTuneJobStatus(StatusModel):
     completion_time: str | None = None
     training_job_name: str | None = None
     early_stop: EarlyStop | None = None
+    queue: QueueStatus | None = None
 
     @field_validator("plan", mode="wrap")
     @classmethod

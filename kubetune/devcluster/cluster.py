@@ -164,12 +164,14 @@ class DevCluster:
         tie_to_parent: bool = False,
         binaries: Binaries | None = None,
         real_node: NodeImages | None = None,
+        kueue: bool = False,
     ) -> None:
         self.layout = c.Layout(root.resolve())
         self.node_images = real_node
         self.gpu_pool = gpu_pool if gpu_pool is not None else c.GpuNodePool()
         self.local_runner = local_runner
         self.tie_to_parent = tie_to_parent
+        self.kueue = kueue
         self.bins = binaries or find_binaries()
         self.state: ClusterState | None = None
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -305,6 +307,8 @@ class DevCluster:
             if self.node_images is not None:
                 deadline = self._start_real_node(ports, pki, say, deadline)
             self._wait_ready(deadline)
+            if self.kueue:
+                self.start_kueue(max(30.0, deadline - time.monotonic()), say)
             self.state.save(self.layout.state_file)
             say(f"ready: export KUBECONFIG={self.layout.kubeconfig}")
         except BaseException:
@@ -521,6 +525,107 @@ class DevCluster:
             time.sleep(0.3)
         raise ClusterError(f"cluster not ready in time: still waiting for {waiting}")
 
+    # ---------------------------------------------------------------- Kueue
+    def start_kueue(
+        self, timeout: float = 120.0, progress: Callable[[str], None] | None = None
+    ) -> None:
+        """Start Kueue on the running cluster: install (or replace) its CRDs, run its
+        controller-manager with its webhooks on a free 127.0.0.1 port (a certificate from
+        the cluster's CA), and register the webhooks by URL. `stop_kueue` undoes it."""
+        from kubetune.devcluster import kueue as kq
+        from kubetune.devcluster.pki import issue_serving_cert
+
+        say = progress or (lambda _m: None)
+        if self.state is None:
+            raise ClusterError("start the cluster before Kueue")
+        dist = kq.find_kueue()
+        if dist.missing():
+            raise ClusterError(
+                f"Kueue is not built: missing {', '.join(map(str, dist.missing()))}. Run "
+                "`make tools` (or tools/build.sh kueue); it builds Kueue from its Go module."
+            )
+        deadline = time.monotonic() + timeout
+        ports = kq.KueuePorts(webhook=free_port(), health=free_port())
+        pki = generate_pki_paths(self.layout.pki)
+        ca = pki.ca.cert.read_bytes()
+        base = f"https://127.0.0.1:{ports.webhook}"
+        cert_dir = self.layout.cert_dir("kueue")
+        issue_serving_cert(pki.ca, cert_dir, "kueue-webhook")
+        if not (kq.METRICS_CERT_DIR / "tls.crt").exists():
+            # Only read at start-up (the metrics server itself is off); any valid pair does.
+            try:
+                issue_serving_cert(pki.ca, kq.METRICS_CERT_DIR, "kueue-metrics")
+            except OSError as exc:
+                raise ClusterError(
+                    f"Kueue needs a certificate at {kq.METRICS_CERT_DIR} (a fixed path in "
+                    f"Kueue), which cannot be written: {exc}; create tls.crt/tls.key there"
+                ) from exc
+        config_file = self.layout.root / "kueue-config.yaml"
+        config_file.write_text(yaml.safe_dump(kq.configuration(ports, cert_dir)))
+        api = self.api_client()
+        say("installing Kueue's CRDs")
+        _ensure_namespace(api, kq.KUEUE_NAMESPACE)
+        for crd in kq.crd_manifests(dist, base, ca):
+            install_crd(api, crd, deadline)
+        say(f"starting Kueue (webhooks on 127.0.0.1:{ports.webhook})")
+        self._spawn("kueue", kq.kueue_args(dist.binary, config_file, self.layout.kubeconfig))
+        self.state.ports["kueue_webhook"] = ports.webhook
+        self.state.ports["kueue_health"] = ports.health
+        self._wait_http("kueue", f"http://127.0.0.1:{ports.health}/readyz", deadline)
+        for hook in kq.webhook_manifests(dist, base, ca):
+            _apply_webhook_configuration(api, hook)
+        self.state.save(self.layout.state_file)
+
+    def stop_kueue(self, grace: float = 10.0, remove_crds: bool = True) -> None:
+        """Unregister Kueue's webhooks (Jobs are admitted without them again), stop it, and
+        (`remove_crds`) delete its CRDs with every object of theirs, the finalizers Kueue
+        would have removed taken off: the cluster is as without Kueue again."""
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        from kubetune.devcluster import kueue as kq
+
+        api = self.api_client()
+        dist = kq.find_kueue()
+        reg = client.AdmissionregistrationV1Api(api)
+        for hook in kq.webhook_manifests(dist, "https://127.0.0.1", b""):
+            delete = (
+                reg.delete_mutating_webhook_configuration
+                if hook["kind"] == "MutatingWebhookConfiguration"
+                else reg.delete_validating_webhook_configuration
+            )
+            with contextlib.suppress(ApiException):
+                delete(hook["metadata"]["name"])
+        if self.state is not None and any(p.name == "kueue" for p in self.state.processes):
+            self.stop_component("kueue", grace)
+            self.state.processes = [p for p in self.state.processes if p.name != "kueue"]
+            self.state.save(self.layout.state_file)
+        if not remove_crds:
+            return
+        custom = client.CustomObjectsApi(api)
+        ext = client.ApiextensionsV1Api(api)
+        for crd in kq.crd_manifests(dist, "https://127.0.0.1", b""):
+            spec = crd["spec"]
+            version = next(v["name"] for v in spec["versions"] if v.get("storage"))
+            plural = spec["names"]["plural"]
+            with contextlib.suppress(ApiException):
+                items = custom.list_cluster_custom_object(spec["group"], version, plural)
+                for obj in items.get("items") or []:
+                    meta = obj["metadata"]
+                    if not meta.get("finalizers"):
+                        continue
+                    patch = {"metadata": {"finalizers": None}}
+                    if meta.get("namespace"):
+                        custom.patch_namespaced_custom_object(
+                            spec["group"], version, meta["namespace"], plural, meta["name"], patch
+                        )
+                    else:
+                        custom.patch_cluster_custom_object(
+                            spec["group"], version, plural, meta["name"], patch
+                        )
+            with contextlib.suppress(ApiException):
+                ext.delete_custom_resource_definition(crd["metadata"]["name"])
+
     # ---------------------------------------------------------------- stop / status
     def stop(self, grace: float = 10.0) -> None:
         """Stop every component (newest first): SIGTERM, then SIGKILL after `grace`."""
@@ -612,6 +717,79 @@ class DevCluster:
             "localRunnerNode": state.local_runner_node,
             "realNode": state.real_node,
         }
+
+
+def _ensure_namespace(api_client: Any, name: str) -> None:
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        client.CoreV1Api(api_client).create_namespace({"metadata": {"name": name}})
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+
+
+def install_crd(api_client: Any, body: dict[str, Any], deadline: float) -> None:
+    """Create a CRD, or replace the one of that name; wait until it is Established."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    ext = client.ApiextensionsV1Api(api_client)
+    name = str(body["metadata"]["name"])
+    try:
+        ext.create_custom_resource_definition(body)
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+        current = ext.read_custom_resource_definition(name)
+        replaced = {**body, "metadata": {**body["metadata"]}}
+        replaced["metadata"]["resourceVersion"] = current.metadata.resource_version
+        ext.replace_custom_resource_definition(name, replaced)
+    while time.monotonic() < deadline:
+        crd = ext.read_custom_resource_definition(name)
+        conditions = (crd.status.conditions if crd.status else None) or []
+        if any(c.type == "Established" and c.status == "True" for c in conditions):
+            return
+        time.sleep(0.2)
+    raise ClusterError(f"CRD {name} not Established in time")
+
+
+def _apply_webhook_configuration(api_client: Any, body: dict[str, Any]) -> None:
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    reg = client.AdmissionregistrationV1Api(api_client)
+    mutating = body["kind"] == "MutatingWebhookConfiguration"
+    name = body["metadata"]["name"]
+    create = (
+        reg.create_mutating_webhook_configuration
+        if mutating
+        else reg.create_validating_webhook_configuration
+    )
+    try:
+        create(body)
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+        read = (
+            reg.read_mutating_webhook_configuration
+            if mutating
+            else reg.read_validating_webhook_configuration
+        )
+        replace = (
+            reg.replace_mutating_webhook_configuration
+            if mutating
+            else reg.replace_validating_webhook_configuration
+        )
+        current = read(name)
+        replace(
+            name,
+            {
+                **body,
+                "metadata": {"name": name, "resourceVersion": current.metadata.resource_version},
+            },
+        )
 
 
 def generate_pki_paths(directory: Path) -> ClusterPKI:

@@ -177,6 +177,15 @@ def generate_pki(
     )
 
 
+def _load_ca(ca: CertPair) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """The cluster's CA certificate and key, as `generate_pki` wrote them."""
+    ca_cert = x509.load_pem_x509_certificate(ca.cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(ca.key.read_bytes(), password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise TypeError(f"{ca.key}: the dev cluster's CA key is expected to be an EC key")
+    return ca_cert, ca_key
+
+
 @dataclass(frozen=True)
 class NodePKI:
     """A real node's credentials: the kubelet's client certificate (the Node authorizer's
@@ -188,10 +197,7 @@ class NodePKI:
 
 def generate_node_pki(directory: Path, ca: CertPair, node_name: str, node_ip: str) -> NodePKI:
     """Issue the kubelet's certificates from the cluster's CA (written by `generate_pki`)."""
-    ca_cert = x509.load_pem_x509_certificate(ca.cert.read_bytes())
-    ca_key = serialization.load_pem_private_key(ca.key.read_bytes(), password=None)
-    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
-        raise ValueError(f"{ca.key}: the dev cluster's CA key is not an ECDSA key")
+    ca_cert, ca_key = _load_ca(ca)
     directory.mkdir(parents=True, exist_ok=True)
     client_key = ec.generate_private_key(ec.SECP256R1())
     client_cert = _issue(
@@ -213,3 +219,21 @@ def generate_node_pki(directory: Path, ca: CertPair, node_name: str, node_ip: st
         client=_save(client_cert, client_key, directory, "kubelet-client"),
         serving=_save(serving_cert, serving_key, directory, "kubelet-serving"),
     )
+
+
+def issue_serving_cert(
+    ca: CertPair, directory: Path, common_name: str, names: tuple[str, ...] = ("127.0.0.1",)
+) -> CertPair:
+    """A serving certificate signed by the cluster's CA, saved as `tls.crt`/`tls.key` in
+    `directory` (the file names controller-runtime's webhook server reads)."""
+    ca_cert, ca_key = _load_ca(ca)
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _issue(
+        subject=_name(common_name),
+        key=key,
+        issuer=ca_cert.subject,
+        issuer_key=ca_key,
+        server_names=names,
+    )
+    return _save(cert, key, directory, "tls")

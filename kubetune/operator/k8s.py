@@ -12,7 +12,15 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from kubetune.contract import GROUP, PLURAL, SUSPEND_ANNOTATION, VERSION
+from kubetune.contract import (
+    GROUP,
+    KUEUE_GROUP,
+    KUEUE_VERSION,
+    PLURAL,
+    SUSPEND_ANNOTATION,
+    VERSION,
+    WORKLOAD_JOB_UID_LABEL,
+)
 
 log = logging.getLogger("kubetune.operator.k8s")
 
@@ -181,6 +189,47 @@ class Kube:
                 "metadata": {"annotations": {SUSPEND_ANNOTATION: applied}},
                 "spec": {"suspend": suspend},
             },
+        )
+
+    # ---- Kueue
+    def job_workloads(self, namespace: str, job_uid: str) -> list[dict[str, Any]] | None:
+        self._count()
+        try:
+            found = self.custom.list_namespaced_custom_object(
+                KUEUE_GROUP,
+                KUEUE_VERSION,
+                namespace,
+                "workloads",
+                label_selector=f"{WORKLOAD_JOB_UID_LABEL}={job_uid}",
+            )
+        except ApiException as exc:
+            if exc.status == 404:  # the API server does not serve Kueue's Workloads
+                return None
+            raise
+        return list(found.get("items") or [])
+
+    def get_local_queue(self, namespace: str, name: str) -> dict[str, Any] | None:
+        self._count()
+        try:
+            obj: dict[str, Any] = self.custom.get_namespaced_custom_object(
+                KUEUE_GROUP, KUEUE_VERSION, namespace, "localqueues", name
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return obj
+
+    def set_workload_active(
+        self, namespace: str, name: str, active: bool, job: str, applied: str
+    ) -> None:
+        self._count()
+        self.custom.patch_namespaced_custom_object(
+            KUEUE_GROUP, KUEUE_VERSION, namespace, "workloads", name, {"spec": {"active": active}}
+        )
+        self._count()
+        self.batch.patch_namespaced_job(
+            job, namespace, {"metadata": {"annotations": {SUSPEND_ANNOTATION: applied}}}
         )
 
     def termination_message(

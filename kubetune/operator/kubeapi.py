@@ -32,6 +32,23 @@ class KubeApi(Protocol):
         """Set the Job's spec.suspend and remember it (`applied`) in its annotation."""
         ...
 
+    # ---- Kueue (only for a job with a queue)
+    def job_workloads(self, namespace: str, job_uid: str) -> list[dict[str, Any]] | None:
+        """The Kueue Workloads made for the Job of that uid (one list by label); None when
+        the API server does not serve Kueue's Workloads."""
+        ...
+
+    def get_local_queue(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The LocalQueue, or None when it does not exist."""
+        ...
+
+    def set_workload_active(
+        self, namespace: str, name: str, active: bool, job: str, applied: str
+    ) -> None:
+        """Set the Workload's spec.active (Kueue evicts an inactive one and suspends its
+        Job) and remember the spec.suspend value it follows (`applied`) on the Job."""
+        ...
+
     def termination_message(
         self, namespace: str, job_name: str, index: str | None = "0"
     ) -> str | None:

@@ -60,6 +60,9 @@ class OperatorSettings:
     lease_namespace: str = "default"
     # Seconds a replica keeps leading without renewing; a standby takes over after that.
     lease_duration_seconds: float = 15.0
+    # The Kueue LocalQueue of a FineTuneJob whose spec.labels name none (None: such jobs
+    # are not queued and start at once).
+    default_queue: str | None = None
 
     @classmethod
     def from_env(cls) -> OperatorSettings:
@@ -92,6 +95,7 @@ class OperatorSettings:
             lease_duration_seconds=_float(
                 "KUBETUNE_LEASE_DURATION_SECONDS", d.lease_duration_seconds
             ),
+            default_queue=os.environ.get("KUBETUNE_DEFAULT_QUEUE", "").strip() or None,
         )
 
 

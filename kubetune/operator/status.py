@@ -16,7 +16,15 @@ from kubetune.policy import EvalPoint
 
 log = logging.getLogger("kubetune.operator")
 
-CONDITION_TYPES = ("Planned", "Running", "Suspended", "EarlyStopped", "Succeeded", "Failed")
+CONDITION_TYPES = (
+    "Planned",
+    "Admitted",
+    "Running",
+    "Suspended",
+    "EarlyStopped",
+    "Succeeded",
+    "Failed",
+)
 TERMINAL = ("Succeeded", "Failed")
 
 
@@ -80,6 +88,9 @@ def state_of(conditions: list[dict[str, Any]], has_plan: bool, planning: bool) -
     if is_true(conditions, "Running"):
         running = get_condition(conditions, "Running") or {}
         return "Stopping" if running.get("reason") == "StopRequested" else "Running"
+    admitted = get_condition(conditions, "Admitted")
+    if admitted is not None:
+        return "Admitted" if admitted.get("status") == "True" else "Queued"
     if has_plan:
         return "Planned"
     return "Planning" if planning else "Pending"
@@ -150,9 +161,12 @@ class Outcome:
     finished: bool = False
 
 
-def training_outcome(view: ChildJobView, nodes: int, termination: str | None) -> Outcome:
+def training_outcome(
+    view: ChildJobView, nodes: int, termination: str | None, queued: bool = False
+) -> Outcome:
     """Map the training Job's state to conditions. `termination` is rank 0's termination
-    message when the pod has ended (it may name an early stop)."""
+    message when the pod has ended (it may name an early stop). `queued`: a queue (Kueue)
+    holds the Job, so its suspension is the queue's, not spec.suspend."""
     if view.failed_reason:
         reason = _JOB_FAILURE_REASONS.get(view.failed_reason, view.failed_reason)
         detail = view.failed_message or ""
@@ -185,6 +199,13 @@ def training_outcome(view: ChildJobView, nodes: int, termination: str | None) ->
                 ("Succeeded", "True", "Completed", f"training finished on {nodes} node(s)")
             )
         return Outcome(conditions=conds, finished=True)
+    if view.suspended and queued:
+        return Outcome(
+            conditions=[
+                ("Suspended", "False", "Resumed", "not suspended"),
+                ("Running", "False", "Queued", "the queue has not admitted the Job; no pods run"),
+            ]
+        )
     if view.suspended:
         return Outcome(
             conditions=[

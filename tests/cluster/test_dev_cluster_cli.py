@@ -82,3 +82,26 @@ def test_up_without_built_tools_says_how_to_build_them(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "make tools" in result.stderr
+
+
+def test_up_with_kueue_runs_it_with_its_webhooks_and_down_stops_it(tmp_path: Path) -> None:
+    from kubernetes import client, config
+
+    root = tmp_path / "dck"
+    up = _cli(
+        "dev-cluster", "up", "--dir", str(root), "--gpu-nodes", "1", "--no-local-runner", "--kueue"
+    )
+    assert "starting Kueue (webhooks on 127.0.0.1:" in up.stdout
+    try:
+        state = ClusterState.load(root / "state.json")
+        kueue = next(p for p in state.processes if p.name == "kueue")
+        assert _alive(kueue.pid)
+        api = config.new_client_from_config(config_file=str(root / "kubeconfig"))
+        hooks = client.AdmissionregistrationV1Api(api).list_mutating_webhook_configuration()
+        (ours,) = [h for h in hooks.items if h.metadata.name.startswith("kubetune-dev-kueue-")]
+        urls = {w.client_config.url for w in ours.webhooks}
+        port = state.ports["kueue_webhook"]
+        assert f"https://127.0.0.1:{port}/mutate-batch-v1-job" in urls
+    finally:
+        _cli("dev-cluster", "down", "--dir", str(root), check=False)
+    assert not _alive(kueue.pid)

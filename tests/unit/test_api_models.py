@@ -677,6 +677,7 @@ def test_format_time() -> None:
 def test_condition_vocabulary() -> None:
     assert api.CONDITION_TYPES == (
         "Planned",
+        "Admitted",
         "Running",
         "Suspended",
         "EarlyStopped",

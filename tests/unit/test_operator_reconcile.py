@@ -48,6 +48,10 @@ class FakeKube:
         self.patches: list[dict[str, Any]] = []
         self.suspends: list[tuple[str, bool, str]] = []
         self.deleted: list[tuple[str, str]] = []
+        #: Kueue: Workloads by (namespace, Job uid); None: the API does not serve them.
+        self.workloads: dict[tuple[str, str], list[dict[str, Any]]] | None = {}
+        self.local_queues: dict[tuple[str, str], dict[str, Any]] = {}
+        self.activations: list[tuple[str, bool, str]] = []
 
     # ---- the FineTuneJob
     def add_ftj(self, manifest: dict[str, Any], uid: str = "uid-1") -> dict[str, Any]:
@@ -78,6 +82,8 @@ class FakeKube:
         key = (manifest["kind"], meta["namespace"], meta["name"])
         existing = self.objects.get(key)
         if existing is None:
+            manifest = copy.deepcopy(manifest)
+            manifest["metadata"].setdefault("uid", f"uid-{meta['name']}")
             self.objects[key] = copy.deepcopy(manifest)
             self.created.append((manifest["kind"], meta["name"]))
             return copy.deepcopy(manifest), True
@@ -99,6 +105,21 @@ class FakeKube:
         job = self.stored_job(namespace, name)
         job["spec"]["suspend"] = suspend
         job["metadata"].setdefault("annotations", {})[SUSPEND_ANNOTATION] = applied
+
+    def job_workloads(self, namespace: str, job_uid: str) -> list[dict[str, Any]] | None:
+        if self.workloads is None:
+            return None
+        return copy.deepcopy(self.workloads.get((namespace, job_uid), []))
+
+    def get_local_queue(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return copy.deepcopy(self.local_queues.get((namespace, name)))
+
+    def set_workload_active(
+        self, namespace: str, name: str, active: bool, job: str, applied: str
+    ) -> None:
+        self.activations.append((name, active, applied))
+        stored = self.stored_job(namespace, job)
+        stored["metadata"].setdefault("annotations", {})[SUSPEND_ANNOTATION] = applied
 
     def termination_message(
         self, namespace: str, job_name: str, index: str | None = "0"

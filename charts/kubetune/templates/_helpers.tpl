@@ -102,6 +102,14 @@ rights on kopf.dev peerings.
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [get, create, patch]
+# Application: a queued training Job's Kueue Workload (read by the Job's uid label; patched
+# for spec.active when spec.suspend changes) and its LocalQueue (exists? pending count).
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads]
+  verbs: [get, list, watch, patch]
+- apiGroups: [kueue.x-k8s.io]
+  resources: [localqueues]
+  verbs: [get]
 {{- end -}}
 
 {{- define "kubetune.rules.secrets" -}}

@@ -12,6 +12,7 @@ from kubetune.contract import (
     CONFIG_MOUNT,
     JOB_LABEL,
     PLAN_METHOD_ANNOTATION,
+    QUEUE_LABEL,
     STOP_POLICY_OPERATOR,
     SUSPEND_ANNOTATION,
     TRAINER_CONTAINER,
@@ -29,6 +30,7 @@ from kubetune.operator.builders.names import (
 from kubetune.operator.builders.objects import model_cache, s3_env, work_volume
 from kubetune.operator.builders.pod import job_pod, pod_env, pod_failure_policy
 from kubetune.operator.builders.storage import Storage, job_storages, volumes_and_mounts
+from kubetune.operator.queueing import queue_name
 from kubetune.operator.settings import OperatorSettings
 
 
@@ -149,12 +151,16 @@ def training_job(
         container["resources"] = resources
     user_labels = dict(spec.labels or {})
     user_annotations = dict(spec.annotations or {})
+    queue = queue_name(spec, settings.default_queue)
+    if queue:
+        # Kueue admits the Job: created suspended, it starts when Kueue unsuspends it.
+        user_labels[QUEUE_LABEL] = queue
     job_spec: dict[str, Any] = {
         "completionMode": "Indexed",
         "completions": nodes,
         "parallelism": nodes,
         "backoffLimit": int(spec.backoff_limit),
-        "suspend": bool(spec.suspend),
+        "suspend": bool(spec.suspend) or queue is not None,
         "podFailurePolicy": pod_failure_policy(TRAINER_CONTAINER),
         "template": {
             "metadata": {
@@ -182,8 +188,12 @@ def training_job(
             user_labels,
             # The suspend value the operator last applied: it only changes the Job's suspend
             # when spec.suspend changes, so a queue (Kueue) that suspends or admits the Job is
-            # never overridden.
-            {**user_annotations, SUSPEND_ANNOTATION: str(bool(spec.suspend)).lower()},
+            # never overridden. With a queue, spec.suspend goes to the Workload's
+            # spec.active once Kueue has made it: "false" until then.
+            {
+                **user_annotations,
+                SUSPEND_ANNOTATION: str(bool(spec.suspend) and queue is None).lower(),
+            },
         ),
         "spec": job_spec,
     }

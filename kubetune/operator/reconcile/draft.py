@@ -41,6 +41,18 @@ class StatusDraft:
         ):
             self.events.append((event_type, reason, f"{ctype}: {message}"))
 
+    def transition(
+        self, ctype: str, status: str, reason: str, message: str, event_type: str = "Normal"
+    ) -> None:
+        """Set a condition with one Event each time its status or reason changes (False
+        ones too: a queue's Queued, Preempted and Inadmissible are news)."""
+        before = st.get_condition(self.conditions, ctype) or {}
+        self.new["conditions"] = st.set_condition(
+            self.conditions, ctype, status, reason, message, self.ref.generation
+        )
+        if (before.get("status"), before.get("reason")) != (status, reason):
+            self.events.append((event_type, reason, f"{ctype}: {message}"))
+
     def plan_ready(self, plan: PlanDocument, note: str = "") -> None:
         """Planned=True with the plan's method, ZeRO stage, offload and memory per GPU."""
         self.condition(

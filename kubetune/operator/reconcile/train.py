@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import secrets
+from typing import Any
 
 from kubetune import contract
 from kubetune.api.plan import PlanDocument
 from kubetune.api.spec import FineTuneJobSpec
 from kubetune.operator import builders as b
-from kubetune.operator import metrics
+from kubetune.operator import metrics, queueing
 from kubetune.operator import status as st
 from kubetune.operator.reconcile.draft import StatusDraft
 from kubetune.operator.reconcile.stopping import StopControl
@@ -51,7 +52,26 @@ class TrainPhase(StopControl):
             contract.SUSPEND_ANNOTATION
         )
         wanted = str(bool(spec.suspend)).lower()
-        if view.exists and applied != wanted and not (view.complete or view.failed_reason):
+        queue = queueing.queue_name(spec, self.settings.default_queue)
+        finished = view.complete or view.failed_reason
+        kueue = False
+        if queue and view.exists and not finished:
+            # Kueue suspends and starts the Job; spec.suspend goes to its Workload.
+            # A running job already seen Admitted costs no read.
+            if (
+                view.suspended
+                or view.active == 0
+                or applied != wanted
+                or not st.is_true(draft.conditions, "Admitted")
+            ):
+                kueue = self._follow_queue(ref, job, queue, spec, applied != wanted, draft)
+            else:
+                kueue = True
+            if not kueue and view.suspended != bool(spec.suspend):
+                # No Kueue: the Job (created suspended for the queue) follows spec.suspend.
+                self.kube.set_job_suspend(ref.namespace, name, bool(spec.suspend), wanted)
+                view = st.ChildJobView(**{**view.__dict__, "suspended": bool(spec.suspend)})
+        elif view.exists and applied != wanted and not finished:
             # spec.suspend changed since we last applied it: apply it (and remember it).
             self.kube.set_job_suspend(ref.namespace, name, bool(spec.suspend), wanted)
             view = st.ChildJobView(**{**view.__dict__, "suspended": bool(spec.suspend)})
@@ -78,7 +98,12 @@ class TrainPhase(StopControl):
             if view.complete or view.failed_reason
             else None
         )
-        outcome = st.training_outcome(view, int(spec.resources.num_nodes), termination)
+        outcome = st.training_outcome(
+            view,
+            int(spec.resources.num_nodes),
+            termination,
+            queued=kueue and not spec.suspend,
+        )
         for ctype, cstatus, reason, message in outcome.conditions:
             if blocked and ctype == "Running":
                 continue
@@ -117,6 +142,59 @@ class TrainPhase(StopControl):
                 self._absorb_final_report(termination, draft)
             return "finished"
         return "training"
+
+    def _follow_queue(
+        self,
+        ref: b.JobRef,
+        job: dict[str, Any],
+        queue: str,
+        spec: FineTuneJobSpec,
+        apply_suspend: bool,
+        draft: StatusDraft,
+    ) -> bool:
+        """The Admitted condition and status.queue from the Workload Kueue made for the
+        Job (one list by the Job's uid; the LocalQueue too while it waits), and spec.suspend
+        applied to the Workload's spec.active. False when Kueue is not installed."""
+        meta = job.get("metadata") or {}
+        name = str(meta.get("name"))
+        workloads = self.kube.job_workloads(ref.namespace, str(meta.get("uid") or ""))
+        workload = queueing.newest_workload(workloads or [])
+        local_queue = None
+        known = False
+        admitted = (
+            workload is not None
+            and queueing.admission_of(queue, name, ref.namespace, workload).admitted
+        )
+        if workloads is not None and not admitted:
+            local_queue = self.kube.get_local_queue(ref.namespace, queue)
+            known = True
+        admission = queueing.admission_of(
+            queue,
+            name,
+            ref.namespace,
+            workload,
+            workload_api=workloads is not None,
+            local_queue=local_queue,
+            local_queue_known=known,
+        )
+        if apply_suspend and workload is not None:
+            wanted = str(bool(spec.suspend)).lower()
+            self.kube.set_workload_active(
+                ref.namespace,
+                str(workload["metadata"]["name"]),
+                not spec.suspend,
+                name,
+                wanted,
+            )
+        draft.new["queue"] = admission.status()
+        draft.transition(
+            "Admitted",
+            "True" if admission.admitted else "False",
+            admission.reason,
+            admission.message,
+            "Warning" if admission.warning else "Normal",
+        )
+        return workloads is not None
 
     @classmethod
     def _absorb_final_report(cls, termination: str, draft: StatusDraft) -> None:
