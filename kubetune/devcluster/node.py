@@ -262,10 +262,8 @@ def kubelet_config(
     }
 
 
-def kubelet_args(
-    kubelet: Path, net: NodeNetwork, layout: NodeLayout, node_name: str, cpu_reserved: str = ""
-) -> list[str]:
-    args = [
+def kubelet_args(kubelet: Path, net: NodeNetwork, layout: NodeLayout, node_name: str) -> list[str]:
+    return [
         str(kubelet),
         f"--config={layout.kubelet_config}",
         f"--kubeconfig={layout.kubelet_kubeconfig}",
@@ -276,9 +274,6 @@ def kubelet_args(
         f"--node-labels={NODE_KIND_LABEL}={REAL_NODE_KIND}",
         "--v=1",
     ]
-    if cpu_reserved:
-        args.append(f"--system-reserved=cpu={cpu_reserved}")
-    return args
 
 
 def kube_proxy_config(

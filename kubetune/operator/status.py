@@ -11,20 +11,12 @@ from typing import Any
 from pydantic import ValidationError
 
 from kubetune.api.plan import DECISION_ANCHORS, Decision, PlanDocument, trainer_decision_key
+from kubetune.api.status import CONDITION_TYPES as CONDITION_TYPES  # the status order
 from kubetune.contract import SWITCHED_PLAN_KEYS
 from kubetune.policy import EvalPoint
 
 log = logging.getLogger("kubetune.operator")
 
-CONDITION_TYPES = (
-    "Planned",
-    "Admitted",
-    "Running",
-    "Suspended",
-    "EarlyStopped",
-    "Succeeded",
-    "Failed",
-)
 TERMINAL = ("Succeeded", "Failed")
 
 
