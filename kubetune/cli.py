@@ -186,9 +186,9 @@ def plan(job: Path, output: str, gpu_memory_gib: float | None) -> None:
     from kubetune.local_inputs import (
         InputError,
         config_maps_in,
+        local_dataset,
         local_sources,
         read_model_config,
-        read_uri,
         s3_settings,
     )
     from kubetune.planning import ModelConfigError
@@ -198,12 +198,7 @@ def plan(job: Path, output: str, gpu_memory_gib: float | None) -> None:
     cms = config_maps_in(job)
     s3 = s3_settings(spec)
     try:
-        train, train_src = read_uri(spec.dataset.uri, "spec.dataset.uri", cms, s3)
-        val = (
-            read_uri(spec.dataset.validation_uri, "spec.dataset.validationUri", cms, s3)
-            if spec.dataset.validation_uri
-            else None
-        )
+        (train, train_src), val = local_dataset(spec, cms, s3)
         extra = local_sources(spec, cms, s3)
         model = read_model_config(spec.model.uri, cms, s3)
         memory = resolve_gpu_memory(spec, None, gpu_memory_gib or 80.0)
@@ -267,8 +262,8 @@ def validate(job: Path) -> None:
     from kubetune.local_inputs import (
         InputError,
         config_maps_in,
+        local_dataset,
         local_sources,
-        read_uri,
         s3_settings,
     )
     from kubetune.planning.job import dedup_settings, quality_decisions, quality_note, read_job_data
@@ -278,18 +273,14 @@ def validate(job: Path) -> None:
     cms = config_maps_in(job)
     s3 = s3_settings(spec)
     try:
-        raw, src = read_uri(spec.dataset.uri, "spec.dataset.uri", cms, s3)
+        (raw, src), val = local_dataset(spec, cms, s3)
     except InputError as exc:
-        if spec.dataset.uri.startswith(("file://", "s3://")):
+        if spec.dataset.uri.startswith(("file://", "s3://", "hf://")):
             raise click.ClickException(str(exc)) from exc
         click.echo(f"dataset not checked: {exc}")
         return
+    vraw, vsrc = val or (None, "")
     try:
-        vraw, vsrc = (
-            read_uri(spec.dataset.validation_uri, "spec.dataset.validationUri", cms, s3)
-            if spec.dataset.validation_uri
-            else (None, "")
-        )
         fmt, sources, validation = read_job_data(
             spec, raw, src, vraw, vsrc, local_sources(spec, cms, s3)
         )

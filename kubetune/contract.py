@@ -60,6 +60,13 @@ EXIT_OK: Final = 0
 #: Configuration or data errors (sysexits' EX_CONFIG): the operator's podFailurePolicy fails
 #: the Job at once on it instead of retrying.
 EXIT_CONFIG_ERROR: Final = 78
+#: Stopped by SIGTERM after saving a checkpoint (128 + SIGTERM, as a shell reports it): a pod
+#: deleted, drained, suspended or preempted. The job resumes from that checkpoint; the
+#: operator restarts a multi-node gang for it without counting it against backoffLimit.
+EXIT_INTERRUPTED: Final = 143
+#: The termination message's reason for EXIT_INTERRUPTED (the launcher maps torchrun's
+#: generic failure back to the code by it).
+REASON_INTERRUPTED: Final = "Interrupted"
 
 
 # ---- the environment --------------------------------------------------------------------------
@@ -84,6 +91,9 @@ class Env:
     METRICS_HOST: Final = "KUBETUNE_METRICS_HOST"
     STOP_POLICY: Final = "KUBETUNE_STOP_POLICY"
     CONTROL_TOKEN: Final = "KUBETUNE_CONTROL_TOKEN"
+    #: In pods, every secret is a file (`secret_value`): the variable NAME_FILE names the
+    #: file of the secret NAME (KUBETUNE_CONTROL_TOKEN_FILE, HF_TOKEN_FILE, ...).
+    CONTROL_TOKEN_FILE: Final = "KUBETUNE_CONTROL_TOKEN_FILE"
     TERMINATION_MESSAGE_PATH: Final = "KUBETUNE_TERMINATION_MESSAGE_PATH"
     MODEL_CACHE: Final = "KUBETUNE_MODEL_CACHE"
     #: spec.storage.s3 as the pods (and `kubetune` locally) read it; the credentials are
@@ -104,8 +114,44 @@ class Env:
     EVENTS_PATH: Final = "KUBETUNE_EVENTS_PATH"
     #: "1": the libraries' output (and HF's per-step logs) stay on the console.
     VERBOSE: Final = "KUBETUNE_VERBOSE"
+    #: The process group's timeout: the longest one rank waits in a collective (from the
+    #: plan: `kubetune.planning.interruption.stop_times`).
+    COLLECTIVE_TIMEOUT: Final = "KUBETUNE_COLLECTIVE_TIMEOUT_SECONDS"
+    #: After SIGTERM, how long torchrun waits for its workers to save and stop before it
+    #: kills them (the pod's grace period less the launcher's margin).
+    SHUTDOWN_TIMEOUT: Final = "KUBETUNE_SHUTDOWN_TIMEOUT_SECONDS"
     #: Plain output: seconds between two progress lines (default 30).
     PROGRESS_SECONDS: Final = "KUBETUNE_PROGRESS_SECONDS"
+
+
+#: Where the operator mounts the Secrets a pod reads (each in its own directory): the control
+#: token, the hub token, the object store's credentials. Files, not environment variables,
+#: so that they are not in the pod spec's env, in a crash dump of the environment, or in
+#: every child process's environment.
+SECRETS_MOUNT: Final = "/var/run/secrets/kubetune"
+#: The suffix of the variable that names a secret's file (the convention of many images).
+SECRET_FILE_SUFFIX: Final = "_FILE"
+
+
+def secret_value(name: str, env: Mapping[str, str] | None = None) -> str | None:
+    """The secret NAME: the variable NAME when it is set (local runs, `kubetune run`), else
+    the content of the file that NAME_FILE names (pods), stripped of its trailing newline;
+    None when neither is set. A NAME_FILE that cannot be read is an error naming it."""
+    source = os.environ if env is None else env
+    value = source.get(name)
+    if value:
+        return value
+    path = source.get(name + SECRET_FILE_SUFFIX)
+    if not path:
+        return None
+    try:
+        text = Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise ValueError(
+            f"{name}{SECRET_FILE_SUFFIX}={path}: cannot read the secret file ({exc.strerror}); "
+            "check that the Secret exists and has that key"
+        ) from exc
+    return text or None
 
 
 #: The most training files spec.dataset.sources mixes with spec.dataset.uri.

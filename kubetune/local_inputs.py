@@ -1,7 +1,9 @@
 """Read a job's inputs on this machine for `kubetune plan|validate|run`: `file://` paths,
 `configmap://name/key` from a ConfigMap in the same YAML file, `s3://bucket/key` objects (with
-the endpoint of spec.storage.s3 and the credentials of the environment) and the model configs
-we ship for well-known `hf://` ids."""
+the endpoint of spec.storage.s3 and the credentials of the environment), hub datasets
+(`hf://datasets/org/name` with spec.dataset.hub, through the hub cache as the prepare pod reads
+them: HF_ENDPOINT, HF_TOKEN, HF_HUB_CACHE and HF_HUB_OFFLINE apply) and the model configs we
+ship for well-known `hf://` ids."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from kubetune.api import FineTuneJobSpec, load_yaml_documents
+from kubetune.api.spec import HubDataset as HubFields
+from kubetune.data.hub import HubDataset, hub_dataset, is_hub_repo
 from kubetune.data.objectstore import ObjectStoreError, S3Settings, fetch
 
 
@@ -94,6 +98,27 @@ def read_uri(
     )
 
 
+#: What `read_data` gives `build_plan`: a file's bytes, or a hub dataset it reads itself.
+LocalData = bytes | HubDataset
+
+
+def read_data(
+    uri: str,
+    field: str,
+    config_maps: ConfigMaps,
+    s3: S3Settings | None = None,
+    hub: HubFields | None = None,
+    split: str | None = None,
+) -> tuple[LocalData, str]:
+    """The data behind a dataset URI and a name for messages: a whole hub repository as the
+    HubDataset of its spec's `hub` fields (`split` instead of their split; the planner reads it
+    through the hub cache), the rest by `read_uri`."""
+    if is_hub_repo(uri):
+        ref = hub_dataset(uri, hub.model_dump() if hub else None, split)
+        return ref, ref.source
+    return read_uri(uri, field, config_maps, s3)
+
+
 def read_model_config(
     uri: str, config_maps: ConfigMaps, s3: S3Settings | None = None
 ) -> dict[str, Any]:
@@ -148,9 +173,33 @@ def read_model_config(
 
 def local_sources(
     spec: FineTuneJobSpec, config_maps: ConfigMaps, s3: S3Settings | None = None
+) -> list[tuple[LocalData, str]]:
+    """The data of spec.dataset.sources, read here (as `read_data`), in order."""
+    return [
+        read_data(source.uri, f"spec.dataset.sources[{i}].uri", config_maps, s3, source.hub)
+        for i, source in enumerate(spec.dataset.sources or ())
+    ]
+
+
+def local_source_files(
+    spec: FineTuneJobSpec, config_maps: ConfigMaps, s3: S3Settings | None = None
 ) -> list[tuple[bytes, str]]:
-    """The files of spec.dataset.sources, read here (their bytes and a name), in order."""
+    """The files of spec.dataset.sources, read here as bytes (`kubetune run` copies them for
+    its trainer), in order."""
     return [
         read_uri(source.uri, f"spec.dataset.sources[{i}].uri", config_maps, s3)
         for i, source in enumerate(spec.dataset.sources or ())
     ]
+
+
+def local_dataset(
+    spec: FineTuneJobSpec, config_maps: ConfigMaps, s3: S3Settings | None = None
+) -> tuple[tuple[LocalData, str], tuple[LocalData, str] | None]:
+    """spec.dataset.uri and spec.dataset.validationUri (None without one) read here; a hub
+    validationUri is read at its split "validation", as the prepare pod reads it."""
+    ds = spec.dataset
+    train = read_data(ds.uri, "spec.dataset.uri", config_maps, s3, ds.hub)
+    if not ds.validation_uri:
+        return train, None
+    field = "spec.dataset.validationUri"
+    return train, read_data(ds.validation_uri, field, config_maps, s3, ds.hub, "validation")

@@ -61,7 +61,7 @@ def prepare_local_run(
     `say` gets the progress of a first build of the built-in base model (default: stderr)."""
     from kubetune.api import job_from_yaml_file
     from kubetune.data.formats import SUFFIX, file_format_of
-    from kubetune.local_inputs import config_maps_in, local_sources, read_uri, s3_settings
+    from kubetune.local_inputs import config_maps_in, local_source_files, read_uri, s3_settings
     from kubetune.planning.job import build_plan, resolve_gpu_memory
 
     job = job_from_yaml_file(job_path)
@@ -92,7 +92,7 @@ def prepare_local_run(
         if "validation" in uris
         else None
     )
-    extra = local_sources(spec, cms, s3)
+    extra = local_source_files(spec, cms, s3)
     memory = resolve_gpu_memory(local_spec, None, 80.0)
     plan = build_plan(
         local_spec,

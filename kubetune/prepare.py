@@ -23,6 +23,7 @@ from kubetune.contract import (
     TERMINATION_LIMIT_BYTES,
     Env,
     encode_prepare_message,
+    secret_value,
     source_role,
     termination_path,
 )
@@ -56,7 +57,7 @@ def read_model_config(location: str, revision: str | None = None) -> tuple[dict[
             from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
         except ImportError as exc:
             raise ValueError(f"{location}: reading a hub model needs huggingface_hub") from exc
-        token = os.environ.get("HF_TOKEN") or None
+        token = secret_value("HF_TOKEN")
         try:
             path = Path(hf_hub_download(repo, "config.json", revision=revision, token=token))
         except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
@@ -94,7 +95,7 @@ def read_hub_weights(
 
     if not location.startswith("hf://") or known_model_config(location) is not None:
         return None
-    token = os.environ.get("HF_TOKEN") or None
+    token = secret_value("HF_TOKEN")
     repo = location.removeprefix("hf://")
     return hub_weight_counts(repo, revision, token, Path(model_source).parent)
 
@@ -140,12 +141,23 @@ def fetch_model_once(location: str, fetch_dir: Path, revision: str | None) -> Pa
         return fetch_dir
     from huggingface_hub import snapshot_download
 
-    snapshot_download(
-        location.removeprefix("hf://"),
-        revision=revision,
-        token=os.environ.get("HF_TOKEN") or None,
-        local_dir=fetch_dir,
-    )
+    from kubetune.planning import ModelConfigError
+
+    try:
+        snapshot_download(
+            location.removeprefix("hf://"),
+            revision=revision,
+            token=secret_value("HF_TOKEN"),
+            local_dir=fetch_dir,
+        )
+    except Exception as exc:  # the hub's refusal or the volume's: named, the cache incomplete
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ModelConfigError(
+            f"spec.model.uri: cannot download {location} into spec.storage.modelCache "
+            f"({type(exc).__name__}: {first}); check the name and spec.model.revision, that "
+            "the pods can reach the hub (HF_ENDPOINT) and, for a gated model, "
+            "spec.model.secretRef"
+        ) from exc
     (fetch_dir / COMPLETE_MARKER).write_text(location)
     return fetch_dir
 

@@ -138,6 +138,13 @@ write_archive() {
   mv "$archive.tmp" "$archive"
   # Older archives of this image are stale: keep one (the trainer's is several GiB).
   find "$CACHE" -maxdepth 1 -name "$name-*.tar" ! -path "$archive" -delete
+  # So are its older tags in buildah's storage: each trainer build copies its whole
+  # environment into a new top layer (about 7 GB). The untagged build-cache layers stay,
+  # so the next source change still reuses the dependency layer.
+  local old
+  for old in $(bah images --format '{{.Name}}:{{.Tag}}' | grep "^$REF_PREFIX/$name:" | grep -v "^$ref\$"); do
+    bah rmi "$old" >/dev/null 2>&1 || true
+  done
 }
 
 build_base() {

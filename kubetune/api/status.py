@@ -153,6 +153,16 @@ class QueueStatus(StatusModel):
     message: str | None = None
 
 
+class RestartsStatus(StatusModel):
+    """Gang restarts of a multi-node run (`kubetune.operator.gang`)."""
+
+    count: int | None = None
+    interruptions: int | None = None
+    last_reason: str | None = None
+    last_message: str | None = None
+    last_time: str | None = None
+
+
 class EarlyStop(StatusModel):
     reason: str | None = None
     message: str | None = None
@@ -173,6 +183,7 @@ class FineTuneJobStatus(StatusModel):
     start_time: str | None = None
     completion_time: str | None = None
     training_job_name: str | None = None
+    restarts: RestartsStatus | None = None
     early_stop: EarlyStop | None = None
     queue: QueueStatus | None = None
 

@@ -14,13 +14,13 @@ Loading scripts are not run (datasets 4 and later do not run them either).
 
 from __future__ import annotations
 
-import os
 import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
+from kubetune.contract import secret_value
 from kubetune.data.formats import COLUMN_ROLES, _mapped, _present, _quiet_datasets
 from kubetune.data.stats import DataError, Example, Format, examples_from_rows
 
@@ -98,7 +98,7 @@ def snapshot(ref: HubDataset) -> str:
                 repo_type="dataset",
                 revision=ref.revision,
                 allow_patterns=list(DATA_PATTERNS),
-                token=os.environ.get("HF_TOKEN") or None,
+                token=secret_value("HF_TOKEN"),
             )
         )
     except Exception as exc:  # the hub's or the cache's refusal, named with the source

@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Final
 from urllib.parse import urlparse
 
-from kubetune.contract import Env
+from kubetune.contract import Env, secret_value
 
 if TYPE_CHECKING:
     from pyarrow.fs import S3FileSystem
@@ -105,8 +105,8 @@ class S3Settings:
             endpoint_url=endpoint,
             region=env.get(Env.S3_REGION) or env.get("AWS_REGION") or DEFAULT_REGION,
             path_style=(env.get(Env.S3_PATH_STYLE) or "true").lower() != "false",
-            access_key=env.get(ACCESS_KEY_ENV) or None,
-            secret_key=env.get(SECRET_KEY_ENV) or None,
+            access_key=secret_value(ACCESS_KEY_ENV, env),
+            secret_key=secret_value(SECRET_KEY_ENV, env),
         )
 
     def with_spec(

@@ -97,8 +97,10 @@ def kueue_args(binary: Path, config_file: Path, kubeconfig: Path) -> list[str]:
         str(binary),
         f"--config={config_file}",
         f"--kubeconfig={kubeconfig}",
-        # The visibility API is an aggregated API server on a fixed port (8082) on every
-        # address; the dev cluster does not run the aggregation layer's front proxy for it.
+        # The visibility API is an aggregated API server (default port 8082; its port and
+        # address are settable: --visibility-server-port, Configuration.visibilityServer).
+        # Off because the dev cluster's kube-apiserver has no aggregation layer yet and the
+        # server's certificate would have to be at the fixed path /visibility/tls.crt.
         "--feature-gates=VisibilityOnDemand=false",
         "--zap-log-level=info",
     ]

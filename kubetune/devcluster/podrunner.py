@@ -11,9 +11,11 @@ when the pod is deleted. With it, a Job created by the operator really runs our 
 
 What it does not do (production uses a real kubelet): images are ignored, volumes are
 not mounted (a hostPath whose path equals its mountPath works because it is the same
-directory), no probes, no resource isolation, no `kubectl logs` (logs are files under
-the work directory). The container's termination message file is a per-pod file whose
-path is given to the process in KUBETUNE_TERMINATION_MESSAGE_PATH.
+directory; a Secret volume's keys are written to files under the pod's directory and the
+environment values naming paths under its mountPath are moved there), no probes, no
+resource isolation, no `kubectl logs` (logs are files under the work directory). The
+container's termination message file is a per-pod file whose path is given to the
+process in KUBETUNE_TERMINATION_MESSAGE_PATH.
 
 Why one module of ~700 lines: it is one kubelet loop (node, Lease, pod watch, processes,
 status) whose parts share the pod table; it is test infrastructure that a real kubelet node
@@ -104,6 +106,17 @@ def resource_value(container: dict[str, Any], resource: str, divisor: str | None
             return str(int(cores * 1000 / float(divisor[:-1])))
         return str(max(1, int(-(-cores // 1))))
     return str(quantity)
+
+
+def remap_paths(env: dict[str, str], mount_path: str, local: str) -> dict[str, str]:
+    """`env` with every value that is `mount_path` or a path under it moved to `local`."""
+    prefix = mount_path.rstrip("/") + "/"
+    return {
+        k: local + v[len(prefix) - 1 :]
+        if v.startswith(prefix)
+        else (local if v == mount_path else v)
+        for k, v in env.items()
+    }
 
 
 def termination_state(exit_code: int, started: str, message: str) -> dict[str, Any]:
@@ -377,6 +390,32 @@ class PodRunner:
                 value = self._secret(ns, ref["name"], ref.get("optional", False)).get(ref["key"])
                 if value is not None:
                     env[name] = value
+        return self.secret_volumes(pod, container, term_path.parent, env)
+
+    def secret_volumes(
+        self, pod: dict[str, Any], container: dict[str, Any], directory: Path, env: dict[str, str]
+    ) -> dict[str, str]:
+        """Secret volumes as files: each mounted Secret's keys (or its `items`) are written
+        under the pod's directory, and an environment value that names a path under the
+        volume's mountPath names that file instead (the pods read secrets from files)."""
+        ns = pod["metadata"]["namespace"]
+        secrets = {
+            v["name"]: v["secret"] for v in pod["spec"].get("volumes") or [] if "secret" in v
+        }
+        for mount in container.get("volumeMounts") or []:
+            source = secrets.get(mount["name"])
+            if source is None:
+                continue
+            data = self._secret(ns, source["secretName"], source.get("optional", False))
+            items = source.get("items") or [{"key": k, "path": k} for k in data]
+            local = directory / "secrets" / mount["name"]
+            local.mkdir(parents=True, exist_ok=True)
+            for item in items:
+                if item["key"] in data:
+                    target = local / item["path"]
+                    target.write_text(data[item["key"]])
+                    target.chmod(0o400)
+            env = remap_paths(env, mount["mountPath"], str(local))
         return env
 
     def _config_map(self, ns: str, name: str, optional: bool) -> dict[str, str]:

@@ -318,6 +318,21 @@ class Kube:
                 timed.append((max(times), str(e.message)))
         return current_creation_failure(timed, [t for t in floor if t is not None])
 
+    def job_pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
+        self._count()
+        pods = self.core.list_namespaced_pod(namespace, label_selector=f"job-name={job_name}")
+        return [_plain(self.api, p) for p in pods.items]
+
+    def delete_job(self, namespace: str, name: str) -> None:
+        self._count()
+        try:
+            self.batch.delete_namespaced_job(
+                name, namespace, body=client.V1DeleteOptions(propagation_policy="Foreground")
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
     def pod0_ip(self, namespace: str, job_name: str) -> str | None:
         self._count()
         pods = self.core.list_namespaced_pod(namespace, label_selector=f"job-name={job_name}")

@@ -61,6 +61,14 @@ class KubeApi(Protocol):
         Event), or None."""
         ...
 
+    def job_pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
+        """The Job's pods, as camelCase dicts."""
+        ...
+
+    def delete_job(self, namespace: str, name: str) -> None:
+        """Delete a Job and (foreground) its pods first; gone already is fine."""
+        ...
+
     def pod0_ip(self, namespace: str, job_name: str) -> str | None:
         """The address of the Job's running pod of completion index 0."""
         ...

@@ -6,6 +6,12 @@ import json
 import os
 from dataclasses import dataclass
 
+from kubetune import __version__
+
+#: The trainer image when neither the chart nor spec.image names one: the operator's own
+#: version, never a moving tag (the chart sets its appVersion instead).
+DEFAULT_TRAINER_IMAGE = f"ghcr.io/kubetune/trainer:{__version__}"
+
 
 def _float(name: str, default: float) -> float:
     raw = os.environ.get(name)
@@ -33,7 +39,7 @@ def _command(name: str) -> tuple[str, ...] | None:
 @dataclass(frozen=True)
 class OperatorSettings:
     # Image for prepare and training pods when spec.image is empty.
-    trainer_image: str = "ghcr.io/kubetune/trainer:latest"
+    trainer_image: str = DEFAULT_TRAINER_IMAGE
     # Seconds between status refreshes of a running job (metrics scrape, safety net).
     sync_interval_seconds: float = 15.0
     # Port the trainer's rank 0 serves metrics and the stop endpoint on.

@@ -9,6 +9,7 @@ sends POST /stop, and the trainer acts on its own decision only when the run div
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -19,8 +20,10 @@ from typing import Any
 from transformers import TrainerCallback
 
 from kubetune import console as events
+from kubetune.contract import REASON_INTERRUPTED
 from kubetune.diagnostics.runner import DiagnosticsRunner
 from kubetune.policy import EvalPoint, StopSettings, decide
+from kubetune.trainer import interrupt
 from kubetune.trainer.console import RunConsole
 from kubetune.trainer.dist import from_rank0
 from kubetune.trainer.server import ControlServer, TrainerMetrics
@@ -35,6 +38,8 @@ _STATUS_FIELDS = {
     "data_perplexity_base": "dataPerplexity",
     "data_high_perplexity_token_ratio": "highPerplexityTokenRatio",
 }
+
+log = logging.getLogger(__name__)
 
 
 class KubetuneCallback(TrainerCallback):
@@ -72,6 +77,8 @@ class KubetuneCallback(TrainerCallback):
         self.last_train_loss: float | None = None
         self.window_losses: list[float] = []
         self.stopped: dict[str, str] | None = None
+        #: The step whose checkpoint was saved after a SIGTERM (None: not interrupted).
+        self.interrupted_at: int | None = None
         self.history: list[dict[str, Any]] = []
         self.started = time.monotonic()
         self.start_step = 0
@@ -239,7 +246,28 @@ class KubetuneCallback(TrainerCallback):
                 bestEvalLoss=self.best_eval_loss,
             )
         requested = self.control is not None and self.control.stop_requested.is_set()
-        if _any_rank(requested, args) and not self.stopped:
+        asked, terminated = _any_rank((requested, interrupt.requested()), args)
+        if terminated and self.interrupted_at is None:
+            # SIGTERM on some rank: every rank saves this step's checkpoint and leaves.
+            self.interrupted_at = int(state.global_step)
+            control.should_save = True
+            control.should_training_stop = True
+            # The grace period is for the save: the best model loads on the next start.
+            args.load_best_model_at_end = False
+            log.warning(
+                "SIGTERM: saving checkpoint-%d on every rank, then stopping", state.global_step
+            )
+            if self.console is not None:
+                self.console.emit(
+                    events.STOP,
+                    step=int(state.global_step),
+                    reason=REASON_INTERRUPTED,
+                    message=f"SIGTERM: checkpoint-{state.global_step} is saved before the"
+                    " pod stops; the job resumes from it",
+                    bestStep=None,
+                )
+            return
+        if asked and not self.stopped:
             reason = self.control.stop_reason if self.control is not None else "StopRequested"
             message = (self.control.stop_message if self.control is not None else "") or (
                 f"the operator asked the trainer to stop ({reason})"
@@ -408,14 +436,15 @@ def _gpu_memory(metrics: TrainerMetrics) -> None:
         metrics.gpu_memory_reserved.set(torch.cuda.memory_reserved())
 
 
-def _any_rank(flag: bool, args: Any) -> bool:
-    """True on every rank when any rank says so: only rank 0 hears the operator's stop
-    request, and all ranks must leave the training loop together."""
+def _any_rank(flags: tuple[bool, ...], args: Any) -> tuple[bool, ...]:
+    """Each flag true on every rank when any rank says so, in one all-reduce: only rank 0
+    hears the operator's stop request, SIGTERM may reach one pod of several, and all ranks
+    must leave the training loop (and save) together."""
     import torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=args.device)
+        return flags
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=args.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return tuple(bool(v > 0) for v in t.tolist())

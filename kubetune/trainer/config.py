@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from kubetune.api.plan import HyperparametersPlan, PlanDocument
-from kubetune.contract import INPUT_ENV, Env, source_role, termination_path
+from kubetune.contract import INPUT_ENV, Env, secret_value, source_role, termination_path
 
 
 class TrainerConfigError(ValueError):
@@ -117,7 +117,7 @@ def load_config(config_dir: Path | None, env: dict[str, str] | None = None) -> T
         general_text=env.get(Env.GENERAL_TEXT_PATH) or None,
         output=Path(output),
         metrics_port=int(env.get(Env.METRICS_PORT) or 0),
-        control_token=env.get(Env.CONTROL_TOKEN) or None,
+        control_token=secret_value(Env.CONTROL_TOKEN, env),
         termination_path=termination_path(env),
         job_name=env.get(Env.JOB_NAME, "local"),
         stop_policy=env.get(Env.STOP_POLICY) or "trainer",

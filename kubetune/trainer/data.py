@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kubetune.contract import secret_value
 from kubetune.data import Example
 from kubetune.data.dedup import DEFAULT_THRESHOLD, DedupSettings
 from kubetune.data.formats import read_dataset
@@ -25,7 +26,6 @@ def hub_dataset_file(uri: str) -> Path:
     """`hf://org/name/path/in/repo.jsonl`: one file from a dataset repository on the Hugging
     Face hub, through its local cache (so `HF_HUB_OFFLINE=1` with a filled cache works
     without a network). A whole repository is read by `kubetune.data.hub`."""
-    import os
 
     from huggingface_hub import hf_hub_download
 
@@ -34,9 +34,7 @@ def hub_dataset_file(uri: str) -> Path:
         raise ValueError(f"{uri}: a hub dataset is hf://org/name[/file.jsonl]")
     repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or "train.jsonl"
     return Path(
-        hf_hub_download(
-            repo, filename, repo_type="dataset", token=os.environ.get("HF_TOKEN") or None
-        )
+        hf_hub_download(repo, filename, repo_type="dataset", token=secret_value("HF_TOKEN"))
     )
 
 

@@ -7,8 +7,11 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
+
+from kubetune.trainer.runtime import collective_timeout_seconds
 
 T = TypeVar("T")
 
@@ -25,7 +28,10 @@ def from_rank0(compute: Callable[[], T]) -> T:
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        dist.init_process_group(
+            backend="nccl" if cuda else "gloo",
+            timeout=timedelta(seconds=collective_timeout_seconds()),
+        )
     box: list[Any] = [None]
     if dist.get_rank() == 0:
         try:

@@ -12,12 +12,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import FrameType
 from typing import TextIO
 
-from kubetune.contract import EXIT_CONFIG_ERROR, Env, termination_path
+from kubetune.contract import (
+    EXIT_CONFIG_ERROR,
+    EXIT_INTERRUPTED,
+    REASON_INTERRUPTED,
+    Env,
+    termination_path,
+)
 
 #: After a failure: this many lines of each rank's log are printed (at most this many logs).
 TAIL_LINES = 25
@@ -56,22 +64,53 @@ def stage_objects() -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    # SIGTERM before torchrun starts: nothing to save, stop at once (PID 1 would ignore it).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(EXIT_INTERRUPTED))
     error = stage_objects() or precheck()
     if error is not None:
         print(f"configuration error: {error}", file=sys.stderr)
         with contextlib.suppress(OSError):
             termination_path().write_text(json.dumps({"error": error, "reason": "ConfigError"}))
         return EXIT_CONFIG_ERROR
-    code = subprocess.call([sys.executable, "-m", "torch.distributed.run", *args])
+    code = run_torchrun([sys.executable, "-m", "torch.distributed.run", *args])
     if code != 0:
-        print_rank_logs(sys.stderr)
         try:
             message = json.loads(termination_path().read_text())
         except (OSError, ValueError):
             message = {}
-        if isinstance(message, dict) and message.get("reason") == "ConfigError":
+        reason = message.get("reason") if isinstance(message, dict) else None
+        if reason == REASON_INTERRUPTED:
+            # Every rank saved and stopped on SIGTERM (here or on another pod of the gang).
+            print(f"interrupted: {message.get('message', '')}", file=sys.stderr, flush=True)
+            return EXIT_INTERRUPTED
+        print_rank_logs(sys.stderr)
+        if reason == "ConfigError":
             return EXIT_CONFIG_ERROR
     return code
+
+
+def run_torchrun(command: list[str]) -> int:
+    """torchrun as a child that gets this process's SIGTERM. The launcher is the container's
+    PID 1, which the kernel spares from signals it has no handler for: without this the
+    kubelet's SIGTERM would do nothing until its SIGKILL. torchrun passes SIGTERM to the
+    workers (which save a checkpoint and stop) and kills them after
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT, set from the pod's grace period."""
+    env = dict(os.environ)
+    shutdown = os.environ.get(Env.SHUTDOWN_TIMEOUT)
+    if shutdown and shutdown.isdigit():
+        env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = shutdown
+    child = subprocess.Popen(command, env=env)
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def print_rank_logs(stream: TextIO) -> None:

@@ -4,11 +4,11 @@ Prefix, Partial; LoRA and QLoRA with DoRA when the plan says so)."""
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any, TypeVar
 
 from kubetune.api.plan import PlanDocument
+from kubetune.contract import secret_value
 from kubetune.trainer.config import TrainerConfigError
 
 log = logging.getLogger("kubetune.trainer")
@@ -33,9 +33,7 @@ def model_location(uri: str) -> tuple[str, str | None]:
 def load_tokenizer(location: str, revision: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(
-        location, revision=revision, token=os.environ.get("HF_TOKEN") or None
-    )
+    tok = AutoTokenizer.from_pretrained(location, revision=revision, token=secret_value("HF_TOKEN"))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -57,7 +55,7 @@ def load_model(
         location,
         revision=revision,
         dtype=dtype,
-        token=os.environ.get("HF_TOKEN") or None,
+        token=secret_value("HF_TOKEN"),
         **placement,
     )
 

@@ -19,12 +19,15 @@ from kubetune import console as events
 from kubetune.api.plan import EPOCHS_AT_START, STEPS_AT_START, Decision
 from kubetune.contract import (
     EXIT_CONFIG_ERROR,
+    EXIT_INTERRUPTED,
     EXIT_OK,
+    REASON_INTERRUPTED,
     TRAINER_MESSAGE_KEYS,
     Env,
     termination_path,
 )
 from kubetune.planning.replan import with_epochs, with_training_rows
+from kubetune.trainer import interrupt
 from kubetune.trainer.config import TrainerConfig, TrainerConfigError
 from kubetune.trainer.console import RunConsole, library_log_path, route_library_output, verbose
 from kubetune.trainer.finish import start_decisions, write_termination
@@ -130,13 +133,39 @@ class Session:
 def run(cfg: TrainerConfig, console: RunConsole | None = None) -> int:
     """Train as planned: setup, train, finish. Returns the process exit code."""
     session = setup(cfg, console)
+    if interrupt.requested():
+        # SIGTERM while setting up: nothing new to save.
+        return _interrupted(session, None)
     result, resume = train(session)
+    if session.callback.interrupted_at is not None:
+        return _interrupted(session, session.callback.interrupted_at)
     finish(session, result, resume)
     if cfg.output_uri:
         from kubetune.trainer.objects import upload_output
 
         upload_output(cfg.output, cfg.output_uri)
     return EXIT_OK
+
+
+def _interrupted(session: Session, step: int | None) -> int:
+    """After SIGTERM: each pod's first process says so in its termination message (its
+    launcher turns torchrun's failure into EXIT_INTERRUPTED by it), and no final output is
+    written; the next start resumes from the checkpoint just saved."""
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        message = {
+            "reason": REASON_INTERRUPTED,
+            "message": (
+                f"stopped by SIGTERM after saving checkpoint-{step}"
+                if step is not None
+                else "stopped by SIGTERM before training started"
+            ),
+            "step": step,
+        }
+        with contextlib.suppress(OSError):
+            session.cfg.termination_path.write_text(json.dumps(message))
+    if session.control:
+        session.control.close()
+    return EXIT_INTERRUPTED
 
 
 def _upload_callbacks(cfg: TrainerConfig) -> list[Any]:
@@ -271,6 +300,8 @@ def train(session: Session) -> tuple[Any, Path | None]:
             text += f"; resuming from {resume.name}"
         session.console.emit(events.START, text=text)
     result = session.trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if session.callback.interrupted_at is not None:
+        return result, resume
     final = session.cfg.output / "final"
     session.trainer.save_model(str(final))
     if session.main_proc:
@@ -414,6 +445,7 @@ def _console_stream() -> tuple[Any, Path | None]:
 
 def main_entry(cfg_loader: Any) -> int:
     """Run with clean exit codes: 78 for configuration or data errors."""
+    interrupt.install()
     stream, library_log = _console_stream()
     logging.basicConfig(
         level=logging.INFO if rank() == 0 else logging.WARNING,

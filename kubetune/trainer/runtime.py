@@ -8,6 +8,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from kubetune.contract import Env
+
 #: The held-out English text that ships with kubetune: the forgetting probe's text and what
 #: Auto compares the training data with, unless dataset.generalTextUri names another.
 GENERAL_TEXT_DEFAULT = Path(__file__).parent / "corpus" / "general-en-heldout.txt"
@@ -19,6 +21,21 @@ def rank() -> int:
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+#: The process group's timeout when the operator did not set one (HF's and torch's default).
+DEFAULT_COLLECTIVE_SECONDS = 1800
+
+
+def collective_timeout_seconds() -> int:
+    """The longest one rank waits in a collective: the operator sets it from the plan
+    (`KUBETUNE_COLLECTIVE_TIMEOUT_SECONDS`); a peer that died or hangs then ends the run in
+    bounded time instead of blocking its pod forever."""
+    try:
+        value = int(os.environ.get(Env.COLLECTIVE_TIMEOUT, "") or DEFAULT_COLLECTIVE_SECONDS)
+    except ValueError:
+        return DEFAULT_COLLECTIVE_SECONDS
+    return value if value > 0 else DEFAULT_COLLECTIVE_SECONDS
 
 
 def latest_checkpoint(directory: Path) -> Path | None:

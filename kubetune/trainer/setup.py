@@ -12,7 +12,7 @@ from typing import Any
 from kubetune.api.plan import PlanDocument
 from kubetune.trainer.config import TrainerConfig, TrainerConfigError
 from kubetune.trainer.console import verbose
-from kubetune.trainer.runtime import world_size
+from kubetune.trainer.runtime import collective_timeout_seconds, world_size
 
 
 def training_arguments(
@@ -58,6 +58,7 @@ def training_arguments(
         bf16=bf16,
         use_cpu=not cuda,
         ddp_backend="gloo" if (not cuda and world_size() > 1) else None,
+        ddp_timeout=collective_timeout_seconds(),
         deepspeed=deepspeed_config(plan, bf16=bf16) if use_ds else None,
         disable_tqdm=not (main_proc and verbose() and os.isatty(2)),
         remove_unused_columns=False,

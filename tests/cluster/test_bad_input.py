@@ -271,7 +271,7 @@ OPERATOR_INVALID: list[tuple[str, dict[str, Any], str]] = [
     (
         "empty-secret-name",
         {"model": {"uri": "hf://meta-llama/Llama-2-7b-hf", "secretRef": {"name": ""}}},
-        '.valueFrom.secretKeyRef.name: Invalid value: ""',
+        ".secret.secretName: Required value",
     ),
     (
         "name-too-long-for-the-children-" + "x" * 27,

@@ -360,6 +360,7 @@ def test_the_operator_account_can_do_what_it_needs_and_no_more(
         ("watch", "jobs", "", "batch", ""),
         ("create", "jobs", jobs_ns, "batch", ""),
         ("patch", "jobs", jobs_ns, "batch", ""),
+        ("delete", "jobs", jobs_ns, "batch", ""),  # a multi-node gang's restart
         ("list", "pods", jobs_ns, "", ""),
         ("create", "services", jobs_ns, "", ""),
         ("get", "services", jobs_ns, "", ""),
@@ -383,7 +384,6 @@ def test_the_operator_account_can_do_what_it_needs_and_no_more(
         ("watch", "secrets", jobs_ns, "", ""),
         ("delete", "secrets", jobs_ns, "", ""),
         ("update", "secrets", jobs_ns, "", ""),
-        ("delete", "jobs", jobs_ns, "batch", ""),
         ("create", "pods", jobs_ns, "", ""),
         ("delete", "pods", jobs_ns, "", ""),
         ("create", "customresourcedefinitions", "", "apiextensions.k8s.io", ""),

@@ -279,13 +279,14 @@ def test_tokens_are_per_job_owned_and_never_copied_or_logged(
                 .spec.template.spec.containers[0]
                 .env
             )
-            refs = {
-                e.name: e.value_from.secret_key_ref.name
-                for e in env
-                if e.value_from and e.value_from.secret_key_ref
-            }
-            assert refs == {"KUBETUNE_CONTROL_TOKEN": f"{name}-control", "HF_TOKEN": "hf-token"}
-            assert all(e.value is None for e in env if e.name in refs)
+            # No secret in the environment: each is a file of a Secret volume.
+            assert not [e for e in env if e.value_from and e.value_from.secret_key_ref]
+            pod = api["batch"].read_namespaced_job(f"{name}-train", namespace).spec.template.spec
+            mounted = {v.name: v.secret.secret_name for v in pod.volumes if v.secret}
+            assert mounted == {"control-token": f"{name}-control", "hf-token": "hf-token"}
+            names = {e.name for e in env}
+            assert {"KUBETUNE_CONTROL_TOKEN_FILE", "HF_TOKEN_FILE"} <= names
+            assert not {"KUBETUNE_CONTROL_TOKEN", "HF_TOKEN"} & names
         # Rank 0's endpoint with alpha's token: nothing, beta's, and alpha's own.
         server = ControlServer(TrainerMetrics(), tokens["alpha"], 0, host="127.0.0.1").start()
         try:

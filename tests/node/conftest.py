@@ -12,9 +12,11 @@ runs on it runs.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,128 @@ from typing import Any
 import pytest
 
 from tests.node import oci
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "kubetune"
+RESTRICTED = {
+    "pod-security.kubernetes.io/enforce": "restricted",
+    "pod-security.kubernetes.io/enforce-version": "latest",
+}
+
+
+def split_ref(ref: str) -> tuple[str, str]:
+    repo, _, tag = ref.rpartition(":")
+    return repo, tag
+
+
+def kubectl(cluster: Any, *args: str, timeout: float = 60) -> str:
+    out = subprocess.run(
+        [str(cluster.bins.kubectl), f"--kubeconfig={cluster.layout.kubeconfig}", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+@pytest.fixture(scope="session")
+def installed(
+    node_cluster: Any, node_api: Any, image_refs: dict[str, str]
+) -> Iterator[dict[str, str]]:
+    """The chart installed with the built images; the operator watches `jobs_ns`."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(node_api)
+    suffix = uuid.uuid4().hex[:6]
+    system_ns, jobs_ns = f"kubetune-system-{suffix}", f"ml-{suffix}"
+    for ns in (system_ns, jobs_ns):
+        core.create_namespace({"metadata": {"name": ns, "labels": RESTRICTED}})
+    op_repo, op_tag = split_ref(image_refs["operator"])
+    tr_repo, tr_tag = split_ref(image_refs["trainer"])
+    helm = [str(node_cluster.bins.helm), f"--kubeconfig={node_cluster.layout.kubeconfig}"]
+    result = subprocess.run(
+        [
+            *helm,
+            "install",
+            "kubetune",
+            str(CHART),
+            "--namespace",
+            system_ns,
+            "--set",
+            f"image.repository={op_repo}",
+            "--set",
+            f"image.tag={op_tag}",
+            "--set",
+            f"trainer.image.repository={tr_repo}",
+            "--set",
+            f"trainer.image.tag={tr_tag}",
+            "--set",
+            f"rbac.jobNamespaces={{{jobs_ns}}}",
+            "--set",
+            "operator.syncIntervalSeconds=5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    yield {"system": system_ns, "jobs": jobs_ns}
+    subprocess.run([*helm, "uninstall", "kubetune", "--namespace", system_ns], timeout=120)
+    for ns in (system_ns, jobs_ns):
+        core.delete_namespace(ns)
+
+
+def operator_pod(core: Any, ns: str) -> Any:
+    pods = core.list_namespaced_pod(ns, label_selector="app.kubernetes.io/name=kubetune").items
+    ready = [
+        p
+        for p in pods
+        if any(c.type == "Ready" and c.status == "True" for c in (p.status.conditions or []))
+    ]
+    return ready[0] if ready else None
+
+
+def jsonl_config_map(core: Any, ns: str, name: str, rows: list[dict[str, Any]]) -> None:
+    """A ConfigMap `name` whose key train.jsonl holds `rows` (a configmap:// dataset)."""
+    body = "\n".join(json.dumps(r) for r in rows) + "\n"
+    core.create_namespaced_config_map(
+        ns, {"metadata": {"name": name}, "data": {"train.jsonl": body}}
+    )
+
+
+def output_claim(core: Any, ns: str, claim: str, directory: Path) -> Path:
+    """A PersistentVolume on the node's disk at `directory`, bound to claim `claim` in `ns`
+    (ReadWriteOnce: every pod of a job runs on the one real node)."""
+    os.chmod(directory, 0o777)
+    pv = f"{claim}-{ns}"
+    core.create_persistent_volume(
+        {
+            "metadata": {"name": pv},
+            "spec": {
+                "capacity": {"storage": "5Gi"},
+                "accessModes": ["ReadWriteOnce"],
+                "persistentVolumeReclaimPolicy": "Retain",
+                "storageClassName": "",
+                "hostPath": {"path": str(directory), "type": "Directory"},
+            },
+        }
+    )
+    core.create_namespaced_persistent_volume_claim(
+        ns,
+        {
+            "metadata": {"name": claim},
+            "spec": {
+                "accessModes": ["ReadWriteOnce"],
+                "storageClassName": "",
+                "volumeName": pv,
+                "resources": {"requests": {"storage": "5Gi"}},
+            },
+        },
+    )
+    return directory
 
 
 def why_images_cannot_build() -> str | None:

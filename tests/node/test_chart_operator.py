@@ -6,101 +6,15 @@ and training pods run the built trainer image on the real node to `Succeeded`.""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.node.conftest import jsonl_config_map, kubectl, operator_pod, output_claim
 from tests.waiting import wait_for
 
 # The first test pays for the session fixture: images built if missing, imported once.
 pytestmark = [pytest.mark.node, pytest.mark.timeout(3600)]
-
-ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "charts" / "kubetune"
-RESTRICTED = {
-    "pod-security.kubernetes.io/enforce": "restricted",
-    "pod-security.kubernetes.io/enforce-version": "latest",
-}
-
-
-def _split_ref(ref: str) -> tuple[str, str]:
-    repo, _, tag = ref.rpartition(":")
-    return repo, tag
-
-
-def _kubectl(cluster: Any, *args: str, timeout: float = 60) -> str:
-    out = subprocess.run(
-        [str(cluster.bins.kubectl), f"--kubeconfig={cluster.layout.kubeconfig}", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
-    return out.stdout
-
-
-@pytest.fixture(scope="module")
-def installed(
-    node_cluster: Any, node_api: Any, image_refs: dict[str, str]
-) -> Iterator[dict[str, str]]:
-    """The chart installed with the built images; the operator watches `jobs_ns`."""
-    from kubernetes import client
-
-    core = client.CoreV1Api(node_api)
-    suffix = uuid.uuid4().hex[:6]
-    system_ns, jobs_ns = f"kubetune-system-{suffix}", f"ml-{suffix}"
-    for ns in (system_ns, jobs_ns):
-        core.create_namespace({"metadata": {"name": ns, "labels": RESTRICTED}})
-    op_repo, op_tag = _split_ref(image_refs["operator"])
-    tr_repo, tr_tag = _split_ref(image_refs["trainer"])
-    helm = [str(node_cluster.bins.helm), f"--kubeconfig={node_cluster.layout.kubeconfig}"]
-    result = subprocess.run(
-        [
-            *helm,
-            "install",
-            "kubetune",
-            str(CHART),
-            "--namespace",
-            system_ns,
-            "--set",
-            f"image.repository={op_repo}",
-            "--set",
-            f"image.tag={op_tag}",
-            "--set",
-            f"trainer.image.repository={tr_repo}",
-            "--set",
-            f"trainer.image.tag={tr_tag}",
-            "--set",
-            f"rbac.jobNamespaces={{{jobs_ns}}}",
-            "--set",
-            "operator.syncIntervalSeconds=5",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    yield {"system": system_ns, "jobs": jobs_ns}
-    subprocess.run([*helm, "uninstall", "kubetune", "--namespace", system_ns], timeout=120)
-    for ns in (system_ns, jobs_ns):
-        core.delete_namespace(ns)
-
-
-def _operator_pod(core: Any, ns: str) -> Any:
-    pods = core.list_namespaced_pod(ns, label_selector="app.kubernetes.io/name=kubetune").items
-    ready = [
-        p
-        for p in pods
-        if any(c.type == "Ready" and c.status == "True" for c in (p.status.conditions or []))
-    ]
-    return ready[0] if ready else None
 
 
 def test_the_operator_pod_runs_restricted_takes_its_lease_and_passes_its_probes(
@@ -110,7 +24,7 @@ def test_the_operator_pod_runs_restricted_takes_its_lease_and_passes_its_probes(
 
     core = client.CoreV1Api(node_api)
     ns = installed["system"]
-    pod: Any = wait_for(lambda: _operator_pod(core, ns), 240, "the operator pod to be Ready")
+    pod: Any = wait_for(lambda: operator_pod(core, ns), 240, "the operator pod to be Ready")
     assert pod.spec.node_name == node_cluster.node.name
     assert pod.spec.service_account_name.startswith("kubetune")
     [status] = pod.status.container_statuses
@@ -152,43 +66,11 @@ def test_a_finetunejob_succeeds_on_the_real_node_with_the_built_trainer_image(
     core = client.CoreV1Api(node_api)
     custom = client.CustomObjectsApi(node_api)
     ns = installed["jobs"]
-    wait_for(lambda: _operator_pod(core, installed["system"]), 240, "the operator pod")
+    wait_for(lambda: operator_pod(core, installed["system"]), 240, "the operator pod")
     # The output volume: a PersistentVolume on the node's disk, bound to the job's claim
     # (the pods themselves only name the claim, as `restricted` requires).
-    out_dir = tmp_path_factory.mktemp("pv")
-    os.chmod(out_dir, 0o777)
-    pv = f"out-{ns}"
-    core.create_persistent_volume(
-        {
-            "metadata": {"name": pv},
-            "spec": {
-                "capacity": {"storage": "5Gi"},
-                "accessModes": ["ReadWriteOnce"],
-                "persistentVolumeReclaimPolicy": "Retain",
-                "storageClassName": "",
-                "hostPath": {"path": str(out_dir), "type": "Directory"},
-            },
-        }
-    )
-    core.create_namespaced_persistent_volume_claim(
-        ns,
-        {
-            "metadata": {"name": "outputs"},
-            "spec": {
-                "accessModes": ["ReadWriteOnce"],
-                "storageClassName": "",
-                "volumeName": pv,
-                "resources": {"requests": {"storage": "5Gi"}},
-            },
-        },
-    )
-    core.create_namespaced_config_map(
-        ns,
-        {
-            "metadata": {"name": "sums"},
-            "data": {"train.jsonl": "\n".join(json.dumps(r) for r in ROWS) + "\n"},
-        },
-    )
+    out_dir = output_claim(core, ns, "outputs", tmp_path_factory.mktemp("pv"))
+    jsonl_config_map(core, ns, "sums", ROWS)
     job = {
         "apiVersion": "kubetune.dev/v1alpha1",
         "kind": "FineTuneJob",
@@ -221,12 +103,12 @@ def test_a_finetunejob_succeeds_on_the_real_node_with_the_built_trainer_image(
     assert (out_dir / "sums" / "report.md").is_file()
     assert (out_dir / "sums" / "final" / "model.safetensors").is_file()
     # `kubectl get ftj` shows the columns filled.
-    table = _kubectl(node_cluster, "-n", ns, "get", "ftj", "sums")
+    table = kubectl(node_cluster, "-n", ns, "get", "ftj", "sums")
     header, row = table.splitlines()[:2]
     assert header.split()[:4] == ["NAME", "STATUS", "METHOD", "PROGRESS"], header
     assert row.split()[1] == "Succeeded", row
     assert row.split()[3] == "100", row  # the Progress column is a percentage number
     # The training pod's log is the trainer's console lines (kubectl logs via the kubelet).
     train = [p for p in pods if "train" in p.metadata.name]
-    logs = _kubectl(node_cluster, "-n", ns, "logs", train[0].metadata.name)
+    logs = kubectl(node_cluster, "-n", ns, "logs", train[0].metadata.name)
     assert "eval @ step" in logs, logs[-2000:]

@@ -349,3 +349,84 @@ def test_hadolint_passes_on_both_dockerfiles() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ------------------------------------------------------------------------ NetworkPolicy
+
+
+def _rendered(*args: str) -> list[dict[str, Any]]:
+    from kubetune.devcluster.binaries import find_binaries
+
+    helm = find_binaries().helm
+    out = subprocess.run(
+        [str(helm), "template", "rel", str(CHART), "--namespace", "kubetune-system", *args],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def test_the_network_policy_matches_the_pods_and_ports_the_builders_make() -> None:
+    """What can be tested without a policy controller (enforcement is not tested:
+    docs/reliability.md): the policy selects the training pods, lets the operator's pods and
+    Prometheus in on their metrics port only, and the training pods in on every port."""
+    from tests.plans import plan_document
+    from tests.unit.specs import spec_from
+
+    ref = builders.JobRef(name="demo", namespace="team-a", uid="u", generation=1)
+    spec = spec_from(
+        {"model": {"uri": "hf://gpt2"}, "dataset": {"uri": "pvc://d/t.jsonl"}},
+        "demo",
+        "team-a",
+        resources={"numNodes": 2},
+    )
+    docs = _rendered("--set", "watchNamespaces={team-a}")
+    settings = OperatorSettings(trainer_metrics_port=9400, rendezvous_port=29500)
+    pod = builders.training_job(ref, spec, plan_document(), settings)["spec"]["template"]
+    prepare = builders.prepare_job(ref, spec, settings, 80.0)["spec"]["template"]
+    policies = {d["metadata"]["name"]: d for d in docs if d["kind"] == "NetworkPolicy"}
+    assert set(policies) == {"rel-kubetune-trainer", "rel-kubetune-prepare"}
+    trainer = policies["rel-kubetune-trainer"]
+    assert trainer["metadata"]["namespace"] == "team-a"
+    assert _selects(trainer["spec"]["podSelector"], pod["metadata"]["labels"])
+    assert not _selects(trainer["spec"]["podSelector"], prepare["metadata"]["labels"])
+    assert _selects(
+        policies["rel-kubetune-prepare"]["spec"]["podSelector"], prepare["metadata"]["labels"]
+    )
+    assert "ingress" not in policies["rel-kubetune-prepare"]["spec"]  # nothing gets in
+    to_metrics, between_pods = trainer["spec"]["ingress"]
+    ports = {p["name"]: p["containerPort"] for p in pod["spec"]["containers"][0]["ports"]}
+    assert to_metrics["ports"] == [{"port": ports["metrics"], "protocol": "TCP"}]
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    operator_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    operator_peer, prometheus_peer = to_metrics["from"]
+    assert _selects(operator_peer["podSelector"], operator_labels)
+    assert operator_peer["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "kubetune-system"
+    }
+    assert prometheus_peer["podSelector"] == {
+        "matchLabels": {"app.kubernetes.io/name": "prometheus"}
+    }
+    # Rendezvous and gloo/NCCL's own ports: every port, from the training pods only.
+    assert "ports" not in between_pods
+    (peer,) = between_pods["from"]
+    assert set(peer) == {"podSelector"}
+    assert _selects(peer["podSelector"], pod["metadata"]["labels"])
+
+
+def test_the_network_policy_follows_its_toggle_and_the_job_namespaces() -> None:
+    def names(*args: str) -> list[tuple[str, str]]:
+        return sorted(
+            (d["metadata"]["namespace"], d["metadata"]["name"])
+            for d in _rendered(*args)
+            if d["kind"] == "NetworkPolicy"
+        )
+
+    assert names() == []  # cluster-wide, no job namespaces named: nowhere to put it
+    assert [ns for ns, _ in names("--set", "rbac.jobNamespaces={a,b}")] == ["a", "a", "b", "b"]
+    assert names("--set", "watchNamespaces={a}", "--set", "networkPolicy.enabled=false") == []

@@ -2,11 +2,13 @@
 (kubetune.planning.hubweights through huggingface_hub's get_safetensors_metadata), against a
 local HTTP server on 127.0.0.1 that mimics only what that call asks of the hub (HEAD and
 ranged GET of /{repo}/resolve/{revision}/{file}), via HF_ENDPOINT; and offline, from the hub
-cache."""
+cache. The same server, with the two API routes snapshot_download asks, fills the job's model
+cache (spec.storage.modelCache) from the hub in the prepare step."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import json
 import math
@@ -185,3 +187,94 @@ def test_offline_counts_come_from_the_hub_cache(
         counts, why = hub_weight_counts("acme/brand-new", None, None, snap)
     assert counts is not None
     assert (counts.parameters, why) == (expected_parameters(files), "")
+
+
+class HubWithApi(Hub):
+    """Also the model API routes snapshot_download asks first:
+    /api/models/{org}/{name}/revision/{revision} (the commit) and
+    /api/models/{org}/{name}/tree/{revision} (the repository's files, one page)."""
+
+    def do_GET(self) -> None:
+        parts = self.path.split("?")[0].strip("/").split("/")
+        if parts[:2] != ["api", "models"] or len(parts) < 6:
+            super().do_GET()
+            return
+        self.seen.append(f"GET {self.path}")
+        repo, route = "/".join(parts[2:4]), parts[4]
+        files = self.repos.get(repo)
+        if files is None:
+            self.send_response(404)
+            self.send_header("X-Error-Code", "RepoNotFound")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        answer: object = (
+            {"id": repo, "sha": COMMIT, "siblings": [{"rfilename": f} for f in files]}
+            if route == "revision"
+            else [
+                {"type": "file", "path": f, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
+                for f, d in files.items()
+            ]
+        )
+        body = json.dumps(answer).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_the_model_cache_is_filled_once_from_the_hub(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """spec.storage.modelCache with an hf:// model: the prepare step downloads every file of
+    the repository once into the cache (what the training pods then load), and a later
+    prepare pod finds it complete and asks the hub nothing."""
+    from kubetune import prepare
+    from kubetune.contract import Env
+    from kubetune.data.objectstore import COMPLETE_MARKER
+    from kubetune.planning import ModelConfigError
+
+    _, files = new_family(tmp_path)
+    files["tokenizer_config.json"] = b"{}"
+    HubWithApi.repos = {"acme/brand-new": files}
+    cache = tmp_path / "modelcache" / "ns" / "job" / "model"
+    env = {Env.MODEL_PATH: "hf://acme/brand-new", Env.MODEL_FETCH_DIR: str(cache)}
+    server = ThreadingHTTPServer(("127.0.0.1", 0), HubWithApi)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hubcache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    importlib.reload(huggingface_hub.constants)
+    try:
+        HubWithApi.seen = []
+        staged = prepare.stage(env, None)
+        assert staged[Env.MODEL_PATH] == str(cache)
+        for name, data in files.items():
+            assert (cache / name).read_bytes() == data, name
+        assert (cache / COMPLETE_MARKER).read_text() == "hf://acme/brand-new"
+        assert any(
+            s.startswith("GET /api/models/acme/brand-new/revision/") for s in HubWithApi.seen
+        )
+        HubWithApi.seen = []
+        assert prepare.stage(env, None)[Env.MODEL_PATH] == str(cache)
+        assert HubWithApi.seen == []  # complete: nothing asked of the hub
+        # A repository the hub does not have fails the plan (reason ModelConfigError, naming
+        # the field), the cache left incomplete for the next prepare pod.
+        missing = tmp_path / "other"
+        with pytest.raises(
+            ModelConfigError,
+            match=r"spec\.model\.uri: cannot download hf://acme/absent into "
+            r"spec\.storage\.modelCache \(RepositoryNotFoundError",
+        ):
+            prepare.stage(
+                {**env, Env.MODEL_PATH: "hf://acme/absent", Env.MODEL_FETCH_DIR: str(missing)}, None
+            )
+        assert not (missing / COMPLETE_MARKER).exists()
+    finally:
+        server.shutdown()
+        server.server_close()
+        monkeypatch.undo()
+        importlib.reload(huggingface_hub.constants)

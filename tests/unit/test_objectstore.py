@@ -22,7 +22,7 @@ from kubetune.operator import builders as b
 from kubetune.operator.builders import JobRef
 from kubetune.operator.settings import OperatorSettings
 from tests.plans import plan_document
-from tests.unit.specs import spec_from
+from tests.unit.specs import secret_file_source, spec_from
 
 pytestmark = pytest.mark.unit
 
@@ -176,8 +176,9 @@ def test_prepare_pod_gets_the_s3_settings_and_the_credentials_secret() -> None:
     assert env[Env.S3_ENDPOINT_URL] == "http://object-store.storage.svc:8333"
     assert env[Env.S3_REGION] == "eu-west-1"
     assert env[Env.S3_PATH_STYLE] == "true"
+    job = b.prepare_job(REF, _spec(), SETTINGS, 80.0)
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        assert env[key] == {"secretKeyRef": {"name": "s3-creds", "key": key, "optional": False}}
+        assert secret_file_source(job, key) == ("s3-creds", key)
     assert env[Env.WORK_DIR] == "/mnt/work"
     assert {"name": "work", "emptyDir": {}} in pod["volumes"]
     assert Env.MODEL_FETCH_DIR not in env  # no cache named: each pod downloads
@@ -187,7 +188,7 @@ def test_training_pods_upload_to_the_s3_output() -> None:
     job = b.training_job(REF, _spec(), plan_document(), SETTINGS)
     env = _env(_pod(job)["containers"][0])
     assert env[Env.OUTPUT_PATH] == "s3://out-bucket/runs/demo"
-    assert env["AWS_SECRET_ACCESS_KEY"]["secretKeyRef"]["name"] == "s3-creds"
+    assert secret_file_source(job, "AWS_SECRET_ACCESS_KEY") == ("s3-creds", "AWS_SECRET_ACCESS_KEY")
 
 
 def test_no_s3_env_without_s3_uris() -> None:
@@ -199,7 +200,8 @@ def test_no_s3_env_without_s3_uris() -> None:
     )
     pod = _pod(b.prepare_job(REF, spec, SETTINGS, 80.0))
     names = {e["name"] for e in pod["containers"][0]["env"]}
-    assert not names & {"AWS_ACCESS_KEY_ID", Env.S3_ENDPOINT_URL, Env.WORK_DIR}
+    assert not names & {"AWS_ACCESS_KEY_ID_FILE", Env.S3_ENDPOINT_URL, Env.WORK_DIR}
+    assert all(v["name"] != "s3-credentials" for v in pod["volumes"])
     assert all(v["name"] != "work" for v in pod["volumes"])
 
 

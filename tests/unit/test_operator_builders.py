@@ -16,7 +16,7 @@ from kubetune.operator import builders as b
 from kubetune.operator.builders import JobRef, Storage, storage_for
 from kubetune.operator.settings import OperatorSettings
 from tests.plans import plan_document
-from tests.unit.specs import spec_from
+from tests.unit.specs import secret_file_source, spec_from
 
 pytestmark = pytest.mark.unit
 
@@ -263,7 +263,13 @@ def test_gpus_requested_per_pod(gpus: int) -> None:
 def test_cpu_job_requests_no_gpu_and_uses_the_cpu_accelerator() -> None:
     job = b.training_job(REF, make_spec(resources={"gpusPerNode": 0}), PLAN, SETTINGS)
     c = container(job)
-    assert "resources" not in c  # nothing requested at all
+    # No GPU; CPU and memory from the plan: 0.01 GiB offloaded + 1.5 GiB per process + the
+    # 0.28 GiB per-process working set (in host memory without GPUs) = 1.79 GiB; the limit
+    # is 1.5 times that plus the 8 GiB /dev/shm.
+    assert c["resources"] == {
+        "requests": {"cpu": "500m", "memory": "1833Mi"},
+        "limits": {"memory": "10942Mi"},
+    }
     assert env_value(job, "DS_ACCELERATOR") == "cpu"
     assert arg(c["command"], "--nproc-per-node") == "1"
 
@@ -297,7 +303,8 @@ def test_gpus_per_node_wins_over_a_gpu_count_in_resources_per_node() -> None:
     )
     res = container(b.training_job(REF, spec, PLAN, SETTINGS))["resources"]
     assert res["limits"]["nvidia.com/gpu"] == "2"
-    assert res["requests"] == {"cpu": "1", "nvidia.com/gpu": "2"}
+    # The user's CPU wins; the memory (named nowhere by the user) comes from the plan.
+    assert res["requests"] == {"cpu": "1", "memory": "3083Mi", "nvidia.com/gpu": "2"}
 
 
 @pytest.mark.parametrize(
@@ -529,18 +536,22 @@ def test_no_placement_fields_when_unset() -> None:
         assert key not in ps
 
 
-def test_secret_ref_becomes_hf_token() -> None:
-    job = b.training_job(REF, make_spec(model={"secretRef": {"name": "hf-token"}}), PLAN, SETTINGS)
-    ref = env_of(job)["HF_TOKEN"]["valueFrom"]["secretKeyRef"]
-    assert ref["name"] == "hf-token"
+def test_secret_ref_becomes_an_hf_token_file() -> None:
+    spec = make_spec(model={"secretRef": {"name": "hf-token"}})
+    job = b.training_job(REF, spec, PLAN, SETTINGS)
+    assert secret_file_source(job, "HF_TOKEN") == ("hf-token", "HF_TOKEN")
+    # huggingface_hub's own token-file variable names the same file.
+    assert env_value(job, "HF_TOKEN_PATH") == env_value(job, "HF_TOKEN_FILE")
     prepare = b.prepare_job(REF, make_spec(model={"secretRef": {"name": "hf"}}), SETTINGS, 1.0)
-    assert env_of(prepare)["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "hf"
-    assert "HF_TOKEN" not in env_of(b.training_job(REF, make_spec(), PLAN, SETTINGS))
+    assert secret_file_source(prepare, "HF_TOKEN") == ("hf", "HF_TOKEN")
+    plain = env_of(b.training_job(REF, make_spec(), PLAN, SETTINGS))
+    assert not {"HF_TOKEN", "HF_TOKEN_FILE", "HF_TOKEN_PATH"} & set(plain)
 
 
-def test_secret_ref_reads_the_documented_key() -> None:
-    job = b.training_job(REF, make_spec(model={"secretRef": {"name": "hf-token"}}), PLAN, SETTINGS)
-    assert env_of(job)["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["key"] == "HF_TOKEN"
+def test_no_secret_is_an_environment_variable() -> None:
+    spec = make_spec(model={"secretRef": {"name": "hf-token"}})
+    for job in (b.training_job(REF, spec, PLAN, SETTINGS), b.prepare_job(REF, spec, SETTINGS, 1)):
+        assert not [e for e in container(job)["env"] if "secretKeyRef" in e.get("valueFrom", {})]
 
 
 def test_training_env_paths_follow_the_storage() -> None:
@@ -608,9 +619,10 @@ def test_training_job_reads_config_and_token_from_its_siblings() -> None:
         ref = env[var]["valueFrom"]["configMapKeyRef"]
         assert ref == {"name": cm["metadata"]["name"], "key": key}
         assert key in cm["data"]
-    token = env["KUBETUNE_CONTROL_TOKEN"]["valueFrom"]["secretKeyRef"]
-    assert token["name"] == secret["metadata"]["name"]
-    assert token["key"] in secret["stringData"]
+    name, key = secret_file_source(job, "KUBETUNE_CONTROL_TOKEN")
+    assert name == secret["metadata"]["name"]
+    assert key in secret["stringData"]
+    assert "KUBETUNE_CONTROL_TOKEN_FILE" in env
     cfg = next(v for v in pod_spec(job)["volumes"] if v["name"] == "kubetune-config")
     assert cfg["configMap"]["name"] == cm["metadata"]["name"]
     assert {"name": "kubetune-config", "mountPath": "/etc/kubetune", "readOnly": True} in container(
@@ -667,7 +679,10 @@ def test_prepare_job() -> None:
     # No output volume and no GPU memory volume: it only reads.
     volumes = pod_spec(job)["volumes"]
     assert not any("output" in v["name"] for v in volumes)
-    assert all(m.get("readOnly") is True for m in c["volumeMounts"])
+    writable = {path for _, path in b.WRITABLE_DIRS}
+    assert all(
+        m.get("readOnly") is True for m in c["volumeMounts"] if m["mountPath"] not in writable
+    )
     assert {m["name"] for m in c["volumeMounts"]} == {v["name"] for v in volumes}
     rules = job["spec"]["podFailurePolicy"]["rules"]
     assert rules[0]["action"] == "FailJob"
@@ -686,7 +701,7 @@ def test_prepare_job_reads_a_configmap_model_and_dataset() -> None:
     env = env_of(job)
     assert env["KUBETUNE_MODEL_PATH"]["value"] == "/mnt/model/configmap-model-cfg/config.json"
     assert env["KUBETUNE_DATASET_PATH"]["value"] == "/mnt/data/configmap-support-faq/train.jsonl"
-    cms = sorted(v["configMap"]["name"] for v in pod_spec(job)["volumes"])
+    cms = sorted(v["configMap"]["name"] for v in pod_spec(job)["volumes"] if "configMap" in v)
     assert cms == ["model-cfg", "support-faq"]
     assert container(job)["image"] == "img:3"
 
@@ -799,3 +814,60 @@ def test_augmentation_model_is_mounted_for_the_trainer() -> None:
         env_value(job, "KUBETUNE_AUGMENTATION_MODEL_PATH") == "/mnt/augmentation/models/paraphraser"
     )
     assert any(v["name"] == "augmentation-models" for v in pod_spec(job)["volumes"])
+
+
+# ---- what a cluster admin's scanner asks of the pods (issue 16) ------------------------------
+
+
+def test_gpu_pods_request_cpu_and_memory_from_the_plan() -> None:
+    spec = make_spec(resources={"numNodes": 2, "gpusPerNode": 8})
+    res = container(b.training_job(REF, spec, PLAN, SETTINGS))["resources"]
+    # 4 cores per GPU process; 0.01 GiB offloaded + 1.5 GiB per process = 12.01 GiB; limit
+    # 1.5 times that plus the 64 GiB /dev/shm (8 GiB per GPU); no CPU limit.
+    assert res == {
+        "requests": {"cpu": "32", "memory": "12299Mi", "nvidia.com/gpu": "8"},
+        "limits": {"memory": "83984Mi", "nvidia.com/gpu": "8"},
+    }
+
+
+def test_offloaded_states_raise_the_memory_request() -> None:
+    offload = plan_document(zeroStage=3, memory={"cpuPerNodeGiB": 40.0})
+    spec = make_spec(resources={"gpusPerNode": 1})
+    res = container(b.training_job(REF, spec, offload, SETTINGS))["resources"]
+    assert res["requests"]["memory"] == f"{int(41.5 * 1024)}Mi"
+
+
+def test_a_user_memory_limit_keeps_the_plan_away_from_memory() -> None:
+    spec = make_spec(
+        resources={"gpusPerNode": 1, "resourcesPerNode": {"limits": {"memory": "9Gi"}}}
+    )
+    res = container(b.training_job(REF, spec, PLAN, SETTINGS))["resources"]
+    assert res["limits"]["memory"] == "9Gi"
+    assert "memory" not in res["requests"]  # the API server defaults it to the limit
+    assert res["requests"]["cpu"] == "4"
+
+
+@pytest.mark.parametrize("build", ["train", "prepare"])
+def test_pods_have_a_read_only_root_and_writable_scratch(build: str) -> None:
+    spec = make_spec()
+    job = (
+        b.training_job(REF, spec, PLAN, SETTINGS)
+        if build == "train"
+        else b.prepare_job(REF, spec, SETTINGS, 1.0)
+    )
+    c = container(job)
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    volumes = {v["name"]: v for v in pod_spec(job)["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    for name, path in b.WRITABLE_DIRS:
+        assert mounts[path] == name
+        assert volumes[name] == {"name": name, "emptyDir": {}}
+    assert {"/tmp", b.TRAINER_HOME} == {path for _, path in b.WRITABLE_DIRS}
+
+
+def test_the_default_trainer_image_is_the_operators_own_version() -> None:
+    from kubetune import __version__
+
+    image = container(b.training_job(REF, make_spec(), PLAN, OperatorSettings()))["image"]
+    assert image == f"ghcr.io/kubetune/trainer:{__version__}"
+    assert not image.endswith(":latest")

@@ -42,6 +42,9 @@ class FakeKube:
         self.config_maps: dict[tuple[str, str], dict[str, str | bytes]] = {}
         self.terminations: dict[tuple[str, str], str] = {}
         self.pod_ips: dict[tuple[str, str], str] = {}
+        #: Pods by (namespace, Job name), as the API returns them (camelCase dicts).
+        self.pods: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        self.deleted_jobs: list[tuple[str, str]] = []
         self.refusals: dict[tuple[str, str], str] = {}
         self.nodes: list[dict[str, Any]] | None = []
         self.created: list[tuple[str, str]] = []
@@ -131,6 +134,13 @@ class FakeKube:
 
     def pod0_ip(self, namespace: str, job_name: str) -> str | None:
         return self.pod_ips.get((namespace, job_name))
+
+    def job_pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
+        return copy.deepcopy(self.pods.get((namespace, job_name), []))
+
+    def delete_job(self, namespace: str, name: str) -> None:
+        self.deleted_jobs.append((namespace, name))
+        self.objects.pop(("Job", namespace, name), None)
 
     def read_secret_key(self, namespace: str, name: str, key: str) -> str | None:
         secret = self.objects.get(("Secret", namespace, name))

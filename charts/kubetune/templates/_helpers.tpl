@@ -81,10 +81,11 @@ rights on kopf.dev peerings.
   resources: [finetunejobs/status]
   verbs: [get, patch]
 # Application: the prepare and training Jobs (created, watched, suspended; deleted by the
-# garbage collector through owner references, never by the operator).
+# garbage collector through owner references, and by the operator only to restart a failed
+# multi-node training gang it owns: docs/operator.md "Multi-node gangs").
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [get, list, watch, create, patch]
+  verbs: [get, list, watch, create, patch, delete]
 # Application: a child Job's FailedCreate Events (why the API server refuses its pods). RBAC
 # cannot narrow a list to them: cluster-wide installs may list every namespace's Events.
 - apiGroups: [""]

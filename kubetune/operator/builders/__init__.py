@@ -13,7 +13,7 @@ Their names, owner reference and labels are in `names.py`, the volumes and paths
 inputs and the output in `storage.py`, and what every pod has in `pod.py`.
 """
 
-from kubetune.operator.builders.config import config_map, control_secret
+from kubetune.operator.builders.config import CONTROL_TOKEN_KEY, config_map, control_secret
 from kubetune.operator.builders.names import (
     JobRef,
     config_name,
@@ -24,14 +24,22 @@ from kubetune.operator.builders.names import (
     train_name,
 )
 from kubetune.operator.builders.objects import model_cache
-from kubetune.operator.builders.pod import POD_SECURITY_CONTEXT, SECURITY_CONTEXT
+from kubetune.operator.builders.pod import (
+    POD_SECURITY_CONTEXT,
+    SECURITY_CONTEXT,
+    TRAINER_HOME,
+    WRITABLE_DIRS,
+)
 from kubetune.operator.builders.prepare import prepare_job
 from kubetune.operator.builders.storage import Storage, output_uri, storage_for
 from kubetune.operator.builders.training import headless_service, torchrun_command, training_job
 
 __all__ = [
+    "CONTROL_TOKEN_KEY",
     "POD_SECURITY_CONTEXT",
     "SECURITY_CONTEXT",
+    "TRAINER_HOME",
+    "WRITABLE_DIRS",
     "JobRef",
     "Storage",
     "config_map",

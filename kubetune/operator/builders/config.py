@@ -15,6 +15,8 @@ from kubetune.operator.builders.storage import output_uri
 from kubetune.operator.settings import OperatorSettings
 
 CONFIG_VOLUME = "kubetune-config"
+#: The control Secret's key (the trainer reads it as a file, KUBETUNE_CONTROL_TOKEN_FILE).
+CONTROL_TOKEN_KEY = "token"
 
 
 def config_map(
@@ -47,5 +49,5 @@ def control_secret(ref: JobRef, token: str) -> dict[str, Any]:
         "kind": "Secret",
         "metadata": object_meta(ref, control_name(ref), "control"),
         "type": "Opaque",
-        "stringData": {"token": token},
+        "stringData": {CONTROL_TOKEN_KEY: token},
     }

@@ -11,6 +11,7 @@ from typing import Any, Final
 from kubetune.api.spec import FineTuneJobSpec
 from kubetune.contract import Env
 from kubetune.operator.builders.names import JobRef
+from kubetune.operator.builders.pod import secret_files
 from kubetune.operator.builders.storage import Storage
 
 #: Where a pod stages s3:// inputs and an s3:// output (an emptyDir).
@@ -30,8 +31,8 @@ def uses_s3(storages: dict[str, Storage]) -> bool:
 
 
 def s3_env(spec: FineTuneJobSpec, storages: dict[str, Storage]) -> list[dict[str, Any]]:
-    """The endpoint, region, style and credentials (from the Secret) of spec.storage.s3,
-    for a pod with an s3:// input or output; nothing otherwise."""
+    """The endpoint, region and style of spec.storage.s3, for a pod with an s3:// input or
+    output; nothing otherwise (the credentials are files: `s3_credential_files`)."""
     if not uses_s3(storages):
         return []
     s3 = spec.storage.s3 if spec.storage is not None else None
@@ -43,17 +44,19 @@ def s3_env(spec: FineTuneJobSpec, storages: dict[str, Storage]) -> list[dict[str
     if s3.region:
         env.append({"name": Env.S3_REGION, "value": s3.region})
     env.append({"name": Env.S3_PATH_STYLE, "value": str(s3.path_style).lower()})
-    if s3.credentials_secret:
-        env += [
-            {
-                "name": key,
-                "valueFrom": {
-                    "secretKeyRef": {"name": s3.credentials_secret, "key": key, "optional": False}
-                },
-            }
-            for key in CREDENTIAL_KEYS
-        ]
     return env
+
+
+def s3_credential_files(
+    spec: FineTuneJobSpec, storages: dict[str, Storage]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """spec.storage.s3.credentialsSecret's keys as files (AWS_ACCESS_KEY_ID_FILE, ...), for a
+    pod with an s3:// input or output: volumes, mounts and env (none otherwise)."""
+    s3 = spec.storage.s3 if spec.storage is not None else None
+    if not uses_s3(storages) or s3 is None or not s3.credentials_secret:
+        return [], [], []
+    volume, mount, env = secret_files("s3-credentials", s3.credentials_secret, CREDENTIAL_KEYS)
+    return [volume], [mount], env
 
 
 def work_volume(storages: dict[str, Storage]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -9,8 +9,19 @@ from typing import Any
 from kubetune.api.spec import FineTuneJobSpec
 from kubetune.contract import PREPARE_CONTAINER, Env
 from kubetune.operator.builders.names import JobRef, labels, object_meta, prepare_name
-from kubetune.operator.builders.objects import model_cache, s3_env, work_volume
-from kubetune.operator.builders.pod import job_pod, pod_env, pod_failure_policy, spec_document
+from kubetune.operator.builders.objects import (
+    model_cache,
+    s3_credential_files,
+    s3_env,
+    work_volume,
+)
+from kubetune.operator.builders.pod import (
+    hub_token_files,
+    job_pod,
+    pod_env,
+    pod_failure_policy,
+    spec_document,
+)
 from kubetune.operator.builders.storage import job_storages, volumes_and_mounts
 from kubetune.operator.settings import OperatorSettings
 
@@ -26,6 +37,11 @@ def prepare_job(
     work_volumes, work_mounts = work_volume(storages)
     volumes, mounts = [*volumes, *work_volumes], [*mounts, *work_mounts]
     env = pod_env(ref, spec, storages) + s3_env(spec, storages)
+    for extra_volumes, extra_mounts, extra_env in (
+        hub_token_files(spec),
+        s3_credential_files(spec, storages),
+    ):
+        volumes, mounts, env = [*volumes, *extra_volumes], [*mounts, *extra_mounts], env + extra_env
     cache = model_cache(ref, spec, read_only=False)
     if cache is not None:
         # The base model is downloaded here, once for the job; the training pods read it.

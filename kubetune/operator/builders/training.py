@@ -18,7 +18,7 @@ from kubetune.contract import (
     TRAINER_CONTAINER,
     Env,
 )
-from kubetune.operator.builders.config import config_volume
+from kubetune.operator.builders.config import CONTROL_TOKEN_KEY, config_volume
 from kubetune.operator.builders.names import (
     JobRef,
     config_name,
@@ -27,11 +27,24 @@ from kubetune.operator.builders.names import (
     object_meta,
     train_name,
 )
-from kubetune.operator.builders.objects import model_cache, s3_env, work_volume
-from kubetune.operator.builders.pod import job_pod, pod_env, pod_failure_policy
+from kubetune.operator.builders.objects import (
+    model_cache,
+    s3_credential_files,
+    s3_env,
+    work_volume,
+)
+from kubetune.operator.builders.pod import (
+    hub_token_files,
+    job_pod,
+    pod_env,
+    pod_failure_policy,
+    secret_files,
+)
+from kubetune.operator.builders.resources import plan_resources
 from kubetune.operator.builders.storage import Storage, job_storages, volumes_and_mounts
 from kubetune.operator.queueing import queue_name
 from kubetune.operator.settings import OperatorSettings
+from kubetune.planning.interruption import StopTimes, stop_times
 
 
 def headless_service(ref: JobRef, settings: OperatorSettings) -> dict[str, Any]:
@@ -74,17 +87,19 @@ def torchrun_command(
     ]
 
 
-def _trainer_env(ref: JobRef, nodes: int, settings: OperatorSettings) -> list[dict[str, Any]]:
-    """What only the trainer reads: the run's size, its ports, and its siblings' keys."""
+def _trainer_env(
+    ref: JobRef, nodes: int, settings: OperatorSettings, times: StopTimes
+) -> list[dict[str, Any]]:
+    """What only the trainer reads: the run's size, its ports, its stop budget (the
+    collective timeout, torchrun's shutdown wait) and its siblings' keys (the control
+    token is a file)."""
     return [
         {"name": Env.NUM_NODES, "value": str(nodes)},
+        {"name": Env.COLLECTIVE_TIMEOUT, "value": str(times.collective_seconds)},
+        {"name": Env.SHUTDOWN_TIMEOUT, "value": str(times.shutdown_seconds)},
         {"name": Env.METRICS_PORT, "value": str(settings.trainer_metrics_port)},
         # The operator runs the early-stop policy (GET /evaluations, POST /stop).
         {"name": Env.STOP_POLICY, "value": STOP_POLICY_OPERATOR},
-        {
-            "name": Env.CONTROL_TOKEN,
-            "valueFrom": {"secretKeyRef": {"name": control_name(ref), "key": "token"}},
-        },
         {
             "name": Env.PLAN_JSON,
             "valueFrom": {"configMapKeyRef": {"name": config_name(ref), "key": "plan.json"}},
@@ -96,14 +111,23 @@ def _trainer_env(ref: JobRef, nodes: int, settings: OperatorSettings) -> list[di
     ]
 
 
-def _resources(spec: FineTuneJobSpec, gpus: int) -> dict[str, dict[str, str]]:
+def _resources(
+    spec: FineTuneJobSpec, plan: PlanDocument, gpus: int, shm_gib: float
+) -> dict[str, dict[str, str]]:
     """spec.resources.resourcesPerNode, with gpusPerNode as the GPU request and limit (it
-    wins over a GPU count there); empty sections left out."""
+    wins over a GPU count there), and the plan's CPU and memory for each resource the user
+    names neither in requests nor in limits (`resources.py`)."""
     resources: dict[str, dict[str, str]] = {"requests": {}, "limits": {}}
     per_node = spec.resources.resources_per_node
     if per_node is not None:
         resources["requests"].update({k: str(v) for k, v in (per_node.requests or {}).items()})
         resources["limits"].update({k: str(v) for k, v in (per_node.limits or {}).items()})
+    named = set(resources["requests"]) | set(resources["limits"])
+    requests, limits = plan_resources(plan, gpus, max(gpus, 1), shm_gib)
+    for section, values in (("requests", requests), ("limits", limits)):
+        for name, value in values.items():
+            if name not in named:
+                resources[section][name] = value
     if gpus > 0:
         resources["limits"]["nvidia.com/gpu"] = str(gpus)
         resources["requests"]["nvidia.com/gpu"] = str(gpus)
@@ -131,7 +155,22 @@ def training_job(
         *volumes,
     ]
     mounts = [cfg_mount, {"name": "dshm", "mountPath": "/dev/shm"}, *mounts]
-    env = pod_env(ref, spec, storages) + s3_env(spec, storages) + _trainer_env(ref, nodes, settings)
+    times = stop_times(plan)
+    env = (
+        pod_env(ref, spec, storages)
+        + s3_env(spec, storages)
+        + _trainer_env(ref, nodes, settings, times)
+    )
+    # The secrets as files: the operator's control token, the hub token, the S3 credentials.
+    control = secret_files(
+        "control-token", control_name(ref), (CONTROL_TOKEN_KEY,), (Env.CONTROL_TOKEN,)
+    )
+    for extra_volumes, extra_mounts, extra_env in (
+        ([control[0]], [control[1]], control[2]),
+        hub_token_files(spec),
+        s3_credential_files(spec, storages),
+    ):
+        volumes, mounts, env = [*volumes, *extra_volumes], [*mounts, *extra_mounts], env + extra_env
     if gpus == 0:
         env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
     container: dict[str, Any] = {
@@ -146,7 +185,7 @@ def training_job(
         ],
         "volumeMounts": mounts,
     }
-    resources = _resources(spec, gpus)
+    resources = _resources(spec, plan, gpus, shm_gib)
     if resources:
         container["resources"] = resources
     user_labels = dict(spec.labels or {})
@@ -159,9 +198,12 @@ def training_job(
         "completionMode": "Indexed",
         "completions": nodes,
         "parallelism": nodes,
-        "backoffLimit": int(spec.backoff_limit),
+        # Several nodes are one gang: the first failed pod fails the Job (the Job controller
+        # then stops the others) and the operator restarts all of them together, counting
+        # against spec.backoffLimit itself. One node: the Job retries its pod.
+        "backoffLimit": int(spec.backoff_limit) if nodes == 1 else 0,
         "suspend": bool(spec.suspend) or queue is not None,
-        "podFailurePolicy": pod_failure_policy(TRAINER_CONTAINER),
+        "podFailurePolicy": pod_failure_policy(TRAINER_CONTAINER, ignore_disruptions=nodes == 1),
         "template": {
             "metadata": {
                 "labels": {**user_labels, **labels(ref, "train")},
@@ -170,7 +212,15 @@ def training_job(
                     PLAN_METHOD_ANNOTATION: plan.method,
                 },
             },
-            "spec": job_pod(spec, settings, container, volumes, subdomain=train_name(ref)),
+            "spec": job_pod(
+                spec,
+                settings,
+                container,
+                volumes,
+                subdomain=train_name(ref),
+                # SIGTERM -> every rank saves a checkpoint -> exit: the plan's estimate of it.
+                terminationGracePeriodSeconds=times.grace_seconds,
+            ),
         },
     }
     if spec.active_deadline_seconds is not None:

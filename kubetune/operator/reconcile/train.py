@@ -12,7 +12,7 @@ from kubetune import contract
 from kubetune.api.plan import PlanDocument
 from kubetune.api.spec import FineTuneJobSpec
 from kubetune.operator import builders as b
-from kubetune.operator import metrics, queueing
+from kubetune.operator import gang, metrics, queueing
 from kubetune.operator import status as st
 from kubetune.operator.reconcile.draft import StatusDraft
 from kubetune.operator.reconcile.stopping import StopControl
@@ -27,6 +27,17 @@ class TrainPhase(StopControl):
         # Secret and Service exist too, and a running job's reconcile needs one read
         # instead of four create attempts answered 409.
         job = self.kube.get_job(ref.namespace, name)
+        if job is not None and (job.get("metadata") or {}).get("deletionTimestamp"):
+            # A gang restart: the previous attempt's pods are stopping (foreground deletion).
+            draft.new["trainingJobName"] = name
+            draft.condition(
+                "Running",
+                "False",
+                "Restarting",
+                f"{name}: the previous attempt's pods are stopping; all "
+                f"{spec.resources.num_nodes} pod(s) then start again from the newest checkpoint",
+            )
+            return "training"
         owners = {
             o.get("uid") for o in ((job or {}).get("metadata") or {}).get("ownerReferences") or []
         }
@@ -48,6 +59,15 @@ class TrainPhase(StopControl):
             )
         draft.new["trainingJobName"] = name
         view = st.view_job(job)
+        failure: tuple[str, str] | None = None
+        if view.failed_reason and view.failed_reason not in (
+            "PodFailurePolicy",
+            "DeadlineExceeded",
+        ):
+            decided = self._pods_failed(ref, spec, plan, job, draft)
+            if decided is None:
+                return "training"
+            failure = decided or None
         applied = ((job.get("metadata") or {}).get("annotations") or {}).get(
             contract.SUSPEND_ANNOTATION
         )
@@ -114,7 +134,7 @@ class TrainPhase(StopControl):
             ):
                 metrics.EARLY_STOPS.labels(reason=reason).inc()
             if ctype == "Failed" and cstatus == "True":
-                draft.fail(reason, message)
+                draft.fail(*(failure or (reason, message)))
             else:
                 draft.condition(ctype, cstatus, reason, message)
         if blocked:
@@ -142,6 +162,66 @@ class TrainPhase(StopControl):
                 self._absorb_final_report(termination, draft)
             return "finished"
         return "training"
+
+    def _pods_failed(
+        self,
+        ref: b.JobRef,
+        spec: FineTuneJobSpec,
+        plan: PlanDocument,
+        job: dict[str, Any],
+        draft: StatusDraft,
+    ) -> tuple[str, str] | tuple[()] | None:
+        """The training Job failed on a pod: None after restarting a multi-node gang (the
+        Job is being deleted; the next reconcile creates it again), else the (reason,
+        message) to fail with instead of the Job's own, or () to keep the Job's."""
+        name = str(job["metadata"]["name"])
+        ends = gang.pod_ends(self.kube.job_pods(ref.namespace, name))
+        nodes = int(spec.resources.num_nodes)
+        found = gang.gang_failure(ends)
+        if found is None:
+            if nodes == 1:
+                return ()
+            found = gang.deleted_gang()
+        if found.kind == "oom":
+            return "OOMKilled", gang.oom_message(
+                found.pod,
+                gang.memory_limit(job),
+                plan.memory.cpu_per_node_gib,
+            )
+        if nodes == 1:
+            return ()  # the Job retried its pod up to spec.backoffLimit already
+        restarts = dict(draft.new.get("restarts") or {})
+        decision = gang.decide_restart(
+            found, int(restarts.get("count") or 0), int(spec.backoff_limit)
+        )
+        if not decision.restart:
+            return decision.reason, decision.message
+        key = "count" if decision.counted else "interruptions"
+        restarts[key] = int(restarts.get(key) or 0) + 1
+        restarts.update(
+            lastReason=decision.reason, lastMessage=decision.message, lastTime=st.now_iso()
+        )
+        self.kube.delete_job(ref.namespace, name)
+        draft.new["restarts"] = restarts
+        draft.condition(
+            "Running",
+            "False",
+            "Restarting",
+            f"{decision.message}: restarting all {nodes} pods from the newest checkpoint",
+        )
+        draft.events.append(
+            (
+                "Warning" if decision.counted else "Normal",
+                "GangRestart",
+                f"{decision.message}; all {nodes} pods restart from the newest checkpoint"
+                + (
+                    f" (restart {restarts['count']} of spec.backoffLimit {spec.backoff_limit})"
+                    if decision.counted
+                    else " (an interruption: not counted against spec.backoffLimit)"
+                ),
+            )
+        )
+        return None
 
     def _follow_queue(
         self,

@@ -106,7 +106,7 @@ class TrainerLink(ReconcilerBase):
     def _send_stop(self, ref: b.JobRef, ip: str, reason: str, message: str) -> None:
         """POST /stop to rank 0 with the job's token (idempotent: repeated each reconcile
         until the trainer has stopped)."""
-        token = self.kube.read_secret_key(ref.namespace, b.control_name(ref), "token")
+        token = self.kube.read_secret_key(ref.namespace, b.control_name(ref), b.CONTROL_TOKEN_KEY)
         if not token:
             return
         url = f"http://{ip}:{self.settings.trainer_metrics_port}/stop"

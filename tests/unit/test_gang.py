@@ -1,0 +1,272 @@
+"""Gang restarts of multi-node runs, the stop budget from the plan, and how the operator
+reads its failed pods: the pure functions and the reconciler against the in-memory API."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from kubetune.contract import EXIT_INTERRUPTED, Env
+from kubetune.operator import gang
+from kubetune.operator.builders import JobRef, training_job
+from kubetune.operator.settings import OperatorSettings
+from kubetune.operator.status import get_condition
+from kubetune.planning.interruption import (
+    MAX_GRACE_SECONDS,
+    MIN_COLLECTIVE_SECONDS,
+    MIN_GRACE_SECONDS,
+    checkpoint_bytes_per_node,
+    stop_times,
+)
+from tests.plans import plan_document
+from tests.unit.test_operator_reconcile import FakeKube, configmap_example, reconciler
+
+pytestmark = pytest.mark.unit
+
+
+def pod(
+    name: str,
+    index: str,
+    phase: str = "Failed",
+    exit_code: int | None = 1,
+    reason: str | None = "Error",
+    disrupted: bool = False,
+    message: str = "",
+) -> dict[str, Any]:
+    state = (
+        {"terminated": {"exitCode": exit_code, "reason": reason, "message": message}}
+        if exit_code is not None
+        else {}
+    )
+    return {
+        "metadata": {
+            "name": name,
+            "annotations": {"batch.kubernetes.io/job-completion-index": index},
+        },
+        "status": {
+            "phase": phase,
+            "conditions": [{"type": "DisruptionTarget", "status": "True"}] if disrupted else [],
+            "containerStatuses": [{"name": "trainer", "state": state}],
+        },
+    }
+
+
+# ---- the pods' ends
+
+
+def test_a_crash_wins_over_the_interrupted_pods_it_took_down() -> None:
+    ends = gang.pod_ends(
+        [
+            pod("j-train-0-aaa", "0", exit_code=EXIT_INTERRUPTED, reason="Error"),
+            pod("j-train-1-bbb", "1", exit_code=1, message="RuntimeError: boom"),
+            pod("j-train-2-ccc", "2", phase="Running", exit_code=None),
+        ]
+    )
+    assert [e.pod for e in ends] == ["j-train-0-aaa", "j-train-1-bbb"]
+    failure = gang.gang_failure(ends)
+    assert failure is not None
+    assert failure.kind == "crash"
+    assert failure.pod == "j-train-1-bbb"
+    assert "exit code 1 (Error): RuntimeError: boom" in failure.message
+
+
+def test_sigterm_disruption_and_never_started_pods_are_interruptions() -> None:
+    for p in (
+        pod("a", "0", exit_code=EXIT_INTERRUPTED),
+        pod("a", "0", exit_code=137, disrupted=True),
+        pod("a", "0", exit_code=None),
+    ):
+        failure = gang.gang_failure(gang.pod_ends([p]))
+        assert failure is not None, p
+        assert failure.kind == "interrupted", p
+
+
+def test_an_oom_kill_wins_and_is_never_retried() -> None:
+    ends = gang.pod_ends(
+        [pod("a", "0", exit_code=1), pod("b", "1", exit_code=137, reason="OOMKilled")]
+    )
+    failure = gang.gang_failure(ends)
+    assert failure is not None
+    assert (failure.kind, failure.pod) == ("oom", "b")
+    decision = gang.decide_restart(failure, restarts=0, backoff_limit=5)
+    assert (decision.restart, decision.reason) == (False, "OOMKilled")
+    text = gang.oom_message("b", "6Gi", 4.25)
+    for part in ("memory limit 6Gi", "4.2 GiB", "microBatchSize", "zeroStage", "resourcesPerNode"):
+        assert part in text
+
+
+def test_crashes_count_against_the_backoff_limit_and_interruptions_do_not() -> None:
+    crash = gang.GangFailure("crash", "p", "p failed")
+    assert gang.decide_restart(crash, 0, 2) == gang.RestartDecision(
+        True, True, "PodFailed", "p failed"
+    )
+    assert gang.decide_restart(crash, 1, 2).restart
+    last = gang.decide_restart(crash, 2, 2)
+    assert (last.restart, last.reason) == (False, "BackoffLimitExceeded")
+    assert "restarted 2 time(s), spec.backoffLimit is 2" in last.message
+    stop = gang.GangFailure("interrupted", "p", "p stopped on SIGTERM")
+    assert gang.decide_restart(stop, 99, 0) == gang.RestartDecision(
+        True, False, "Interrupted", "p stopped on SIGTERM"
+    )
+    assert gang.gang_failure([]) is None
+
+
+# ---- the stop budget
+
+
+def test_the_checkpoint_a_node_writes_follows_the_method_and_the_zero_stage() -> None:
+    full = plan_document(method="Full", zeroStage=3, numNodes=2)
+    params = full.total_parameters
+    assert checkpoint_bytes_per_node(full) == -(-(params * 2 + full.trainable_parameters * 12) // 2)
+    zero2 = full.model_copy(update={"zero_stage": 2})
+    assert checkpoint_bytes_per_node(zero2) == params * 2 + -(-full.trainable_parameters * 12 // 2)
+    lora = full.model_copy(update={"method": "LoRA", "trainable_parameters": 1000})
+    assert checkpoint_bytes_per_node(lora) == -(-(1000 * 16) // 2)
+
+
+def test_grace_and_timeouts_grow_with_the_checkpoint_within_their_bounds() -> None:
+    tiny = stop_times(plan_document(method="LoRA"))
+    assert tiny.grace_seconds == MIN_GRACE_SECONDS
+    assert tiny.shutdown_seconds == tiny.grace_seconds - 10
+    assert tiny.collective_seconds == MIN_COLLECTIVE_SECONDS
+    big = plan_document(method="Full", zeroStage=0, numNodes=1).model_copy(
+        update={"total_parameters": 7_000_000_000, "trainable_parameters": 7_000_000_000}
+    )
+    times = stop_times(big)
+    # 7B x 14 bytes at 200 MiB/s: about 467 s to write; the grace covers it twice.
+    assert 450 < times.checkpoint_seconds < 500
+    assert times.grace_seconds == pytest.approx(60 + 2 * times.checkpoint_seconds, abs=1)
+    assert times.collective_seconds >= 3 * times.checkpoint_seconds
+    huge = big.model_copy(update={"total_parameters": 10**12, "trainable_parameters": 10**12})
+    assert stop_times(huge).grace_seconds == MAX_GRACE_SECONDS
+
+
+def test_the_training_job_carries_the_stop_budget_and_a_gang_has_no_per_pod_retries() -> None:
+    from tests.unit.specs import spec_from
+
+    ref = JobRef(name="j", namespace="ns", uid="uid", generation=1)
+    settings = OperatorSettings()
+    base = {"model": {"uri": "hf://Qwen/Qwen2-0.5B"}, "dataset": {"uri": "pvc://d/train.jsonl"}}
+    for nodes in (1, 2):
+        spec = spec_from(
+            base, "j", "ns", resources={"numNodes": nodes, "gpusPerNode": 8}, backoffLimit=3
+        )
+        plan = plan_document(numNodes=nodes)
+        job = training_job(ref, spec, plan, settings)
+        times = stop_times(plan)
+        pod_spec = job["spec"]["template"]["spec"]
+        assert pod_spec["terminationGracePeriodSeconds"] == times.grace_seconds
+        env = {e["name"]: e.get("value") for e in pod_spec["containers"][0]["env"]}
+        assert env[Env.COLLECTIVE_TIMEOUT] == str(times.collective_seconds)
+        assert env[Env.SHUTDOWN_TIMEOUT] == str(times.shutdown_seconds)
+        rules = job["spec"]["podFailurePolicy"]["rules"]
+        if nodes == 1:
+            assert job["spec"]["backoffLimit"] == 3
+            assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]} in rules
+        else:
+            assert job["spec"]["backoffLimit"] == 0
+            assert [r["action"] for r in rules] == ["FailJob"]
+
+
+# ---- the reconciler
+
+
+def _failed_gang(kube: FakeKube, name: str, pods: list[dict[str, Any]]) -> None:
+    kube.stored_job("ns", f"{name}-train")["status"] = {
+        "failed": 1,
+        "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}],
+    }
+    kube.pods[("ns", f"{name}-train")] = pods
+
+
+def test_a_two_node_gang_restarts_together_and_fails_past_its_backoff_limit() -> None:
+    kube = FakeKube()
+    ftj = configmap_example(kube, resources={"numNodes": 2, "gpusPerNode": 1}, backoffLimit=1)
+    name = ftj["metadata"]["name"]
+    rec, events = reconciler(kube)
+    rec.reconcile("ns", name)
+    # An interruption (pod 1 deleted: both saved and stopped on SIGTERM) is not counted.
+    _failed_gang(
+        kube,
+        name,
+        [
+            pod(f"{name}-train-0-x", "0", exit_code=143),
+            pod(f"{name}-train-1-y", "1", exit_code=143),
+        ],
+    )
+    assert rec.reconcile("ns", name) == "training"
+    assert kube.deleted_jobs == [("ns", f"{name}-train")]
+    status = kube.ftjs[("ns", name)]["status"]
+    assert status["restarts"]["interruptions"] == 1
+    assert "count" not in status["restarts"]
+    running = get_condition(status["conditions"], "Running")
+    assert running is not None
+    assert running["reason"] == "Restarting"
+    assert "GangRestart" in events.reasons()
+    assert status["state"] != "Failed"
+    # The next reconcile creates the Job again.
+    assert rec.reconcile("ns", name) == "training"
+    assert ("Job", f"{name}-train") in kube.created[4:]
+    # A crash is counted: one restart is allowed by backoffLimit 1, the second fails it.
+    _failed_gang(kube, name, [pod(f"{name}-train-1-z", "1", exit_code=1, message="boom")])
+    rec.reconcile("ns", name)
+    assert kube.ftjs[("ns", name)]["status"]["restarts"]["count"] == 1
+    rec.reconcile("ns", name)
+    _failed_gang(kube, name, [pod(f"{name}-train-0-w", "0", exit_code=1, message="boom")])
+    rec.reconcile("ns", name)
+    status = kube.ftjs[("ns", name)]["status"]
+    assert status["state"] == "Failed"
+    failed = get_condition(status["conditions"], "Failed")
+    assert failed is not None
+    assert failed["reason"] == "BackoffLimitExceeded"
+    assert "spec.backoffLimit is 1" in failed["message"]
+    assert len(kube.deleted_jobs) == 2
+
+
+def test_a_job_being_deleted_for_a_restart_waits_for_its_pods() -> None:
+    kube = FakeKube()
+    ftj = configmap_example(kube, resources={"numNodes": 2, "gpusPerNode": 1})
+    name = ftj["metadata"]["name"]
+    rec, _ = reconciler(kube)
+    rec.reconcile("ns", name)
+    kube.stored_job("ns", f"{name}-train")["metadata"]["deletionTimestamp"] = "2024-01-01T00:00:00Z"
+    created = len(kube.created)
+    assert rec.reconcile("ns", name) == "training"
+    assert len(kube.created) == created
+    running = get_condition(kube.ftjs[("ns", name)]["status"]["conditions"], "Running")
+    assert running is not None
+    assert running["reason"] == "Restarting"
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_an_oom_killed_training_pod_fails_the_job_saying_what_to_change(nodes: int) -> None:
+    kube = FakeKube()
+    ftj = configmap_example(kube, resources={"numNodes": nodes, "gpusPerNode": 1})
+    name = ftj["metadata"]["name"]
+    rec, _ = reconciler(kube)
+    rec.reconcile("ns", name)
+    _failed_gang(kube, name, [pod(f"{name}-train-0-x", "0", exit_code=137, reason="OOMKilled")])
+    rec.reconcile("ns", name)
+    status = kube.ftjs[("ns", name)]["status"]
+    failed = get_condition(status["conditions"], "Failed")
+    assert failed is not None, json.dumps(status)[:800]
+    assert failed["reason"] == "OOMKilled", json.dumps(status)[:800]
+    assert "microBatchSize" in failed["message"]
+    assert not kube.deleted_jobs
+
+
+def test_a_gang_whose_pods_were_all_deleted_restarts_as_an_interruption() -> None:
+    kube = FakeKube()
+    ftj = configmap_example(kube, resources={"numNodes": 2, "gpusPerNode": 1}, backoffLimit=0)
+    name = ftj["metadata"]["name"]
+    rec, _ = reconciler(kube)
+    rec.reconcile("ns", name)
+    # Pod 1 deleted, pod 0 deleted by the Job controller after it: no Failed pod is left.
+    _failed_gang(kube, name, [])
+    assert rec.reconcile("ns", name) == "training"
+    status = kube.ftjs[("ns", name)]["status"]
+    assert status["restarts"]["interruptions"] == 1
+    assert "deleted" in status["restarts"]["lastMessage"]
+    assert kube.deleted_jobs == [("ns", f"{name}-train")]
