@@ -12,11 +12,16 @@ evaluation, checkpoints, metrics and the stop endpoint, which do not change the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kubetune.api.plan import PlanDocument
@@ -92,11 +97,17 @@ class Case:
     gradient_checkpointing: bool | None = None
     lora_rank: int = 16
     steps: int = 3
+    #: Levers the throughput table measures: Liger's fused kernels (RMSNorm, RoPE, SwiGLU,
+    #: fused linear cross-entropy) through ``TrainingArguments.use_liger_kernel``, and
+    #: ``torch.compile`` through ``TrainingArguments.torch_compile``.
+    liger: bool = False
+    compile: bool = False
 
     @property
     def label(self) -> str:
         shape = f"mb{self.micro_batch}x{self.seq_len}"
-        return f"{self.model} {self.method} ZeRO-{self.zero_stage} {shape}"
+        levers = "".join([" +liger" if self.liger else "", " +compile" if self.compile else ""])
+        return f"{self.model} {self.method} ZeRO-{self.zero_stage} {shape}{levers}"
 
 
 def plan_for(case: Case, gpu_memory_gib: float, accelerator: str = "GPU") -> Plan:
@@ -272,6 +283,8 @@ def run_case(case: Case, plan: dict[str, Any], *, deepspeed_on_cpu: bool = False
                 disable_tqdm=True,
                 remove_unused_columns=False,
                 dataloader_num_workers=0,
+                use_liger_kernel=case.liger,
+                torch_compile=case.compile,
             )
             trainer = Trainer(
                 model=model,
@@ -345,3 +358,31 @@ def predicted_bytes(plan: Plan) -> tuple[int, int]:
 
 def gib(value: float) -> str:
     return f"{value / GIB:.2f}"
+
+
+#: The line a case's fresh process prints its RunResult on (JSON after the mark).
+CASE_MARK = "CASE-RESULT "
+
+
+def print_case_result(result: RunResult) -> None:
+    print(CASE_MARK + json.dumps(dataclasses.asdict(result)), flush=True)
+
+
+def run_in_fresh_process(
+    script: Path, index: int, steps: int, timeout_s: float, extra: tuple[str, ...] = ()
+) -> RunResult:
+    """Run case ``index`` of ``script`` (``script --case I --steps N``) in a fresh process: a
+    clean CUDA allocator, and no DeepSpeed, Accelerate or patched-kernel state left over
+    from an earlier case (in one process, ZeRO-3 engines kept their memory and later ZeRO-0
+    cases still ran through DeepSpeed; Liger patches the model classes it touches)."""
+    cmd = [sys.executable, str(script), "--case", str(index), "--steps", str(steps), *extra]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return RunResult(error=f"timed out after {timeout_s:.0f} s")
+    for line in done.stdout.splitlines():
+        if line.startswith(CASE_MARK):
+            return RunResult(**json.loads(line.removeprefix(CASE_MARK)))
+    tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+    oom = "OutOfMemoryError" in done.stderr
+    return RunResult(oom=oom, error=f"exit {done.returncode}: {' / '.join(tail)[:300]}")

@@ -18,10 +18,7 @@ for exactly that configuration. Goal: within 15%, and no plan that claims to fit
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
-import json
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -146,55 +143,61 @@ def cpu_part(names: list[str]) -> tuple[str, bool]:
 def gpu_cases(steps: int) -> list[Any]:
     from bench._train import LLAMA_SIZES, Case
 
-    seq, mb = 2048, 2  # 4,096 tokens per micro-batch: the planner's preferred size
-    cases: list[Case] = []
-    # Most informative first, so that a time budget cuts the least.
+    seq, mb = 2048, 2  # 4,096 tokens per micro-batch: the CPU planner's preferred size
+
+    def case(
+        model: str, method: Method, stage: int, micro: int = mb, gc: bool | None = None
+    ) -> Any:
+        return Case(model, LLAMA_SIZES[model], method, stage, seq, micro, gc, 16, steps)
+
+    full, lora = Method.FULL, Method.LORA
+    # Most informative first, so that a time budget cuts the least: the rows that changed
+    # since the last device run (LoRA's adapter inputs, ZeRO-0's autocast accounting, the
+    # GPU planner's micro-batch 8 = 16k tokens), then those never measured, then the rest.
+    first = [
+        case("llama-1.1b", lora, 0),
+        case("llama-1.1b", full, 0),
+        case("llama-1.1b", full, 0, 8),
+        case("llama-1.1b", lora, 0, 8),
+        case("llama-8b", lora, 0),
+        case("llama-3.4b", lora, 0),
+        case("llama-0.5b", full, 0),
+        case("llama-0.5b", lora, 0),
+        # Gradient checkpointing (not chosen on a 141 GB GPU at this size), to check its model.
+        case("llama-3.4b", full, 0, 4, True),
+        case("llama-8b", lora, 0, 4, True),
+        case("llama-3.4b", full, 0),
+        case("llama-1.1b", lora, 2),
+        case("llama-1.1b", full, 2, 8),
+    ]
+    cases: list[Case] = list(first)
     for model in ("llama-1.1b", "llama-3.4b", "llama-8b", "llama-0.5b"):
-        cfg = LLAMA_SIZES[model]
-        for method in (Method.FULL, Method.LORA):
+        for method in (full, lora):
             for stage in (0, 2, 3):
-                cases.append(Case(model, cfg, method, stage, seq, mb, None, 16, steps))
-    # Gradient checkpointing (not chosen on a 141 GB GPU at this size), to check its model.
-    cases.append(Case("llama-3.4b", LLAMA_SIZES["llama-3.4b"], Method.FULL, 0, seq, 4, True))
-    cases.append(Case("llama-8b", LLAMA_SIZES["llama-8b"], Method.LORA, 0, seq, 4, True))
+                if case(model, method, stage) not in cases:
+                    cases.append(case(model, method, stage))
     # QLoRA (issue 21): the 4-bit base's memory model, at ZeRO-0 as it is planned.
     for model in ("llama-1.1b", "llama-8b"):
-        cases.append(Case(model, LLAMA_SIZES[model], Method.QLORA, 0, seq, mb, None, 16, steps))
+        cases.append(case(model, Method.QLORA, 0))
     return cases
 
 
-CASE_MARK = "CASE-RESULT "
-
-
 def run_isolated(index: int, steps: int, timeout_s: float = 180.0) -> Any:
-    """Run GPU case ``index`` in a fresh process: a clean CUDA allocator, and no DeepSpeed or
-    Accelerate state left over from an earlier case (in one process, ZeRO-3 engines kept
-    their memory and later ZeRO-0 cases still ran through DeepSpeed)."""
-    from bench._train import RunResult
+    """GPU case ``index`` in a fresh process (bench._train.run_in_fresh_process)."""
+    from bench._train import run_in_fresh_process
 
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--case", str(index)]
-    cmd += ["--steps", str(steps)]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return RunResult(error=f"timed out after {timeout_s:.0f} s")
-    for line in done.stdout.splitlines():
-        if line.startswith(CASE_MARK):
-            return RunResult(**json.loads(line.removeprefix(CASE_MARK)))
-    tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-    oom = "OutOfMemoryError" in done.stderr
-    return RunResult(oom=oom, error=f"exit {done.returncode}: {' / '.join(tail)[:300]}")
+    return run_in_fresh_process(Path(__file__), index, steps, timeout_s)
 
 
 def one_case(index: int, steps: int) -> int:
     import torch
 
-    from bench._train import plan_for, run_case
+    from bench._train import plan_for, print_case_result, run_case
 
     case = gpu_cases(steps)[index]
     device_gib = torch.cuda.get_device_properties(0).total_memory / GIB
     result = run_case(case, plan_for(case, device_gib).to_dict())
-    print(CASE_MARK + json.dumps(dataclasses.asdict(result)), flush=True)
+    print_case_result(result)
     return 0
 
 

@@ -94,6 +94,9 @@ def prepare_local_run(
     )
     extra = local_source_files(spec, cms, s3)
     memory = resolve_gpu_memory(local_spec, None, 80.0)
+    if gpus and not spec.resources.gpu_memory_gib:
+        local_gib = _cuda_memory_gib()
+        memory = (local_gib, f"GPU memory {local_gib:.1f} GiB of the local GPU (smallest)")
     plan = build_plan(
         local_spec,
         train_bytes,
@@ -210,6 +213,14 @@ def _check_quantisation(plan: PlanDocument, accelerator: str) -> None:
     problem = bitsandbytes_problem(bitsandbytes_version(), accelerator)
     if problem is not None:
         raise InputError(f"spec.method.type: {problem}")
+
+
+def _cuda_memory_gib() -> float:
+    """The smallest local GPU's memory in GiB (the plan must fit on each)."""
+    import torch
+
+    count = int(torch.cuda.device_count())
+    return min(torch.cuda.get_device_properties(i).total_memory for i in range(count)) / 2**30
 
 
 def _cuda_devices() -> int:

@@ -27,6 +27,7 @@ from kubetune.planning.thresholds import (
     MAX_EPOCHS,
     MAX_GRAD_NORM,
     MAX_MICRO_BATCH,
+    MAX_MICRO_BATCH_GPU,
     MEDIUM_DATA,
     MIN_EPOCHS,
     MIN_WARMUP_RUN,
@@ -34,6 +35,7 @@ from kubetune.planning.thresholds import (
     SMALL_DATA,
     TARGET_EVALUATIONS,
     TOKENS_PER_MICRO_BATCH,
+    TOKENS_PER_MICRO_BATCH_GPU,
     WARMUP_FRACTION,
 )
 
@@ -62,11 +64,20 @@ def target_effective_batch(examples: int) -> int:
     return EFFECTIVE_BATCH_LARGE
 
 
-def preferred_micro_batch(seq_len: int, examples: int, world_size: int) -> int:
-    """About 4k tokens per micro-batch, 1..8, and no more than the batch target needs."""
-    by_tokens = 1 << max(0, (TOKENS_PER_MICRO_BATCH // seq_len).bit_length() - 1)
+def preferred_micro_batch(
+    seq_len: int, examples: int, world_size: int, accelerator: str = "CPU"
+) -> int:
+    """About 4k tokens per micro-batch, 1..8, and no more than the batch target needs.
+
+    On a GPU, about 16k tokens and 1..16: the largest micro-batch the memory search may
+    start from (it halves from there; the 4k-token size is where recomputation begins).
+    """
+    gpu = accelerator == "GPU"
+    tokens = TOKENS_PER_MICRO_BATCH_GPU if gpu else TOKENS_PER_MICRO_BATCH
+    cap = MAX_MICRO_BATCH_GPU if gpu else MAX_MICRO_BATCH
+    by_tokens = 1 << max(0, (tokens // seq_len).bit_length() - 1)
     by_target = max(1, target_effective_batch(examples) // world_size)
-    return max(1, min(MAX_MICRO_BATCH, by_tokens, by_target))
+    return max(1, min(cap, by_tokens, by_target))
 
 
 def epochs_for(examples: int) -> int:

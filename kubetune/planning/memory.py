@@ -37,6 +37,13 @@ ADAM_STATE_BYTES = 12  # fp32 master weights + m + v
 TRAINABLE_BYTES = BF16_WEIGHT_BYTES + BF16_GRAD_BYTES + FP32_GRAD_BYTES + ADAM_STATE_BYTES
 #: Bytes per frozen parameter (bf16 weights only).
 FROZEN_BYTES = 2
+#: One process without DeepSpeed (ZeRO-0, Full or Partial): the model trains in fp32 under
+#: bf16 autocast, so a trainable parameter keeps fp32 weights, fp32 gradients and Adam's m
+#: and v (16 bytes, no bf16 copy: autocast casts each layer's weights per use), and a frozen
+#: one its fp32 weights. Measured on an H200 (bench/RESULTS.md, 2026-11-28): the 20-byte
+#: figure over-predicted a 1.1B and a 3.4B Llama's peak by 11-16%.
+AUTOCAST_TRAINABLE_BYTES = 4 + 4 + 8
+AUTOCAST_FROZEN_BYTES = 4
 #: fp32 weights a process materialises on the host while loading the model.
 FP32_LOAD_BYTES = 4
 #: DeepSpeed's ``additional_buffer_factor`` default for host memory (pinned buffers etc.).
@@ -102,8 +109,12 @@ def model_state_bytes(
     zero_init: bool = True,
     cpu_buffer_factor: float = CPU_BUFFER_FACTOR,
     frozen_bytes: int | None = None,
+    autocast_fp32: bool = False,
 ) -> ModelStateBytes:
     """Model-state bytes per GPU and per node's host memory.
+
+    ``autocast_fp32``: ZeRO-0 in one process without DeepSpeed, where the weights stay fp32
+    and bf16 autocast computes (:data:`AUTOCAST_TRAINABLE_BYTES`).
 
     ``trainable`` parameters carry mixed-precision Adam states, ``frozen`` ones only bf16
     weights; ``largest_layer`` is the largest module ZeRO-3 gathers at once; ``zero_init``
@@ -126,7 +137,9 @@ def model_state_bytes(
     optimizer_side = FP32_GRAD_BYTES + ADAM_STATE_BYTES  # 16: what optimizer offload moves
 
     if offload is Offload.NONE:
-        if stage == 0:
+        if stage == 0 and autocast_fp32 and frozen_bytes is None:
+            gpu = AUTOCAST_TRAINABLE_BYTES * t + AUTOCAST_FROZEN_BYTES * f
+        elif stage == 0:
             gpu = TRAINABLE_BYTES * t + frozen_total
         elif stage == 1:
             gpu = (BF16_WEIGHT_BYTES + BF16_GRAD_BYTES) * t + int(optimizer_side * t / n)

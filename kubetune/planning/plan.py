@@ -129,12 +129,15 @@ def _search(
     request: PlanRequest,
     seq_len: int,
     preferred: int,
+    recompute_from: int,
 ) -> tuple[MethodChoice, SearchResult, list[Decision]]:
     """The first method that fits (else the last one tried), its search and the reasons."""
     reasons: list[Decision] = []
     last: tuple[MethodChoice, SearchResult] | None = None
     for index, choice in enumerate(candidates):
-        result = search_memory(model, choice, resources, request, seq_len, preferred)
+        result = search_memory(
+            model, choice, resources, request, seq_len, preferred, recompute_from
+        )
         tried, last = last, (choice, result)
         if result.chosen is not None:
             chosen = result.chosen
@@ -186,8 +189,12 @@ def make_plan(
     ]
     candidates, why = _methods(dataset, model, request)
     reasons.append(why)
-    preferred = preferred_micro_batch(seq_len, dataset.example_count, resources.world_size)
-    choice, result, searched = _search(candidates, model, resources, request, seq_len, preferred)
+    n, world = dataset.example_count, resources.world_size
+    preferred = preferred_micro_batch(seq_len, n, world, resources.accelerator)
+    recompute_from = preferred_micro_batch(seq_len, n, world)
+    choice, result, searched = _search(
+        candidates, model, resources, request, seq_len, preferred, recompute_from
+    )
     reasons.extend(searched)
     attempt: Attempt = result.chosen or result.smallest
     error: str | None = None

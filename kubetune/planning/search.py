@@ -91,16 +91,24 @@ def activation_ladder(
     preferred_micro_batch: int,
     gradient_checkpointing: bool | None = None,
     micro_batch: int | None = None,
+    recompute_from: int | None = None,
 ) -> tuple[tuple[int, bool], ...]:
     """(micro-batch, gradient checkpointing) settings, fastest first.
 
-    The preferred micro-batch without checkpointing, then with it, then halving the
-    micro-batch down to 1 (with checkpointing unless the user turned it off).
+    The preferred micro-batch without checkpointing, halving without it down to
+    ``recompute_from`` (the preferred size when not given), then that size with it, then
+    halving the micro-batch down to 1 (with checkpointing unless the user turned it off).
+    Halving a large micro-batch costs less speed than recomputing every layer (about a
+    third more compute), down to the size where a GPU's matrix units are still busy.
     """
     sizes = [micro_batch] if micro_batch else _halvings(preferred_micro_batch)
     if gradient_checkpointing is not None:
         return tuple((mb, gradient_checkpointing) for mb in sizes)
-    return ((sizes[0], False), *((mb, True) for mb in sizes))
+    # Recompute from the largest size at or below recompute_from (a user's size: at once).
+    limit = sizes[0] if micro_batch or not recompute_from else recompute_from
+    floor = next((mb for mb in sizes if mb <= limit), sizes[-1])
+    fast = [(mb, False) for mb in sizes if mb >= floor]
+    return (*fast, *((mb, True) for mb in sizes if mb <= floor))
 
 
 def _halvings(start: int) -> list[int]:
@@ -167,6 +175,12 @@ def _attempt(
         num_nodes=resources.num_nodes,
         zero_init=request.zero_init,
         frozen_bytes=quantised_base_bytes(arch) if quantised else None,
+        # As the trainer (kubetune.trainer.setup.load_in_bf16): one GPU process at ZeRO-0
+        # trains Full and Partial without DeepSpeed, fp32 weights under bf16 autocast.
+        autocast_fp32=stage == 0
+        and resources.world_size == 1
+        and resources.accelerator == "GPU"
+        and choice.method in (Method.FULL, Method.PARTIAL),
     )
     layers = choice.trainable_layers if choice.method is Method.PARTIAL else None
     adapter_bytes = 0
@@ -205,6 +219,7 @@ def search_memory(
     request: PlanRequest,
     seq_len: int,
     preferred_micro_batch: int,
+    recompute_from: int | None = None,
 ) -> SearchResult:
     """The first setting that fits, in this order (cheapest in speed first):
 
@@ -217,7 +232,10 @@ def search_memory(
     if choice.method is Method.QLORA:  # 4-bit weights: plain data parallelism only
         ladder = tuple(z for z in ladder if z[0] in QLORA_ZERO_STAGES and z[1] is Offload.NONE)
     acts = activation_ladder(
-        preferred_micro_batch, request.gradient_checkpointing, request.micro_batch_size
+        preferred_micro_batch,
+        request.gradient_checkpointing,
+        request.micro_batch_size,
+        recompute_from,
     )
     free = [z for z in ladder if z[0] <= 2 and z[1] is Offload.NONE]
     costly = [z for z in ladder if z not in free]

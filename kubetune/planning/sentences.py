@@ -174,8 +174,8 @@ def activation_sentences(
             and (a.stage, a.offload) == (attempt.stage, attempt.offload)
         ]
         detail = (
-            f": without it ZeRO-{without[0].stage} at micro-batch {without[0].micro_batch} "
-            f"needs {gib(without[0].memory.per_gpu)} per GPU"
+            f": without it ZeRO-{without[-1].stage} at micro-batch {without[-1].micro_batch} "
+            f"needs {gib(without[-1].memory.per_gpu)} per GPU"
             if without
             else ""
         )

@@ -36,9 +36,14 @@ LORA_TARGET_MODULES: dict[str, tuple[str, ...]] = {
 DEFAULT_MAX_SEQ_LENGTH = 4096
 #: Sequence lengths are rounded up to a multiple of this.
 SEQ_ALIGN = 64
-#: Tokens per micro-batch we aim for before memory limits it; micro-batch is 1..8.
+#: Tokens per micro-batch we aim for before memory limits it; micro-batch is 1..8. On a GPU
+#: the search starts larger (16k tokens, micro-batch up to 16) and halves without gradient
+#: checkpointing down to the 4k-token size before it recomputes: on an H200 a 1.1B Llama ran
+#: at 28.8% MFU with micro-batch 2 x 2,048 and 36.7% with 8 x 2,048 (bench/RESULTS.md).
 TOKENS_PER_MICRO_BATCH = 4096
 MAX_MICRO_BATCH = 8
+TOKENS_PER_MICRO_BATCH_GPU = 16384
+MAX_MICRO_BATCH_GPU = 16
 #: Target effective (global) batch per band.
 EFFECTIVE_BATCH = ((SMALL_DATA, 8), (MEDIUM_DATA, 16), (LARGE_DATA, 32))
 EFFECTIVE_BATCH_LARGE = 64

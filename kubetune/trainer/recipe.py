@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune import console as events
-from kubetune.api.plan import EPOCHS_AT_START, STEPS_AT_START, Decision
+from kubetune.api.plan import EPOCHS_AT_START, STEPS_AT_START, Decision, PlanDocument
 from kubetune.contract import (
     EXIT_CONFIG_ERROR,
     EXIT_INTERRUPTED,
@@ -342,6 +342,9 @@ def finish(session: Session, result: Any, resume: Path | None) -> None:
         seconds = session.diagnostics.watch.seconds
         summary["probeSeconds"] = {k: round(v, 3) for k, v in seconds.items()}
         summary["generalText"] = session.diagnostics.general_text
+    gpu_memory = _gpu_memory_summary(cfg.plan)
+    if gpu_memory:
+        summary["gpuMemory"] = gpu_memory
     if not math.isfinite(float(result.training_loss or 0.0)):
         summary["earlyStop"] = {"reason": "Diverged", "message": "training loss not finite"}
     write_report(cfg.output, cfg.plan, cfg.spec, callback.history, summary)
@@ -358,6 +361,28 @@ def finish(session: Session, result: Any, resume: Path | None) -> None:
     write_termination(cfg, {k: v for k, v in summary.items() if k in TRAINER_MESSAGE_KEYS})
     if session.control:
         session.control.close()
+
+
+def _gpu_memory_summary(plan: PlanDocument) -> dict[str, float]:
+    """Rank 0's device memory over the run against the plan's per-GPU estimate (GiB): the
+    allocator's peak (tensors), its peak reservation, and what the device holds outside
+    the allocator now (CUDA context, cuBLAS/NCCL workspaces). Empty without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    gib = float(1 << 30)
+    free, total = torch.cuda.mem_get_info()
+    outside = max(0, (total - free) - torch.cuda.memory_reserved())
+    reserved = torch.cuda.max_memory_reserved()
+    summary = {
+        "peakAllocatedGiB": round(torch.cuda.max_memory_allocated() / gib, 2),
+        "peakReservedGiB": round(reserved / gib, 2),
+        "outsideAllocatorGiB": round(outside / gib, 2),
+        "peakTotalGiB": round((reserved + outside) / gib, 2),
+    }
+    summary["plannedPerGpuGiB"] = round(plan.memory.per_gpu_gib, 2)
+    return summary
 
 
 def _diagnostics(

@@ -56,6 +56,15 @@ def markdown(plan: PlanDocument, summary: dict[str, Any]) -> str:
     general = summary.get("generalText") or {}
     if general:
         lines += ["", general_text_line(general)]
+    gpu = summary.get("gpuMemory") or {}
+    if gpu:
+        lines += [
+            "",
+            f"GPU memory on rank 0: peak {gpu['peakTotalGiB']:.2f} GiB (reserved "
+            f"{gpu['peakReservedGiB']:.2f} + {gpu['outsideAllocatorGiB']:.2f} outside the "
+            f"allocator; tensors {gpu['peakAllocatedGiB']:.2f}) against the plan's "
+            f"{gpu['plannedPerGpuGiB']:.2f} GiB per GPU.",
+        ]
     lines += ["", "![loss](loss.png)", ""]
     return "\n".join(lines)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from kubetune.planning import (
@@ -119,6 +121,29 @@ def test_frozen_weights_are_partitioned_only_by_zero3(stage: int) -> None:
 def test_single_gpu_full_is_twenty_bytes_per_parameter() -> None:
     # 2 bf16 weights + 2 bf16 grads + 4 fp32 grads + 12 fp32 master/m/v
     assert model_state_bytes(10**9, 0, 10**7, 0, Offload.NONE, 1).gpu == 20 * 10**9
+
+
+def test_one_process_under_autocast_keeps_fp32_weights_grads_and_adam_only() -> None:
+    """ZeRO-0 without DeepSpeed: fp32 weights, fp32 gradients, Adam's m and v (16 bytes);
+    frozen weights stay fp32 (4). What the H200 measured: 20 bytes over-predicted by
+    11-16%."""
+    states = model_state_bytes(10**9, 10**8, 10**7, 0, Offload.NONE, 1, autocast_fp32=True)
+    assert states.gpu == 16 * 10**9 + 4 * 10**8
+    # Only ZeRO-0 trains that way; DeepSpeed's stages keep their accounting.
+    z2 = model_state_bytes(10**9, 0, 10**7, 2, Offload.NONE, 1, autocast_fp32=True)
+    assert z2.gpu == model_state_bytes(10**9, 0, 10**7, 2, Offload.NONE, 1).gpu
+
+
+def test_the_plan_counts_autocast_for_one_gpu_process_and_deepspeed_for_several() -> None:
+    from kubetune.planning import DatasetStats, Method, PlanRequest, Resources, make_plan
+
+    a = arch("tinyllama-1.1b")
+    rows = DatasetStats(10_000, 10_000 * 500, 1000)
+    full = PlanRequest(method=Method.FULL, micro_batch_size=1, gradient_checkpointing=True)
+    one = make_plan(rows, a, Resources(1, 141), full)
+    assert (one.zero_stage, one.memory.model_states) == (0, 16 * a.total_parameters)
+    eight = make_plan(rows, a, Resources(8, 141), dataclasses.replace(full, zero_stage=0))
+    assert eight.memory.model_states == 20 * a.total_parameters
 
 
 @pytest.mark.parametrize(

@@ -126,9 +126,11 @@ def test_the_spec_partial_settings_reach_the_plan() -> None:
 
 def test_lora_settings_set_alpha_dropout_and_targets_and_the_counts_follow() -> None:
     a = arch("llama-2-7b")
-    default = make_plan(data(500), a, GPUS, PlanRequest(method=Method.LORA))
+    # One micro-batch for both: fewer adapted layers would otherwise buy a larger one.
+    default = make_plan(data(500), a, GPUS, PlanRequest(method=Method.LORA, micro_batch_size=2))
     request = PlanRequest(
         method=Method.LORA,
+        micro_batch_size=2,
         lora_alpha=32,
         lora_dropout=0.05,
         lora_target_modules=("q_proj", "v_proj"),

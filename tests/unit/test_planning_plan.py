@@ -20,6 +20,8 @@ from kubetune.planning import (
     model_state_bytes,
 )
 from kubetune.planning.hyperparameters import epochs_for
+from kubetune.planning.search import activation_ladder
+from kubetune.planning.thresholds import MAX_MICRO_BATCH_GPU
 from tests.unit.specs import arch
 
 pytestmark = pytest.mark.unit
@@ -212,7 +214,7 @@ SWEEP = [
 def test_schedule_fits_the_real_number_of_steps(name: str, examples: int, gpus: int) -> None:
     plan = make_plan(data(examples, mean=200, longest=700), arch(name), Resources(gpus, 80))
     hp = plan.hyperparameters
-    assert 1 <= hp.micro_batch_size <= 8
+    assert 1 <= hp.micro_batch_size <= MAX_MICRO_BATCH_GPU
     assert hp.effective_batch_size == hp.micro_batch_size * gpus * hp.gradient_accumulation_steps
     assert hp.total_steps == hp.steps_per_epoch * hp.epochs
     assert hp.warmup_steps <= 0.1 * hp.total_steps
@@ -457,3 +459,42 @@ def test_method_alternative_only_for_method_auto_and_only_when_full_fits() -> No
     plan = make_plan(large, model, BIG, PlanRequest())
     assert plan.method is Method.FULL
     assert method_alternative(large, model, BIG, PlanRequest(), plan) == (None, None)
+
+
+def test_on_a_gpu_the_plan_takes_the_largest_micro_batch_that_fits_without_recomputing() -> None:
+    """16k tokens per micro-batch on a GPU (8 x 2,048), halving without gradient
+    checkpointing down to the 4k-token size before it recomputes; the effective batch
+    stays the data's target (accumulation shrinks), and a CPU plan keeps 4k tokens."""
+    a = arch("tinyllama-1.1b")
+    rows = data(100_000, mean=2000, longest=2048)
+    big = make_plan(rows, a, Resources(1, 141), PlanRequest(method=Method.FULL))
+    assert big.hyperparameters.micro_batch_size == 8
+    assert not big.hyperparameters.gradient_checkpointing
+    assert big.hyperparameters.effective_batch_size == 64
+    small = make_plan(rows, a, Resources(1, 40), PlanRequest(method=Method.FULL))
+    hp = small.hyperparameters
+    assert (hp.micro_batch_size, hp.gradient_checkpointing) == (4, False), small.reasons
+    assert hp.effective_batch_size == 64
+    assert "Micro-batch lowered from 8 to 4 to fit" in " ".join(small.reasons)
+    cpu = make_plan(rows, a, Resources(1, 200, accelerator="CPU"), PlanRequest(method=Method.FULL))
+    assert cpu.hyperparameters.micro_batch_size == 2
+
+
+def test_the_activation_ladder_halves_before_it_recomputes() -> None:
+    assert activation_ladder(8, recompute_from=2) == (
+        (8, False),
+        (4, False),
+        (2, False),
+        (2, True),
+        (1, True),
+    )
+    assert activation_ladder(4) == ((4, False), (4, True), (2, True), (1, True))
+    assert activation_ladder(8, gradient_checkpointing=True, recompute_from=2) == (
+        (8, True),
+        (4, True),
+        (2, True),
+        (1, True),
+    )
+    assert activation_ladder(8, micro_batch=3, recompute_from=2) == ((3, False), (3, True))
+    # A preferred size off the powers of two (the batch target's) still recomputes.
+    assert activation_ladder(6, recompute_from=2) == ((6, False), (3, False), (1, False), (1, True))
