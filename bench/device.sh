@@ -60,17 +60,23 @@ else
     mem_args=(--gpu-only --budget-s "${MEM_BUDGET_S:-80}")
 fi
 log "gpu.py"
+failed=0
 timeout "${GPU_TIMEOUT_S:-240}" "$PY" bench/gpu.py "${gpu_args[@]}" > "$OUT/gpu.log" 2>&1
-log "gpu.py exit $?"
+rc=$?; log "gpu.py exit $rc"; [ "$rc" = 0 ] || failed=1
 log "gpu test tier"
 # Skipped without CUDA (the DRY run here checks that it collects and skips).
 timeout "${TEST_TIMEOUT_S:-150}" "$PY" -m pytest -m gpu tests/gpu -p no:cacheprovider -q -rA \
     > "$OUT/gpu-tests.log" 2>&1
-log "gpu test tier exit $? ($(tail -1 "$OUT/gpu-tests.log"))"
+rc=$?; log "gpu test tier exit $rc ($(tail -1 "$OUT/gpu-tests.log"))"; [ "$rc" = 0 ] || failed=1
 log "memory_accuracy.py"
 timeout "${MEM_TIMEOUT_S:-130}" "$PY" bench/memory_accuracy.py "${mem_args[@]}" \
     > "$OUT/memory_accuracy.log" 2>&1
-log "memory_accuracy.py exit $?"
+rc=$?; log "memory_accuracy.py exit $rc"; [ "$rc" = 0 ] || failed=1
 tail -c +"$((start_size + 1))" bench/RESULTS.md > "$OUT/RESULTS-device.md"
 log "done; RESULTS sections: $(wc -l < "$OUT/RESULTS-device.md") lines"
 grep -E '^\|' "$OUT/gpu.log" "$OUT/memory_accuracy.log" | cut -c1-400
+if [ "$failed" != 0 ]; then
+    log "a part failed: its log is under $OUT"
+    tail -20 "$OUT"/*.log >&2
+fi
+exit "$failed"

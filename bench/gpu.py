@@ -28,7 +28,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -90,7 +90,7 @@ def rows(smoke: bool, steps: int, device_gib: float) -> list[Row]:
     name, cfg, seq = (
         ("tiny-llama", TINY_LLAMA, 64) if smoke else ("llama-1.1b", LLAMA_SIZES["llama-1.1b"], 2048)
     )
-    accel = "CPU" if smoke else "GPU"
+    accel: Literal["GPU", "CPU"] = "CPU" if smoke else "GPU"
     out: list[Row] = []
     last: list[Row] = []
     for method in (Method.FULL, Method.LORA):
