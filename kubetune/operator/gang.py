@@ -28,6 +28,8 @@ class PodEnd:
     #: The pod has a DisruptionTarget condition (preempted, evicted, drained, node lost).
     disrupted: bool
     message: str
+    #: When the container ended (RFC 3339, as the API gives it; these sort by time).
+    finished_at: str | None = None
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ def pod_ends(pods: list[dict[str, Any]]) -> list[PodEnd]:
                 reason=term.get("reason"),
                 disrupted=disrupted,
                 message=str(term.get("message") or status.get("message") or "").strip(),
+                finished_at=term.get("finishedAt"),
             )
         )
     return sorted(ends, key=lambda e: e.pod)
@@ -76,14 +79,16 @@ def _interrupted(end: PodEnd) -> bool:
 
 
 def gang_failure(ends: list[PodEnd]) -> GangFailure | None:
-    """What ended the gang: an OOM kill wins, then a crash (the first pod that was not
-    interrupted: the others usually failed because it did), else an interruption."""
+    """What ended the gang: an OOM kill wins, then a crash (the pod that was not interrupted
+    and ended first: a rank that dies takes its peers' collectives down with it, and they
+    fail a moment later), else an interruption."""
     if not ends:
         return None
     for end in ends:
         if end.reason == "OOMKilled":
             return GangFailure("oom", end.pod, end.message)
-    for end in ends:
+    by_time = sorted(ends, key=lambda e: (e.finished_at is None, e.finished_at or "", e.pod))
+    for end in by_time:
         if not _interrupted(end):
             detail = f"exit code {end.exit_code}" + (f" ({end.reason})" if end.reason else "")
             tail = f": {end.message[-600:]}" if end.message else ""

@@ -4,7 +4,9 @@ DeepSpeed ZeRO-2 full fine-tuning over gloo with the built trainer image. One ru
 through what a gang meets: a pod deleted mid-run (every rank saves on SIGTERM, the gang
 restarts together and resumes from that checkpoint), the FineTuneJob suspended and resumed
 (the same), and the operator's stop request ending both ranks at one step (Succeeded,
-EarlyStopped, the output loads back)."""
+EarlyStopped, the best checkpoint kept, the output loads back). A second run partitions
+ZeRO-3 full fine-tuning across the two pods and has rank 1's worker SIGKILLed inside its
+container: a counted crash, a gang restart, and the run finishes from the checkpoint."""
 
 from __future__ import annotations
 
@@ -223,11 +225,139 @@ def test_two_pods_train_with_zero2_restart_as_a_gang_resume_and_stop_together(
     ]
     report = json.loads((out / "report.json").read_text())
     assert report["summary"]["resumedFrom"].endswith(f"checkpoint-{suspended_at}")
+    # The best checkpoint (lowest eval loss) is kept through the rotation and the restarts,
+    # and the final model is its weights (loaded back at the end on every rank).
+    best = report["summary"]["bestCheckpoint"]
+    assert best, report["summary"]
+    kept = out / "checkpoints" / Path(best).name
+    assert (kept / "trainer_state.json").is_file(), (best, _checkpoints(out))
+    from safetensors.torch import load_file
+
+    final_weights = load_file(str(out / "final" / "model.safetensors"))
+    best_weights = load_file(str(kept / "model.safetensors"))
+    shared = sorted(set(final_weights) & set(best_weights))
+    assert shared, (list(final_weights)[:5], list(best_weights)[:5])
+    assert all(final_weights[k].equal(best_weights[k]) for k in shared)
     # metrics.jsonl has every attempt's rows: the loss fell over the whole run.
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train_loss"] for r in rows if r.get("train_loss") is not None]
     assert losses[-1] < losses[0], (losses[0], losses[-1])
     assert (out / "final" / "model.safetensors").is_file()
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(out / "final"))
+    assert sum(p.numel() for p in model.parameters()) == plan["totalParameters"]
+
+
+def _kill_rank(pod: str) -> int:
+    """SIGKILL the trainer worker of `pod` from the host (the pods are this machine's
+    processes): a rank that dies by itself, as by the kernel's OOM killer or a segfault.
+    Returns the killed pid."""
+    import os
+    import signal
+
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        worker = b"kubetune.trainer" in argv and not {
+            b"kubetune.trainer.launch",
+            b"torch.distributed.run",
+        } & set(argv)
+        if worker and f"HOSTNAME={pod}".encode() in environ:
+            os.kill(int(entry), signal.SIGKILL)
+            return int(entry)
+    raise AssertionError(f"no trainer worker of {pod} found in /proc")
+
+
+def test_zero3_full_across_two_pods_restarts_the_gang_when_a_rank_is_killed(
+    node_cluster: Any,
+    node_api: Any,
+    installed: dict[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """ZeRO-3 full fine-tuning partitioned across the two pods; rank 1's worker SIGKILLed
+    inside its container (no SIGTERM, no checkpoint of its own): torchrun fails that pod,
+    the Job controller stops the other, and the operator restarts the gang from the last
+    checkpoint, counting one crash against spec.backoffLimit; the run then finishes."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(node_api)
+    custom = client.CustomObjectsApi(node_api)
+    ns = installed["jobs"]
+    wait_for(lambda: operator_pod(core, installed["system"]), 240, "the operator pod")
+    volume = output_claim(core, ns, "gang3-out", tmp_path_factory.mktemp("gang3-pv"))
+    jsonl_config_map(core, ns, "products3", ROWS)
+    name, train = "gang3", "gang3-train"
+    job = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"uri": "hf://kubetune/tiny-llama-en"},
+            "dataset": {"uri": "configmap://products3/train.jsonl", "validationSplit": 0.2},
+            "output": {"uri": "pvc://gang3-out/gang3"},
+            "method": {"type": "Full"},
+            "deepspeed": {"zeroStage": 3},
+            "resources": {"numNodes": 2, "gpusPerNode": 0},
+            "hyperparameters": {"epochs": 6, "evalSteps": 4, "microBatchSize": 4},
+            "earlyStopping": {"enabled": False},
+            "diagnostics": {"enabled": False},
+            "backoffLimit": 2,
+        },
+    }
+    custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, job)
+    out = volume / "gang3"
+    first = wait_for(
+        lambda: _running_gang(core, ns, train, 2, set()), 600, "both training pods Running"
+    )
+    plan = _ftj(custom, ns, name)["status"]["plan"]
+    assert (plan["method"], plan["zeroStage"], plan["numNodes"]) == ("Full", 3, 2)
+    wait_for(lambda: _checkpoints(out), 600, "a first checkpoint", interval=1)
+    before = _checkpoints(out)[-1]
+    victim = next(p for p in first if (p.metadata.annotations or {}).get(INDEX) == "1")
+    _kill_rank(victim.metadata.name)
+
+    restarts = wait_for(
+        lambda: ((_ftj(custom, ns, name).get("status") or {}).get("restarts") or {}).get("count"),
+        600,
+        "the operator's gang restart after the crash",
+        interval=2,
+    )
+    assert restarts == 1
+    status = _ftj(custom, ns, name)["status"]
+    assert status["restarts"]["lastReason"] == "PodFailed", status["restarts"]
+    # It names a pod of the gang: the killed one, or its peer whose collective failed in
+    # the same second (the API's finish times have one-second resolution).
+    assert any(p.metadata.name in status["restarts"]["lastMessage"] for p in first), status
+    old = {p.metadata.uid for p in first}
+    second = wait_for(
+        lambda: _running_gang(core, ns, train, 2, old), 600, "the restarted gang Running"
+    )
+    resumed = wait_for(
+        lambda: _resumed_from(core, ns, _rank0(second).metadata.name),
+        600,
+        "rank 0 to resume",
+        interval=2,
+    )
+    assert resumed >= before, (resumed, before)
+
+    def finished() -> Any:
+        obj = _ftj(custom, ns, name)
+        conds = _conditions(obj)
+        done = any(conds.get(t, {}).get("status") == "True" for t in ("Succeeded", "Failed"))
+        return obj if done else None
+
+    obj = wait_for(finished, 900, "the job to finish", interval=2)
+    conds = _conditions(obj)
+    assert conds["Succeeded"]["status"] == "True", json.dumps(obj["status"])[:3000]
+    report = json.loads((out / "report.json").read_text())
+    assert report["summary"]["resumedFrom"].endswith(f"checkpoint-{resumed}")
+    assert report["summary"]["progress"]["step"] == report["summary"]["progress"]["totalSteps"]
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(out / "final"))

@@ -34,12 +34,12 @@ def pod(
     reason: str | None = "Error",
     disrupted: bool = False,
     message: str = "",
+    finished_at: str | None = None,
 ) -> dict[str, Any]:
-    state = (
-        {"terminated": {"exitCode": exit_code, "reason": reason, "message": message}}
-        if exit_code is not None
-        else {}
-    )
+    terminated: dict[str, Any] = {"exitCode": exit_code, "reason": reason, "message": message}
+    if finished_at is not None:
+        terminated["finishedAt"] = finished_at
+    state = {"terminated": terminated} if exit_code is not None else {}
     return {
         "metadata": {
             "name": name,
@@ -70,6 +70,32 @@ def test_a_crash_wins_over_the_interrupted_pods_it_took_down() -> None:
     assert failure.kind == "crash"
     assert failure.pod == "j-train-1-bbb"
     assert "exit code 1 (Error): RuntimeError: boom" in failure.message
+
+
+def test_the_rank_that_died_first_is_named_when_its_peers_crashed_after_it() -> None:
+    """Rank 1 killed; rank 0's collective then fails on the closed connection a second
+    later, also a crash: the failure names rank 1, whatever the pods' names sort as."""
+    ends = gang.pod_ends(
+        [
+            pod(
+                "job-train-0-abc",
+                "0",
+                message="gloo: connection closed by peer",
+                finished_at="2026-12-04T19:00:02Z",
+            ),
+            pod(
+                "job-train-1-xyz",
+                "1",
+                exit_code=137,
+                reason="Error",
+                finished_at="2026-12-04T19:00:01Z",
+            ),
+        ]
+    )
+    failure = gang.gang_failure(ends)
+    assert failure is not None
+    assert (failure.kind, failure.pod) == ("crash", "job-train-1-xyz")
+    assert "exit code 137" in failure.message
 
 
 def test_sigterm_disruption_and_never_started_pods_are_interruptions() -> None:
