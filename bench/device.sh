@@ -65,7 +65,7 @@ timeout "${GPU_TIMEOUT_S:-240}" "$PY" bench/gpu.py "${gpu_args[@]}" > "$OUT/gpu.
 rc=$?; log "gpu.py exit $rc"; [ "$rc" = 0 ] || failed=1
 log "gpu test tier"
 # Skipped without CUDA (the DRY run here checks that it collects and skips).
-timeout "${TEST_TIMEOUT_S:-150}" "$PY" -m pytest -m gpu tests/gpu -p no:cacheprovider -q -rA \
+timeout "${TEST_TIMEOUT_S:-200}" "$PY" -m pytest -m gpu tests/gpu -p no:cacheprovider -q -rA \
     > "$OUT/gpu-tests.log" 2>&1
 rc=$?; log "gpu test tier exit $rc ($(tail -1 "$OUT/gpu-tests.log"))"; [ "$rc" = 0 ] || failed=1
 log "memory_accuracy.py"

@@ -52,10 +52,12 @@ class StopTimes:
 
 
 def checkpoint_bytes_per_node(plan: PlanDocument) -> int:
-    """What the busiest node writes for one checkpoint: the weights as saved (the whole
-    model for full and partial fine-tuning, only the adapter otherwise) and the optimizer
-    states of the trainable parameters, split across the nodes as the ZeRO stage shards
-    them (stage 3 shards the weights too; below it node 0 writes them alone)."""
+    """What the busiest node (node 0) writes for one checkpoint: the weights as saved (the
+    whole model for full and partial fine-tuning, only the adapter otherwise) and the
+    optimizer states of the trainable parameters, split across the nodes as the ZeRO stage
+    shards them. Under DeepSpeed node 0 writes the weights twice: the model file and the
+    engine's own copy (ZeRO-1/2's `mp_rank_00_model_states.pt`; at ZeRO-3 the 16-bit
+    weights gathered for the model file, beside its shard of the partitioned ones)."""
     nodes = max(1, plan.num_nodes)
     trainable = max(0, plan.trainable_parameters)
     if plan.method in _ADAPTER_METHODS:
@@ -64,9 +66,9 @@ def checkpoint_bytes_per_node(plan: PlanDocument) -> int:
         weights = max(0, plan.total_parameters) * _WEIGHT_BYTES
     optimizer = trainable * _OPTIMIZER_BYTES
     if plan.zero_stage >= 3:
-        return math.ceil((weights + optimizer) / nodes)
+        return weights + math.ceil((weights + optimizer) / nodes)
     if plan.zero_stage >= 1:
-        return weights + math.ceil(optimizer / nodes)
+        return 2 * weights + math.ceil(optimizer / nodes)
     return weights + optimizer
 
 

@@ -366,7 +366,8 @@ def finish(session: Session, result: Any, resume: Path | None) -> None:
 def _gpu_memory_summary(plan: PlanDocument) -> dict[str, float]:
     """Rank 0's device memory over the run against the plan's per-GPU estimate (GiB): the
     allocator's peak (tensors), its peak reservation, and what the device holds outside
-    the allocator now (CUDA context, cuBLAS/NCCL workspaces). Empty without CUDA."""
+    the allocator now (CUDA context, cuBLAS/NCCL workspaces; on a GPU that other processes
+    share, theirs too). Empty without CUDA."""
     import torch
 
     if not torch.cuda.is_available():

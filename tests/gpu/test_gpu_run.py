@@ -128,15 +128,16 @@ def _train(tmp_path: Path, model: Path, method: str) -> tuple[dict[str, Any], di
     """Run the job; returns the report and the largest GPU-memory gauges /metrics showed."""
     port = _free_port()
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(
-        [*KUBETUNE, "run", str(_job(tmp_path, model, method)), "--metrics-port", str(port)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    console = tmp_path / "console.log"  # a file: a pipe nobody reads would fill and block
+    with console.open("w") as sink:
+        proc = subprocess.Popen(
+            [*KUBETUNE, "run", str(_job(tmp_path, model, method)), "--metrics-port", str(port)],
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
     seen: dict[str, float] = {}
-    deadline = time.monotonic() + 400
+    deadline = time.monotonic() + 240
     while proc.poll() is None and time.monotonic() < deadline:
         try:
             for name, value in _metrics(port).items():
@@ -147,8 +148,8 @@ def _train(tmp_path: Path, model: Path, method: str) -> tuple[dict[str, Any], di
         time.sleep(1.0)
     if proc.poll() is None:
         proc.kill()
-    output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, output[-4000:]
+    proc.wait(timeout=60)
+    assert proc.returncode == 0, console.read_text()[-4000:]
     report: dict[str, Any] = json.loads((tmp_path / "out" / "report.json").read_text())
     return report, seen
 

@@ -145,11 +145,16 @@ def test_crashes_count_against_the_backoff_limit_and_interruptions_do_not() -> N
 def test_the_checkpoint_a_node_writes_follows_the_method_and_the_zero_stage() -> None:
     full = plan_document(method="Full", zeroStage=3, numNodes=2)
     params = full.total_parameters
-    assert checkpoint_bytes_per_node(full) == -(-(params * 2 + full.trainable_parameters * 12) // 2)
+    # ZeRO-3: node 0 writes the gathered 16-bit model whole, and its shard of the rest.
+    shard = -(-(params * 2 + full.trainable_parameters * 12) // 2)
+    assert checkpoint_bytes_per_node(full) == params * 2 + shard
+    # ZeRO-1/2: the model file and the engine's copy of the weights, and an optimizer shard.
     zero2 = full.model_copy(update={"zero_stage": 2})
-    assert checkpoint_bytes_per_node(zero2) == params * 2 + -(-full.trainable_parameters * 12 // 2)
+    assert checkpoint_bytes_per_node(zero2) == 2 * params * 2 + -(
+        -full.trainable_parameters * 12 // 2
+    )
     lora = full.model_copy(update={"method": "LoRA", "trainable_parameters": 1000})
-    assert checkpoint_bytes_per_node(lora) == -(-(1000 * 16) // 2)
+    assert checkpoint_bytes_per_node(lora) == 1000 * 4 + -(-(1000 * 16) // 2)
 
 
 def test_grace_and_timeouts_grow_with_the_checkpoint_within_their_bounds() -> None:

@@ -368,6 +368,15 @@ def test_pod_failure_policy() -> None:
             },
         },
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+        # A deleted pod's SIGTERM (exit 143 after its checkpoint) is not counted either.
+        {
+            "action": "Ignore",
+            "onExitCodes": {
+                "containerName": container(job)["name"],
+                "operator": "In",
+                "values": [143],
+            },
+        },
     ]
     # podFailurePolicy requires restartPolicy Never.
     assert pod_spec(job)["restartPolicy"] == "Never"

@@ -10,6 +10,7 @@ from kubetune.api.spec import FineTuneJobSpec
 from kubetune.contract import (
     CONFIG_MOUNT,
     EXIT_CONFIG_ERROR,
+    EXIT_INTERRUPTED,
     INPUT_ENV,
     SECRET_FILE_SUFFIX,
     SECRETS_MOUNT,
@@ -164,6 +165,18 @@ def pod_failure_policy(container: str, ignore_disruptions: bool = True) -> dict[
     if ignore_disruptions:
         # Preemption, node drain or deletion: not the job's fault.
         rules.append({"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]})
+        # Stopped by SIGTERM (a pod deleted without a DisruptionTarget condition, by a user
+        # or a controller): the trainer saved a checkpoint first; not counted either.
+        rules.append(
+            {
+                "action": "Ignore",
+                "onExitCodes": {
+                    "containerName": container,
+                    "operator": "In",
+                    "values": [EXIT_INTERRUPTED],
+                },
+            }
+        )
     return {"rules": rules}
 
 

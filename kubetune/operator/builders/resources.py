@@ -13,7 +13,10 @@ requests or limits gets nothing from here):
   each process's model states and activations (`memory.perGpuGiB`, then in host memory).
 - memory limit: the request times `MEMORY_LIMIT_HEADROOM`, plus the /dev/shm memory volume
   (its pages count against the pod's memory), so a run the estimate misjudges by less than
-  that headroom is not OOM-killed, and one that runs away is.
+  that headroom is not OOM-killed, and one that runs away is; with GPUs, plus the weights a
+  checkpoint save holds in host memory on node 0 for a moment (full and partial
+  fine-tuning: the whole 16-bit model, which ZeRO-3 gathers and safetensors serialises on
+  the CPU). Not in the request: the scheduler need not reserve a spike of a few seconds.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ CPU_PER_GPU_PROCESS: Final = 4
 CPU_PER_CPU_PROCESS_MILLI: Final = 500
 PROCESS_BASE_GIB: Final = 1.5
 MEMORY_LIMIT_HEADROOM: Final = 1.5
+#: bf16/fp16 weights as a checkpoint saves them.
+SAVED_WEIGHT_BYTES: Final = 2
 
 
 def _mib(gib: float) -> str:
@@ -42,6 +47,15 @@ def host_memory_estimate_gib(plan: PlanDocument, gpus: int, procs: int) -> float
     return need
 
 
+def save_spike_gib(plan: PlanDocument, gpus: int) -> float:
+    """Host memory a checkpoint save holds on node 0 beyond the steady estimate (GiB): the
+    16-bit weights of the whole model for full and partial fine-tuning on GPUs (on a CPU
+    they are in the estimate already; an adapter is negligible)."""
+    if gpus == 0 or plan.method in ("LoRA", "QLoRA", "Prefix"):
+        return 0.0
+    return SAVED_WEIGHT_BYTES * max(0, plan.total_parameters) / 2**30
+
+
 def plan_resources(
     plan: PlanDocument, gpus: int, procs: int, shm_gib: float
 ) -> tuple[dict[str, str], dict[str, str]]:
@@ -49,5 +63,6 @@ def plan_resources(
     need = host_memory_estimate_gib(plan, gpus, procs)
     cpu = str(CPU_PER_GPU_PROCESS * procs) if gpus > 0 else f"{CPU_PER_CPU_PROCESS_MILLI * procs}m"
     requests = {"cpu": cpu, "memory": _mib(need)}
-    limits = {"memory": _mib(need * MEMORY_LIMIT_HEADROOM + shm_gib)}
+    limit = (need + save_spike_gib(plan, gpus)) * MEMORY_LIMIT_HEADROOM + shm_gib
+    limits = {"memory": _mib(limit)}
     return requests, limits
