@@ -161,6 +161,8 @@ class RestartsStatus(StatusModel):
     last_reason: str | None = None
     last_message: str | None = None
     last_time: str | None = None
+    step_at_last_restart: int | None = None
+    interruptions_without_progress: int | None = None
 
 
 class EarlyStop(StatusModel):

@@ -2,7 +2,8 @@
 the pods (as the API returns them). A multi-node run is one gang: when one pod fails, the
 Job controller stops the others (the Job's backoffLimit is 0) and the operator restarts all
 of them together from the newest checkpoint, counting crashes against spec.backoffLimit and
-not counting interruptions (SIGTERM with a checkpoint saved, preemption, drain, deletion).
+not counting interruptions (SIGTERM with a checkpoint saved, preemption, drain, deletion)
+unless they come again and again with no training step in between.
 A pod killed for exceeding its memory limit fails the job at once, saying what to change:
 the same settings would be killed again."""
 
@@ -14,6 +15,11 @@ from typing import Any, Literal
 from kubetune.contract import EXIT_INTERRUPTED, TRAINER_CONTAINER
 
 Kind = Literal["interrupted", "oom", "crash"]
+
+#: Interruptions in a row with no training step between them that are restarted; the next
+#: one fails the job. A pod evicted again and again (a node under disk pressure, say) would
+#: otherwise restart forever. Preemptions of a run that trains in between never add up.
+MAX_STALLED_INTERRUPTIONS = 5
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,8 @@ class PodEnd:
     message: str
     #: When the container ended (RFC 3339, as the API gives it; these sort by time).
     finished_at: str | None = None
+    #: The pod's own status.reason (`UnexpectedAdmissionError`, `OutOfcpu`, `Evicted`...).
+    pod_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,7 @@ def pod_ends(pods: list[dict[str, Any]]) -> list[PodEnd]:
                 disrupted=disrupted,
                 message=str(term.get("message") or status.get("message") or "").strip(),
                 finished_at=term.get("finishedAt"),
+                pod_reason=status.get("reason"),
             )
         )
     return sorted(ends, key=lambda e: e.pod)
@@ -74,8 +83,12 @@ def pod_ends(pods: list[dict[str, Any]]) -> list[PodEnd]:
 
 def _interrupted(end: PodEnd) -> bool:
     """Stopped from outside, not by its own fault: SIGTERM after a checkpoint (or before
-    training started), a disruption, or a pod that ended without running its container."""
-    return end.exit_code in (EXIT_INTERRUPTED, None) or end.disrupted
+    training started), a disruption, or a pod deleted before it ran its container. A pod
+    the kubelet refused (a reason such as `UnexpectedAdmissionError` and no container exit)
+    is a crash: the same node may refuse it again, and crashes are bounded."""
+    if end.exit_code == EXIT_INTERRUPTED or end.disrupted:
+        return True
+    return end.exit_code is None and not end.pod_reason
 
 
 def gang_failure(ends: list[PodEnd]) -> GangFailure | None:
@@ -90,7 +103,10 @@ def gang_failure(ends: list[PodEnd]) -> GangFailure | None:
     by_time = sorted(ends, key=lambda e: (e.finished_at is None, e.finished_at or "", e.pod))
     for end in by_time:
         if not _interrupted(end):
-            detail = f"exit code {end.exit_code}" + (f" ({end.reason})" if end.reason else "")
+            if end.exit_code is None:
+                detail = f"no container exit: {end.pod_reason}"
+            else:
+                detail = f"exit code {end.exit_code}" + (f" ({end.reason})" if end.reason else "")
             tail = f": {end.message[-600:]}" if end.message else ""
             return GangFailure("crash", end.pod, f"{end.pod} failed with {detail}{tail}")
     end = ends[0]
@@ -148,12 +164,24 @@ class RestartDecision:
     message: str
 
 
-def decide_restart(failure: GangFailure, restarts: int, backoff_limit: int) -> RestartDecision:
-    """Restart an interruption always, a crash while `restarts` (crashes restarted so far)
-    is below spec.backoffLimit; an OOM kill never."""
+def decide_restart(
+    failure: GangFailure, restarts: int, backoff_limit: int, stalled: int = 0
+) -> RestartDecision:
+    """Restart an interruption unless `stalled` (this one and those before it in a row with
+    no training step in between) is past :data:`MAX_STALLED_INTERRUPTIONS`, a crash while
+    `restarts` (crashes restarted so far) is below spec.backoffLimit; an OOM kill never."""
     if failure.kind == "oom":
         return RestartDecision(False, False, "OOMKilled", failure.message)
     if failure.kind == "interrupted":
+        if stalled > MAX_STALLED_INTERRUPTIONS:
+            return RestartDecision(
+                False,
+                False,
+                "InterruptedWithoutProgress",
+                f"{failure.message}; the gang was interrupted {stalled} times in a row "
+                "without a training step in between: look for what stops its pods "
+                "(kubectl get events: evictions, admission, preemption)",
+            )
         return RestartDecision(True, False, "Interrupted", failure.message)
     if restarts < backoff_limit:
         return RestartDecision(True, True, "PodFailed", failure.message)

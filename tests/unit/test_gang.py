@@ -30,6 +30,7 @@ def pod(
     name: str,
     index: str,
     phase: str = "Failed",
+    pod_reason: str | None = None,
     exit_code: int | None = 1,
     reason: str | None = "Error",
     disrupted: bool = False,
@@ -47,6 +48,7 @@ def pod(
         },
         "status": {
             "phase": phase,
+            **({"reason": pod_reason} if pod_reason else {}),
             "conditions": [{"type": "DisruptionTarget", "status": "True"}] if disrupted else [],
             "containerStatuses": [{"name": "trainer", "state": state}],
         },
@@ -301,3 +303,49 @@ def test_a_gang_whose_pods_were_all_deleted_restarts_as_an_interruption() -> Non
     assert status["restarts"]["interruptions"] == 1
     assert "deleted" in status["restarts"]["lastMessage"]
     assert kube.deleted_jobs == [("ns", f"{name}-train")]
+
+
+def test_a_pod_refused_at_admission_is_a_crash_not_an_interruption() -> None:
+    """No container exit and a kubelet reason: the node may refuse it again, so it counts."""
+    ends = gang.pod_ends(
+        [pod("j-train-1-y", "1", exit_code=None, pod_reason="UnexpectedAdmissionError")]
+    )
+    failure = gang.gang_failure(ends)
+    assert failure is not None
+    assert failure.kind == "crash"
+    assert "UnexpectedAdmissionError" in failure.message
+    # Deleted before its container ran (no reason): an interruption, as before.
+    deleted = gang.gang_failure(gang.pod_ends([pod("j-train-1-y", "1", exit_code=None)]))
+    assert deleted is not None
+    assert deleted.kind == "interrupted"
+
+
+def test_interruptions_without_progress_are_bounded() -> None:
+    failure = gang.GangFailure("interrupted", "p", "p was disrupted")
+    limit = gang.MAX_STALLED_INTERRUPTIONS
+    assert gang.decide_restart(failure, 0, 3, stalled=limit).restart
+    stop = gang.decide_restart(failure, 0, 3, stalled=limit + 1)
+    assert (stop.restart, stop.reason) == (False, "InterruptedWithoutProgress")
+    assert "without a training step" in stop.message
+
+
+def test_the_reconciler_fails_a_gang_evicted_again_and_again_without_a_step() -> None:
+    kube = FakeKube()
+    ftj = configmap_example(kube, resources={"numNodes": 2, "gpusPerNode": 1})
+    name = ftj["metadata"]["name"]
+    rec, _ = reconciler(kube)
+    rec.reconcile("ns", name)
+    evicted = [pod(f"{name}-train-0-x", "0", exit_code=143, disrupted=True)]
+    for attempt in range(1, gang.MAX_STALLED_INTERRUPTIONS + 2):
+        if ("Job", "ns", f"{name}-train") not in kube.objects:
+            rec.reconcile("ns", name)  # the Job again after the restart
+        _failed_gang(kube, name, evicted)
+        rec.reconcile("ns", name)
+        status = kube.ftjs[("ns", name)]["status"]
+        failed = get_condition(status["conditions"], "Failed")
+        if attempt <= gang.MAX_STALLED_INTERRUPTIONS:
+            assert failed is None or failed["status"] != "True", (attempt, status)
+            assert status["restarts"]["interruptionsWithoutProgress"] == attempt
+    assert failed is not None
+    assert failed["reason"] == "InterruptedWithoutProgress", json.dumps(status)[:800]
+    assert status["restarts"]["interruptions"] == gang.MAX_STALLED_INTERRUPTIONS

@@ -191,15 +191,27 @@ class TrainPhase(StopControl):
         if nodes == 1:
             return ()  # the Job retried its pod up to spec.backoffLimit already
         restarts = dict(draft.new.get("restarts") or {})
+        # Rank 0's step as last read, against the step at the previous restart: an
+        # interruption with no step between them adds to a bounded run of stalls.
+        step = int((draft.new.get("progress") or {}).get("step") or 0)
+        progressed = step > int(restarts.get("stepAtLastRestart", -1))
+        stalled = 0 if progressed else int(restarts.get("interruptionsWithoutProgress") or 0)
         decision = gang.decide_restart(
-            found, int(restarts.get("count") or 0), int(spec.backoff_limit)
+            found,
+            int(restarts.get("count") or 0),
+            int(spec.backoff_limit),
+            stalled + 1 if found.kind == "interrupted" else 0,
         )
         if not decision.restart:
             return decision.reason, decision.message
         key = "count" if decision.counted else "interruptions"
         restarts[key] = int(restarts.get(key) or 0) + 1
         restarts.update(
-            lastReason=decision.reason, lastMessage=decision.message, lastTime=st.now_iso()
+            lastReason=decision.reason,
+            lastMessage=decision.message,
+            lastTime=st.now_iso(),
+            stepAtLastRestart=step,
+            interruptionsWithoutProgress=0 if decision.counted else stalled + 1,
         )
         self.kube.delete_job(ref.namespace, name)
         draft.new["restarts"] = restarts
