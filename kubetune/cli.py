@@ -24,9 +24,10 @@ def main() -> None:
 @click.argument("job", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option(
     "--nproc",
-    default=1,
-    show_default=True,
-    help="Training processes (DeepSpeed over gloo on CPU; one per GPU with CUDA).",
+    type=int,
+    default=None,
+    help="Training processes (DeepSpeed over gloo on CPU; one per GPU with CUDA). "
+    "Default: the spec's resources.processesPerNode, else 1.",
 )
 @click.option(
     "--output",
@@ -55,7 +56,7 @@ def main() -> None:
 )
 def run(
     job: Path,
-    nproc: int,
+    nproc: int | None,
     output: Path | None,
     metrics_port: int | None,
     verbose: bool,
@@ -74,7 +75,9 @@ def run(
     from kubetune.planning import ModelConfigError
     from kubetune.run_display import make_display
 
-    _load_job(job)  # spec errors first, with the file name
+    spec = _load_job(job).spec  # spec errors first, with the file name
+    if nproc is None:
+        nproc = spec.resources.processes_per_node or 1
     if nproc < 1:
         raise click.BadParameter("must be at least 1", param_hint="--nproc")
     if verbose and quiet:

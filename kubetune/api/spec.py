@@ -243,12 +243,30 @@ class ResourceRequirements(SpecModel):
 
 
 class Resources(SpecModel):
-    """spec.resources: numNodes pods with gpusPerNode GPUs each."""
+    """spec.resources: numNodes pods with gpusPerNode GPUs each (or, on CPU,
+    processesPerNode training processes each)."""
 
     num_nodes: Annotated[int, Field(ge=1, le=512), WholeFloat] = 1
     gpus_per_node: Annotated[int, Field(ge=0, le=16), WholeFloat] = 1
+    processes_per_node: Annotated[int, Field(ge=1, le=64), WholeFloat] | None = None
     gpu_memory_gib: Annotated[float, Field(gt=0)] | None = Field(default=None, alias="gpuMemoryGiB")
     resources_per_node: ResourceRequirements | None = None
+
+    @model_validator(mode="after")
+    def _processes_on_cpu(self) -> Self:
+        procs = self.processes_per_node
+        if procs is not None and self.gpus_per_node > 0 and procs != self.gpus_per_node:
+            raise cel_error(
+                "resources: processesPerNode is for CPU runs (gpusPerNode 0); "
+                "with GPUs a pod runs one process per GPU",
+                field_path="processesPerNode",
+            )
+        return self
+
+    @property
+    def processes(self) -> int:
+        """Training processes per pod: one per GPU, else processesPerNode (default 1)."""
+        return self.gpus_per_node if self.gpus_per_node > 0 else (self.processes_per_node or 1)
 
 
 class DeepSpeed(SpecModel):

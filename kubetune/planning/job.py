@@ -327,14 +327,15 @@ def build_plan(
     gpu_memory: tuple[float, str],
     validation_text: DataInput | None = None,
     validation_source: str = "",
-    cpu_processes: int = 1,
+    cpu_processes: int | None = None,
     tokenizer_source: str | None = None,
     extra_sources: Sequence[tuple[DataInput, str]] = (),
     hub_weights: HubWeights | None = None,
 ) -> PlanDocument:
     """Validate the data, summarise it and plan. Raises DataError / ModelConfigError /
     ValueError with messages that name the source. `cpu_processes` is the number of
-    training processes per node when `gpusPerNode` is 0 (local CPU runs).
+    training processes per node when `gpusPerNode` is 0 (default: the spec's
+    `resources.processesPerNode`, else 1; a local run's --nproc).
 
     Tokens are counted with the tokenizer in `tokenizer_source` (default `model_source`)
     when it is a local model directory with a tokenizer.json, else estimated; examples
@@ -422,7 +423,7 @@ def build_plan(
         )
     gpus = int(spec.resources.gpus_per_node)
     resources = Resources(
-        gpus_per_node=gpus if gpus > 0 else max(1, cpu_processes),
+        gpus_per_node=gpus if gpus > 0 else max(1, cpu_processes or spec.resources.processes),
         gpu_memory_gib=gpu_memory[0],
         num_nodes=int(spec.resources.num_nodes),
         cpu_memory_gib=host_memory_gib(spec) if gpus > 0 else None,

@@ -360,6 +360,14 @@ CASES: list[Case] = [
         "spec.method.partial",
         cel=True,
     ),
+    Case("cpu-processes-per-node", {"resources": {"gpusPerNode": 0, "processesPerNode": 2}}),
+    Case(
+        "processes-per-node-with-gpus",
+        {"resources": {"gpusPerNode": 8, "processesPerNode": 2}},
+        "processesPerNode is for CPU runs (gpusPerNode 0)",
+        "spec.resources.processesPerNode",
+        cel=True,
+    ),
     Case(
         "shipped-general-text-and-a-uri",
         {"dataset": {**D, "generalTextUri": "pvc://d/general.txt", "generalText": "Shipped"}},

@@ -5,8 +5,9 @@ through what a gang meets: a pod deleted mid-run (every rank saves on SIGTERM, t
 restarts together and resumes from that checkpoint), the FineTuneJob suspended and resumed
 (the same), and the operator's stop request ending both ranks at one step (Succeeded,
 EarlyStopped, the best checkpoint kept, the output loads back). A second run partitions
-ZeRO-3 full fine-tuning across the two pods and has rank 1's worker SIGKILLed inside its
-container: a counted crash, a gang restart, and the run finishes from the checkpoint."""
+ZeRO-3 full fine-tuning over 2 pods x 2 processes and has a worker of pod 1 SIGKILLed
+inside its container: a counted crash, a gang restart, and the run finishes from the
+checkpoint."""
 
 from __future__ import annotations
 
@@ -274,16 +275,17 @@ def _kill_rank(pod: str) -> int:
     raise AssertionError(f"no trainer worker of {pod} found in /proc")
 
 
-def test_zero3_full_across_two_pods_restarts_the_gang_when_a_rank_is_killed(
+def test_zero3_full_on_2x2_ranks_restarts_the_gang_when_a_rank_is_killed(
     node_cluster: Any,
     node_api: Any,
     installed: dict[str, str],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    """ZeRO-3 full fine-tuning partitioned across the two pods; rank 1's worker SIGKILLed
-    inside its container (no SIGTERM, no checkpoint of its own): torchrun fails that pod,
-    the Job controller stops the other, and the operator restarts the gang from the last
-    checkpoint, counting one crash against spec.backoffLimit; the run then finishes."""
+    """ZeRO-3 full fine-tuning partitioned over 2 pods x 2 processes (4 ranks, torchrun's
+    --nproc-per-node 2 in each pod); a worker of pod 1 SIGKILLed inside its container (no
+    SIGTERM, no checkpoint of its own): torchrun fails that pod, the Job controller stops
+    the other, and the operator restarts the gang from the last checkpoint, counting one
+    crash against spec.backoffLimit; the run then finishes."""
     from kubernetes import client
 
     core = client.CoreV1Api(node_api)
@@ -303,8 +305,8 @@ def test_zero3_full_across_two_pods_restarts_the_gang_when_a_rank_is_killed(
             "output": {"uri": "pvc://gang3-out/gang3"},
             "method": {"type": "Full"},
             "deepspeed": {"zeroStage": 3},
-            "resources": {"numNodes": 2, "gpusPerNode": 0},
-            "hyperparameters": {"epochs": 6, "evalSteps": 4, "microBatchSize": 4},
+            "resources": {"numNodes": 2, "gpusPerNode": 0, "processesPerNode": 2},
+            "hyperparameters": {"epochs": 8, "evalSteps": 4, "microBatchSize": 4},
             "earlyStopping": {"enabled": False},
             "diagnostics": {"enabled": False},
             "backoffLimit": 2,
@@ -317,6 +319,9 @@ def test_zero3_full_across_two_pods_restarts_the_gang_when_a_rank_is_killed(
     )
     plan = _ftj(custom, ns, name)["status"]["plan"]
     assert (plan["method"], plan["zeroStage"], plan["numNodes"]) == ("Full", 3, 2)
+    assert plan["gpusPerNode"] == 2  # the plan's processes per node (CPU ranks)
+    [command] = {" ".join(p.spec.containers[0].command) for p in first}
+    assert "--nproc-per-node=2" in command, command
     wait_for(lambda: _checkpoints(out), 600, "a first checkpoint", interval=1)
     before = _checkpoints(out)[-1]
     victim = next(p for p in first if (p.metadata.annotations or {}).get(INDEX) == "1")

@@ -238,6 +238,12 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         "spec.dataset.generalText: dataset: set generalTextUri or generalText: Shipped, not both",
     ),
     (
+        "processes per node with GPUs",
+        {"resources": {"gpusPerNode": 8, "processesPerNode": 2}},
+        "spec.resources.processesPerNode: resources: processesPerNode is for CPU runs "
+        "(gpusPerNode 0); with GPUs a pod runs one process per GPU",
+    ),
+    (
         "general text source",
         {"dataset": {"uri": "pvc://d/x", "generalText": "English"}},
         "spec.dataset.generalText: Input should be 'BaseModel' or 'Shipped'",

@@ -880,3 +880,24 @@ def test_the_default_trainer_image_is_the_operators_own_version() -> None:
     image = container(b.training_job(REF, make_spec(), PLAN, OperatorSettings()))["image"]
     assert image == f"ghcr.io/kubetune/trainer:{__version__}"
     assert not image.endswith(":latest")
+
+
+def test_a_cpu_gang_runs_processes_per_node_ranks_in_each_pod() -> None:
+    """numNodes x processesPerNode ranks on CPU: torchrun starts that many workers a pod,
+    and the pod asks for CPU and memory for each."""
+    spec = make_spec(resources={"numNodes": 2, "gpusPerNode": 0, "processesPerNode": 2})
+    assert spec.resources.processes == 2
+    job = b.training_job(REF, spec, PLAN, SETTINGS)
+    cmd = container(job)["command"]
+    assert "--nproc-per-node=2" in cmd
+    assert "--nnodes=2" in cmd
+    one = b.training_job(
+        REF, make_spec(resources={"numNodes": 2, "gpusPerNode": 0}), PLAN, SETTINGS
+    )
+    assert "--nproc-per-node=1" in container(one)["command"]
+    requests = container(job)["resources"]["requests"]
+    assert requests["cpu"] == "1000m"
+    assert container(one)["resources"]["requests"]["cpu"] == "500m"
+    # With GPUs, one process per GPU whatever else.
+    gpus = b.training_job(REF, make_spec(resources={"gpusPerNode": 4}), PLAN, SETTINGS)
+    assert "--nproc-per-node=4" in container(gpus)["command"]

@@ -593,3 +593,18 @@ def test_a_large_auto_plan_of_a_family_outside_the_table_fits_the_prepare_messag
     message = encode_message({"plan": plan.to_compact_json()})
     assert len(message.encode()) <= TERMINATION_LIMIT_BYTES
     assert PlanDocument.from_compact_json(decode_prepare_message(message)["plan"]) == plan
+
+
+def test_a_cpu_plan_counts_the_specs_processes_per_node_as_ranks() -> None:
+    spec = make_spec(resources={"numNodes": 2, "gpusPerNode": 0, "processesPerNode": 2})
+    config = known_model_config("hf://Qwen/Qwen2-0.5B")
+    assert config is not None
+    data = jsonl(pc_rows(40)).encode()
+    memory = resolve_gpu_memory(spec, None, 80.0)
+    plan = build_plan(spec, data, "/d/t.jsonl", config, "hf://Qwen/Qwen2-0.5B", memory)
+    assert (plan.num_nodes, plan.gpus_per_node) == (2, 2)
+    # A local run's --nproc wins over the spec.
+    one = build_plan(
+        spec, data, "/d/t.jsonl", config, "hf://Qwen/Qwen2-0.5B", memory, cpu_processes=1
+    )
+    assert one.gpus_per_node == 1

@@ -123,7 +123,7 @@ def _resources(
         resources["requests"].update({k: str(v) for k, v in (per_node.requests or {}).items()})
         resources["limits"].update({k: str(v) for k, v in (per_node.limits or {}).items()})
     named = set(resources["requests"]) | set(resources["limits"])
-    requests, limits = plan_resources(plan, gpus, max(gpus, 1), shm_gib)
+    requests, limits = plan_resources(plan, gpus, spec.resources.processes, shm_gib)
     for section, values in (("requests", requests), ("limits", limits)):
         for name, value in values.items():
             if name not in named:
@@ -137,7 +137,8 @@ def _resources(
 def training_job(
     ref: JobRef, spec: FineTuneJobSpec, plan: PlanDocument, settings: OperatorSettings
 ) -> dict[str, Any]:
-    """The Indexed Job: one pod per node, `gpusPerNode` GPUs each, torchrun + DeepSpeed."""
+    """The Indexed Job: one pod per node, `gpusPerNode` GPUs each (or, on CPU,
+    `processesPerNode` processes), torchrun + DeepSpeed."""
     nodes, gpus = int(spec.resources.num_nodes), int(spec.resources.gpus_per_node)
     storages = job_storages(ref, spec, settings)
     cache = model_cache(ref, spec, read_only=True)
@@ -177,7 +178,7 @@ def training_job(
         "name": TRAINER_CONTAINER,
         "command": list(settings.trainer_command)
         if settings.trainer_command
-        else torchrun_command(ref, nodes, max(gpus, 1), settings),
+        else torchrun_command(ref, nodes, spec.resources.processes, settings),
         "env": env,
         "ports": [
             {"name": "metrics", "containerPort": settings.trainer_metrics_port},
