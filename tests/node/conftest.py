@@ -108,6 +108,58 @@ def operator_pod(core: Any, ns: str) -> Any:
     return ready[0] if ready else None
 
 
+class PodMemory:
+    """The largest resident memory (cgroup v1 `memory.stat` total_rss, page cache left out)
+    of the containers of pods whose name starts with `prefix`, polled every half second
+    from this machine (the pods are its processes) until `stop()`."""
+
+    def __init__(self, prefix: str) -> None:
+        import threading
+
+        self.prefix = prefix.encode()
+        self.peak = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _cgroups(self) -> set[Path]:
+        found = set()
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+                lines = Path(f"/proc/{entry}/cgroup").read_text().splitlines()
+            except OSError:
+                continue
+            if not any(v.startswith(b"HOSTNAME=" + self.prefix) for v in environ):
+                continue
+            for line in lines:
+                _, controllers, path = line.split(":", 2)
+                if "memory" in controllers.split(","):
+                    found.add(Path("/sys/fs/cgroup/memory") / path.lstrip("/"))
+        return found
+
+    def _poll(self) -> None:
+        while not self._done.wait(0.5):
+            for cgroup in self._cgroups():
+                try:
+                    stat = (cgroup / "memory.stat").read_text().splitlines()
+                except OSError:
+                    continue
+                rss = sum(
+                    int(line.split()[1])
+                    for line in stat
+                    if line.split()[0] in ("total_rss", "total_mapped_file")
+                )
+                self.peak = max(self.peak, rss)
+
+    def stop(self) -> int:
+        self._done.set()
+        self._thread.join(timeout=10)
+        return self.peak
+
+
 def jsonl_config_map(core: Any, ns: str, name: str, rows: list[dict[str, Any]]) -> None:
     """A ConfigMap `name` whose key train.jsonl holds `rows` (a configmap:// dataset)."""
     body = "\n".join(json.dumps(r) for r in rows) + "\n"

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.node.conftest import jsonl_config_map, kubectl, operator_pod, output_claim
+from tests.node.conftest import PodMemory, jsonl_config_map, kubectl, operator_pod, output_claim
 from tests.waiting import wait_for
 
 # The first test pays for the session fixture: images built if missing, imported once.
@@ -48,6 +48,14 @@ def test_the_operator_pod_runs_restricted_takes_its_lease_and_passes_its_probes(
     assert lease.spec.holder_identity
 
 
+def _bytes(quantity: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return int(float(quantity.removesuffix(suffix)) * factor)
+    return int(quantity)
+
+
 ROWS = [
     {"prompt": f"Q: what is {a} plus {b}?", "completion": f" A: {a + b}."}
     for a in range(8)
@@ -83,6 +91,9 @@ def test_a_finetunejob_succeeds_on_the_real_node_with_the_built_trainer_image(
             "hyperparameters": {"epochs": 2},
         },
     }
+    # The training pod's resident memory over the run, from its cgroup (the pods are this
+    # machine's processes), against the plan's host-memory estimate (its memory request).
+    memory = PodMemory("sums-train")
     custom.create_namespaced_custom_object("kubetune.dev", "v1alpha1", ns, "finetunejobs", job)
 
     def finished() -> Any:
@@ -93,12 +104,26 @@ def test_a_finetunejob_succeeds_on_the_real_node_with_the_built_trainer_image(
         done = [t for t in ("Succeeded", "Failed") if conds.get(t, {}).get("status") == "True"]
         return obj if done else None
 
-    obj = wait_for(finished, 900, "the FineTuneJob to finish", interval=2)
+    try:
+        obj = wait_for(finished, 900, "the FineTuneJob to finish", interval=2)
+    finally:
+        peak = memory.stop()
     conds = {c["type"]: c for c in obj["status"]["conditions"]}
     assert conds.get("Succeeded", {}).get("status") == "True", json.dumps(obj["status"])[:3000]
     pods = core.list_namespaced_pod(ns).items
     assert pods, "no pods"
     assert all(p.spec.node_name == node_cluster.node.name for p in pods)
+    [trainer] = [p for p in pods if p.metadata.name.startswith("sums-train")]
+    resources = trainer.spec.containers[0].resources
+    request = _bytes(resources.requests["memory"])
+    limit = _bytes(resources.limits["memory"])
+    ratio = f"peak {peak / 2**30:.2f} GiB, estimate (request) {request / 2**30:.2f} GiB"
+    print(f"training pod memory: {ratio}, limit {limit / 2**30:.2f} GiB")
+    assert 0 < peak <= limit, ratio
+    # The estimate covers what the run used (no OOM kill at the default limit) without
+    # asking for several times more than it needs.
+    assert peak <= request, ratio
+    assert peak >= request / 4, ratio
     # The report and the weights are on the volume.
     assert (out_dir / "sums" / "report.md").is_file()
     assert (out_dir / "sums" / "final" / "model.safetensors").is_file()
@@ -112,3 +137,62 @@ def test_a_finetunejob_succeeds_on_the_real_node_with_the_built_trainer_image(
     train = [p for p in pods if "train" in p.metadata.name]
     logs = kubectl(node_cluster, "-n", ns, "logs", train[0].metadata.name)
     assert "eval @ step" in logs, logs[-2000:]
+
+
+def test_a_training_pod_over_its_memory_limit_is_oom_killed_and_the_job_says_what_to_change(
+    node_cluster: Any,
+    node_api: Any,
+    installed: dict[str, str],
+) -> None:
+    """The kernel kills a training pod whose memory limit is below what the run needs (the
+    limit set in resourcesPerNode, as a user might): the FineTuneJob ends Failed/OOMKilled,
+    naming the limit and what to change, not a generic failure, and is not retried."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(node_api)
+    custom = client.CustomObjectsApi(node_api)
+    ns = installed["jobs"]
+    wait_for(lambda: operator_pod(core, installed["system"]), 240, "the operator pod")
+    jsonl_config_map(core, ns, "sums-oom", ROWS)
+    job = {
+        "apiVersion": "kubetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "oom"},
+        "spec": {
+            "model": {"uri": "hf://kubetune/tiny-llama-en"},
+            "dataset": {"uri": "configmap://sums-oom/train.jsonl", "validationSplit": 0.2},
+            "resources": {
+                "numNodes": 1,
+                "gpusPerNode": 0,
+                # torch and the trainer's libraries alone need more than this.
+                "resourcesPerNode": {"limits": {"memory": "200Mi"}},
+            },
+            "backoffLimit": 0,
+            "hyperparameters": {"epochs": 1},
+        },
+    }
+    custom.create_namespaced_custom_object("kubetune.dev", "v1alpha1", ns, "finetunejobs", job)
+
+    def failed() -> Any:
+        obj = custom.get_namespaced_custom_object(
+            "kubetune.dev", "v1alpha1", ns, "finetunejobs", "oom"
+        )
+        conds = {c["type"]: c for c in obj.get("status", {}).get("conditions", [])}
+        done = [t for t in ("Succeeded", "Failed") if conds.get(t, {}).get("status") == "True"]
+        return conds if done else None
+
+    conds = wait_for(failed, 600, "the FineTuneJob to fail", interval=2)
+    assert conds.get("Failed", {}).get("status") == "True", conds
+    assert conds["Failed"]["reason"] == "OOMKilled", conds["Failed"]
+    message = conds["Failed"]["message"]
+    assert "memory limit 200Mi" in message, message
+    assert "microBatchSize" in message, message
+    assert "resourcesPerNode" in message, message
+    pods = core.list_namespaced_pod(ns, label_selector="job-name=oom-train").items
+    terminated = [
+        cs.state.terminated
+        for p in pods
+        for cs in p.status.container_statuses or []
+        if cs.state.terminated is not None
+    ]
+    assert [t.reason for t in terminated] == ["OOMKilled"], terminated

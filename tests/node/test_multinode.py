@@ -250,10 +250,11 @@ def test_two_pods_train_with_zero2_restart_as_a_gang_resume_and_stop_together(
     assert sum(p.numel() for p in model.parameters()) == plan["totalParameters"]
 
 
-def _kill_rank(pod: str) -> int:
-    """SIGKILL the trainer worker of `pod` from the host (the pods are this machine's
-    processes): a rank that dies by itself, as by the kernel's OOM killer or a segfault.
-    Returns the killed pid."""
+def _kill_rank(hostname: str) -> int:
+    """SIGKILL a trainer worker of the pod with `hostname` (an Indexed Job's pod is
+    `<job>-<index>`; its containers' HOSTNAME) from the host, where the pods are processes:
+    a rank that dies by itself, as by the kernel's OOM killer or a segfault. Returns the
+    killed pid."""
     import os
     import signal
 
@@ -269,10 +270,10 @@ def _kill_rank(pod: str) -> int:
             b"kubetune.trainer.launch",
             b"torch.distributed.run",
         } & set(argv)
-        if worker and f"HOSTNAME={pod}".encode() in environ:
+        if worker and f"HOSTNAME={hostname}".encode() in environ:
             os.kill(int(entry), signal.SIGKILL)
             return int(entry)
-    raise AssertionError(f"no trainer worker of {pod} found in /proc")
+    raise AssertionError(f"no trainer worker of {hostname} found in /proc")
 
 
 def test_zero3_full_on_2x2_ranks_restarts_the_gang_when_a_rank_is_killed(
@@ -325,7 +326,7 @@ def test_zero3_full_on_2x2_ranks_restarts_the_gang_when_a_rank_is_killed(
     wait_for(lambda: _checkpoints(out), 600, "a first checkpoint", interval=1)
     before = _checkpoints(out)[-1]
     victim = next(p for p in first if (p.metadata.annotations or {}).get(INDEX) == "1")
-    _kill_rank(victim.metadata.name)
+    _kill_rank(victim.spec.hostname or victim.metadata.name)
 
     restarts = wait_for(
         lambda: ((_ftj(custom, ns, name).get("status") or {}).get("restarts") or {}).get("count"),
