@@ -106,6 +106,17 @@ def test_the_trainer_image_imports_the_torch_stack_and_runs_the_trainer(
         helped = oci.run_in(rootfs, config, [*config.entrypoint, "--help"], read_only=False)
         assert helped.returncode == 0, helped.stderr[-3000:]
         assert "--config-dir" in helped.stdout
+        # DeepSpeed's CPU shared-memory collective op is prebuilt (a CPU rank loads it at
+        # start; compiled on use it cost every new pod tens of seconds), for the CPU
+        # accelerator DeepSpeed will find in a CPU pod.
+        code = (
+            "import os; os.environ['DS_ACCELERATOR'] = 'cpu'; "
+            "from deepspeed.git_version_info import installed_ops, accelerator_name; "
+            "print(installed_ops.get('deepspeed_shm_comm'), accelerator_name)"
+        )
+        ops = oci.run_in(rootfs, config, ["python", "-c", code], read_only=True, timeout=300)
+        assert ops.returncode == 0, ops.stderr[-3000:]
+        assert ops.stdout.split()[-2:] == ["True", "cpu"], ops.stdout[-2000:]
 
 
 def test_the_pause_image_sleeps_until_it_is_told_to_stop(image_archives: dict[str, str]) -> None:
