@@ -143,6 +143,7 @@ def test_a_training_pod_over_its_memory_limit_is_oom_killed_and_the_job_says_wha
     node_cluster: Any,
     node_api: Any,
     installed: dict[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     """The kernel kills a training pod whose memory limit is below what the run needs (the
     limit set in resourcesPerNode, as a user might): the FineTuneJob ends Failed/OOMKilled,
@@ -153,6 +154,7 @@ def test_a_training_pod_over_its_memory_limit_is_oom_killed_and_the_job_says_wha
     custom = client.CustomObjectsApi(node_api)
     ns = installed["jobs"]
     wait_for(lambda: operator_pod(core, installed["system"]), 240, "the operator pod")
+    output_claim(core, ns, "oom-out", tmp_path_factory.mktemp("oom-pv"))
     jsonl_config_map(core, ns, "sums-oom", ROWS)
     job = {
         "apiVersion": "kubetune.dev/v1alpha1",
@@ -161,6 +163,7 @@ def test_a_training_pod_over_its_memory_limit_is_oom_killed_and_the_job_says_wha
         "spec": {
             "model": {"uri": "hf://kubetune/tiny-llama-en"},
             "dataset": {"uri": "configmap://sums-oom/train.jsonl", "validationSplit": 0.2},
+            "output": {"uri": "pvc://oom-out/oom"},
             "resources": {
                 "numNodes": 1,
                 "gpusPerNode": 0,

@@ -112,7 +112,7 @@ def test_the_trainer_image_imports_the_torch_stack_and_runs_the_trainer(
         code = (
             "import os; os.environ['DS_ACCELERATOR'] = 'cpu'; "
             "from deepspeed.git_version_info import installed_ops, accelerator_name; "
-            "print(installed_ops.get('deepspeed_shm_comm'), accelerator_name)"
+            "print(bool(installed_ops.get('deepspeed_shm_comm')), accelerator_name)"
         )
         ops = oci.run_in(rootfs, config, ["python", "-c", code], read_only=True, timeout=300)
         assert ops.returncode == 0, ops.stderr[-3000:]
