@@ -306,7 +306,14 @@ def test_zero3_full_on_2x2_ranks_restarts_the_gang_when_a_rank_is_killed(
             "output": {"uri": "pvc://gang3-out/gang3"},
             "method": {"type": "Full"},
             "deepspeed": {"zeroStage": 3},
-            "resources": {"numNodes": 2, "gpusPerNode": 0, "processesPerNode": 2},
+            "resources": {
+                "numNodes": 2,
+                "gpusPerNode": 0,
+                "processesPerNode": 2,
+                # Two pods of 2 processes ask for 1 CPU each by default: more than this
+                # 2-core node has left beside the operator; a user sizes it to the nodes.
+                "resourcesPerNode": {"requests": {"cpu": "250m"}},
+            },
             "hyperparameters": {"epochs": 8, "evalSteps": 4, "microBatchSize": 4},
             "earlyStopping": {"enabled": False},
             "diagnostics": {"enabled": False},

@@ -167,9 +167,15 @@ def test_prometheus_discovers_and_scrapes_the_real_pods_for_every_dashboard_quer
         pools = {pool for pool, _, _ in seen}
         assert any(p.startswith("podMonitor/") for p in pools), seen
         assert any(p.startswith("serviceMonitor/") for p in pools), seen
-        trainer_pods = {pod for pool, pod, _ in seen if pool.startswith("podMonitor/")}
+        # Of this job's pods only rank 0 of the training Job (the namespace also holds the
+        # other node tests' jobs, whose rank-0 pods are discovered too).
+        trainer_pods = {
+            t["labels"].get("pod", "")
+            for t in targets["activeTargets"]
+            if t["scrapePool"].startswith("podMonitor/") and t["labels"].get("finetunejob") == name
+        }
         assert trainer_pods, seen
-        assert all(p.startswith(f"{name}-train-0") for p in trainer_pods), seen
+        assert all(p.startswith(f"{name}-train-0-") for p in trainer_pods), trainer_pods
         series = prom.api("series", **{"match[]": "kubetune_step"})["data"]
         assert {(s["namespace"], s["finetunejob"]) for s in series} == {(ns, name)}, series
         addresses = {
