@@ -160,6 +160,17 @@ class PodMemory:
         return self.peak
 
 
+def finished_ftj(custom: Any, ns: str, name: str) -> Any:
+    """The FineTuneJob (a dict) once its Succeeded or Failed condition is True, else None
+    (for `wait_for`, whose result is then the object)."""
+    obj: dict[str, Any] = custom.get_namespaced_custom_object(
+        "kubetune.dev", "v1alpha1", ns, "finetunejobs", name
+    )
+    conds = {c["type"]: c for c in (obj.get("status") or {}).get("conditions") or []}
+    done = any(conds.get(t, {}).get("status") == "True" for t in ("Succeeded", "Failed"))
+    return obj if done else None
+
+
 def jsonl_config_map(core: Any, ns: str, name: str, rows: list[dict[str, Any]]) -> None:
     """A ConfigMap `name` whose key train.jsonl holds `rows` (a configmap:// dataset)."""
     body = "\n".join(json.dumps(r) for r in rows) + "\n"

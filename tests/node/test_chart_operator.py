@@ -10,7 +10,14 @@ from typing import Any
 
 import pytest
 
-from tests.node.conftest import PodMemory, jsonl_config_map, kubectl, operator_pod, output_claim
+from tests.node.conftest import (
+    PodMemory,
+    finished_ftj,
+    jsonl_config_map,
+    kubectl,
+    operator_pod,
+    output_claim,
+)
 from tests.waiting import wait_for
 
 # The first test pays for the session fixture: images built if missing, imported once.
@@ -96,16 +103,10 @@ def test_a_finetunejob_succeeds_on_the_real_node_with_the_built_trainer_image(
     memory = PodMemory("sums-train")
     custom.create_namespaced_custom_object("kubetune.dev", "v1alpha1", ns, "finetunejobs", job)
 
-    def finished() -> Any:
-        obj = custom.get_namespaced_custom_object(
-            "kubetune.dev", "v1alpha1", ns, "finetunejobs", "sums"
-        )
-        conds = {c["type"]: c for c in obj.get("status", {}).get("conditions", [])}
-        done = [t for t in ("Succeeded", "Failed") if conds.get(t, {}).get("status") == "True"]
-        return obj if done else None
-
     try:
-        obj = wait_for(finished, 900, "the FineTuneJob to finish", interval=2)
+        obj = wait_for(
+            lambda: finished_ftj(custom, ns, "sums"), 900, "the FineTuneJob to finish", interval=2
+        )
     finally:
         peak = memory.stop()
     conds = {c["type"]: c for c in obj["status"]["conditions"]}
@@ -176,15 +177,10 @@ def test_a_training_pod_over_its_memory_limit_is_oom_killed_and_the_job_says_wha
     }
     custom.create_namespaced_custom_object("kubetune.dev", "v1alpha1", ns, "finetunejobs", job)
 
-    def failed() -> Any:
-        obj = custom.get_namespaced_custom_object(
-            "kubetune.dev", "v1alpha1", ns, "finetunejobs", "oom"
-        )
-        conds = {c["type"]: c for c in obj.get("status", {}).get("conditions", [])}
-        done = [t for t in ("Succeeded", "Failed") if conds.get(t, {}).get("status") == "True"]
-        return conds if done else None
-
-    conds = wait_for(failed, 600, "the FineTuneJob to fail", interval=2)
+    obj = wait_for(
+        lambda: finished_ftj(custom, ns, "oom"), 600, "the FineTuneJob to fail", interval=2
+    )
+    conds = {c["type"]: c for c in obj["status"]["conditions"]}
     assert conds.get("Failed", {}).get("status") == "True", conds
     assert conds["Failed"]["reason"] == "OOMKilled", conds["Failed"]
     message = conds["Failed"]["message"]

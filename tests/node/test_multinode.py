@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.node.conftest import jsonl_config_map, operator_pod, output_claim
+from tests.node.conftest import finished_ftj, jsonl_config_map, operator_pod, output_claim
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.node, pytest.mark.timeout(3600)]
@@ -209,13 +209,9 @@ def test_two_pods_train_with_zero2_restart_as_a_gang_resume_and_stop_together(
         GROUP, VERSION, ns, PLURAL, name, {"spec": {"stopRequested": True}}
     )
 
-    def finished() -> Any:
-        obj = _ftj(custom, ns, name)
-        conds = _conditions(obj)
-        done = any(conds.get(t, {}).get("status") == "True" for t in ("Succeeded", "Failed"))
-        return obj if done else None
-
-    obj = wait_for(finished, 900, "the stopped job to finish", interval=2)
+    obj = wait_for(
+        lambda: finished_ftj(custom, ns, name), 900, "the stopped job to finish", interval=2
+    )
     conds = _conditions(obj)
     assert conds["Succeeded"]["status"] == "True", json.dumps(obj["status"])[:3000]
     assert conds["Succeeded"]["reason"] == "EarlyStopped", conds["Succeeded"]
@@ -359,13 +355,7 @@ def test_zero3_full_on_2x2_ranks_restarts_the_gang_when_a_rank_is_killed(
     )
     assert resumed >= before, (resumed, before)
 
-    def finished() -> Any:
-        obj = _ftj(custom, ns, name)
-        conds = _conditions(obj)
-        done = any(conds.get(t, {}).get("status") == "True" for t in ("Succeeded", "Failed"))
-        return obj if done else None
-
-    obj = wait_for(finished, 900, "the job to finish", interval=2)
+    obj = wait_for(lambda: finished_ftj(custom, ns, name), 900, "the job to finish", interval=2)
     conds = _conditions(obj)
     assert conds["Succeeded"]["status"] == "True", json.dumps(obj["status"])[:3000]
     report = json.loads((out / "report.json").read_text())

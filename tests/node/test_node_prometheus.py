@@ -26,7 +26,7 @@ from tests.cluster.test_prometheus import (
     pod_monitor_scrape_config,
     service_monitor_scrape_config,
 )
-from tests.node.conftest import CHART, jsonl_config_map, operator_pod, output_claim
+from tests.node.conftest import CHART, finished_ftj, jsonl_config_map, operator_pod, output_claim
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.node, pytest.mark.timeout(1800)]
@@ -142,15 +142,9 @@ def test_prometheus_discovers_and_scrapes_the_real_pods_for_every_dashboard_quer
         started = time.time()
         custom.create_namespaced_custom_object("kubetune.dev", "v1alpha1", ns, "finetunejobs", job)
 
-        def finished() -> Any:
-            obj = custom.get_namespaced_custom_object(
-                "kubetune.dev", "v1alpha1", ns, "finetunejobs", name
-            )
-            conds = {c["type"]: c for c in (obj.get("status") or {}).get("conditions") or []}
-            done = [t for t in ("Succeeded", "Failed") if conds.get(t, {}).get("status") == "True"]
-            return obj if done else None
-
-        obj = wait_for(finished, 900, "the FineTuneJob to finish", interval=2)
+        obj = wait_for(
+            lambda: finished_ftj(custom, ns, name), 900, "the FineTuneJob to finish", interval=2
+        )
         assert (obj["status"].get("earlyStop") or {}).get("reason") == "NoImprovement", json.dumps(
             obj["status"]
         )[:3000]
