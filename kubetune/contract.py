@@ -54,6 +54,10 @@ QUEUE_LABEL: Final = f"{KUEUE_GROUP}/queue-name"
 PRIORITY_LABEL: Final = f"{KUEUE_GROUP}/priority-class"
 #: On a Workload: the uid of the Job it was made for.
 WORKLOAD_JOB_UID_LABEL: Final = f"{KUEUE_GROUP}/job-uid"
+#: Kueue's visibility API (an aggregated API server): a LocalQueue's pending Workloads with
+#: their positions, at .../namespaces/<ns>/localqueues/<name>/pendingworkloads.
+KUEUE_VISIBILITY_GROUP: Final = f"visibility.{KUEUE_GROUP}"
+KUEUE_VISIBILITY_VERSION: Final = "v1beta2"
 
 # ---- exit codes -------------------------------------------------------------------------------
 EXIT_OK: Final = 0

@@ -144,12 +144,16 @@ class Metrics(StatusModel):
 
 class QueueStatus(StatusModel):
     """Where a job with a queue (Kueue) stands: its LocalQueue, the Workload Kueue made for
-    the training Job, the ClusterQueue that admitted it, the queue's pending count."""
+    the training Job, the ClusterQueue that admitted it, the queue's pending count and, while
+    it waits, its position."""
 
     name: str | None = None
     cluster_queue: str | None = None
     workload: str | None = None
     pending_workloads: int | None = None
+    #: How many wait ahead of it (0: the next), from Kueue's visibility API while it waits.
+    position_in_local_queue: int | None = None
+    position_in_cluster_queue: int | None = None
     message: str | None = None
 
 

@@ -545,7 +545,7 @@ class DevCluster:
                 "`make tools` (or tools/build.sh kueue); it builds Kueue from its Go module."
             )
         deadline = time.monotonic() + timeout
-        ports = kq.KueuePorts(webhook=free_port(), health=free_port())
+        ports = kq.KueuePorts(webhook=free_port(), health=free_port(), visibility=free_port())
         pki = generate_pki_paths(self.layout.pki)
         ca = pki.ca.cert.read_bytes()
         base = f"https://127.0.0.1:{ports.webhook}"
@@ -559,6 +559,17 @@ class DevCluster:
                 raise ClusterError(
                     f"Kueue needs a certificate at {kq.METRICS_CERT_DIR} (a fixed path in "
                     f"Kueue), which cannot be written: {exc}; create tls.crt/tls.key there"
+                ) from exc
+        if not (kq.VISIBILITY_CERT_DIR / "tls.crt").exists():
+            try:
+                issue_serving_cert(
+                    pki.ca, kq.VISIBILITY_CERT_DIR, "kueue-visibility", ("127.0.0.1", "localhost")
+                )
+            except OSError as exc:
+                raise ClusterError(
+                    f"Kueue's visibility server needs a certificate at {kq.VISIBILITY_CERT_DIR} "
+                    f"(a fixed path in Kueue), which cannot be written: {exc}; create "
+                    "tls.crt/tls.key there"
                 ) from exc
         config_file = self.layout.root / "kueue-config.yaml"
         config_file.write_text(yaml.safe_dump(kq.configuration(ports, cert_dir)))
@@ -574,7 +585,10 @@ class DevCluster:
         self._wait_http("kueue", f"http://127.0.0.1:{ports.health}/readyz", deadline)
         for hook in kq.webhook_manifests(dist, base, ca):
             _apply_webhook_configuration(api, hook)
+        self.state.ports["kueue_visibility"] = ports.visibility
         self.state.save(self.layout.state_file)
+        say(f"registering Kueue's visibility API (127.0.0.1:{ports.visibility})")
+        _apply_visibility_api(api, kq.visibility_manifests(ports.visibility), deadline)
 
     def stop_kueue(self, grace: float = 10.0, remove_crds: bool = True) -> None:
         """Unregister Kueue's webhooks (Jobs are admitted without them again), stop it, and
@@ -587,6 +601,9 @@ class DevCluster:
 
         api = self.api_client()
         dist = kq.find_kueue()
+        # First the APIService: an unavailable aggregated API makes discovery partial, which
+        # holds up namespace deletion and the garbage collector cluster-wide.
+        _delete_visibility_api(api, kq.visibility_manifests(0))
         reg = client.AdmissionregistrationV1Api(api)
         for hook in kq.webhook_manifests(dist, "https://127.0.0.1", b""):
             delete = (
@@ -755,6 +772,53 @@ def install_crd(api_client: Any, body: dict[str, Any], deadline: float) -> None:
     raise ClusterError(f"CRD {name} not Established in time")
 
 
+def _apply_visibility_api(api_client: Any, docs: list[dict[str, Any]], deadline: float) -> None:
+    """Create or replace the visibility API's Service and APIService; wait until the API
+    server says the APIService is Available (its discovery answered through the proxy)."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    service, api_service = docs
+    core = client.CoreV1Api(api_client)
+    reg = client.ApiregistrationV1Api(api_client)
+    meta = service["metadata"]
+    with contextlib.suppress(ApiException):
+        core.delete_namespaced_service(meta["name"], meta["namespace"])
+    core.create_namespaced_service(meta["namespace"], service)
+    name = api_service["metadata"]["name"]
+    try:
+        reg.create_api_service(api_service)
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+        current = reg.read_api_service(name)
+        body = {**api_service, "metadata": {"name": name}}
+        body["metadata"]["resourceVersion"] = current.metadata.resource_version
+        reg.replace_api_service(name, body)
+    said = "no condition yet"
+    while time.monotonic() < deadline:
+        conditions = reg.read_api_service(name).status.conditions or []
+        available = next((c for c in conditions if c.type == "Available"), None)
+        if available is not None and available.status == "True":
+            return
+        if available is not None:
+            said = f"{available.reason}: {available.message}"
+        time.sleep(0.5)
+    raise ClusterError(f"Kueue's visibility APIService {name} not Available in time ({said})")
+
+
+def _delete_visibility_api(api_client: Any, docs: list[dict[str, Any]]) -> None:
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    service, api_service = docs
+    with contextlib.suppress(ApiException):
+        client.ApiregistrationV1Api(api_client).delete_api_service(api_service["metadata"]["name"])
+    meta = service["metadata"]
+    with contextlib.suppress(ApiException):
+        client.CoreV1Api(api_client).delete_namespaced_service(meta["name"], meta["namespace"])
+
+
 def _apply_webhook_configuration(api_client: Any, body: dict[str, Any]) -> None:
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
@@ -807,6 +871,8 @@ def generate_pki_paths(directory: Path) -> ClusterPKI:
         scheduler=pair("scheduler"),
         sa_private_key=directory / "sa.key",
         sa_public_key=directory / "sa.pub",
+        front_proxy_ca=pair("front-proxy-ca"),
+        front_proxy_client=pair("front-proxy-client"),
     )
 
 

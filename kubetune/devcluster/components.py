@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.devcluster.binaries import Binaries
-from kubetune.devcluster.pki import CertPair, ClusterPKI
+from kubetune.devcluster.pki import FRONT_PROXY_CLIENT, CertPair, ClusterPKI
 
 SERVICE_CIDR = "10.96.0.0/16"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
@@ -176,6 +176,16 @@ def _apiserver_common(bins: Binaries, ports: Ports, layout: Layout, pki: Cluster
         f"--tls-cert-file={pki.apiserver.cert}",
         f"--tls-private-key-file={pki.apiserver.key}",
         f"--client-ca-file={pki.ca.cert}",
+        # The aggregation layer (Kueue's visibility API): the API server proxies to
+        # aggregated servers with the front proxy's client certificate and the user in
+        # X-Remote-* headers, which they trust only from that CA and name.
+        f"--requestheader-client-ca-file={pki.front_proxy_ca.cert}",
+        f"--requestheader-allowed-names={FRONT_PROXY_CLIENT}",
+        "--requestheader-username-headers=X-Remote-User",
+        "--requestheader-group-headers=X-Remote-Group",
+        "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+        f"--proxy-client-cert-file={pki.front_proxy_client.cert}",
+        f"--proxy-client-key-file={pki.front_proxy_client.key}",
         f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
         f"--service-account-key-file={pki.sa_public_key}",
         f"--service-account-signing-key-file={pki.sa_private_key}",

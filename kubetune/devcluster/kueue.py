@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from kubetune.contract import KUEUE_VISIBILITY_GROUP, KUEUE_VISIBILITY_VERSION
 from kubetune.devcluster.binaries import read_versions, tools_dir
 
 #: The namespace Kueue's Configuration names (it keeps nothing there in this setup).
@@ -63,10 +64,21 @@ def find_kueue(root: Path | None = None, versions: dict[str, str] | None = None)
 METRICS_CERT_DIR = Path("/etc/kueue/metrics/certs")
 
 
+#: Kueue's visibility API server reads its serving certificate from this fixed path when
+#: its internal certificate management is off (pkg/visibility/server.go). The API server
+#: does not verify it (the APIService says insecureSkipTLSVerify, as Kueue's own does).
+VISIBILITY_CERT_DIR = Path("/visibility")
+#: The aggregated API the operator reads queue positions from, and its APIService.
+VISIBILITY_GROUP = KUEUE_VISIBILITY_GROUP
+VISIBILITY_VERSION = KUEUE_VISIBILITY_VERSION
+VISIBILITY_SERVICE = "kubetune-dev-kueue-visibility"
+
+
 @dataclass(frozen=True)
 class KueuePorts:
     webhook: int
     health: int
+    visibility: int
 
 
 def configuration(ports: KueuePorts, cert_dir: Path) -> dict[str, Any]:
@@ -89,6 +101,9 @@ def configuration(ports: KueuePorts, cert_dir: Path) -> dict[str, Any]:
             "requeuingStrategy": {"timestamp": "Eviction"},
         },
         "integrations": {"frameworks": list(FRAMEWORKS)},
+        # The visibility API (pending workloads and their positions), an aggregated API
+        # server: on loopback, reached by the API server through `visibility_manifests`.
+        "visibilityServer": {"bindAddress": "127.0.0.1", "bindPort": ports.visibility},
     }
 
 
@@ -97,13 +112,38 @@ def kueue_args(binary: Path, config_file: Path, kubeconfig: Path) -> list[str]:
         str(binary),
         f"--config={config_file}",
         f"--kubeconfig={kubeconfig}",
-        # The visibility API is an aggregated API server (default port 8082; its port and
-        # address are settable: --visibility-server-port, Configuration.visibilityServer).
-        # Off because the dev cluster's kube-apiserver has no aggregation layer yet and the
-        # server's certificate would have to be at the fixed path /visibility/tls.crt.
-        "--feature-gates=VisibilityOnDemand=false",
         "--zap-log-level=info",
     ]
+
+
+def visibility_manifests(port: int) -> list[dict[str, Any]]:
+    """The Service and APIService that make the API server proxy
+    /apis/visibility.kueue.x-k8s.io/v1beta2 to Kueue's visibility server on 127.0.0.1:`port`.
+
+    The Service is an ExternalName one naming `localhost`: the aggregator (without
+    --enable-aggregator-routing) dials an ExternalName service's name at the APIService's
+    port, while a ClusterIP service would need a route to its cluster IP and an Endpoints
+    object cannot hold a loopback address."""
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": VISIBILITY_SERVICE, "namespace": KUEUE_NAMESPACE},
+        "spec": {"type": "ExternalName", "externalName": "localhost"},
+    }
+    api_service = {
+        "apiVersion": "apiregistration.k8s.io/v1",
+        "kind": "APIService",
+        "metadata": {"name": f"{VISIBILITY_VERSION}.{VISIBILITY_GROUP}"},
+        "spec": {
+            "group": VISIBILITY_GROUP,
+            "version": VISIBILITY_VERSION,
+            "groupPriorityMinimum": 100,
+            "versionPriority": 100,
+            "insecureSkipTLSVerify": True,
+            "service": {"name": VISIBILITY_SERVICE, "namespace": KUEUE_NAMESPACE, "port": port},
+        },
+    }
+    return [service, api_service]
 
 
 def _served(path: str) -> bool:

@@ -39,6 +39,15 @@ class ClusterPKI:
     scheduler: CertPair
     sa_private_key: Path
     sa_public_key: Path
+    #: The aggregation layer's own CA (front proxy) and the API server's client certificate
+    #: from it: what the API server presents to aggregated API servers (Kueue's visibility
+    #: API), which trust the X-Remote-* headers only from a certificate of this CA.
+    front_proxy_ca: CertPair
+    front_proxy_client: CertPair
+
+
+#: The front proxy client's name; the API server's --requestheader-allowed-names.
+FRONT_PROXY_CLIENT = "front-proxy-client"
 
 
 def _write_key(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, path: Path) -> None:
@@ -164,6 +173,21 @@ def generate_pki(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
     )
+    # A CA of its own, as kubeadm does: a client certificate of the cluster CA must not be
+    # able to assert any user through the X-Remote-User header.
+    fp_key = ec.generate_private_key(ec.SECP256R1())
+    fp_name = _name("kubetune-dev-front-proxy-ca")
+    fp_cert = _issue(subject=fp_name, key=fp_key, issuer=fp_name, issuer_key=fp_key, is_ca=True)
+    front_proxy_ca = _save(fp_cert, fp_key, directory, "front-proxy-ca")
+    fpc_key = ec.generate_private_key(ec.SECP256R1())
+    fpc_cert = _issue(
+        subject=_name(FRONT_PROXY_CLIENT),
+        key=fpc_key,
+        issuer=fp_name,
+        issuer_key=fp_key,
+        client=True,
+    )
+    front_proxy_client = _save(fpc_cert, fpc_key, directory, "front-proxy-client")
     return ClusterPKI(
         ca=ca,
         apiserver=apiserver,
@@ -174,6 +198,8 @@ def generate_pki(
         scheduler=client("scheduler", "system:kube-scheduler"),
         sa_private_key=sa_private,
         sa_public_key=sa_public,
+        front_proxy_ca=front_proxy_ca,
+        front_proxy_client=front_proxy_client,
     )
 
 

@@ -16,6 +16,8 @@ from kubetune.contract import (
     GROUP,
     KUEUE_GROUP,
     KUEUE_VERSION,
+    KUEUE_VISIBILITY_GROUP,
+    KUEUE_VISIBILITY_VERSION,
     PLURAL,
     SUSPEND_ANNOTATION,
     VERSION,
@@ -23,6 +25,12 @@ from kubetune.contract import (
 )
 
 log = logging.getLogger("kubetune.operator.k8s")
+
+#: The most pending Workloads read from a LocalQueue for a position (Kueue's own default
+#: page); a Workload further back shows the queue's pending count instead.
+PENDING_WORKLOADS_LIMIT = 1000
+#: Kueue's visibility API answers from memory; a slow answer is not worth a reconcile.
+VISIBILITY_TIMEOUT_SECONDS = 5.0
 
 
 class ChildConflictError(RuntimeError):
@@ -52,6 +60,8 @@ class Kube:
         self.custom = client.CustomObjectsApi(self.api)
         #: (namespace, HTTP status) of Event reads already logged as failing.
         self._event_errors: set[tuple[str, int]] = set()
+        #: HTTP statuses of the visibility API already logged (once each, not per reconcile).
+        self._visibility_errors: set[int] = set()
         self.coordination = client.CoordinationV1Api(self.api)
         self.requests = 0
         self._lock = threading.Lock()
@@ -219,6 +229,37 @@ class Kube:
                 return None
             raise
         return obj
+
+    def pending_workloads(self, namespace: str, queue: str) -> list[dict[str, Any]] | None:
+        self._count()
+        path = (
+            f"/apis/{KUEUE_VISIBILITY_GROUP}/{KUEUE_VISIBILITY_VERSION}/namespaces/{{namespace}}"
+            "/localqueues/{name}/pendingworkloads"
+        )
+        try:
+            found = self.api.call_api(
+                path,
+                "GET",
+                path_params={"namespace": namespace, "name": queue},
+                query_params=[("limit", PENDING_WORKLOADS_LIMIT)],
+                header_params={"Accept": "application/json"},
+                response_type="object",
+                auth_settings=["BearerToken"],
+                _return_http_data_only=True,
+                _request_timeout=VISIBILITY_TIMEOUT_SECONDS,
+            )
+        except ApiException as exc:
+            # 404: no visibility API (or no such LocalQueue); 503: its APIService is down;
+            # 403: the operator's role lacks it. The position is then just not known.
+            if int(exc.status or 0) not in self._visibility_errors:
+                self._visibility_errors.add(int(exc.status or 0))
+                log.info("no queue positions from Kueue's visibility API (%s)", exc.status)
+            return None
+        except Exception as exc:  # a timeout or refused connection: likewise unknown
+            log.info("no queue positions from Kueue's visibility API: %s", exc)
+            return None
+        items = (found or {}).get("items") if isinstance(found, dict) else None
+        return list(items or [])
 
     def set_workload_active(
         self, namespace: str, name: str, active: bool, job: str, applied: str

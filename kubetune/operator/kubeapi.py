@@ -42,6 +42,11 @@ class KubeApi(Protocol):
         """The LocalQueue, or None when it does not exist."""
         ...
 
+    def pending_workloads(self, namespace: str, queue: str) -> list[dict[str, Any]] | None:
+        """The LocalQueue's pending Workloads in order, with their positions, from Kueue's
+        visibility API; None when that API cannot be read (not served, down, forbidden)."""
+        ...
+
     def set_workload_active(
         self, namespace: str, name: str, active: bool, job: str, applied: str
     ) -> None:

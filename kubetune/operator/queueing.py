@@ -39,6 +39,37 @@ def _true(obj: dict[str, Any], ctype: str) -> bool:
 
 
 @dataclass(frozen=True)
+class QueuePosition:
+    """A pending Workload's place: how many wait ahead of it in its LocalQueue and in the
+    ClusterQueue behind it (Kueue's positionInLocalQueue / positionInClusterQueue)."""
+
+    local_queue: int
+    cluster_queue: int
+
+    def words(self, queue: str, cluster_queue: str | None) -> str:
+        if self.cluster_queue == 0:
+            return f"next in line for ClusterQueue {cluster_queue or '?'}"
+        behind = f"{self.cluster_queue} ahead of it in ClusterQueue {cluster_queue or '?'}"
+        return f"{self.local_queue} ahead of it in LocalQueue {queue!r}, {behind}"
+
+
+def position_of(workload: str, pending: list[dict[str, Any]] | None) -> QueuePosition | None:
+    """The Workload's position among a LocalQueue's pending Workloads (the visibility API's
+    list), or None when it is not in the list (admitted meanwhile, or further back than the
+    page read) or the list could not be read."""
+    for item in pending or []:
+        if (item.get("metadata") or {}).get("name") != workload:
+            continue
+        try:
+            return QueuePosition(
+                int(item.get("positionInLocalQueue", 0)), int(item.get("positionInClusterQueue", 0))
+            )
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+@dataclass(frozen=True)
 class Admission:
     """What the Admitted condition and status.queue say."""
 
@@ -51,6 +82,8 @@ class Admission:
     pending_workloads: int | None = None
     #: What Kueue itself says (the Workload's condition message), for status.queue.message.
     kueue_message: str | None = None
+    #: Where the Workload waits, as Kueue's visibility API counts (0: the next one).
+    position: QueuePosition | None = None
 
     @property
     def warning(self) -> bool:
@@ -67,6 +100,9 @@ class Admission:
         ):
             if value is not None:
                 out[key] = value
+        if self.position is not None:
+            out["positionInLocalQueue"] = self.position.local_queue
+            out["positionInClusterQueue"] = self.position.cluster_queue
         return out
 
 
@@ -93,12 +129,14 @@ def admission_of(
     workload_api: bool = True,
     local_queue: dict[str, Any] | None = None,
     local_queue_known: bool = False,
+    pending: list[dict[str, Any]] | None = None,
 ) -> Admission:
     """Where the training Job `job_name` stands in Kueue.
 
     `workload_api` is False when the API server does not serve Kueue's Workloads (Kueue is
     not installed); `local_queue` is the LocalQueue when read (`local_queue_known`: it was
-    read, so None means it does not exist)."""
+    read, so None means it does not exist); `pending` the LocalQueue's pending Workloads
+    from Kueue's visibility API when it could be read."""
     label = f"spec.labels[{QUEUE_LABEL}]"
     if not workload_api:
         # As before queues were followed: the label is passed through and the Job runs.
@@ -120,10 +158,10 @@ def admission_of(
             queue,
             workload=((workload or {}).get("metadata") or {}).get("name"),
         )
-    pending = None
+    waiting = None
     if local_queue is not None:
         raw = (local_queue.get("status") or {}).get("pendingWorkloads")
-        pending = int(raw) if raw is not None else None
+        waiting = int(raw) if raw is not None else None
     if workload is None:
         return Admission(
             False,
@@ -131,10 +169,12 @@ def admission_of(
             f"waiting for Kueue to make the Workload of the training Job {job_name} "
             f"(LocalQueue {queue!r})",
             queue,
-            pending_workloads=pending,
+            pending_workloads=waiting,
         )
     name = str((workload.get("metadata") or {}).get("name"))
     cluster_queue = ((workload.get("status") or {}).get("admission") or {}).get("clusterQueue")
+    position = position_of(name, pending)
+    behind = ((local_queue or {}).get("spec") or {}).get("clusterQueue")
     if _true(workload, "Admitted"):
         return Admission(
             True,
@@ -157,8 +197,9 @@ def admission_of(
             "admitted again (no failure is counted)",
             queue,
             workload=name,
-            pending_workloads=pending,
+            pending_workloads=waiting,
             kueue_message=why,
+            position=position,
         )
     if _never_fits(said) or "is inactive" in said:
         return Admission(
@@ -168,12 +209,15 @@ def admission_of(
             "(spec.resources) or have the ClusterQueue's quota raised",
             queue,
             workload=name,
-            pending_workloads=pending,
+            pending_workloads=waiting,
             kueue_message=said,
+            position=position,
         )
     where = f"waiting in LocalQueue {queue!r}"
-    if pending is not None:
-        where += f" ({pending} pending there)"
+    if position is not None:
+        where += f" ({position.words(queue, behind)})"
+    elif waiting is not None:
+        where += f" ({waiting} pending there)"
     if _true(workload, "QuotaReserved"):
         where = f"quota reserved in {cluster_queue}; waiting for its admission checks"
     return Admission(
@@ -182,6 +226,7 @@ def admission_of(
         f"Workload {name} {where}" + (f": {said}" if said else ""),
         queue,
         workload=name,
-        pending_workloads=pending,
+        pending_workloads=waiting,
         kueue_message=said or None,
+        position=position,
     )

@@ -368,6 +368,10 @@ def test_the_operator_account_can_do_what_it_needs_and_no_more(
         ("patch", "configmaps", jobs_ns, "", ""),
         ("get", "configmaps", jobs_ns, "", ""),
         ("list", "nodes", "", "", ""),
+        # Kueue: Workloads, LocalQueues and a waiting Workload's position.
+        ("patch", "workloads", jobs_ns, "kueue.x-k8s.io", ""),
+        ("get", "localqueues", jobs_ns, "kueue.x-k8s.io", ""),
+        ("get", "localqueues", jobs_ns, "visibility.kueue.x-k8s.io", "pendingworkloads"),
         # Secrets: the control token, only in the job namespaces.
         ("create", "secrets", jobs_ns, "", ""),
         ("get", "secrets", jobs_ns, "", ""),

@@ -157,7 +157,7 @@ def test_a_queued_job_waits_for_quota_then_is_admitted_and_runs(
     kueue: Any, api: dict[str, Any], namespace: str
 ) -> None:
     _apply_queues(api, namespace, gpus=8)
-    _create(api, namespace, _queued_job("first", annotations={"kubetune.dev/sim-run-ms": "8000"}))
+    _create(api, namespace, _queued_job("first", annotations={"kubetune.dev/sim-run-ms": "25000"}))
     _wait_cond(api, namespace, "first", "Running", timeout=120)
     train = api["batch"].read_namespaced_job("first-train", namespace)
     assert train.metadata.labels[QUEUE_LABEL] == "gpu"
@@ -187,13 +187,98 @@ def test_a_queued_job_waits_for_quota_then_is_admitted_and_runs(
     assert "QUEUE" in header.split()
     assert any(r.split()[:2] == ["second", "Queued"] and "gpu" in r.split() for r in rows)
 
+    # A third one queues behind the second: each says its place, from Kueue's visibility
+    # API (through the API server's aggregation layer).
+    _create(api, namespace, _queued_job("third", annotations={"kubetune.dev/sim-run-ms": "500"}))
+    cq = f"{namespace}-cq"
+
+    def place(name: str) -> tuple[int, int] | None:
+        queue = _get(api, namespace, name).get("status", {}).get("queue") or {}
+        if "positionInClusterQueue" not in queue:
+            return None
+        return int(queue["positionInLocalQueue"]), int(queue["positionInClusterQueue"])
+
+    wait_for(lambda: place("third") == (1, 1), 60, "third: 1 ahead of it")
+    assert place("second") == (0, 0)
+    assert (
+        f"(next in line for ClusterQueue {cq})"
+        in _admitted(_get(api, namespace, "second"))["message"]
+    )
+    third_says = _admitted(_get(api, namespace, "third"))["message"]
+    assert f"(1 ahead of it in LocalQueue 'gpu', 1 ahead of it in ClusterQueue {cq})" in third_says
+
     _wait_cond(api, namespace, "first", "Succeeded", timeout=120)
     _wait_cond(api, namespace, "second", "Succeeded", timeout=120)
+    _wait_cond(api, namespace, "third", "Succeeded", timeout=120)
     reasons = _events(api, namespace, "second")
     assert {"Queued", "Admitted", "Completed"} <= set(reasons)
     # Only the training Jobs are Kueue's: the prepare step never takes GPU quota.
     owners = {w["metadata"]["ownerReferences"][0]["name"] for w in _workloads(api, namespace)}
-    assert owners == {"first-train", "second-train"}
+    assert owners == {"first-train", "second-train", "third-train"}
+
+
+def test_the_chart_role_reads_positions_and_a_role_without_it_is_refused(
+    kueue: Any, api: dict[str, Any], namespace: str
+) -> None:
+    """The visibility API authorises through the API server (a SubjectAccessReview for the
+    user the aggregation layer names): the chart's rule is what the operator's account needs."""
+    from kubernetes import client
+
+    from kubetune.operator.k8s import Kube
+    from tests.cluster.test_helm import template
+
+    _apply_queues(api, namespace, gpus=8)
+    _create(api, namespace, _queued_job("hold", annotations=LONG_RUN))
+    _wait_cond(api, namespace, "hold", "Running", timeout=120)
+    _create(api, namespace, _queued_job("wait", annotations=LONG_RUN))
+    _wait_admitted_reason(api, namespace, "wait", "Queued")
+    (role,) = [
+        d
+        for d in template()
+        if d["kind"] == "ClusterRole" and d["metadata"]["name"].endswith("-jobs")
+    ]
+    rbac = client.RbacAuthorizationV1Api(kueue.api_client())
+    core = api["core"]
+    tokens = {}
+    for account, rules in (("chart", role["rules"]), ("bare", [])):
+        core.create_namespaced_service_account(namespace, {"metadata": {"name": account}})
+        rbac.create_namespaced_role(namespace, {"metadata": {"name": account}, "rules": rules})
+        rbac.create_namespaced_role_binding(
+            namespace,
+            {
+                "metadata": {"name": account},
+                "roleRef": {
+                    "apiGroup": "rbac.authorization.k8s.io",
+                    "kind": "Role",
+                    "name": account,
+                },
+                "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": namespace}],
+            },
+        )
+        tokens[account] = core.create_namespaced_service_account_token(
+            account, namespace, {"spec": {"expirationSeconds": 600}}
+        ).status.token
+
+    def kube_as(account: str) -> Kube:
+        config = client.Configuration()
+        admin = kueue.api_client().configuration
+        config.host, config.ssl_ca_cert = admin.host, admin.ssl_ca_cert
+        config.api_key = {"authorization": f"Bearer {tokens[account]}"}
+        return Kube(client.ApiClient(config))
+
+    def positions() -> list[tuple[str, int]] | None:
+        got = kube_as("chart").pending_workloads(namespace, "gpu")
+        return (
+            None
+            if got is None
+            else [
+                (w["metadata"]["ownerReferences"][0]["name"], w["positionInLocalQueue"])
+                for w in got
+            ]
+        )
+
+    wait_for(lambda: positions() == [("wait-train", 0)], 60, "the chart's role to read it")
+    assert kube_as("bare").pending_workloads(namespace, "gpu") is None  # 403: not known
 
 
 def test_a_multi_node_job_larger_than_the_quota_is_never_half_started(

@@ -126,6 +126,36 @@ def test_component_command_lines_bind_to_loopback(tmp_path: Path) -> None:
     assert any(a.startswith("--service-account-signing-key-file=") for a in kas)
     kwok = c.kwok_args(bins, ports, layout)
     assert f"--manage-nodes-with-label-selector={c.NODE_KIND_LABEL}=kwok" in kwok
+    # The aggregation layer (Kueue's visibility API): the front proxy's own CA and name.
+    pki = _fake_pki(tmp_path)
+    assert f"--requestheader-client-ca-file={pki.front_proxy_ca.cert}" in kas
+    assert "--requestheader-allowed-names=front-proxy-client" in kas
+    assert f"--proxy-client-cert-file={pki.front_proxy_client.cert}" in kas
+
+
+def test_the_front_proxy_has_a_ca_of_its_own(tmp_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    from kubetune.devcluster.cluster import generate_pki_paths
+    from kubetune.devcluster.pki import FRONT_PROXY_CLIENT, generate_pki
+
+    made = generate_pki(tmp_path)
+    assert generate_pki_paths(tmp_path) == made
+
+    def load(path: Path) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+
+    ca, fp_ca, fp_client = (
+        load(made.ca.cert),
+        load(made.front_proxy_ca.cert),
+        load(made.front_proxy_client.cert),
+    )
+    assert fp_ca.subject != ca.subject
+    assert fp_client.issuer == fp_ca.subject
+    cn = fp_client.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    assert cn == FRONT_PROXY_CLIENT
+    fp_client.verify_directly_issued_by(fp_ca)
 
 
 def _fake_pki(tmp_path: Path) -> ClusterPKI:

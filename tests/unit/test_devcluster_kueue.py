@@ -75,7 +75,7 @@ def test_conversion_goes_to_the_crds_kueues_kustomization_patches() -> None:
 
 
 def test_the_configuration_keeps_everything_on_loopback_with_our_certificates() -> None:
-    cfg = kq.configuration(kq.KueuePorts(webhook=4443, health=4444), Path("/c"))
+    cfg = kq.configuration(kq.KueuePorts(webhook=4443, health=4444, visibility=4445), Path("/c"))
     assert cfg["webhook"] == {"host": "127.0.0.1", "port": 4443, "certDir": "/c"}
     assert cfg["health"]["healthProbeBindAddress"] == "127.0.0.1:4444"
     assert cfg["metrics"]["bindAddress"] == "0"
@@ -83,8 +83,22 @@ def test_the_configuration_keeps_everything_on_loopback_with_our_certificates() 
     assert cfg["integrations"]["frameworks"] == ["batch/job"]
     assert cfg["manageJobsWithoutQueueName"] is False
     assert cfg["waitForPodsReady"]["timeout"] == kq.PODS_READY_TIMEOUT
+    assert cfg["visibilityServer"] == {"bindAddress": "127.0.0.1", "bindPort": 4445}
     args = kq.kueue_args(Path("/b/kueue"), Path("/c.yaml"), Path("/k"))
-    assert "--feature-gates=VisibilityOnDemand=false" in args
+    assert not any("VisibilityOnDemand" in a for a in args)  # the visibility API is served
+
+
+def test_the_visibility_api_is_proxied_to_loopback_through_an_external_name_service() -> None:
+    service, api_service = kq.visibility_manifests(4445)
+    assert service["spec"] == {"type": "ExternalName", "externalName": "localhost"}
+    spec = api_service["spec"]
+    assert api_service["metadata"]["name"] == "v1beta2.visibility.kueue.x-k8s.io"
+    assert (spec["group"], spec["version"]) == ("visibility.kueue.x-k8s.io", "v1beta2")
+    assert spec["service"] == {
+        "name": service["metadata"]["name"],
+        "namespace": service["metadata"]["namespace"],
+        "port": 4445,
+    }
 
 
 def test_kueue_lives_next_to_its_manifests_in_the_versioned_cache(tmp_path: Path) -> None:

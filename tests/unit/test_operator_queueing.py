@@ -9,7 +9,13 @@ import pytest
 
 from kubetune.api.spec import FineTuneJobSpec
 from kubetune.contract import QUEUE_LABEL, SUSPEND_ANNOTATION
-from kubetune.operator.queueing import admission_of, newest_workload, queue_name
+from kubetune.operator.queueing import (
+    QueuePosition,
+    admission_of,
+    newest_workload,
+    position_of,
+    queue_name,
+)
 from kubetune.operator.settings import OperatorSettings
 from kubetune.operator.status import get_condition, state_of
 from tests.unit.test_operator_reconcile import FakeKube, configmap_example, reconciler
@@ -74,6 +80,71 @@ def test_a_pending_workload_is_queued_with_the_pending_count_and_kueues_words() 
         "message": said,
     }
     assert admission_of("gpu", "j-train", "ns", None).reason == "Queued"
+
+
+def _pending(*names: str, local_offset: int = 0) -> list[dict[str, Any]]:
+    """The visibility API's pendingworkloads items, in order (the ClusterQueue also holds
+    `local_offset` Workloads of other LocalQueues ahead of these)."""
+    return [
+        {
+            "metadata": {"name": n, "namespace": "ns"},
+            "localQueueName": "gpu",
+            "positionInLocalQueue": i,
+            "positionInClusterQueue": i + local_offset,
+            "priority": 0,
+        }
+        for i, n in enumerate(names)
+    ]
+
+
+def test_the_position_comes_from_kueues_visibility_api_when_it_answers() -> None:
+    wl = _workload("w2", QuotaReserved=("False", "Pending", "insufficient unused quota"))
+    lq = {"spec": {"clusterQueue": "team-cq"}, "status": {"pendingWorkloads": 3}}
+    pending = _pending("w1", "w2", "w3", local_offset=2)
+    got = admission_of(
+        "gpu", "j-train", "ns", wl, local_queue=lq, local_queue_known=True, pending=pending
+    )
+    assert got.position == QueuePosition(local_queue=1, cluster_queue=3)
+    assert "(1 ahead of it in LocalQueue 'gpu', 3 ahead of it in ClusterQueue team-cq)" in (
+        got.message
+    )
+    assert "pending there" not in got.message
+    assert got.status()["positionInLocalQueue"] == 1
+    assert got.status()["positionInClusterQueue"] == 3
+    assert got.status()["pendingWorkloads"] == 3
+
+    first = admission_of(
+        "gpu", "j", "ns", _workload("w1"), local_queue=lq, local_queue_known=True, pending=pending
+    )
+    assert first.position is not None
+    assert "next in line for ClusterQueue" not in first.message  # two of another queue ahead
+    head = _pending("w1")
+    first = admission_of(
+        "gpu", "j", "ns", _workload("w1"), local_queue=lq, local_queue_known=True, pending=head
+    )
+    assert "(next in line for ClusterQueue team-cq)" in first.message
+
+
+def test_without_the_visibility_api_or_off_its_page_the_count_stands_in() -> None:
+    wl = _workload("w9")
+    lq = {"status": {"pendingWorkloads": 4}}
+    for pending in (None, [], _pending("w1", "w2")):
+        got = admission_of(
+            "gpu", "j", "ns", wl, local_queue=lq, local_queue_known=True, pending=pending
+        )
+        assert got.position is None
+        assert "(4 pending there)" in got.message
+        assert "positionInLocalQueue" not in got.status()
+    assert position_of("w1", [{"metadata": {"name": "w1"}, "positionInLocalQueue": "x"}]) is None
+
+
+def test_a_preempted_workload_keeps_its_position_in_status() -> None:
+    wl = _workload("w1", Evicted=("True", "Preempted", "Preempted to accommodate a workload"))
+    got = admission_of(
+        "gpu", "j", "ns", wl, local_queue={}, local_queue_known=True, pending=_pending("w1")
+    )
+    assert got.reason == "Preempted"
+    assert got.status()["positionInClusterQueue"] == 0
 
 
 def test_more_than_the_cluster_queue_can_ever_give_is_inadmissible() -> None:
@@ -160,8 +231,18 @@ def test_a_queued_job_waits_is_admitted_runs_and_goes_back_to_queued_when_preemp
     rec.reconcile("ns", name)
     status = kube.ftjs[("ns", name)]["status"]
     assert status["queue"]["pendingWorkloads"] == 2
+    assert "positionInLocalQueue" not in status["queue"]  # no visibility API
     assert _field(status, "Admitted", "reason") == "Queued"
     assert _field(status, "Running", "reason") == "Queued"
+    kube.pending = {("ns", "gpu"): _pending("other", "job-x-train-1a2b")}
+    rec.reconcile("ns", name)
+    status = kube.ftjs[("ns", name)]["status"]
+    assert (status["queue"]["positionInLocalQueue"], status["queue"]["positionInClusterQueue"]) == (
+        1,
+        1,
+    )
+    assert "1 ahead of it in LocalQueue 'gpu'" in str(_field(status, "Admitted", "message"))
+    reads = kube.pending_reads
 
     # Kueue admits it and unsuspends the Job: Admitted, then Running once pods are active.
     kube.workloads = {("ns", uid): [_workload(Admitted=("True", "Admitted", ""))]}
@@ -173,6 +254,8 @@ def test_a_queued_job_waits_is_admitted_runs_and_goes_back_to_queued_when_preemp
     job["status"] = {"active": 2, "ready": 2}
     rec.reconcile("ns", name)
     assert kube.ftjs[("ns", name)]["status"]["state"] == "Running"
+    assert "positionInLocalQueue" not in kube.ftjs[("ns", name)]["status"]["queue"]
+    assert kube.pending_reads == reads  # an admitted job costs no visibility read
     kube.workloads = None  # a running job seen Admitted reads no Workload
     rec.reconcile("ns", name)
     assert kube.ftjs[("ns", name)]["status"]["state"] == "Running"

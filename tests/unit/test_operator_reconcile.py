@@ -54,6 +54,9 @@ class FakeKube:
         #: Kueue: Workloads by (namespace, Job uid); None: the API does not serve them.
         self.workloads: dict[tuple[str, str], list[dict[str, Any]]] | None = {}
         self.local_queues: dict[tuple[str, str], dict[str, Any]] = {}
+        #: Kueue's visibility API by LocalQueue; None: not served.
+        self.pending: dict[tuple[str, str], list[dict[str, Any]]] | None = None
+        self.pending_reads = 0
         self.activations: list[tuple[str, bool, str]] = []
 
     # ---- the FineTuneJob
@@ -116,6 +119,12 @@ class FakeKube:
 
     def get_local_queue(self, namespace: str, name: str) -> dict[str, Any] | None:
         return copy.deepcopy(self.local_queues.get((namespace, name)))
+
+    def pending_workloads(self, namespace: str, queue: str) -> list[dict[str, Any]] | None:
+        self.pending_reads += 1
+        if self.pending is None:
+            return None
+        return copy.deepcopy(self.pending.get((namespace, queue), []))
 
     def set_workload_active(
         self, namespace: str, name: str, active: bool, job: str, applied: str

@@ -111,6 +111,11 @@ rights on kopf.dev peerings.
 - apiGroups: [kueue.x-k8s.io]
   resources: [localqueues]
   verbs: [get]
+# Application: a waiting Workload's position, from Kueue's visibility API (an aggregated API;
+# without it, status shows the LocalQueue's pending count only).
+- apiGroups: [visibility.kueue.x-k8s.io]
+  resources: [localqueues/pendingworkloads]
+  verbs: [get]
 {{- end -}}
 
 {{- define "kubetune.rules.secrets" -}}

@@ -245,7 +245,8 @@ class TrainPhase(StopControl):
         draft: StatusDraft,
     ) -> bool:
         """The Admitted condition and status.queue from the Workload Kueue made for the
-        Job (one list by the Job's uid; the LocalQueue too while it waits), and spec.suspend
+        Job (one list by the Job's uid; while it waits, the LocalQueue and its pending
+        Workloads from Kueue's visibility API for the position), and spec.suspend
         applied to the Workload's spec.active. False when Kueue is not installed."""
         meta = job.get("metadata") or {}
         name = str(meta.get("name"))
@@ -257,9 +258,12 @@ class TrainPhase(StopControl):
             workload is not None
             and queueing.admission_of(queue, name, ref.namespace, workload).admitted
         )
+        pending = None
         if workloads is not None and not admitted:
             local_queue = self.kube.get_local_queue(ref.namespace, queue)
             known = True
+            if local_queue is not None and workload is not None:
+                pending = self.kube.pending_workloads(ref.namespace, queue)
         admission = queueing.admission_of(
             queue,
             name,
@@ -268,6 +272,7 @@ class TrainPhase(StopControl):
             workload_api=workloads is not None,
             local_queue=local_queue,
             local_queue_known=known,
+            pending=pending,
         )
         if apply_suspend and workload is not None:
             wanted = str(bool(spec.suspend)).lower()
