@@ -228,6 +228,77 @@ class Operator:
             self.proc.wait()
 
 
+class Profiler:
+    """py-spy sampling the operator process (all threads, idle ones left out) while the jobs
+    are created; `top` reads its collapsed stacks. py-spy is a bench-only tool (`pip install
+    py-spy`); without it `--profile` says so and the run goes on unprofiled."""
+
+    def __init__(self, pid: int, out: Path, rate: int = 50) -> None:
+        self.out = out
+        self.proc: subprocess.Popen[bytes] | None = None
+        binary = Path(sys.executable).parent / "py-spy"
+        if not binary.exists():
+            print(f"--profile: {binary} not found (pip install py-spy); not profiling")
+            return
+        self.proc = subprocess.Popen(
+            [
+                str(binary),
+                "record",
+                "--pid",
+                str(pid),
+                "--format",
+                "raw",
+                "--rate",
+                str(rate),
+                "--nonblocking",
+                "--output",
+                str(out),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def stop(self) -> list[tuple[str, float, float]]:
+        """(function, share of samples in it or below, share with it on top), the 15
+        largest by the first."""
+        if self.proc is None:
+            return []
+        self.proc.send_signal(2)  # py-spy writes its file on SIGINT
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        return top_frames(self.out.read_text() if self.out.exists() else "")
+
+
+def _frame(frame: str) -> str:
+    """'name (path/to/file.py:12)' -> 'name file.py' (all lines of a function as one)."""
+    name, _, where = frame.partition(" (")
+    return f"{name} {where.rsplit('/', 1)[-1].split(':')[0]}" if where else name
+
+
+def top_frames(collapsed: str, n: int = 15) -> list[tuple[str, float, float]]:
+    """The heaviest functions of py-spy's collapsed stacks ("a;b;c COUNT" lines)."""
+    total: dict[str, float] = {}
+    own: dict[str, float] = {}
+    samples = 0.0
+    for line in collapsed.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        k = float(count)
+        samples += k
+        frames = [_frame(f) for f in stack.split(";")]
+        for frame in set(frames):
+            total[frame] = total.get(frame, 0.0) + k
+        if frames:
+            own[frames[-1]] = own.get(frames[-1], 0.0) + k
+    if not samples:
+        return []
+    ranked = sorted(total, key=lambda f: -total[f])[:n]
+    return [(f, total[f] / samples, own.get(f, 0.0) / samples) for f in ranked]
+
+
 def proc_cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
@@ -290,7 +361,9 @@ def delta(
 # ---- the two phases ------------------------------------------------------------------------
 
 
-def operator_run(n: int, nodes: int, scrape_s: float, sync: float, work: Path) -> dict[str, Any]:
+def operator_run(
+    n: int, nodes: int, scrape_s: float, sync: float, work: Path, profile: bool = False
+) -> dict[str, Any]:
     cluster = start_cluster(work / "op", nodes)
     op: Operator | None = None
     try:
@@ -308,11 +381,14 @@ def operator_run(n: int, nodes: int, scrape_s: float, sync: float, work: Path) -
                 GROUP, VERSION, NAMESPACE, PLURAL, finetunejob(i)
             )
 
+        out = Path(os.environ.get("KUBETUNE_PROFILE_OUT") or work / "profile.txt")
+        profiler = Profiler(op.proc.pid, out) if profile else None
         start = time.monotonic()
         parallel(apply, range(n))
         applied = time.monotonic() - start
         seconds = wait_jobs(apis, n, start, timeout=max(600.0, n * 2.0))
         cpu1, m1 = op.cpu_seconds(), op.metrics()
+        top = profiler.stop() if profiler is not None else []
         templates = children_of(apis, job_name(0))
         result: dict[str, Any] = {
             "seconds": seconds,
@@ -326,6 +402,7 @@ def operator_run(n: int, nodes: int, scrape_s: float, sync: float, work: Path) -
             "p50": quantile(delta(histogram(m1), histogram(m0)), 0.50),
             "p99": quantile(delta(histogram(m1), histogram(m0)), 0.99),
             "templates": templates,
+            "profile": top,
         }
         # Scrape phase: let the pods start, then watch whole resync rounds.
         deadline = time.monotonic() + 120
@@ -449,14 +526,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nodes", type=int, default=None)
     ap.add_argument("--sync-s", type=float, default=15.0, help="the operator's resync period")
     ap.add_argument("--scrape-s", type=float, default=None, help="scrape phase length")
+    ap.add_argument(
+        "--profile", action="store_true", help="py-spy the operator while it creates (top 15)"
+    )
+    ap.add_argument("--no-floor", action="store_true", help="the operator side only (profiling)")
     args = ap.parse_args(argv)
     n = args.jobs or (20 if args.smoke else 1000)
     nodes = args.nodes or (10 if args.smoke else 100)
     scrape_s = args.scrape_s or (2 * args.sync_s if args.smoke else 4 * args.sync_s)
     with tempfile.TemporaryDirectory(prefix="kubetune-scale-") as tmp:
         work = Path(tmp)
-        op = operator_run(n, nodes, scrape_s, args.sync_s, work)
-        floor = floor_run(n, nodes, op["templates"], work)
+        op = operator_run(n, nodes, scrape_s, args.sync_s, work, args.profile)
+        floor = (
+            {"seconds": float("nan"), "requests_per_job": 0}
+            if args.no_floor
+            else floor_run(n, nodes, op["templates"], work)
+        )
     ratio = op["seconds"] / floor["seconds"]
     goals = [
         ("all jobs reconciled within 1.5x the floor", ratio <= GOALS["time_ratio"]),
@@ -496,8 +581,20 @@ def main(argv: list[str] | None = None) -> int:
         + ". Quantiles are Prometheus-style interpolations inside the histogram's buckets "
         "(0.005 ... 10 s).",
     ]
+    if op["profile"]:
+        lines += [
+            "",
+            "Profile of the operator while it creates (py-spy, every thread; share of samples):",
+            "",
+            "| function | in it or below | on top |",
+            "|---|---:|---:|",
+            *(f"| `{f}` | {t:.1%} | {o:.1%} |" for f, t, o in op["profile"]),
+        ]
     title = "Operator at scale (bench/operator_scale.py)" + (" (smoke)" if args.smoke else "")
-    record(header(title) + "\n" + "\n".join(lines), enabled=not (args.smoke or args.no_record))
+    record(
+        header(title) + "\n" + "\n".join(lines),
+        enabled=not (args.smoke or args.no_record or args.no_floor),
+    )
     return 0
 
 

@@ -237,17 +237,21 @@ class Kube:
             "/localqueues/{name}/pendingworkloads"
         )
         try:
-            found = self.api.call_api(
-                path,
+            # The generated clients have no method for an aggregated API's subresource: the
+            # client's own request steps (serialise, call, deserialise; errors as ApiException).
+            method, url, headers, body, post = self.api.param_serialize(
                 "GET",
+                path,
                 path_params={"namespace": namespace, "name": queue},
                 query_params=[("limit", PENDING_WORKLOADS_LIMIT)],
                 header_params={"Accept": "application/json"},
-                response_type="object",
                 auth_settings=["BearerToken"],
-                _return_http_data_only=True,
-                _request_timeout=VISIBILITY_TIMEOUT_SECONDS,
             )
+            response = self.api.call_api(
+                method, url, headers, body, post, _request_timeout=VISIBILITY_TIMEOUT_SECONDS
+            )
+            response.read()
+            found = self.api.response_deserialize(response, {"200": "object"}).data
         except ApiException as exc:
             # 404: no visibility API (or no such LocalQueue); 503: its APIService is down;
             # 403: the operator's role lacks it. The position is then just not known.
