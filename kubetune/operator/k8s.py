@@ -52,6 +52,114 @@ def _plain(api: client.ApiClient, obj: Any) -> dict[str, Any]:
     return data
 
 
+#: The collection path of each kind of child `ensure` creates.
+_CHILD_COLLECTIONS = {
+    "Job": "/apis/batch/v1/namespaces/{ns}/jobs",
+    "Service": "/api/v1/namespaces/{ns}/services",
+    "ConfigMap": "/api/v1/namespaces/{ns}/configmaps",
+    "Secret": "/api/v1/namespaces/{ns}/secrets",
+}
+
+
+def slim_node(node: dict[str, Any]) -> dict[str, Any]:
+    """What planning reads of a node (its labels, its allocatable GPUs): a cache of
+    thousands of nodes keeps only this."""
+    meta, status = node.get("metadata") or {}, node.get("status") or {}
+    gpus = (status.get("allocatable") or {}).get("nvidia.com/gpu")
+    return {
+        "metadata": {"name": meta.get("name"), "labels": dict(meta.get("labels") or {})},
+        "status": {"allocatable": {"nvidia.com/gpu": gpus} if gpus is not None else {}},
+    }
+
+
+class NodeCache:
+    """The cluster's nodes (slim), kept by one list and then a watch from its
+    resourceVersion, relisted when the watch expires (410) or fails. `synced` is False
+    until the first list is in, and again after a failure until the next one is."""
+
+    WATCH_SECONDS = 300
+
+    def __init__(self, kube: Kube) -> None:
+        self.kube = kube
+        self._nodes: dict[str, dict[str, Any]] = {}
+        self._synced = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.relists = 0
+
+    def synced(self) -> bool:
+        return self._synced.is_set()
+
+    def nodes(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self._nodes.values())
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, daemon=True, name="node-cache").start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._list_and_watch()
+            except ApiException as exc:
+                if exc.status == 403:  # no right to list or watch nodes: plans do without
+                    log.warning("node cache off: nodes cannot be listed and watched (403)")
+                    self._synced.clear()
+                    return
+                log.debug("node cache: %s; listing again", exc)
+            except Exception as exc:  # a dropped connection, a 410: list again
+                log.debug("node cache: %s; listing again", exc)
+            self._synced.clear()
+            self._stop.wait(1.0)
+
+    def _list_and_watch(self) -> None:
+        listed = self.kube._request("GET", "/api/v1/nodes")
+        with self._lock:
+            self._nodes = {
+                str(n["metadata"]["name"]): slim_node(n) for n in listed.get("items") or []
+            }
+        self.relists += 1
+        self._synced.set()
+        version = str((listed.get("metadata") or {}).get("resourceVersion") or "")
+        while not self._stop.is_set():
+            version = self._watch(version)
+
+    def _watch(self, version: str) -> str:
+        """One watch request (the server ends it after WATCH_SECONDS), events as JSON
+        (not models); the newest resourceVersion seen. Raises on an ERROR event (such as
+        410 Gone: the caller lists again)."""
+        from kubernetes import watch
+
+        stream = watch.Watch()
+        self.kube._count()
+        for event in stream.stream(
+            self.kube.core.list_node,
+            resource_version=version,
+            timeout_seconds=self.WATCH_SECONDS,
+            allow_watch_bookmarks=True,
+            deserialize=False,
+        ):
+            version = self._apply(event, version)
+            if self._stop.is_set():
+                stream.stop()
+        return version
+
+    def _apply(self, event: dict[str, Any], version: str) -> str:
+        kind, obj = event.get("type"), event.get("object") or {}
+        if kind == "ERROR":
+            raise RuntimeError(f"watch of nodes: {obj.get('message') or obj}")
+        meta = obj.get("metadata") or {}
+        with self._lock:
+            if kind in ("ADDED", "MODIFIED"):
+                self._nodes[str(meta.get("name"))] = slim_node(obj)
+            elif kind == "DELETED":
+                self._nodes.pop(str(meta.get("name")), None)
+        return str(meta.get("resourceVersion") or version)
+
+
 class Kube:
     def __init__(self, api: client.ApiClient | None = None) -> None:
         self.api = api or client.ApiClient()
@@ -62,6 +170,7 @@ class Kube:
         self._event_errors: set[tuple[str, int]] = set()
         #: HTTP statuses of the visibility API already logged (once each, not per reconcile).
         self._visibility_errors: set[int] = set()
+        self.node_cache: NodeCache | None = None
         self.coordination = client.CoordinationV1Api(self.api)
         self.requests = 0
         self._lock = threading.Lock()
@@ -75,23 +184,58 @@ class Kube:
             self.requests += 1
         metrics.API_REQUESTS.inc()
 
-    # ---- FineTuneJobs
-    def get_ftj(self, namespace: str, name: str) -> dict[str, Any] | None:
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: list[tuple[str, Any]] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+        timeout: float | None = None,
+    ) -> Any:
+        """One request with the client's own steps (its configuration, credentials and
+        connection pool), the answer as the API server's JSON: no generated model classes,
+        no argument validation, no model-to-dict round trip. The hot calls of a reconcile
+        go through here (docs/operator.md, "At scale"). Errors raise `ApiException`."""
         self._count()
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        method, url, headers, data, post = self.api.param_serialize(
+            method,
+            path,
+            query_params=query or [],
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        response = self.api.call_api(method, url, headers, data, post, _request_timeout=timeout)
+        response.read()
+        if not 200 <= response.status <= 299:
+            raise ApiException(http_resp=response)
+        return json.loads(response.data) if response.data else None
+
+    def _get(self, path: str, **kw: Any) -> dict[str, Any] | None:
+        """GET; None on 404."""
         try:
-            obj: dict[str, Any] = self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, name
-            )
+            found: dict[str, Any] = self._request("GET", path, **kw)
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
-        return obj
+        return found
+
+    # ---- FineTuneJobs
+    def get_ftj(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._get(f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}")
 
     def patch_ftj_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        self._count()
-        self.custom.patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, PLURAL, name, {"status": status}
+        self._request(
+            "PATCH",
+            f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status",
+            body={"status": status},
+            content_type="application/merge-patch+json",
         )
 
     def list_ftjs(self, namespace: str | None = None) -> list[dict[str, Any]]:
@@ -153,25 +297,18 @@ class Kube:
         kind = manifest["kind"]
         ns = manifest["metadata"]["namespace"]
         name = manifest["metadata"]["name"]
-        create, read = {
-            "Job": (self.batch.create_namespaced_job, self.batch.read_namespaced_job),
-            "Service": (self.core.create_namespaced_service, self.core.read_namespaced_service),
-            "ConfigMap": (
-                self.core.create_namespaced_config_map,
-                self.core.read_namespaced_config_map,
-            ),
-            "Secret": (self.core.create_namespaced_secret, self.core.read_namespaced_secret),
-        }[kind]
-        self._count()
+        collection = _CHILD_COLLECTIONS[kind].format(ns=ns)
         try:
-            return _plain(self.api, create(ns, manifest)), True
+            created: dict[str, Any] = self._request("POST", collection, body=manifest)
+            return created, True
         except ApiException as exc:
             if exc.status == 422:
                 raise ChildRejectedError(_server_message(exc)) from None
             if exc.status != 409:
                 raise
-        self._count()
-        existing = _plain(self.api, read(name, ns))
+        existing = self._get(f"{collection}/{name}")
+        if existing is None:  # deleted between the create and the read: create it again
+            return self.ensure(manifest)
         want = {o["uid"] for o in manifest["metadata"].get("ownerReferences", [])}
         have = {o.get("uid") for o in existing["metadata"].get("ownerReferences") or []}
         if want and not want & have:
@@ -182,13 +319,7 @@ class Kube:
         return existing, False
 
     def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
-        self._count()
-        try:
-            return _plain(self.api, self.batch.read_namespaced_job(name, namespace))
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return self._get(f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}")
 
     def set_job_suspend(self, namespace: str, name: str, suspend: bool, applied: str) -> None:
         self._count()
@@ -364,9 +495,12 @@ class Kube:
         return current_creation_failure(timed, [t for t in floor if t is not None])
 
     def job_pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
-        self._count()
-        pods = self.core.list_namespaced_pod(namespace, label_selector=f"job-name={job_name}")
-        return [_plain(self.api, p) for p in pods.items]
+        listed = self._request(
+            "GET",
+            f"/api/v1/namespaces/{namespace}/pods",
+            query=[("labelSelector", f"job-name={job_name}")],
+        )
+        return list(listed.get("items") or [])
 
     def delete_job(self, namespace: str, name: str) -> None:
         self._count()
@@ -379,17 +513,15 @@ class Kube:
                 raise
 
     def pod0_ip(self, namespace: str, job_name: str) -> str | None:
-        self._count()
-        pods = self.core.list_namespaced_pod(namespace, label_selector=f"job-name={job_name}")
-        for pod in pods.items:
-            ann = pod.metadata.annotations or {}
+        for pod in self.job_pods(namespace, job_name):
+            ann = (pod.get("metadata") or {}).get("annotations") or {}
+            status = pod.get("status") or {}
             if (
                 ann.get("batch.kubernetes.io/job-completion-index") == "0"
-                and pod.status
-                and pod.status.phase == "Running"
-                and pod.status.pod_ip
+                and status.get("phase") == "Running"
+                and status.get("podIP")
             ):
-                return str(pod.status.pod_ip)
+                return str(status["podIP"])
         return None
 
     def read_secret_key(self, namespace: str, name: str, key: str) -> str | None:
@@ -450,14 +582,26 @@ class Kube:
         return None
 
     def list_nodes(self) -> list[dict[str, Any]] | None:
-        """All nodes, or None when RBAC does not let us list them."""
-        self._count()
+        """All nodes (what planning reads of them: `slim_node`), from the watch-fed cache
+        once it has listed them (`start_node_cache`), else one list; None when RBAC does not
+        let us list them."""
+        cache = self.node_cache
+        if cache is not None and cache.synced():
+            return cache.nodes()
         try:
-            return [_plain(self.api, n) for n in self.core.list_node().items]
+            listed = self._request("GET", "/api/v1/nodes")
         except ApiException as exc:
             if exc.status == 403:
                 return None
             raise
+        return [slim_node(n) for n in listed.get("items") or []]
+
+    def start_node_cache(self) -> NodeCache:
+        """Follow the nodes with one watch instead of a list per plan."""
+        if self.node_cache is None:
+            self.node_cache = NodeCache(self)
+            self.node_cache.start()
+        return self.node_cache
 
 
 def _server_message(exc: ApiException) -> str:

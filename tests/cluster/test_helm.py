@@ -368,6 +368,7 @@ def test_the_operator_account_can_do_what_it_needs_and_no_more(
         ("patch", "configmaps", jobs_ns, "", ""),
         ("get", "configmaps", jobs_ns, "", ""),
         ("list", "nodes", "", "", ""),
+        ("watch", "nodes", "", "", ""),  # the node cache
         # Kueue: Workloads, LocalQueues and a waiting Workload's position.
         ("patch", "workloads", jobs_ns, "kueue.x-k8s.io", ""),
         ("get", "localqueues", jobs_ns, "kueue.x-k8s.io", ""),
