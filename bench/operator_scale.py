@@ -370,7 +370,11 @@ def operator_run(
         apis = make_apis(cluster)
         install_crd(apis["client"])
         ensure_namespace(apis)
-        op = Operator(cluster.layout.kubeconfig, work / "operator.log", sync)
+        op = Operator(
+            cluster.layout.kubeconfig,
+            Path(os.environ.get("KUBETUNE_OPERATOR_LOG") or work / "operator.log"),
+            sync,
+        )
         time.sleep(2)
         cpu0, m0 = op.cpu_seconds(), op.metrics()
         data = dataset_rows(200)

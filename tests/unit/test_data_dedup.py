@@ -140,6 +140,35 @@ def test_two_hundred_rows_cost_little() -> None:
     assert (time.perf_counter() - start) / len(rows) < 0.005
 
 
+@pytest.mark.parametrize("threshold", [0.5, 0.7, 0.9])
+def test_the_band_index_finds_what_datasketchs_lsh_finds(threshold: float) -> None:
+    """The numpy band index (kubetune.data.dedup._band_ids) gives for every row exactly the
+    candidates datasketch's MinHashLSH with the same bands and rows returns."""
+    import random
+
+    from datasketch import MinHashLSH
+
+    from kubetune.data.dedup import NUM_PERM, Hasher, _band_ids, _bands, _shared_buckets
+
+    rng = random.Random(7)
+    base = distinct(60)
+    rows = list(base)
+    for i in range(120):  # edited copies: some near duplicates, some not
+        src = rng.choice(base)
+        words = src.prompt.split()
+        for _ in range(rng.randint(0, 4)):
+            words[rng.randrange(len(words))] = rng.choice(["x", "blue", "seven", "tide"])
+        rows.append(ex(61 + i, " ".join(words), src.target))
+    hashes = Hasher().minhashes(rows)
+    lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM, params=_bands(threshold))
+    for i, mh in enumerate(hashes):
+        lsh.insert(i, mh)
+    shared = _shared_buckets(_band_ids(hashes, threshold))
+    for i, mh in enumerate(hashes):
+        assert shared.get(i, {i}) == set(lsh.query(mh)), i
+    assert any(len(v) > 1 for v in shared.values())  # the test has candidates at all
+
+
 def spec(**dataset: object) -> dict[str, object]:
     return {"model": {"uri": "hf://org/name"}, "dataset": {"uri": "pvc://d/t.jsonl", **dataset}}
 
