@@ -6,6 +6,7 @@ Run with `kopf run -m kubetune.operator.main` (the image does) or
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -105,24 +106,30 @@ def _leading() -> bool:
     return elector is not None and bool(elector.is_leader())
 
 
-def _run(namespace: str | None, name: str) -> None:
+def _run(namespace: str | None, name: str, body: dict[str, Any] | None = None) -> None:
     if namespace is None:  # FineTuneJobs are namespaced; never happens
         return
     if not _leading():
         # A standby replica: the leader handles it; the resync round on election catches
         # up on whatever happened meanwhile.
         return
-    _COALESCER.run((namespace, name), lambda: _reconcile_once(namespace, name))
+    given = [body]
+
+    def once() -> str:
+        first, given[0] = given[0], None  # a rerun reads the job again
+        return _reconcile_once(namespace, name, first)
+
+    _COALESCER.run((namespace, name), once)
 
 
 #: One reconcile at a time per job; triggers meanwhile fold into one more run.
 _COALESCER = Coalescer()
 
 
-def _reconcile_once(namespace: str, name: str) -> str:
+def _reconcile_once(namespace: str, name: str, body: dict[str, Any] | None = None) -> str:
     start = time.perf_counter()
     try:
-        result = _reconciler().reconcile(namespace, name)
+        result = _reconciler().reconcile(namespace, name, body)
     except Exception:
         metrics.RECONCILE_ERRORS.inc()
         raise
@@ -139,9 +146,13 @@ def _reconcile_once(namespace: str, name: str) -> str:
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
-def on_create(namespace: str | None, name: str, **_: Any) -> None:
-    """A new FineTuneJob, or one that existed before the operator started."""
-    _run(namespace, name)
+def on_create(
+    namespace: str | None, name: str, body: Mapping[str, Any] | None = None, **_: Any
+) -> None:
+    """A new FineTuneJob, or one that existed before the operator started. A new one (no
+    status yet) is reconciled from the event's body: no read."""
+    fresh = body is not None and not body.get("status")
+    _run(namespace, name, json.loads(json.dumps(dict(body))) if fresh and body else None)
 
 
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")

@@ -438,3 +438,16 @@ def status_from_metrics(
     if progress.get("step") is not None and progress.get("totalSteps"):
         progress["percentage"] = round(100.0 * progress["step"] / progress["totalSteps"], 1)
     return metrics, progress
+
+
+def created_within(obj: dict[str, Any], seconds: float, clock: Any = None) -> bool:
+    """Whether the object's creationTimestamp is less than `seconds` old (a timestamp in
+    the future, a skewed clock, counts as young; none or an unreadable one as old)."""
+    try:
+        made = parse_time((obj.get("metadata") or {}).get("creationTimestamp"))
+    except ValueError:
+        return False
+    if made is None:
+        return False
+    now = clock() if clock is not None else dt.datetime.now(dt.UTC)
+    return bool((now - made).total_seconds() < seconds)

@@ -228,6 +228,82 @@ def test_a_configmap_job_is_planned_in_process_and_its_children_created_once() -
     assert len(events.seen) == 2
 
 
+def test_a_new_jobs_first_reconcile_reads_no_job_and_lists_no_events() -> None:
+    """At scale every request counts: the status names no training Job yet, so there is
+    none to read; the Job just created has had no pod refused yet."""
+
+    class Counting(FakeKube):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[str] = []
+
+        def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+            self.calls.append("get_job")
+            return super().get_job(namespace, name)
+
+        def pod_creation_failure(self, namespace: str, job: dict[str, Any]) -> str | None:
+            self.calls.append("pod_creation_failure")
+            return super().pod_creation_failure(namespace, job)
+
+    kube = Counting()
+    name = configmap_example(kube)["metadata"]["name"]
+    rec, _ = reconciler(kube)
+    assert rec.reconcile("ns", name) == "training"
+    assert kube.calls == []
+    assert len(kube.created) == 4
+    # Once the status names it, the next reconcile reads it (and, the Job being new, still
+    # asks for no Events: FRESH_JOB_SECONDS).
+    kube.stored_job("ns", f"{name}-train")["metadata"]["creationTimestamp"] = st_now()
+    rec.reconcile("ns", name)
+    assert kube.calls == ["get_job"]
+    kube.stored_job("ns", f"{name}-train")["metadata"]["creationTimestamp"] = "2024-05-06T07:08:09Z"
+    rec.reconcile("ns", name)
+    assert kube.calls == ["get_job", "get_job", "pod_creation_failure"]
+
+
+def test_the_creating_events_body_stands_in_for_a_read_until_the_status_is_written() -> None:
+    class Counting(FakeKube):
+        reads = 0
+
+        def get_ftj(self, namespace: str, name: str) -> dict[str, Any] | None:
+            self.reads += 1
+            return super().get_ftj(namespace, name)
+
+    kube = Counting()
+    body = copy.deepcopy(configmap_example(kube))
+    name = body["metadata"]["name"]
+    rec, events = reconciler(kube)
+    assert rec.reconcile("ns", name, body) == "training"
+    assert kube.reads == 0
+    assert events.reasons() == ["PlanReady", "Created"]
+    # The same body again (an event delivered late, a Kopf retry) is older than the status
+    # written since: the job is read, and nothing is planned or announced twice.
+    assert rec.reconcile("ns", name, body) == "training"
+    assert kube.reads == 1
+    assert events.reasons() == ["PlanReady", "Created"]
+    assert len(kube.created) == 4
+
+
+def st_now() -> str:
+    import datetime as dt
+
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_created_within_reads_the_api_time_and_treats_none_as_old() -> None:
+    import datetime as dt
+
+    from kubetune.operator.status import created_within
+
+    t0 = dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=dt.UTC)
+    obj = {"metadata": {"creationTimestamp": "2024-05-06T07:08:09Z"}}
+    assert created_within(obj, 5, lambda: t0 + dt.timedelta(seconds=4))
+    assert not created_within(obj, 5, lambda: t0 + dt.timedelta(seconds=6))
+    assert created_within(obj, 5, lambda: t0 - dt.timedelta(seconds=60))  # a skewed clock
+    assert not created_within({}, 5)
+    assert not created_within({"metadata": {"creationTimestamp": "yesterday"}}, 5)
+
+
 def test_a_running_job_then_its_completion_with_the_final_report() -> None:
     kube = FakeKube()
     ftj = configmap_example(kube)
@@ -425,7 +501,10 @@ def _train_once(
         suspend=suspend,
     )
     rec = Reconciler(kube, OperatorSettings())
-    draft = StatusDraft(ref=b.JobRef("j", "ns", "uid", 1), old=old)
+    # The Job exists, so an earlier reconcile wrote its name in the status.
+    draft = StatusDraft(
+        ref=b.JobRef("j", "ns", "uid", 1), old={"trainingJobName": "j-train", **old}
+    )
     assert rec._train(draft.ref, spec, plan_document(), draft) == "training"
     return draft
 

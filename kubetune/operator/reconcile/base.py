@@ -23,6 +23,9 @@ class ReconcilerBase:
         self.emit: EventSink = events or (lambda *_: None)
         # Last known state of every job this operator reconciled (for the jobs gauge).
         self.states: dict[tuple[str, str], str] = {}
+        #: The jobs whose status this process has written (an event's body of them may be
+        #: older than that write, so it is read instead).
+        self.written: set[tuple[str, str]] = set()
         # Per job: failed live scrapes in a row, and when the next may be tried.
         self.scrape_backoff: dict[tuple[str, str], tuple[int, float]] = {}
         #: The Auto-decision count last read from each job's rank-0 pod (by its address).

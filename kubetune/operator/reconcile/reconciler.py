@@ -39,12 +39,16 @@ log = logging.getLogger("kubetune.operator")
 
 
 class Reconciler(PlanPhase, TrainPhase):
-    def reconcile(self, namespace: str, name: str) -> str:
-        """Reconcile one FineTuneJob; returns a short result label for metrics."""
+    def reconcile(self, namespace: str, name: str, body: dict[str, Any] | None = None) -> str:
+        """Reconcile one FineTuneJob; returns a short result label for metrics. `body` is
+        the object as the event that created it carried it (no status yet): used instead of
+        a read unless this process has written the job's status since (then it is stale)."""
         with _lock(namespace, name):
-            ftj = self.kube.get_ftj(namespace, name)
+            fresh = body is not None and (namespace, name) not in self.written
+            ftj = body if fresh else self.kube.get_ftj(namespace, name)
             if ftj is None:
                 self.states.pop((namespace, name), None)
+                self.written.discard((namespace, name))
                 return "gone"
             return self._reconcile(ftj)
 
@@ -123,6 +127,7 @@ class Reconciler(PlanPhase, TrainPhase):
         if not draft.changed():
             return
         self.kube.patch_ftj_status(ref.namespace, ref.name, draft.new)
+        self.written.add((ref.namespace, ref.name))
         for etype, reason, message in draft.events:
             self.emit(ftj, etype, reason, message)
 

@@ -17,6 +17,9 @@ from kubetune.operator import status as st
 from kubetune.operator.reconcile.draft import StatusDraft
 from kubetune.operator.reconcile.stopping import StopControl
 
+#: A Job younger than this is not looked at for refused pods (see `_train`).
+FRESH_JOB_SECONDS = 5.0
+
 
 class TrainPhase(StopControl):
     def _train(
@@ -26,7 +29,10 @@ class TrainPhase(StopControl):
         # The training Job is created last: once it exists (and is ours), the ConfigMap,
         # Secret and Service exist too, and a running job's reconcile needs one read
         # instead of four create attempts answered 409.
-        job = self.kube.get_job(ref.namespace, name)
+        # A job whose status names no training Job yet has none (the status is written in
+        # the reconcile that creates it): no read first. If that write was lost, the creates
+        # below are answered 409 and read the objects back.
+        job = self.kube.get_job(ref.namespace, name) if draft.old.get("trainingJobName") else None
         if job is not None and (job.get("metadata") or {}).get("deletionTimestamp"):
             # A gang restart: the previous attempt's pods are stopping (foreground deletion).
             draft.new["trainingJobName"] = name
@@ -100,8 +106,15 @@ class TrainPhase(StopControl):
         running = view.active > 0 and not (view.complete or view.failed_reason)
         # Pods the API server refuses: the run cannot start (or rendezvous), so that is what
         # `Running` says, set once per reconcile, and there is nothing to ask to stop.
-        blocked = self._pods_blocked(
-            ref, job, view, int(spec.resources.num_nodes), bool(spec.stop_requested)
+        # A Job created moments ago has had no pod refused yet (the Job controller has not
+        # tried): no Events list for it; the next reconcile (its Job's events, the resync
+        # round) looks.
+        blocked = (
+            None
+            if created or st.created_within(job, FRESH_JOB_SECONDS)
+            else self._pods_blocked(
+                ref, job, view, int(spec.resources.num_nodes), bool(spec.stop_requested)
+            )
         )
         # Rank 0's address, looked up once for the stop request and the live metrics.
         ip = self.kube.pod0_ip(ref.namespace, name) if running else None
