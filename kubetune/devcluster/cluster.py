@@ -747,22 +747,38 @@ def _ensure_namespace(api_client: Any, name: str) -> None:
             raise
 
 
-def install_crd(api_client: Any, body: dict[str, Any], deadline: float) -> None:
-    """Create a CRD, or replace the one of that name; wait until it is Established."""
-    from kubernetes import client
+def _create_or_replace(
+    create: Callable[[Any], Any],
+    read: Callable[[str], Any],
+    replace: Callable[[str, Any], Any],
+    body: dict[str, Any],
+) -> None:
+    """Create a cluster-scoped object, or replace the one of that name (at its current
+    resourceVersion)."""
     from kubernetes.client.exceptions import ApiException
 
-    ext = client.ApiextensionsV1Api(api_client)
     name = str(body["metadata"]["name"])
     try:
-        ext.create_custom_resource_definition(body)
+        create(body)
     except ApiException as exc:
         if exc.status != 409:
             raise
-        current = ext.read_custom_resource_definition(name)
-        replaced = {**body, "metadata": {**body["metadata"]}}
-        replaced["metadata"]["resourceVersion"] = current.metadata.resource_version
-        ext.replace_custom_resource_definition(name, replaced)
+        version = read(name).metadata.resource_version
+        replace(name, {**body, "metadata": {**body["metadata"], "resourceVersion": version}})
+
+
+def install_crd(api_client: Any, body: dict[str, Any], deadline: float) -> None:
+    """Create a CRD, or replace the one of that name; wait until it is Established."""
+    from kubernetes import client
+
+    ext = client.ApiextensionsV1Api(api_client)
+    name = str(body["metadata"]["name"])
+    _create_or_replace(
+        ext.create_custom_resource_definition,
+        ext.read_custom_resource_definition,
+        ext.replace_custom_resource_definition,
+        body,
+    )
     while time.monotonic() < deadline:
         crd = ext.read_custom_resource_definition(name)
         conditions = (crd.status.conditions if crd.status else None) or []
@@ -786,15 +802,9 @@ def _apply_visibility_api(api_client: Any, docs: list[dict[str, Any]], deadline:
         core.delete_namespaced_service(meta["name"], meta["namespace"])
     core.create_namespaced_service(meta["namespace"], service)
     name = api_service["metadata"]["name"]
-    try:
-        reg.create_api_service(api_service)
-    except ApiException as exc:
-        if exc.status != 409:
-            raise
-        current = reg.read_api_service(name)
-        body = {**api_service, "metadata": {"name": name}}
-        body["metadata"]["resourceVersion"] = current.metadata.resource_version
-        reg.replace_api_service(name, body)
+    _create_or_replace(
+        reg.create_api_service, reg.read_api_service, reg.replace_api_service, api_service
+    )
     said = "no condition yet"
     while time.monotonic() < deadline:
         conditions = reg.read_api_service(name).status.conditions or []
@@ -821,38 +831,21 @@ def _delete_visibility_api(api_client: Any, docs: list[dict[str, Any]]) -> None:
 
 def _apply_webhook_configuration(api_client: Any, body: dict[str, Any]) -> None:
     from kubernetes import client
-    from kubernetes.client.exceptions import ApiException
 
     reg = client.AdmissionregistrationV1Api(api_client)
-    mutating = body["kind"] == "MutatingWebhookConfiguration"
-    name = body["metadata"]["name"]
-    create = (
-        reg.create_mutating_webhook_configuration
-        if mutating
-        else reg.create_validating_webhook_configuration
-    )
-    try:
-        create(body)
-    except ApiException as exc:
-        if exc.status != 409:
-            raise
-        read = (
-            reg.read_mutating_webhook_configuration
-            if mutating
-            else reg.read_validating_webhook_configuration
+    if body["kind"] == "MutatingWebhookConfiguration":
+        _create_or_replace(
+            reg.create_mutating_webhook_configuration,
+            reg.read_mutating_webhook_configuration,
+            reg.replace_mutating_webhook_configuration,
+            body,
         )
-        replace = (
-            reg.replace_mutating_webhook_configuration
-            if mutating
-            else reg.replace_validating_webhook_configuration
-        )
-        current = read(name)
-        replace(
-            name,
-            {
-                **body,
-                "metadata": {"name": name, "resourceVersion": current.metadata.resource_version},
-            },
+    else:
+        _create_or_replace(
+            reg.create_validating_webhook_configuration,
+            reg.read_validating_webhook_configuration,
+            reg.replace_validating_webhook_configuration,
+            body,
         )
 
 
