@@ -47,7 +47,8 @@ def node_kueue(node_cluster: Any, installed: dict[str, str]) -> Iterator[Any]:
 
 
 def _create(custom: Any, doc: dict[str, Any], ns: str | None = None) -> None:
-    plural = doc["kind"].lower() + "s"
+    kind = str(doc["kind"])
+    plural = kind.lower() + ("es" if kind.endswith("s") else "s")
 
     def once() -> bool:
         try:
@@ -67,8 +68,8 @@ def _create(custom: Any, doc: dict[str, Any], ns: str | None = None) -> None:
 
 
 def _cpu_queue(custom: Any, ns: str) -> None:
-    """One CPU of quota (one training pod's request on this 2-core node: one job at a
-    time), lower priority preempted within it; the example file's two priorities."""
+    """Quota for one training pod at a time (each asks for 500m CPU, one process), lower
+    priority preempted within it; the example file's two priorities."""
     for doc in yaml.safe_load_all(EXAMPLES.read_text()):
         if doc["kind"] == "WorkloadPriorityClass":
             _create(custom, doc)
@@ -97,7 +98,7 @@ def _cpu_queue(custom: Any, ns: str) -> None:
                             {
                                 "name": f"{ns}-node",
                                 "resources": [
-                                    {"name": "cpu", "nominalQuota": "1"},
+                                    {"name": "cpu", "nominalQuota": "750m"},
                                     {"name": "memory", "nominalQuota": "64Gi"},
                                 ],
                             }
