@@ -124,6 +124,8 @@ def _run(namespace: str | None, name: str, body: dict[str, Any] | None = None) -
 
 #: One reconcile at a time per job; triggers meanwhile fold into one more run.
 _COALESCER = Coalescer()
+#: When each job was last reconciled (time.monotonic()), for the resync round to skip it.
+_reconciled_at: dict[tuple[str, str], float] = {}
 
 
 def _reconcile_once(namespace: str, name: str, body: dict[str, Any] | None = None) -> str:
@@ -136,6 +138,10 @@ def _reconcile_once(namespace: str, name: str, body: dict[str, Any] | None = Non
     finally:
         metrics.RECONCILE_SECONDS.observe(time.perf_counter() - start)
     metrics.RECONCILES.labels(result=result).inc()
+    if result == "gone":
+        _reconciled_at.pop((namespace, name), None)
+    else:
+        _reconciled_at[(namespace, name)] = time.monotonic()
     counts: dict[str, int] = {}
     for state in list(_reconciler().states.values()):  # 5,000 jobs: well under 1 ms
         counts[state] = counts.get(state, 0) + 1
@@ -171,7 +177,15 @@ def _resync_once() -> None:
         if SETTINGS.watch_namespaces
         else kube.list_ftjs()
     )
+    now = time.monotonic()
     for ftj in jobs:
+        meta = ftj["metadata"]
+        if now - _reconciled_at.get((meta["namespace"], meta["name"]), -1e9) < (
+            SETTINGS.sync_interval_seconds / 2
+        ):
+            # Reconciled on an event moments ago: this round would repeat it. Every job is
+            # still reconciled at least once every 1.5 intervals.
+            continue
         status = ftj.get("status") or {}
         finished = any(
             c.get("type") in ("Succeeded", "Failed") and c.get("status") == "True"
@@ -179,7 +193,6 @@ def _resync_once() -> None:
         )
         if finished and (ftj.get("spec") or {}).get("ttlSecondsAfterFinished") is None:
             continue
-        meta = ftj["metadata"]
         try:
             _run(meta["namespace"], meta["name"])
         except Exception:  # one bad job must not stop the round
