@@ -362,27 +362,17 @@ class Kube:
         return obj
 
     def pending_workloads(self, namespace: str, queue: str) -> list[dict[str, Any]] | None:
-        self._count()
         path = (
-            f"/apis/{KUEUE_VISIBILITY_GROUP}/{KUEUE_VISIBILITY_VERSION}/namespaces/{{namespace}}"
-            "/localqueues/{name}/pendingworkloads"
+            f"/apis/{KUEUE_VISIBILITY_GROUP}/{KUEUE_VISIBILITY_VERSION}/namespaces/{namespace}"
+            f"/localqueues/{queue}/pendingworkloads"
         )
         try:
-            # The generated clients have no method for an aggregated API's subresource: the
-            # client's own request steps (serialise, call, deserialise; errors as ApiException).
-            method, url, headers, body, post = self.api.param_serialize(
+            found = self._request(
                 "GET",
                 path,
-                path_params={"namespace": namespace, "name": queue},
-                query_params=[("limit", PENDING_WORKLOADS_LIMIT)],
-                header_params={"Accept": "application/json"},
-                auth_settings=["BearerToken"],
+                query=[("limit", PENDING_WORKLOADS_LIMIT)],
+                timeout=VISIBILITY_TIMEOUT_SECONDS,
             )
-            response = self.api.call_api(
-                method, url, headers, body, post, _request_timeout=VISIBILITY_TIMEOUT_SECONDS
-            )
-            response.read()
-            found = self.api.response_deserialize(response, {"200": "object"}).data
         except ApiException as exc:
             # 404: no visibility API (or no such LocalQueue); 503: its APIService is down;
             # 403: the operator's role lacks it. The position is then just not known.
