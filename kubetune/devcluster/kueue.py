@@ -68,9 +68,7 @@ METRICS_CERT_DIR = Path("/etc/kueue/metrics/certs")
 #: its internal certificate management is off (pkg/visibility/server.go). The API server
 #: does not verify it (the APIService says insecureSkipTLSVerify, as Kueue's own does).
 VISIBILITY_CERT_DIR = Path("/visibility")
-#: The aggregated API the operator reads queue positions from, and its APIService.
-VISIBILITY_GROUP = KUEUE_VISIBILITY_GROUP
-VISIBILITY_VERSION = KUEUE_VISIBILITY_VERSION
+#: The Service the visibility APIService (kubetune.contract.KUEUE_VISIBILITY_*) points at.
 VISIBILITY_SERVICE = "kubetune-dev-kueue-visibility"
 
 
@@ -133,10 +131,10 @@ def visibility_manifests(port: int) -> list[dict[str, Any]]:
     api_service = {
         "apiVersion": "apiregistration.k8s.io/v1",
         "kind": "APIService",
-        "metadata": {"name": f"{VISIBILITY_VERSION}.{VISIBILITY_GROUP}"},
+        "metadata": {"name": f"{KUEUE_VISIBILITY_VERSION}.{KUEUE_VISIBILITY_GROUP}"},
         "spec": {
-            "group": VISIBILITY_GROUP,
-            "version": VISIBILITY_VERSION,
+            "group": KUEUE_VISIBILITY_GROUP,
+            "version": KUEUE_VISIBILITY_VERSION,
             "groupPriorityMinimum": 100,
             "versionPriority": 100,
             "insecureSkipTLSVerify": True,
